@@ -1,0 +1,222 @@
+"""The `spa-lite` command: parses options, loads the recipe, applies overrides, calls one stage.
+
+Every command reads a YAML recipe (``--recipe``, a path or a shipped name) and ``--set section.key=value``
+overrides; dedicated flags are shorthands for the common overrides.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from spa_lite.errors import SpaError
+
+app = typer.Typer(
+    name="spa-lite",
+    help="SPA (Spread Preference Annotation) on one GPU: seed DPO, then expand (sample + judge) and train per iteration.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe YAML path or shipped name (recipes/).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: section.key=value (repeatable).")]
+NameOpt = Annotated[Optional[str], typer.Option("--name", help="Run name (runs/<name>); overrides the recipe's.")]
+RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", help="Parent folder of runs; overrides the recipe's.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if complete or made from another config.")]
+IterOpt = Annotated[int, typer.Option("--iter", "-i", min=1, help="Iteration i (1-based).")]
+
+
+def _user_errors(fn):
+    """Turn user errors into one red line and a non-zero exit, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from spa_lite.ui import console
+
+        try:
+            return fn(*args, **kwargs)
+        except SpaError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt as e:
+            console.print(f"[yellow]interrupted[/] ({e or 'Ctrl-C'}); rerun the same command to resume")
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _recipe(recipe: str, sets: list[str] | None, name: str | None, run_dir: str | None, extra: dict | None = None):
+    from spa_lite.config import load_recipe
+
+    overrides = dict(parse for parse in (_kv(s) for s in sets or []))
+    if name:
+        overrides["name"] = name
+    if run_dir:
+        overrides["run_dir"] = run_dir
+    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return load_recipe(recipe, overrides)
+
+
+def _kv(text: str):
+    from spa_lite.config import parse_override
+
+    keys, value = parse_override(text)
+    return ".".join(keys), value
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("SPA_LITE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command("seed-dpo")
+@_user_errors
+def seed_dpo_cmd(
+    recipe: RecipeOpt = "smollm2-demo",
+    set_: SetOpt = None,
+    name: NameOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = False,
+    loss: Annotated[Optional[str], typer.Option(help="dpo | dro")] = None,
+    dro_epsilon: Annotated[Optional[float], typer.Option(help="Wasserstein radius for --loss dro.")] = None,
+    dro_pieces: Annotated[Optional[int], typer.Option(help="Linear pieces approximating -log.")] = None,
+    dro_xi_min: Annotated[Optional[float], typer.Option(help="Lower end of the support of xi.")] = None,
+) -> None:
+    """DPO on the gold seed pairs: gives the `seed` adapter (pi_0).
+
+    Example: spa-lite seed-dpo --recipe smollm2-demo --set seed_dpo.epochs=3
+    """
+    from spa_lite.stages import seed_dpo
+    from spa_lite.stages.pipeline import stage_rows
+    from spa_lite.ui import summary_table
+
+    _setup_logging()
+    r = _recipe(recipe, set_, name, run_dir, {"seed_dpo.loss": loss, "seed_dpo.dro_epsilon": dro_epsilon,
+                                               "seed_dpo.dro_pieces": dro_pieces, "seed_dpo.dro_xi_min": dro_xi_min})
+    m = seed_dpo.run(r, force=force)
+    summary_table("seed-dpo", stage_rows("seed", m))
+
+
+@app.command("expand")
+@_user_errors
+def expand_cmd(
+    iteration: IterOpt,
+    recipe: RecipeOpt = "smollm2-demo",
+    set_: SetOpt = None,
+    name: NameOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = False,
+    judge: Annotated[Optional[str], typer.Option(help="logprob (Eq. 7) | llm (LLM-as-judge prompt)")] = None,
+    judge_ref: Annotated[Optional[str], typer.Option(help="init | prev | none: reference of Eq. 7")] = None,
+    length_penalty: Annotated[Optional[float], typer.Option(help="a in Eq. 13: reward - a*|y|")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Response length limit in tokens.")] = None,
+) -> None:
+    """Sample 2 responses per prompt of X_i from pi_{i-1} and judge them (Eq. 7): writes D_i.
+
+    Example: spa-lite expand --iter 1 --recipe smollm2-demo --judge-ref init
+    """
+    from spa_lite.stages import expand
+    from spa_lite.stages.pipeline import stage_rows
+    from spa_lite.ui import summary_table
+
+    _setup_logging()
+    r = _recipe(recipe, set_, name, run_dir, {"expand.judge": judge, "expand.judge_ref": judge_ref,
+                                               "expand.length_penalty": length_penalty,
+                                               "expand.max_new_tokens": max_new_tokens})
+    m = expand.run(r, iteration, force=force, recipe_arg=recipe)
+    summary_table(f"expand --iter {iteration}", stage_rows(f"iter{iteration}/expand", m))
+
+
+@app.command("train")
+@_user_errors
+def train_cmd(
+    iteration: IterOpt,
+    recipe: RecipeOpt = "smollm2-demo",
+    set_: SetOpt = None,
+    name: NameOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = False,
+    refine: Annotated[Optional[bool], typer.Option("--refine/--no-refine", help="Self-refinement (Eq. 10).")] = None,
+    dnd: Annotated[Optional[bool], typer.Option("--dnd/--no-dnd", help="De-coupled noise detection (Eq. 11-12).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="dpo | dro")] = None,
+    dro_epsilon: Annotated[Optional[float], typer.Option(help="Wasserstein radius for --loss dro.")] = None,
+    dro_pieces: Annotated[Optional[int], typer.Option(help="Linear pieces approximating -log.")] = None,
+    dro_xi_min: Annotated[Optional[float], typer.Option(help="Lower end of the support of xi.")] = None,
+) -> None:
+    """Train pi_i from pi_{i-1} on D_i (pi_ref = pi_{i-1}) with self-refinement and DND.
+
+    Example: spa-lite train --iter 1 --recipe smollm2-demo --no-dnd
+    """
+    from spa_lite.stages import train
+    from spa_lite.stages.pipeline import stage_rows
+    from spa_lite.ui import summary_table
+
+    _setup_logging()
+    r = _recipe(recipe, set_, name, run_dir, {"train.refine": refine, "train.dnd": dnd, "train.loss": loss,
+                                               "train.dro_epsilon": dro_epsilon, "train.dro_pieces": dro_pieces,
+                                               "train.dro_xi_min": dro_xi_min})
+    m = train.run(r, iteration, force=force, recipe_arg=recipe)
+    summary_table(f"train --iter {iteration}", stage_rows(f"iter{iteration}/train", m))
+
+
+@app.command("run")
+@_user_errors
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML path or shipped name.")] = "smollm2-demo",
+    set_: SetOpt = None,
+    name: NameOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """All stages: seed-dpo, then expand + train for iterations 1..T. Complete stages are skipped.
+
+    Example: spa-lite run smollm2-demo
+    """
+    from spa_lite.stages import pipeline
+
+    _setup_logging()
+    r = _recipe(recipe, set_, name, run_dir)
+    pipeline.run(r, force=force, recipe_arg=recipe)
+
+
+@app.command("split")
+@_user_errors
+def split_cmd(
+    data: Annotated[str, typer.Argument(help="Preference data: file, dataset folder or hub name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the split files.")],
+    seed: Annotated[int, typer.Option(help="Shuffle seed (paper: 42).")] = 42,
+    seed_size: Annotated[int, typer.Option(help="Gold seed pairs (paper: 2000).")] = 2000,
+    iter_sizes: Annotated[str, typer.Option(help="Comma-separated prompt counts per iteration.")] = "8000,20000,30000",
+    test_size: Annotated[int, typer.Option(help="Held-out test pairs.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="auto | conversational | standard | ultrafeedback | hh")] = "auto",
+) -> None:
+    """The paper's data protocol: shuffle, gold seed pairs, disjoint prompt sets per iteration, test pairs.
+
+    Example: spa-lite split ultrafeedback.jsonl --out data/uf --seed-size 2000 --iter-sizes 8000,20000,30000
+    """
+    from spa_lite.stages import split
+    from spa_lite.ui import summary_table
+
+    try:
+        sizes = [int(x) for x in iter_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise SpaError(f"--iter-sizes '{iter_sizes}' must be comma-separated integers") from None
+    counts = split.run(data, out, seed, seed_size, sizes, test_size, fmt)
+    summary_table(f"split -> {out}", counts)
+
+
+def main() -> None:
+    app(prog_name="spa-lite")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Recipes: typed dataclasses filled from YAML (safe_load), then from command-line overrides.
+
+Unknown keys and bad values are collected and reported together, naming the recipe file and the key.
+Each field is documented once, here; README's recipe reference is generated from these comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spa_lite.errors import SpaError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2"  # bundled alias, local folder or hub id: this is pi_init
+    quantization: str = "auto"  # auto (4bit on CUDA, none on CPU) | 4bit | none
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    gradient_checkpointing: bool = False  # lowers activation memory ~L-fold for ~30% more compute
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # 0 keeps training deterministic and pi_theta == pi_{i-1} at step 0
+    lora_target_modules: Any = "all-linear"
+    max_length: int = 512  # prompt + response tokens; longer pairs are skipped and counted
+    max_prompt_length: int = 256
+
+
+@dataclass
+class DataConfig:
+    seed_pairs: str = "demo:seed_pairs"  # gold pairs D0: file, folder or demo:NAME
+    prompts: str = "demo:prompts"  # prompt pool for iterations (prompt file or preference data)
+    eval_pairs: str | None = "demo:eval_pairs"  # held-out gold pairs for `spa-lite eval`
+    eval_prompts: str | None = "demo:eval_prompts"
+    format: str = "auto"  # auto | conversational | standard | ultrafeedback | hh | prompts
+    seed_limit: int | None = None  # use the first N seed pairs (after shuffling)
+    iter_prompts: list[int] = field(default_factory=lambda: [8000, 20000, 30000])  # |X_i|, disjoint
+    shuffle_seed: int = 42
+
+
+@dataclass
+class SeedDPOConfig:
+    epochs: float = 3.0
+    lr: float = 5e-5  # LoRA needs ~100x the full fine-tuning lr (paper: 5e-7 full FT)
+    batch_size: int = 4  # pairs per micro-batch
+    grad_accum: int = 8  # effective batch = batch_size * grad_accum pairs (paper: 32)
+    beta: float = 0.1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 20  # optimizer steps between resumable checkpoints
+    loss: str = "dpo"  # dpo | dro (Wasserstein-DRO, docs/dro.md)
+    label_smoothing: float = 0.0  # cDPO's constant smoothing, for robustness comparisons
+    dro_epsilon: float = 0.05
+    dro_pieces: int = 8
+    dro_xi_min: float = 1e-3
+
+
+@dataclass
+class ExpandConfig:
+    num_samples: int = 2  # responses per prompt; a pair is (y1, y2)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 300
+    batch_size: int = 16  # prompts per generation batch
+    shard_size: int = 64  # prompts per resumable shard
+    judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt)
+    judge_ref: str = "init"  # init | prev | none: the reference in Eq. 7's log-ratio
+    judge_batch_size: int = 8  # pairs per judging forward pass
+    beta: float = 0.1
+    length_penalty: float = 0.0  # Eq. 13: reward - a * |y| tokens
+    drop_truncated: bool = False  # drop pairs where a response hit max_new_tokens (counted either way)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    lr: float = 5e-5
+    batch_size: int = 4
+    grad_accum: int = 8
+    beta: float = 0.1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 20
+    refine: bool = True  # self-refinement, Eq. 10
+    alpha: float = 0.1  # label smoothing for flagged pairs
+    k_percent: float = 10.0  # tau = K-th percentile of recent confidences
+    window: int = 50  # confidences kept for tau
+    refine_start: float = 0.2  # fraction of optimizer steps before refinement starts
+    dnd: bool = True  # de-coupled noise detection, Eq. 11-12
+    lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # lambda for iter 1, 2, 3, then halving
+    loss: str = "dpo"  # dpo | dro
+    label_smoothing: float = 0.0
+    dro_epsilon: float = 0.05
+    dro_pieces: int = 8
+    dro_xi_min: float = 1e-3
+
+
+@dataclass
+class Recipe:
+    name: str = "spa-run"
+    run_dir: str = "runs"  # the run lives in run_dir/name
+    seed: int = 42
+    iterations: int = 2  # T
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed_dpo: SeedDPOConfig = field(default_factory=SeedDPOConfig)
+    expand: ExpandConfig = field(default_factory=ExpandConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    ("model", "quantization"): {"auto", "4bit", "none"},
+    ("seed_dpo", "loss"): {"dpo", "dro"},
+    ("train", "loss"): {"dpo", "dro"},
+    ("expand", "judge"): {"logprob", "llm"},
+    ("expand", "judge_ref"): {"init", "prev", "none"},
+    ("data", "format"): {"auto", "conversational", "standard", "ultrafeedback", "hh", "prompts"},
+}
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in {"true", "1", "yes", "on"}:
+                    return True
+                if value.lower() in {"false", "0", "no", "off"}:
+                    return False
+                raise ValueError
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        problems.append(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+        return value
+    return value
+
+
+def _fill(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            problems.append(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a mapping")
+                continue
+            _fill(current, value, f"{where}.", problems)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where, problems))
+
+
+def validate(recipe: Recipe) -> list[str]:
+    problems = []
+    for (section, key), allowed in _CHOICES.items():
+        v = getattr(getattr(recipe, section), key)
+        if v not in allowed:
+            problems.append(f"{section}.{key}: '{v}' is not one of {', '.join(sorted(allowed))}")
+    for section in ("seed_dpo", "train"):
+        c = getattr(recipe, section)
+        for key in ("lr", "epochs", "beta"):
+            if getattr(c, key) <= 0:
+                problems.append(f"{section}.{key}: must be > 0")
+        if c.batch_size < 1 or c.grad_accum < 1:
+            problems.append(f"{section}: batch_size and grad_accum must be >= 1")
+        if c.dro_epsilon < 0:
+            problems.append(f"{section}.dro_epsilon: must be >= 0")
+    if not 0 <= recipe.train.alpha < 0.5:
+        problems.append("train.alpha: must be in [0, 0.5) (0.5 would erase the label)")
+    if not 0 < recipe.train.k_percent < 100:
+        problems.append("train.k_percent: must be in (0, 100)")
+    if recipe.expand.num_samples < 2:
+        problems.append("expand.num_samples: must be >= 2 (a pair needs two responses)")
+    if recipe.iterations < 0:
+        problems.append("iterations: must be >= 0")
+    if len(recipe.data.iter_prompts) < recipe.iterations:
+        problems.append(f"data.iter_prompts: has {len(recipe.data.iter_prompts)} sizes for {recipe.iterations} iterations")
+    if recipe.model.max_prompt_length >= recipe.model.max_length:
+        problems.append("model.max_prompt_length: must be < model.max_length")
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise SpaError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Recipe:
+    """Load a recipe from YAML and apply ``section.key=value`` overrides.
+
+    Raises:
+        SpaError: listing every unknown key and bad value, with the file they came from.
+    """
+    recipe = Recipe()
+    problems: list[str] = []
+    source = "defaults"
+    if path is not None:
+        path = resolve_recipe_path(path)
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise SpaError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise SpaError(f"{path}: a recipe must be a mapping of sections")
+        _fill(recipe, data, "", problems)
+    if problems:
+        raise SpaError(f"{source}: " + "; ".join(problems))
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for keys, value in items:
+        if isinstance(keys, str):
+            keys = keys.split(".")
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _fill(recipe, nested, "", problems)
+    if problems:
+        raise SpaError("overrides: " + "; ".join(problems))
+    problems = validate(recipe)
+    if problems:
+        raise SpaError(f"{source}: " + "; ".join(problems))
+    return recipe
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A file path, or the name of a shipped recipe (``smollm2-demo``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (Path(__file__).parent / "recipes" / f"{p.stem}.yaml",
+                      Path(__file__).parent.parent / "recipes" / f"{p.stem}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise SpaError(f"recipe '{path}' not found (give a YAML path or a shipped recipe name)")

@@ -1,0 +1,228 @@
+"""Preference data and prompt pools in the common schemas, normalised to one shape.
+
+A pair is ``{"prompt": [chat messages], "chosen": str, "rejected": str, ...}``; a prompt record is
+``{"prompt": [chat messages], ...}``. Extra fields (ids, constraints) ride along untouched.
+
+Schemas recognised (``format: auto`` picks by the first record's fields):
+- conversational (TRL): prompt/chosen/rejected as message lists, or chosen/rejected as whole conversations;
+- standard (TRL): prompt/chosen/rejected as plain strings;
+- ultrafeedback: argilla cleaned and HuggingFaceH4 binarized (``prompt`` string; chosen/rejected as
+  conversations whose last message is the assistant's);
+- hh: HH-RLHF dialogue strings ``\\n\\nHuman: ...\\n\\nAssistant: ...`` sharing all but the last reply.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from spa_lite.errors import DataError, SpaError
+from spa_lite.io import read_jsonl
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def resolve_data_path(spec: str) -> Path | str:
+    """``demo:NAME`` is a file shipped with spa-lite; paths pass through; other strings are dataset names."""
+    if spec.startswith("demo:"):
+        from spa_lite.demo import demo_path
+
+        return demo_path(spec.split(":", 1)[1])
+    p = Path(spec)
+    return p if p.exists() or "/" not in spec or spec.startswith((".", "/")) else spec
+
+
+def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, dict]]:
+    """Yield (source, line, record) from JSONL, JSON, Parquet, a saved dataset folder or a hub dataset."""
+    src = resolve_data_path(spec)
+    if isinstance(src, Path):
+        if not src.exists():
+            raise DataError(src, None, None, "file not found")
+        if src.suffix in {".jsonl", ".gz"} or src.name.endswith(".jsonl.gz"):
+            if src.suffix == ".gz":
+                import gzip
+                import json
+
+                with gzip.open(src, "rt", encoding="utf-8") as f:
+                    for lineno, line in enumerate(f, start=1):
+                        if line.strip():
+                            try:
+                                yield str(src), lineno, json.loads(line)
+                            except json.JSONDecodeError as e:
+                                raise DataError(src, lineno, None, f"malformed JSON ({e.msg})") from None
+                return
+            for lineno, rec in read_jsonl(src):
+                yield str(src), lineno, rec
+            return
+        import datasets
+
+        if src.is_dir():
+            ds = datasets.load_from_disk(str(src))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split] if split in ds else ds[next(iter(ds))]
+        elif src.suffix == ".json":
+            ds = datasets.load_dataset("json", data_files=str(src), split="train")
+        elif src.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(src), split="train")
+        else:
+            raise DataError(src, None, None, "unknown file type (use .jsonl, .jsonl.gz, .json, .parquet or a dataset folder)")
+    else:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(src, split=split)
+        except Exception as e:  # hub errors come in many types; the message is what the user needs
+            raise SpaError(f"cannot load dataset '{src}' (split {split}): {e}") from None
+    for i, rec in enumerate(ds, start=1):
+        yield str(src), i, dict(rec)
+
+
+def detect_format(rec: dict) -> str:
+    if "chosen" not in rec and "prompt" in rec:
+        return "prompts"
+    chosen = rec.get("chosen")
+    if isinstance(chosen, str) and "prompt" not in rec and "\n\nAssistant:" in chosen:
+        return "hh"
+    if isinstance(chosen, list):
+        return "ultrafeedback" if isinstance(rec.get("prompt"), str) else "conversational"
+    return "standard"
+
+
+def _msgs(value: Any, src: str, line: int, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise DataError(src, line, field, "expected a string or a list of {role, content} messages")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _reply(value: Any, src: str, line: int, field: str) -> tuple[list[dict], str]:
+    """A response given as text or as messages; returns (messages before the reply, reply text)."""
+    if isinstance(value, str):
+        return [], value
+    msgs = _msgs(value, src, line, field)
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise DataError(src, line, field, "the last message must be the assistant's response")
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def parse_hh(text: str, src: str, line: int, field: str) -> tuple[list[dict], str]:
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+    if not turns or turns[-1][0] != "Assistant":
+        raise DataError(src, line, field, "HH-RLHF dialogue must end with an '\\n\\nAssistant: ' turn")
+    msgs = [{"role": "user" if r == "Human" else "assistant", "content": c} for r, c in turns]
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def normalize_pair(rec: dict, fmt: str, src: str, line: int) -> dict:
+    for key in ("chosen", "rejected"):
+        if key not in rec or rec[key] is None:
+            raise DataError(src, line, key, "missing")
+    if fmt == "hh":
+        if not isinstance(rec["chosen"], str) or not isinstance(rec["rejected"], str):
+            raise DataError(src, line, "chosen", "HH-RLHF format needs dialogue strings")
+        prompt, chosen = parse_hh(rec["chosen"], src, line, "chosen")
+        prompt_r, rejected = parse_hh(rec["rejected"], src, line, "rejected")
+        if prompt != prompt_r:
+            raise DataError(src, line, "rejected", "chosen and rejected dialogues do not share their turns")
+    else:
+        pre_c, chosen = _reply(rec["chosen"], src, line, "chosen")
+        pre_r, rejected = _reply(rec["rejected"], src, line, "rejected")
+        if "prompt" in rec and rec["prompt"] is not None:
+            prompt = _msgs(rec["prompt"], src, line, "prompt")
+        elif pre_c:
+            prompt = pre_c
+        else:
+            raise DataError(src, line, "prompt", "missing (and chosen carries no conversation to take it from)")
+        if fmt == "conversational" and pre_c and pre_c != prompt and pre_c[: len(prompt)] != prompt:
+            raise DataError(src, line, "chosen", "conversation does not start with the prompt")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise DataError(src, line, "prompt", "must end with a user message")
+    if not chosen.strip() or not rejected.strip():
+        raise DataError(src, line, "chosen" if not chosen.strip() else "rejected", "empty response")
+    out = {k: v for k, v in rec.items() if k not in {"prompt", "chosen", "rejected", "messages"}}
+    out.update(prompt=prompt, chosen=chosen, rejected=rejected, source=f"{src}:{line}")
+    return out
+
+
+def load_pairs(spec: str, fmt: str = "auto", limit: int | None = None) -> list[dict]:
+    """Load preference pairs, normalised.
+
+    Raises:
+        DataError: naming file, line and field for the first bad record, or when there are none.
+    """
+    pairs: list[dict] = []
+    src_name = spec
+    for src, line, rec in iter_records(spec):
+        src_name = src
+        f = detect_format(rec) if fmt == "auto" else fmt
+        if f == "prompts":
+            raise DataError(src, line, "chosen", "missing: this looks like a prompt file, not preference pairs")
+        pairs.append(normalize_pair(rec, f, src, line))
+        if limit is not None and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise DataError(src_name, None, None, "no preference pairs found (empty data set)")
+    return pairs
+
+
+def load_prompts(spec: str, fmt: str = "auto") -> list[dict]:
+    """Prompts from a prompt file (``prompt`` per record) or from the prompts of preference data."""
+    out: list[dict] = []
+    src_name = spec
+    for src, line, rec in iter_records(spec):
+        src_name = src
+        f = detect_format(rec) if fmt == "auto" else fmt
+        if f == "prompts":
+            if "prompt" not in rec:
+                raise DataError(src, line, "prompt", "missing")
+            item = {k: v for k, v in rec.items() if k != "prompt"}
+            item["prompt"] = _msgs(rec["prompt"], src, line, "prompt")
+        else:
+            pair = normalize_pair(rec, f, src, line)
+            item = {k: v for k, v in pair.items() if k not in {"chosen", "rejected"}}
+        item.setdefault("source", f"{src}:{line}")
+        out.append(item)
+    if not out:
+        raise DataError(src_name, None, None, "no prompts found (empty data set)")
+    return out
+
+
+def shuffled(items: list, seed: int) -> list:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def iteration_prompts(pool: list[dict], sizes: list[int], iteration: int, seed: int) -> list[dict]:
+    """X_i: the i-th of consecutive disjoint slices of the shuffled pool (the paper's protocol).
+
+    Raises:
+        SpaError: when the pool is too small for the slice.
+    """
+    order = shuffled(pool, seed)
+    start = sum(sizes[: iteration - 1])
+    end = start + sizes[iteration - 1]
+    if start >= len(order):
+        raise SpaError(f"the prompt pool has {len(order)} prompts; iteration {iteration} needs prompts {start}..{end}")
+    return order[start:end]
+
+
+def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], test_size: int, fmt: str = "auto") -> dict[str, list[dict]]:
+    """The paper's data protocol: shuffle preference data with ``seed``; take ``seed_size`` gold pairs,
+    then disjoint prompt sets for iterations 1..T, then a held-out test split of pairs."""
+    pairs = shuffled(load_pairs(spec, fmt), seed)
+    need = seed_size + sum(iter_sizes) + test_size
+    if need > len(pairs):
+        raise SpaError(f"{spec} has {len(pairs)} pairs; the split needs {need}")
+    out = {"seed_pairs": pairs[:seed_size]}
+    start = seed_size
+    for i, n in enumerate(iter_sizes, start=1):
+        out[f"iter{i}_prompts"] = [{k: v for k, v in p.items() if k not in {"chosen", "rejected"}} for p in pairs[start : start + n]]
+        start += n
+    out["test_pairs"] = pairs[start : start + test_size]
+    return out

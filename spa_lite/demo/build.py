@@ -1,0 +1,388 @@
+"""Rebuild the shipped demo data from the bundled model.
+
+    python -m spa_lite.demo.build --out spa_lite/demo/data [--seed 0] [--samples 4] [--max-new-tokens 64] [--limit N]
+
+1. Splits the demo records by *question* (so the splits share no question) into seed-candidate
+   prompts, the iteration prompt pool and held-out eval prompts.
+2. Samples ``--samples`` responses per seed candidate from the bundled model and labels them with the
+   verifier; a prompt whose samples disagree (some pass, some fail) yields one pair
+   (chosen = a passing sample, rejected = a failing one). Stops at ``--target-pairs``.
+3. Does the same on the eval prompts for held-out gold pairs (``--target-eval-pairs``).
+4. Writes, atomically: seed_pairs.jsonl, prompts.jsonl, eval_prompts.jsonl, eval_pairs.jsonl and
+   build_info.json.
+
+The iteration pool carries prompts and constraints only: SPA iterations label responses with the model
+itself, never with the verifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from spa_lite.demo import tasks
+
+#: Weights for the *extra* constraint kinds drawn for seed-candidate questions: the kinds the tiny
+#: bundled model (almost) never satisfies are rare, since they cannot yield a pair.
+SEED_EXTRA_WEIGHTS = {k: (0.1 if k in tasks.LOW_SEPARATION_KINDS else w) for k, w in tasks.KIND_WEIGHTS.items()}
+
+
+def _log(msg: str) -> None:
+    print(f"[demo.build {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Splits (pure, no model)
+# --------------------------------------------------------------------------
+
+
+def split_records(
+    records: Sequence[dict],
+    *,
+    seed: int = 0,
+    eval_size: int = 100,
+    pool_size: int = 320,
+) -> Tuple[List[dict], List[dict], List[dict]]:
+    """Split ``records`` by question into (seed_candidates, pool, eval).
+
+    Questions are shuffled with ``seed``; whole questions go to eval until it holds ``eval_size``
+    records, then to the pool until it holds ``pool_size``, the rest to the seed candidates.
+    """
+    by_q: Dict[int, List[dict]] = defaultdict(list)
+    for r in records:
+        by_q[tasks.question_index(r)].append(r)
+    order = sorted(by_q)
+    random.Random(f"spa-demo-split:{seed}").shuffle(order)
+    seed_c: List[dict] = []
+    pool: List[dict] = []
+    evals: List[dict] = []
+    for qi in order:
+        if len(evals) < eval_size:
+            evals.extend(by_q[qi])
+        elif len(pool) < pool_size:
+            pool.extend(by_q[qi])
+        else:
+            seed_c.extend(by_q[qi])
+    return seed_c, pool, evals
+
+
+def expand_seed_candidates(seed_records: Sequence[dict], *, seed: int = 0, extra_kinds: int = 2) -> List[dict]:
+    """Seed candidates: each seed question's records plus ``extra_kinds`` more kinds (separating kinds
+    preferred), ordered question by question. Low-separation kinds are kept for one question in four."""
+    by_q: Dict[int, List[dict]] = defaultdict(list)
+    order: List[int] = []
+    for r in seed_records:
+        qi = tasks.question_index(r)
+        if qi not in by_q:
+            order.append(qi)
+        by_q[qi].append(r)
+    out: List[dict] = []
+    for qi in order:
+        rng = random.Random(f"spa-demo-seedextra:{seed}:{qi}")
+        have = {r["constraint"]["kind"] for r in by_q[qi]}
+        weights = {k: w for k, w in SEED_EXTRA_WEIGHTS.items() if k not in have}
+        extra = tasks._weighted_kinds(rng, extra_kinds, weights)
+        recs = list(by_q[qi]) + tasks.records_for_question(qi, extra, seed=seed, salt="seed-extra")
+        keep_low = rng.random() < 0.25
+        out.extend(r for r in recs if keep_low or r["constraint"]["kind"] not in tasks.LOW_SEPARATION_KINDS)
+    return out
+
+
+def prompt_row(rec: dict) -> dict:
+    return {"id": rec["id"], "prompt": rec["prompt"], "constraint": rec["constraint"]}
+
+
+def choose_pair(samples: Sequence, constraint: dict) -> Optional[Tuple[object, object]]:
+    """(chosen, rejected) from samples with ``.text``/``.truncated``, or None when they do not disagree.
+
+    Chosen: the first passing sample, preferring one that ended on its own (not truncated).
+    Rejected: the first failing sample with the same truncation status as the chosen one, else the
+    first failing sample.
+    """
+    verdicts = [tasks.verify(s.text, constraint) for s in samples]
+    passing = [s for s, v in zip(samples, verdicts) if v]
+    failing = [s for s, v in zip(samples, verdicts) if not v]
+    if not passing or not failing:
+        return None
+    chosen = next((s for s in passing if not s.truncated), passing[0])
+    rejected = next((s for s in failing if s.truncated == chosen.truncated), failing[0])
+    return chosen, rejected
+
+
+def pair_row(rec: dict, chosen, rejected) -> dict:
+    return {
+        "id": rec["id"],
+        "prompt": rec["prompt"],
+        "chosen": [{"role": "assistant", "content": chosen.text}],
+        "rejected": [{"role": "assistant", "content": rejected.text}],
+        "constraint": rec["constraint"],
+    }
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped package data must be world-readable
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> int:
+    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)
+
+
+# --------------------------------------------------------------------------
+# Sampling + labelling
+# --------------------------------------------------------------------------
+
+
+class KindStats:
+    def __init__(self) -> None:
+        self.d: Dict[str, Dict[str, int]] = defaultdict(
+            lambda: {"prompts": 0, "separated": 0, "samples": 0, "passed": 0, "truncated": 0}
+        )
+
+    def add(self, kind: str, verdicts: Sequence[bool], truncated: Sequence[bool]) -> None:
+        e = self.d[kind]
+        e["prompts"] += 1
+        e["samples"] += len(verdicts)
+        e["passed"] += sum(verdicts)
+        e["truncated"] += sum(truncated)
+        e["separated"] += int(any(verdicts) and not all(verdicts))
+
+    def merged(self, other: "KindStats") -> "KindStats":
+        out = KindStats()
+        for src in (self, other):
+            for k, e in src.d.items():
+                for f, v in e.items():
+                    out.d[k][f] += v
+        return out
+
+    def report(self) -> Dict[str, Dict]:
+        rep = {}
+        for k in tasks.CONSTRAINT_KINDS:
+            if k not in self.d:
+                continue
+            e = dict(self.d[k])
+            e["separation_rate"] = round(e["separated"] / e["prompts"], 3) if e["prompts"] else None
+            e["pass_rate"] = round(e["passed"] / e["samples"], 3) if e["samples"] else None
+            rep[k] = e
+        tot = {f: sum(e[f] for e in self.d.values()) for f in ("prompts", "separated", "samples", "passed", "truncated")}
+        tot["separation_rate"] = round(tot["separated"] / tot["prompts"], 3) if tot["prompts"] else None
+        tot["pass_rate"] = round(tot["passed"] / tot["samples"], 3) if tot["samples"] else None
+        rep["_all"] = tot
+        return rep
+
+
+def collect_pairs(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    target: int,
+    stage: str,
+    args: argparse.Namespace,
+    stats: KindStats,
+    seed_offset: int,
+) -> Tuple[List[dict], int, int]:
+    """Sample and label ``records`` chunk by chunk until ``target`` pairs.
+
+    Returns (pairs, prompts sampled, pairs whose chosen response was truncated)."""
+    from spa_lite.generation import sample_responses
+
+    pairs: List[dict] = []
+    used = 0
+    chosen_truncated = 0
+    chunk = args.batch_size
+    t0 = time.time()
+    for ci, start in enumerate(range(0, len(records), chunk)):
+        if len(pairs) >= target:
+            break
+        part = records[start : start + chunk]
+        samples = sample_responses(
+            model,
+            tokenizer,
+            [r["prompt"] for r in part],
+            num_samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed * 1_000_003 + seed_offset + ci * 1000,
+            batch_size=chunk,
+        )
+        for rec, ss in zip(part, samples):
+            used += 1
+            verdicts = [tasks.verify(s.text, rec["constraint"]) for s in ss]
+            stats.add(rec["constraint"]["kind"], verdicts, [s.truncated for s in ss])
+            if len(pairs) < target:
+                pair = choose_pair(ss, rec["constraint"])
+                if pair is not None:
+                    pairs.append(pair_row(rec, *pair))
+                    chosen_truncated += int(bool(pair[0].truncated))
+        _log(
+            f"[{stage}] chunk {ci + 1}: {used}/{len(records)} prompts, {len(pairs)}/{target} pairs, "
+            f"{time.time() - t0:.0f}s"
+        )
+    return pairs, used, chosen_truncated
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m spa_lite.demo.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).parent / "data"), help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=4, help="responses sampled per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="at most N seed candidates and N eval prompts are sampled")
+    p.add_argument("--target-pairs", type=int, default=150, help="seed pairs to collect")
+    p.add_argument("--target-eval-pairs", type=int, default=50, help="held-out gold pairs to collect")
+    p.add_argument("--eval-size", type=int, default=100, help="held-out eval prompt records")
+    p.add_argument("--pool-size", type=int, default=320, help="iteration pool prompt records")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--model", default="smollm2", help="model alias or path (default: the bundled SmolLM2)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    out = Path(args.out)
+
+    records = tasks.make_prompt_records(args.seed)
+    seed_recs, pool, evals = split_records(records, seed=args.seed, eval_size=args.eval_size, pool_size=args.pool_size)
+    candidates = expand_seed_candidates(seed_recs, seed=args.seed)
+    eval_candidates = list(evals)
+    if args.limit is not None:
+        candidates = candidates[: args.limit]
+        eval_candidates = eval_candidates[: args.limit]
+    _log(
+        f"{len(records)} records from {len(tasks.QUESTIONS)} questions: {len(seed_recs)} seed-question records "
+        f"({len(candidates)} candidates), {len(pool)} pool, {len(evals)} eval"
+    )
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from spa_lite.models import load_base_model
+
+    model, tokenizer = load_base_model(args.model, quantization="none", dtype="float32", device=args.device)
+    _log(f"model loaded ({time.time() - t_start:.0f}s)")
+
+    seed_stats, eval_stats = KindStats(), KindStats()
+    t_seed = time.time()
+    seed_pairs, seed_used, seed_trunc = collect_pairs(
+        model, tokenizer, candidates, target=args.target_pairs, stage="seed", args=args, stats=seed_stats, seed_offset=0
+    )
+    t_eval = time.time()
+    eval_pairs, eval_used, eval_trunc = collect_pairs(
+        model, tokenizer, eval_candidates, target=args.target_eval_pairs, stage="eval", args=args,
+        stats=eval_stats, seed_offset=500,
+    )
+    t_end = time.time()
+
+    counts = {
+        "seed_pairs.jsonl": write_jsonl(out / "seed_pairs.jsonl", seed_pairs),
+        "prompts.jsonl": write_jsonl(out / "prompts.jsonl", [prompt_row(r) for r in pool]),
+        "eval_prompts.jsonl": write_jsonl(out / "eval_prompts.jsonl", [prompt_row(r) for r in evals]),
+        "eval_pairs.jsonl": write_jsonl(out / "eval_pairs.jsonl", eval_pairs),
+    }
+
+    def qcount(rows):
+        return len({tasks.question_index(r) for r in rows})
+
+    def kinds(rows):
+        c: Dict[str, int] = defaultdict(int)
+        for r in rows:
+            c[r["constraint"]["kind"]] += 1
+        return {k: c[k] for k in tasks.CONSTRAINT_KINDS if k in c}
+
+    try:
+        import transformers
+
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    except Exception:  # pragma: no cover
+        versions = {"torch": torch.__version__}
+    info = {
+        "command": "python -m spa_lite.demo.build " + " ".join(sys.argv[1:] if argv is None else list(argv)),
+        "seed": args.seed,
+        "model": args.model,
+        "sampling": {
+            "samples": args.samples,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "batch_size": args.batch_size,
+        },
+        "limit": args.limit,
+        "counts": counts,
+        "questions": {
+            "total": len(tasks.QUESTIONS),
+            "seed": qcount(seed_recs),
+            "seed_pairs": qcount(seed_pairs),
+            "pool": qcount(pool),
+            "eval": qcount(evals),
+        },
+        "prompts_sampled": {"seed": seed_used, "seed_candidates": len(candidates), "eval": eval_used},
+        "kinds": {
+            "seed_pairs": kinds(seed_pairs),
+            "prompts": kinds(pool),
+            "eval_prompts": kinds(evals),
+            "eval_pairs": kinds(eval_pairs),
+        },
+        "chosen_truncated": {
+            "note": "pairs whose chosen response hit max_new_tokens (used only when no passing sample ended)",
+            "seed_pairs": seed_trunc,
+            "eval_pairs": eval_trunc,
+        },
+        "per_kind": {
+            "all": seed_stats.merged(eval_stats).report(),
+            "seed": seed_stats.report(),
+            "eval": eval_stats.report(),
+        },
+        "wall_time_s": {
+            "total": round(t_end - t_start, 1),
+            "seed_sampling": round(t_eval - t_seed, 1),
+            "eval_sampling": round(t_end - t_eval, 1),
+        },
+        "versions": versions,
+        "constraint_kinds": list(tasks.CONSTRAINT_KINDS),
+    }
+    _atomic_write(out / "build_info.json", json.dumps(info, indent=2) + "\n")
+    _log(f"wrote {counts} to {out} in {t_end - t_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Direct preference judgment (Eq. 7), its ablations, and the LLM-as-judge baseline.
+
+Judging is an explicit ``torch.no_grad()`` function that returns rows; it never trains, never writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from spa_lite.generation import encode_prompt
+from spa_lite.logps import collate_sequences, forward_logits, sequence_logps
+from spa_lite.stack import PolicyStack
+
+
+@torch.no_grad()
+def response_logps(stack: PolicyStack, names: Sequence[str], prompts: Sequence[list[int]], responses: Sequence[list[int]], batch_size: int = 8) -> torch.Tensor:
+    """Sum of log pi_names(y | x) over response tokens, for each (prompt, response), in batches."""
+    out = []
+    pad = stack.tokenizer.pad_token_id
+    with stack.use(names) as m:
+        for s in range(0, len(prompts), batch_size):
+            batch = collate_sequences(prompts[s : s + batch_size], responses[s : s + batch_size], pad)
+            out.append(sequence_logps(forward_logits(m, batch), batch).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def judge_logprob(
+    stack: PolicyStack,
+    judge: Sequence[str],
+    ref: Sequence[str] | None,
+    prompts: Sequence[list[int]],
+    y1: Sequence[list[int]],
+    y2: Sequence[list[int]],
+    beta: float = 0.1,
+    length_penalty: float = 0.0,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Eq. 7: p(y1 > y2 | x) = sigmoid(beta * [r(y1) - r(y2)]), r(y) = log pi_judge(y|x) - log pi_ref(y|x).
+
+    Args:
+        judge: adapters of the judging policy pi_{i-1}.
+        ref: adapters of the reference ([] = pi_init, the paper's choice); None = no reference (r = log pi).
+        length_penalty: a in Eq. 13, r(y) - a * |y| with |y| in tokens.
+
+    Returns:
+        per pair: p, the two log-ratios (rewards before the penalty) and the two token lengths.
+    """
+    rows = []
+    for s in range(0, len(prompts), batch_size):
+        p_, a, b = prompts[s : s + batch_size], y1[s : s + batch_size], y2[s : s + batch_size]
+        both_p, both_r = list(p_) + list(p_), list(a) + list(b)
+        pol = response_logps(stack, judge, both_p, both_r, batch_size=2 * len(p_))
+        refl = torch.zeros_like(pol) if ref is None else response_logps(stack, ref, both_p, both_r, batch_size=2 * len(p_))
+        r = pol - refl
+        n = len(p_)
+        for i in range(n):
+            r1, r2 = r[i].item(), r[n + i].item()
+            l1, l2 = len(a[i]), len(b[i])
+            z = beta * ((r1 - length_penalty * l1) - (r2 - length_penalty * l2))
+            rows.append({"p": 1.0 / (1.0 + math.exp(-z)), "logratio_1": r1, "logratio_2": r2, "len_1": l1, "len_2": l2})
+        if on_batch:
+            on_batch(n)
+    return rows
+
+
+LLM_JUDGE_PROMPT = (
+    "Review the user's question and the two responses below, then decide which response is more helpful, "
+    "accurate, relevant and follows the user's instructions better. Do not let the order or the length of "
+    "the responses influence you.\n\n"
+    "[User Question]\n{question}\n\n"
+    "[The Start of Response (A)]\n{a}\n[The End of Response (A)]\n\n"
+    "[The Start of Response (B)]\n{b}\n[The End of Response (B)]\n\n"
+    "Which response is better? Answer with \"(A)\" or \"(B)\" only."
+)
+
+
+def _option_token(tokenizer, letter: str) -> int:
+    ids = tokenizer(letter, add_special_tokens=False)["input_ids"]
+    return ids[-1]
+
+
+@torch.no_grad()
+def judge_llm(
+    stack: PolicyStack,
+    judge: Sequence[str],
+    prompts: Sequence[list[dict]],
+    texts1: Sequence[str],
+    texts2: Sequence[str],
+    batch_size: int = 4,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """The paper's LLM-as-judge baseline: the judging model reads both responses and names the better one.
+
+    p(y1 > y2) is the softmax of the next-token logits of "A" vs "B" after the answer prefix "(",
+    averaged over both presentation orders to cancel position bias.
+    """
+    tok = stack.tokenizer
+    a_id, b_id = _option_token(tok, "A"), _option_token(tok, "B")
+    prefix = tok("(", add_special_tokens=False)["input_ids"]
+
+    def encode(question: str, first: str, second: str) -> list[int]:
+        msg = [{"role": "user", "content": LLM_JUDGE_PROMPT.format(question=question, a=first, b=second)}]
+        return encode_prompt(tok, msg) + prefix
+
+    rows = []
+    pad = tok.pad_token_id
+    with stack.use(judge) as m:
+        device = next(m.parameters()).device
+        for s in range(0, len(prompts), batch_size):
+            seqs = []
+            for p, t1, t2 in zip(prompts[s : s + batch_size], texts1[s : s + batch_size], texts2[s : s + batch_size]):
+                q = p[-1]["content"]
+                seqs += [encode(q, t1, t2), encode(q, t2, t1)]
+            width = max(len(x) for x in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, x in enumerate(seqs):  # left padding: the last position is every row's next token
+                ids[i, width - len(x) :] = torch.tensor(x)
+                attn[i, width - len(x) :] = 1
+            logits = m(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits[:, -1].float()
+            pa = torch.softmax(logits[:, [a_id, b_id]], dim=-1)[:, 0].cpu()
+            for i in range(len(seqs) // 2):
+                p1 = 0.5 * (pa[2 * i].item() + (1.0 - pa[2 * i + 1].item()))
+                rows.append({"p": p1, "p_order_ab": pa[2 * i].item(), "p_order_ba": 1.0 - pa[2 * i + 1].item()})
+            if on_batch:
+                on_batch(len(seqs) // 2)
+    return rows

@@ -1,0 +1,97 @@
+"""Tokenised pairs, padded batches and per-sequence log-probabilities.
+
+A batch of B pairs is one forward pass over 2B rows: rows [0, B) are the chosen responses, rows [B, 2B)
+the rejected ones, each after its prompt. ``loss_mask`` marks response tokens, the only ones scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from trl.trainer.utils import selective_log_softmax
+
+from spa_lite.generation import encode_prompt
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    meta: dict = field(default_factory=dict)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response tokens as the model would end them: the text, then the end-of-turn (EOS) token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids) + [tokenizer.eos_token_id]
+
+
+def tokenize_pair(tokenizer, prompt: Sequence[dict], chosen: str, rejected: str, meta: dict | None = None) -> TokenizedPair:
+    return TokenizedPair(
+        encode_prompt(tokenizer, prompt), encode_response(tokenizer, chosen), encode_response(tokenizer, rejected),
+        meta or {},
+    )
+
+
+def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response rows with a mask over the response tokens."""
+    rows = [p + r for p, r in zip(prompts, responses)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    loss = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        attn[i, :n] = 1
+        loss[i, len(p) : n] = True
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    prompts = [p.prompt_ids for p in pairs] * 2
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    return collate_sequences(prompts, responses, pad_id)
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    return out.logits
+
+
+def token_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t >= 1, zero outside the response. Shape [N, L-1], float32."""
+    ids = batch["input_ids"][:, 1:].to(logits.device)
+    mask = batch["loss_mask"][:, 1:].to(logits.device)
+    lp = selective_log_softmax(logits[:, :-1].float(), ids)
+    return lp * mask
+
+
+def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of response-token log-probabilities per row, shape [N]."""
+    return token_logps(logits, batch).sum(-1)
+
+
+@torch.no_grad()
+def extrapolated_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam: float, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Eq. 12: log-probs under softmax((1 + lambda) h_theta - lambda h_ref), token by token, summed per row.
+
+    Computed row by row so that only one extra [L, V] buffer is alive, not a third [N, L, V] tensor.
+    """
+    out = torch.empty(policy_logits.shape[0], device=policy_logits.device, dtype=torch.float32)
+    for i in range(policy_logits.shape[0]):
+        mix = (1.0 + lam) * policy_logits[i : i + 1].float() - lam * ref_logits[i : i + 1].float()
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        out[i] = sequence_logps(mix, row)[0]
+    return out
+
+
+def policy_logps(model, batch: dict[str, torch.Tensor], keep_logits: bool = False):
+    """Forward pass; returns per-row sequence log-probs (and the logits when asked)."""
+    logits = forward_logits(model, batch)
+    lp = sequence_logps(logits, batch)
+    return (lp, logits) if keep_logits else lp

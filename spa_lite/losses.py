@@ -1,0 +1,64 @@
+"""SPA's training objective: DPO (Eq. 3), self-refinement (Eq. 10) and de-coupled noise detection (Eq. 11-12)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:
+    """beta * [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)]: the argument of the DPO sigmoid (Eq. 3)."""
+    return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+
+
+def refined_dpo_loss(logits: torch.Tensor, flagged: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-pair Eq. 10: -[(1 - alpha z) log sigma(m) + alpha z log sigma(-m)], with z in {0, 1}.
+
+    z = 0 is the plain DPO loss -log sigma(m) (TRL's ``sigmoid`` loss); z = 1 is label smoothing by alpha,
+    which pulls a pair the model doubts toward "either order is possible" instead of trusting its label.
+    """
+    z = flagged.to(logits.dtype)
+    return -(1.0 - alpha * z) * F.logsigmoid(logits) - alpha * z * F.logsigmoid(-logits)
+
+
+class ConfidenceWindow:
+    """tau = the K-th percentile of the last ``size`` per-pair confidences (Sec. 4.2 of the paper).
+
+    The window holds confidences of single pairs, not of micro-batch means as the official code does;
+    with several processes, callers gather confidences from all of them before ``push``.
+    """
+
+    def __init__(self, size: int = 50, k_percent: float = 10.0):
+        if not 0 < k_percent < 100:
+            raise ValueError(f"k_percent must be in (0, 100), got {k_percent}")
+        self.size, self.k_percent = size, k_percent
+        self.values: deque[float] = deque(maxlen=size)
+
+    def push(self, confidences: torch.Tensor | list[float]) -> float:
+        """Add this batch's confidences and return the new threshold tau."""
+        vals = confidences.detach().float().cpu().tolist() if torch.is_tensor(confidences) else list(confidences)
+        self.values.extend(vals)
+        return self.tau
+
+    @property
+    def tau(self) -> float:
+        return float(np.percentile(np.asarray(self.values), self.k_percent)) if self.values else float("-inf")
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "k_percent": self.k_percent, "values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.k_percent = state["size"], state["k_percent"]
+        self.values = deque(state["values"], maxlen=self.size)
+
+
+def lambda_for_iteration(i: int, schedule: list[float] | None = None) -> float:
+    """Extrapolation strength of Eq. 12 for iteration i (1-based): 1/2, 1/4, 1/8, then halving."""
+    if schedule and i <= len(schedule):
+        return float(schedule[i - 1])
+    last = schedule[-1] if schedule else 0.5
+    start = len(schedule) if schedule else 1
+    return float(last) / (2 ** (i - start))

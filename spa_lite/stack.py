@@ -1,0 +1,151 @@
+"""One base model, a stack of LoRA adapters, and every policy SPA needs from them.
+
+pi_init   = the base with all adapters off,
+pi_0      = base + ``seed``,
+pi_{i-1}  = base + ``seed`` + ``iter1`` + ... + ``iter{i-1}``   (frozen),
+pi_theta  = pi_{i-1} + the trainable ``iter{i}`` adapter.
+
+Several active LoRA adapters add their low-rank updates to the same frozen base layer, so switching
+policy is a flag flip, not a copy: judging (Eq. 7), extrapolated noise detection (Eq. 11-12) and refined
+DPO all run with one copy of the base weights in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from spa_lite.errors import SpaError
+from spa_lite.io import atomic_dir
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0  # 0 keeps pi_theta == pi_{i-1} exactly at step 0 and makes training reproducible
+    target_modules: str | list[str] = "all-linear"
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def adapter_name(stage_index: int) -> str:
+    """0 -> 'seed', i -> 'iter{i}'."""
+    return "seed" if stage_index == 0 else f"iter{stage_index}"
+
+
+@dataclass
+class PolicyStack:
+    """A peft model over one base, with the frozen adapters of earlier stages and at most one trainable one."""
+
+    model: object  # peft.PeftModel
+    tokenizer: object
+    frozen: list[str] = field(default_factory=list)
+    trainable: str | None = None
+
+    @property
+    def theta(self) -> list[str]:
+        return self.frozen + ([self.trainable] if self.trainable else [])
+
+    @property
+    def prev(self) -> list[str]:
+        return list(self.frozen)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if not self.trainable:
+            return []
+        tag = f".{self.trainable}."
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and tag in n]
+
+    @contextlib.contextmanager
+    def use(self, names: Sequence[str]) -> Iterator[object]:
+        """Activate exactly ``names`` (in any order); an empty list is pi_init, the bare base."""
+        names = list(names)
+        unknown = [n for n in names if n not in self.model.peft_config]
+        if unknown:
+            raise SpaError(f"adapters {unknown} are not loaded (loaded: {list(self.model.peft_config)})")
+        if not names:
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        # inference_mode=True freezes every adapter peft touches; the trainable one is re-enabled below so
+        # that the optimizer's parameters keep requires_grad whatever policy was used last.
+        self.model.base_model.set_adapter(names, inference_mode=True)
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+        yield self.model
+
+    def save_trainable(self, out_dir: str | Path) -> Path:
+        """Save the trainable adapter as an ordinary peft folder (``PeftModel.from_pretrained`` loads it)."""
+        if not self.trainable:
+            raise SpaError("no trainable adapter to save")
+        return save_adapter(self.model, self.trainable, out_dir)
+
+
+def save_adapter(model, name: str, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+        sub = tmp / name  # peft nests every adapter but 'default' in a folder of its name
+        if sub.is_dir():
+            for f in sub.iterdir():
+                shutil.move(str(f), tmp / f.name)
+            sub.rmdir()
+    return out_dir
+
+
+def build_stack(
+    base,
+    tokenizer,
+    frozen_adapters: Sequence[tuple[str, str | Path]] = (),
+    trainable: str | None = None,
+    lora: LoraSettings | None = None,
+) -> PolicyStack:
+    """Wrap the base with saved adapters (frozen, in order) and optionally a fresh trainable adapter.
+
+    The new adapter's B matrices start at zero, so pi_theta equals pi_{i-1} before the first step.
+    """
+    from peft import PeftModel, get_peft_model
+
+    model = None
+    names: list[str] = []
+    for name, path in frozen_adapters:
+        path = Path(path)
+        if not (path / "adapter_config.json").exists():
+            raise SpaError(f"adapter folder {path} has no adapter_config.json")
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(path), adapter_name=name, is_trainable=False)
+        else:
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        names.append(name)
+    if trainable:
+        cfg = (lora or LoraSettings()).to_peft()
+        if model is None:
+            model = get_peft_model(base, cfg, adapter_name=trainable)
+        else:
+            model.add_adapter(trainable, cfg)
+    if model is None:
+        raise SpaError("a policy stack needs at least one adapter")
+    stack = PolicyStack(model, tokenizer, names, trainable)
+    with stack.use(stack.theta):
+        pass  # leaves pi_theta active and only the new adapter trainable
+    for n, p in model.named_parameters():
+        p.requires_grad_(False)
+    for p in stack.trainable_parameters():
+        p.requires_grad_(True)
+    return stack

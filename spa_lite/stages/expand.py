@@ -1,0 +1,148 @@
+"""Stage expand --iter i: sample two responses per prompt of X_i from pi_{i-1}, judge them with Eq. 7, write D_i.
+
+Work is done in shards of ``shard_size`` prompts, each written atomically when finished and seeded by its
+index alone, so a killed expand resumes at the first missing shard and gives the same D_i as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from spa_lite.config import Recipe
+from spa_lite.data import iteration_prompts, load_prompts
+from spa_lite.generation import encode_prompt, sample_responses
+from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
+from spa_lite.judge import judge_llm, judge_logprob
+from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream
+from spa_lite.stack import PolicyStack, adapter_name
+from spa_lite.stages.common import load_stack
+from spa_lite.ui import progress
+
+
+def judge_reference(stack_names: list[str], judge_ref: str) -> list[str] | None:
+    """Eq. 7's reference: init = pi_init (paper), prev = the stack one stage back, none = no reference."""
+    if judge_ref == "init":
+        return []
+    if judge_ref == "prev":
+        return stack_names[:-1]
+    return None
+
+
+def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: int, on_gen=None, on_judge=None) -> dict:
+    """Sample, judge and pair up one shard of prompts. Returns {"rows": [...], "counts": {...}}."""
+    c = recipe.expand
+    names = stack.prev
+    with stack.use(names) as m:
+        samples = sample_responses(
+            m, stack.tokenizer, [p["prompt"] for p in prompts], num_samples=c.num_samples,
+            max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
+            batch_size=c.batch_size, on_batch=on_gen,
+        )
+    counts = {"prompts": len(prompts), "identical": 0, "truncated": 0, "empty": 0, "dropped_truncated": 0}
+    keep = []
+    for rec, ss in zip(prompts, samples):
+        y1, y2 = ss[0], ss[1]
+        trunc = y1.truncated or y2.truncated
+        counts["truncated"] += int(trunc)
+        if not y1.text or not y2.text:
+            counts["empty"] += 1
+            continue
+        if y1.text == y2.text:
+            counts["identical"] += 1
+            continue
+        if trunc and c.drop_truncated:
+            counts["dropped_truncated"] += 1
+            continue
+        keep.append((rec, y1, y2))
+    if c.judge == "llm":
+        judged = judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
+                           [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
+    else:
+        prompt_ids = [encode_prompt(stack.tokenizer, r["prompt"]) for r, _, _ in keep]
+        judged = judge_logprob(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
+                               [a.token_ids for _, a, _ in keep], [b.token_ids for _, _, b in keep],
+                               beta=c.beta, length_penalty=c.length_penalty, batch_size=c.judge_batch_size,
+                               on_batch=on_judge)
+    rows = []
+    for (rec, y1, y2), j in zip(keep, judged):
+        first = j["p"] > 0.5  # Eq. 7: y_w = y1 iff p > 0.5 (ties go to y2)
+        w, l = (y1, y2) if first else (y2, y1)
+        row = {k: v for k, v in rec.items() if k not in {"chosen", "rejected"}}
+        row.update(
+            chosen=w.text, rejected=l.text, p_y1=j["p"], confidence=max(j["p"], 1 - j["p"]),
+            chosen_is_y1=first, len_chosen=w.num_tokens, len_rejected=l.num_tokens,
+            truncated_chosen=w.truncated, truncated_rejected=l.truncated,
+        )
+        if "logratio_1" in j:
+            row.update(logratio_chosen=j["logratio_1"] if first else j["logratio_2"],
+                       logratio_rejected=j["logratio_2"] if first else j["logratio_1"])
+        rows.append(row)
+    return {"rows": rows, "counts": counts}
+
+
+def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", fail_after_shards: int | None = None) -> dict:
+    """Write D_i to runs/<name>/iter{i}/expand/data.jsonl.
+
+    Args:
+        fail_after_shards: raise after writing this many new shards (tests inject a crash with it).
+    """
+    stage = Stage("expand", iteration)
+    t0 = time.time()
+    require_upstream(recipe, stage, recipe_arg)
+    out, done = begin_stage(recipe, stage, force)
+    if done:
+        return done
+    c = recipe.expand
+    pool = load_prompts(recipe.data.prompts, recipe.data.format)
+    prompts = iteration_prompts(pool, recipe.data.iter_prompts, iteration, recipe.data.shuffle_seed)
+    shards = [prompts[s : s + c.shard_size] for s in range(0, len(prompts), c.shard_size)]
+    shard_dir = out / "shards"
+    todo = [k for k in range(len(shards)) if not (shard_dir / f"{k:05d}.json").exists()]
+    written = 0
+    if todo:
+        stack = load_stack(recipe, frozen_upto=iteration - 1)
+        assert stack.prev == [adapter_name(k) for k in range(iteration)]
+        n_todo = sum(len(shards[k]) for k in todo)
+        with progress() as p:
+            gen = p.add_task(f"sample iter {iteration}", total=n_todo, info=f"{len(shards) - len(todo)} shards done before")
+            jud = p.add_task(f"judge iter {iteration} ({c.judge})", total=n_todo, info="")
+            for k in todo:
+                seed = recipe.seed * 1_000_003 + iteration * 10_007 + k * 101
+                res = expand_shard(stack, recipe, shards[k], seed,
+                                   on_gen=lambda n: p.advance(gen, n), on_judge=lambda n: p.advance(jud, n))
+                p.advance(jud, len(shards[k]) - len(res["rows"]))
+                atomic_write_json(shard_dir / f"{k:05d}.json", {"shard": k, **res})
+                written += 1
+                if fail_after_shards is not None and written >= fail_after_shards and k != todo[-1]:
+                    raise KeyboardInterrupt(f"injected failure after shard {k}")
+    rows, counts = [], {}
+    for k in range(len(shards)):
+        sh = read_json(shard_dir / f"{k:05d}.json")
+        rows += sh["rows"]
+        for key, v in sh["counts"].items():
+            counts[key] = counts.get(key, 0) + v
+    atomic_write_jsonl(out / "data.jsonl", rows)
+    summary = summarize_pairs(rows, counts)
+    return finish_stage(recipe, stage, summary, {"prompts": recipe.data.prompts, "shards": len(shards)}, t0)
+
+
+def summarize_pairs(rows: list[dict], counts: dict) -> dict:
+    def mean(xs):
+        return round(statistics.fmean(xs), 4) if xs else None
+
+    return {
+        "pairs": len(rows),
+        **counts,
+        "mean_confidence": mean([r["confidence"] for r in rows]),
+        "frac_chosen_is_y1": mean([float(r["chosen_is_y1"]) for r in rows]),
+        "mean_len_chosen": mean([r["len_chosen"] for r in rows]),
+        "mean_len_rejected": mean([r["len_rejected"] for r in rows]),
+        "frac_chosen_longer": mean([float(r["len_chosen"] > r["len_rejected"]) for r in rows]),
+    }
+
+
+def data_path(run_path: Path, iteration: int) -> Path:
+    return run_path / f"iter{iteration}" / "expand" / "data.jsonl"

@@ -1,0 +1,19 @@
+"""`spa-lite split`: the paper's data protocol as files (seed pairs, disjoint iteration prompts, test pairs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spa_lite.data import split_protocol
+from spa_lite.io import atomic_write_json, atomic_write_jsonl
+
+
+def run(data: str, out: Path, seed: int = 42, seed_size: int = 2000, iter_sizes: list[int] | None = None,
+        test_size: int = 0, fmt: str = "auto") -> dict:
+    iter_sizes = iter_sizes or [8000, 20000, 30000]
+    parts = split_protocol(data, seed, seed_size, iter_sizes, test_size, fmt)
+    counts = {}
+    for name, rows in parts.items():
+        counts[name] = atomic_write_jsonl(out / f"{name}.jsonl", rows)
+    atomic_write_json(out / "split.json", {"data": data, "seed": seed, "counts": counts})
+    return counts

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny random Llama with the committed tiny tokenizer, tiny preference data and a
+recipe that runs every stage in seconds. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("SPA_LITE_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ASSETS = Path(__file__).parent / "assets"
+
+QUESTIONS = [
+    "How do I boil an egg?", "Name a fast animal.", "Why is the sky blue?", "Give a tip for sleep.",
+    "What is a good breakfast?", "How can I save money?", "Suggest a book to read.", "How do plants grow?",
+    "What should I pack for a trip?", "How do I learn to cook?", "Why drink water?", "What is a fox?",
+]
+
+
+def build_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_pairs(path: Path, n: int = 12) -> Path:
+    rows = []
+    for i in range(n):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        rows.append({"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
+                     "chosen": [{"role": "assistant", "content": f"A short clear answer number {i}."}],
+                     "rejected": [{"role": "assistant", "content": f"no idea lol {i}, maybe, who knows, ask later"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_prompts(path: Path, n: int = 24) -> Path:
+    rows = [{"id": f"x{i}", "prompt": [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tiny-data")
+    return {"pairs": write_pairs(d / "pairs.jsonl"), "prompts": write_prompts(d / "prompts.jsonl")}
+
+
+def tiny_overrides(model_dir: Path, data: dict[str, Path], run_dir: Path, **extra) -> dict:
+    o = {
+        "name": "tiny", "run_dir": str(run_dir), "iterations": 2, "threads": 2,
+        "model.name_or_path": str(model_dir), "model.quantization": "none", "model.device": "cpu",
+        "model.max_length": 128, "model.max_prompt_length": 64, "model.lora_r": 4, "model.lora_alpha": 8,
+        "data.seed_pairs": str(data["pairs"]), "data.prompts": str(data["prompts"]),
+        "data.eval_pairs": None, "data.eval_prompts": None, "data.iter_prompts": [8, 8],
+        "seed_dpo.epochs": 2, "seed_dpo.batch_size": 2, "seed_dpo.grad_accum": 2, "seed_dpo.lr": 5e-3,
+        "seed_dpo.save_every": 2,
+        "expand.max_new_tokens": 12, "expand.batch_size": 4, "expand.shard_size": 3, "expand.judge_batch_size": 4,
+        "train.batch_size": 2, "train.grad_accum": 2, "train.lr": 5e-3, "train.save_every": 1,
+        "train.window": 8,
+    }
+    o.update(extra)
+    return o
+
+
+@pytest.fixture
+def tiny_recipe(tiny_model_dir, tiny_data, tmp_path):
+    from spa_lite.config import load_recipe
+
+    def make(**extra):
+        return load_recipe(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "runs", **extra))
+
+    return make
