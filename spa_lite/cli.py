@@ -214,6 +214,42 @@ def split_cmd(
     summary_table(f"split -> {out}", counts)
 
 
+@app.command("eval")
+@_user_errors
+def eval_cmd(
+    recipe: RecipeOpt = "smollm2-demo",
+    set_: SetOpt = None,
+    name: NameOpt = None,
+    run_dir: RunDirOpt = None,
+    pairs: Annotated[Optional[str], typer.Option(help="Gold pairs to judge (default: the recipe's data.eval_pairs).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Format of --pairs (auto-detected).")] = None,
+    limit: Annotated[int, typer.Option(help="Use at most this many pairs.")] = 200,
+    methods: Annotated[str, typer.Option(help="Judge methods: init,prev,none,llm.")] = "init,prev,none,llm",
+    flip: Annotated[float, typer.Option(help="Fraction of gold labels flipped for noise detection (0 to skip).")] = 0.2,
+    lambdas: Annotated[Optional[str], typer.Option(help="DND lambdas to compare, e.g. 0.5,0.25,0.125.")] = None,
+    pass_rate: Annotated[bool, typer.Option("--pass-rate/--no-pass-rate", help="Verifier pass rate (demo task).")] = True,
+    prompt_limit: Annotated[int, typer.Option(help="Held-out prompts for the pass rate.")] = 100,
+    samples: Annotated[int, typer.Option(help="Responses per held-out prompt.")] = 1,
+    tag: Annotated[Optional[str], typer.Option(help="Name of the result file runs/<name>/eval/<tag>.json.")] = None,
+) -> None:
+    """Measure every policy of a run: judge accuracy (95% CI), noise detection (AUROC), self-labelling noise,
+    verifier pass rate.
+
+    Example: spa-lite eval --recipe smollm2-demo --pairs ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz --limit 200
+    """
+    from spa_lite.stages import evaluate
+
+    _setup_logging()
+    r = _recipe(recipe, set_, name, run_dir)
+    try:
+        lam = [float(x) for x in lambdas.split(",")] if lambdas else None
+    except ValueError:
+        raise SpaError(f"--lambdas '{lambdas}' must be comma-separated numbers") from None
+    rep = evaluate.run(r, pairs, fmt, limit, [m.strip() for m in methods.split(",") if m.strip()], flip, lam,
+                       pass_rate, prompt_limit, samples, tag)
+    evaluate.print_report(rep)
+
+
 def main() -> None:
     app(prog_name="spa-lite")
 

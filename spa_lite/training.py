@@ -72,6 +72,7 @@ class StepOutput:
     loss: torch.Tensor
     stats: dict[str, float]
     confidences: torch.Tensor  # per pair, detached
+    flagged: torch.Tensor  # per pair, bool
 
 
 def pair_loss(stack: PolicyStack, batch: dict, spec: LoopSpec, window: ConfidenceWindow | None, refining: bool) -> StepOutput:
@@ -125,7 +126,7 @@ def pair_loss(stack: PolicyStack, batch: dict, spec: LoopSpec, window: Confidenc
         tau=tau,
         flagged_frac=flagged.float().mean().item(),
     )
-    return StepOutput(loss, stats, conf)
+    return StepOutput(loss, stats, conf, flagged)
 
 
 def _checkpoint_paths(out_dir: Path) -> Path:
@@ -198,12 +199,14 @@ def run_dpo_loop(
     window = ConfidenceWindow(spec.window, spec.k_percent) if spec.refine else None
     start = load_checkpoint(out_dir, stack, opt, sched, window)
     metrics_path = out_dir / "metrics.jsonl"
+    flags_path = out_dir / "flags.jsonl"  # per-pair confidence and flag, for noise-detection analysis
     _trim_metrics(metrics_path, start)
+    _trim_metrics(flags_path, start)
     pad = stack.tokenizer.pad_token_id
     refine_from = math.floor(spec.refine_start * steps)
     t0 = time.time()
     stack.model.train()
-    with open(metrics_path, "a", encoding="utf-8") as mf:
+    with open(metrics_path, "a", encoding="utf-8") as mf, open(flags_path, "a", encoding="utf-8") as ff:
         for step in range(start, steps):
             acc: dict[str, float] = {}
             total = 0.0
@@ -212,6 +215,9 @@ def run_dpo_loop(
                 batch = collate_pairs([pairs[i] for i in idx], pad)
                 out = pair_loss(stack, batch, spec, window, refining=step >= refine_from)
                 (out.loss / spec.grad_accum).backward()
+                for i, c, f in zip(idx, out.confidences.tolist(), out.flagged.tolist()):
+                    ff.write(json.dumps({"step": step + 1, "pair": i, "row": pairs[i].meta.get("row"),
+                                         "confidence": c, "flagged": f}) + "\n")
                 total += out.loss.item() / spec.grad_accum
                 for k, v in out.stats.items():
                     acc[k] = acc.get(k, 0.0) + v / spec.grad_accum
@@ -225,6 +231,7 @@ def run_dpo_loop(
                 row["tau"] = window.tau
             mf.write(json.dumps(row) + "\n")
             mf.flush()
+            ff.flush()
             if on_step:
                 on_step(step + 1, steps, row)
             done = step + 1

@@ -36,8 +36,8 @@ def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) -
 def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_length: int) -> tuple[list[TokenizedPair], int]:
     """Tokenise normalised pairs; pairs over the length limits are skipped and counted (returned second)."""
     out, skipped = [], 0
-    for r in rows:
-        tp = tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], {"source": r.get("source")})
+    for k, r in enumerate(rows):
+        tp = tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], {"row": k, "source": r.get("source")})
         longest = len(tp.prompt_ids) + max(len(tp.chosen_ids), len(tp.rejected_ids))
         if len(tp.prompt_ids) > max_prompt_length or longest > max_length:
             skipped += 1

@@ -15,5 +15,8 @@ def run(data: str, out: Path, seed: int = 42, seed_size: int = 2000, iter_sizes:
     counts = {}
     for name, rows in parts.items():
         counts[name] = atomic_write_jsonl(out / f"{name}.jsonl", rows)
+    # one pool for recipes: data.iter_prompts slices it into the same disjoint sizes
+    pool = [r for i in range(1, len(iter_sizes) + 1) for r in parts[f"iter{i}_prompts"]]
+    counts["prompts"] = atomic_write_jsonl(out / "prompts.jsonl", pool)
     atomic_write_json(out / "split.json", {"data": data, "seed": seed, "counts": counts})
     return counts

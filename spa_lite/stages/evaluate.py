@@ -1,0 +1,150 @@
+"""`spa-lite eval`: judge accuracy, noise detection, self-labelling noise and pass rates for every policy of a run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from spa_lite.config import Recipe
+from spa_lite.data import load_pairs, load_prompts, shuffled
+from spa_lite.errors import SpaError, StageOrderError
+from spa_lite.io import atomic_write_json, read_jsonl
+from spa_lite.losses import lambda_for_iteration
+from spa_lite.runs import Stage, read_manifest, stage_dir
+from spa_lite.stages.common import load_stack
+from spa_lite.ui import console, progress
+
+
+def complete_policies(recipe: Recipe) -> list[int]:
+    """k for each pi_k whose adapter is complete: 0 (seed), 1, 2, ... in order, stopping at the first gap."""
+    ks = []
+    for k in range(recipe.iterations + 1):
+        st = Stage("seed", 0) if k == 0 else Stage("train", k)
+        m = read_manifest(recipe, st)
+        if m is None or m.get("status") != "complete":
+            break
+        ks.append(k)
+    return ks
+
+
+def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200,
+        methods: list[str] | None = None, flip: float = 0.2, lambdas: list[float] | None = None,
+        do_pass_rate: bool = True, prompt_limit: int | None = 100, samples: int = 1, tag: str | None = None) -> dict:
+    """Evaluate pi_init, pi_0, ..., pi_T of a run; writes runs/<name>/eval/<tag>.json and returns it."""
+    t0 = time.time()
+    ks = complete_policies(recipe)
+    if not ks:
+        raise StageOrderError(f"{recipe.run_path} has no complete stage; run `spa-lite seed-dpo` first")
+    methods = methods or ["init", "prev", "none", "llm"]
+    unknown = set(methods) - {"init", "prev", "none", "llm"}
+    if unknown:
+        raise SpaError(f"--methods: unknown {sorted(unknown)} (choose from init, prev, none, llm)")
+    lambdas = lambdas or [lambda_for_iteration(i, recipe.train.lambdas) for i in (1, 2, 3)]
+    pairs_spec = pairs_spec or recipe.data.eval_pairs
+    stack = load_stack(recipe, frozen_upto=max(ks))
+    from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, pass_rate,
+                                     policy_label, self_label_noise)
+
+    report: dict = {"run": str(recipe.run_path), "policies": [policy_label(None)] + [policy_label(k) for k in ks]}
+    beta = recipe.expand.beta
+    if pairs_spec:
+        rows = shuffled(load_pairs(pairs_spec, fmt or recipe.data.format), recipe.seed)[:limit]
+        pairs = encode_pairs_for_eval(stack.tokenizer, rows, recipe.model.max_length)
+        report["pairs"] = {"spec": pairs_spec, "n": len(pairs), "skipped_length": len(rows) - len(pairs)}
+        acc, noise = {}, {}
+        with progress() as p:
+            task = p.add_task("judge accuracy", total=len(ks) + 1, info="")
+            for k in [None, *ks]:
+                acc[policy_label(k)] = judge_accuracy(stack, pairs, k, methods, beta=beta)
+                p.advance(task)
+            if flip > 0:
+                t2 = p.add_task("noise detection", total=len(ks), info=f"flip {flip:.0%}")
+                for k in ks:
+                    noise[policy_label(k)] = noise_detection(stack, pairs, k, flip, lambdas, seed=recipe.seed, beta=beta)
+                    p.advance(t2)
+        report["judge_accuracy"] = acc
+        report["noise_detection"] = {"flip": flip, "lambdas": lambdas, "by_policy": noise}
+    verify = _demo_verifier(recipe)
+    if verify is not None:
+        noise_rows = {}
+        for i in range(1, recipe.iterations + 1):
+            data = stage_dir(recipe, Stage("expand", i)) / "data.jsonl"
+            if not data.exists():
+                break
+            d = [r for _, r in read_jsonl(data)]
+            if not d or "constraint" not in d[0]:
+                break
+            flags_path = stage_dir(recipe, Stage("train", i)) / "flags.jsonl"
+            flags = [json.loads(x) for x in flags_path.read_text().splitlines() if x.strip()] if flags_path.exists() else None
+            noise_rows[f"D_{i}"] = self_label_noise(d, verify, flags)
+        report["self_label_noise"] = noise_rows
+        if do_pass_rate and recipe.data.eval_prompts:
+            recs = [r for r in load_prompts(recipe.data.eval_prompts) if "constraint" in r][:prompt_limit]
+            pr = {}
+            with progress() as p:
+                task = p.add_task("pass rate", total=len(ks) + 1, info=f"{len(recs)} prompts x {samples}")
+                for k in [None, *ks]:
+                    pr[policy_label(k)] = pass_rate(stack, recs, k, verify, samples=samples,
+                                                    max_new_tokens=recipe.expand.max_new_tokens,
+                                                    temperature=recipe.expand.temperature, seed=recipe.seed,
+                                                    batch_size=recipe.expand.batch_size)
+                    p.advance(task)
+            report["pass_rate"] = pr
+    report["wall_s"] = round(time.time() - t0, 1)
+    tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
+    out = recipe.run_path / "eval" / f"{tag}.json"
+    atomic_write_json(out, report)
+    report["path"] = str(out)
+    return report
+
+
+def _demo_verifier(recipe: Recipe):
+    if not (str(recipe.data.prompts).startswith("demo:") or str(recipe.data.eval_prompts or "").startswith("demo:")):
+        return None
+    from spa_lite.demo.tasks import verify
+
+    return verify
+
+
+def print_report(report: dict) -> None:
+    from rich.table import Table
+
+    if "judge_accuracy" in report:
+        t = Table(title=f"judge accuracy on {report['pairs']['spec']} (n={report['pairs']['n']}), 95% CI")
+        methods = sorted({m for v in report["judge_accuracy"].values() for m in v})
+        t.add_column("policy")
+        for m in methods:
+            t.add_column(m)
+        for pol, v in report["judge_accuracy"].items():
+            t.add_row(pol, *[f"{v[m]['accuracy']:.3f} [{v[m]['ci_low']:.2f}, {v[m]['ci_high']:.2f}]" if m in v else "-"
+                             for m in methods])
+        console.print(t)
+    nd = report.get("noise_detection", {}).get("by_policy", {})
+    if nd:
+        t = Table(title=f"noise detection: AUROC for {report['noise_detection']['flip']:.0%} flipped labels")
+        dets = [k for k in next(iter(nd.values())) if k not in {"flipped", "n"}]
+        t.add_column("policy")
+        for d in dets:
+            t.add_column(d)
+        for pol, v in nd.items():
+            t.add_row(pol, *[f"{v[d]['auroc']:.3f}" if v[d]["auroc"] is not None else "-" for d in dets])
+        console.print(t)
+    if report.get("self_label_noise"):
+        t = Table(title="self-labelling noise (verifier vs Eq. 7 labels)")
+        for c in ("D_i", "n", "confirmed", "contradicted", "undetermined", "contradicted | flagged", "contradicted | unflagged"):
+            t.add_column(c)
+        for d, v in report["self_label_noise"].items():
+            f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+            t.add_row(d, str(v["n"]), str(v["confirmed"]), str(v["contradicted"]), str(v["undetermined"]),
+                      f(v.get("contradicted_rate_flagged")), f(v.get("contradicted_rate_unflagged")))
+        console.print(t)
+    if report.get("pass_rate"):
+        t = Table(title="verifier pass rate on held-out prompts, 95% CI")
+        for c in ("policy", "n", "pass rate", "CI", "mean tokens"):
+            t.add_column(c)
+        for pol, v in report["pass_rate"].items():
+            t.add_row(pol, str(v["n"]), f"{v['pass_rate']:.3f}", f"[{v['ci_low']:.2f}, {v['ci_high']:.2f}]",
+                      f"{v['mean_tokens']:.1f}")
+        console.print(t)
+    console.print(f"written: {report.get('path')}")
