@@ -141,6 +141,11 @@ def build_stack(
             model.add_adapter(trainable, cfg)
     if model is None:
         raise SpaError("a policy stack needs at least one adapter")
+    # As TRL does: the base's own dropout would make pi_theta and pi_ref disagree at step 0 and make
+    # judging stochastic; only LoRA's dropout (0 by default) stays.
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Dropout) and "lora_dropout" not in mod_name:
+            mod.p = 0.0
     stack = PolicyStack(model, tokenizer, names, trainable)
     with stack.use(stack.theta):
         pass  # leaves pi_theta active and only the new adapter trainable

@@ -83,9 +83,11 @@ def pair_loss(stack: PolicyStack, batch: dict, spec: LoopSpec, window: Confidenc
     """
     n = batch["input_ids"].shape[0] // 2
     with torch.no_grad(), stack.use(spec.ref) as m:
+        m.eval()
         ref_logits = forward_logits(m, batch)
         ref_lp = sequence_logps(ref_logits, batch)
     with stack.use(stack.theta) as m:
+        m.train()  # LoRA dropout, if any, and gradient checkpointing act in train mode only
         pol_logits = forward_logits(m, batch)
     pol_lp = sequence_logps(pol_logits, batch)
     logits = dpo_logits(pol_lp[:n], pol_lp[n:], ref_lp[:n], ref_lp[n:], spec.beta)
