@@ -198,6 +198,13 @@ def load_base_model(
         raise SpaError(f"cannot load model '{name_or_path}': {e}") from None
     if not prec.quantized:
         model.to(prec.device)
+    elif prec.device.type == "cpu":
+        # bitsandbytes repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel on the first eval-mode,
+        # no-grad forward (the reference pass), and that kernel has no autograd: later training forwards
+        # would then silently drop the gradient through the base layers. Keep the differentiable path.
+        for mod in model.modules():
+            if hasattr(mod, "support_avx512bf16_for_cpu"):
+                mod.support_avx512bf16_for_cpu = False
     model.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -212,7 +219,9 @@ def load_base_model(
 def count_base_weight_copies(model) -> int:
     """How many distinct storages hold the base model's first decoder projection (1 means one copy)."""
     ptrs = set()
-    for name, p in model.named_parameters():
-        if "lora_" not in name and name.endswith("q_proj.weight") or name.endswith("q_proj.base_layer.weight"):
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if "lora_" in name or ".layers.0." not in name:  # the first decoder layer only, not one per layer
+            continue
+        if name.endswith("q_proj.weight") or name.endswith("q_proj.base_layer.weight"):
             ptrs.add(p.data_ptr())
     return len(ptrs)

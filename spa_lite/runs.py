@@ -142,6 +142,9 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
     """
     import shutil
 
+    from spa_lite.distributed import get_dist
+
+    dist = get_dist()
     d = stage_dir(recipe, stage)
     h = stage_hash(recipe, stage)
     m = read_manifest(recipe, stage)
@@ -158,11 +161,14 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
         prev = read_json(started).get("config_hash")
         if prev != h:
             raise StageOrderError(f"{d} holds a partial run from another config; add --force to start it over")
-    if force and d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
-    if not started.exists():
-        atomic_write_json(started, {"config_hash": h, "time": time.time()})
+    dist.barrier()  # every process has read the old state before the main one changes it
+    if dist.main:
+        if force and d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        if not started.exists():
+            atomic_write_json(started, {"config_hash": h, "time": time.time()})
+    dist.barrier()
     return d, None
 
 
@@ -178,13 +184,22 @@ def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_st
         "timings": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.time() - t_start, 2)},
         "summary": summary,
     }
-    atomic_write_json(stage_dir(recipe, stage) / "manifest.json", manifest)
+    from spa_lite.distributed import get_dist
+
+    dist = get_dist()
+    if dist.main:
+        atomic_write_json(stage_dir(recipe, stage) / "manifest.json", manifest)
+    dist.barrier()
     return manifest
 
 
 def dump_recipe(recipe: Recipe) -> None:
     import yaml
 
+    from spa_lite.distributed import get_dist
+
+    if not get_dist().main:
+        return
     from spa_lite.io import atomic_write_text
 
     atomic_write_text(recipe.run_path / "recipe.yaml", yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False))

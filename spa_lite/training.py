@@ -75,13 +75,37 @@ class StepOutput:
     flagged: torch.Tensor  # per pair, bool
 
 
-def pair_loss(stack: PolicyStack, batch: dict, spec: LoopSpec, window: ConfidenceWindow | None, refining: bool) -> StepOutput:
-    """Loss of one micro-batch (mean over its pairs) and its diagnostics.
+def _global_confidences(conf: list[float], dist) -> list[float]:
+    """Confidences of the whole global micro-batch in its single-process order.
 
-    The reference forward runs without gradient; the policy forward keeps its logits only as long as the
-    DND confidence needs them.
+    Process r holds global positions r, r + N, r + 2N, ... (see ``run_dpo_loop``).
     """
+    if dist is None or not dist.enabled:
+        return conf
+    parts = dist.all_gather_object(conf)
+    out = []
+    for j in range(sum(len(p) for p in parts)):
+        out.append(parts[j % dist.world][j // dist.world])
+    return out
+
+
+def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: ConfidenceWindow | None, refining: bool,
+              *, dist=None, global_n: int | None = None) -> StepOutput:
+    """Loss of one micro-batch and its diagnostics.
+
+    The loss is the sum of per-pair losses divided by ``global_n`` (the pairs of the micro-batch over all
+    processes; by default this process's pairs, i.e. the mean). The reference forward runs without
+    gradient; the policy's logits live only as long as the DND confidence needs them. ``batch`` is None
+    for a process with no pairs in this micro-batch: it still joins the confidence exchange.
+    """
+    if batch is None:
+        all_conf = _global_confidences([], dist)
+        if spec.refine and window is not None:
+            window.push(all_conf)  # every process keeps the same window
+        zero = sum(p.sum() for p in stack.trainable_parameters()) * 0.0
+        return StepOutput(zero, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
     n = batch["input_ids"].shape[0] // 2
+    global_n = global_n or n
     with torch.no_grad(), stack.use(spec.ref) as m:
         m.eval()
         ref_logits = forward_logits(m, batch)
@@ -101,8 +125,9 @@ def pair_loss(stack: PolicyStack, batch: dict, spec: LoopSpec, window: Confidenc
     del pol_logits, ref_logits
     tau = float("nan")
     flagged = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    all_conf = _global_confidences(conf.float().cpu().tolist(), dist)
     if spec.refine and window is not None:
-        tau = window.push(conf)
+        tau = window.push(all_conf)
         if refining:
             flagged = conf < tau
     smoothing = torch.clamp(spec.alpha * flagged.float(), min=spec.label_smoothing)
@@ -111,12 +136,13 @@ def pair_loss(stack: PolicyStack, batch: dict, spec: LoopSpec, window: Confidenc
         from spa_lite.dro import dro_dpo_loss
 
         # Eq. 10 = -log sigma(m) + s * [log sigma(m) - log sigma(-m)]; the first term becomes its
-        # worst case over the Wasserstein ball, so epsilon = 0 is exactly the refined loss.
+        # worst case over the Wasserstein ball, so epsilon = 0 is exactly the refined loss. With several
+        # processes each solves the worst case over its own share of the micro-batch.
         worst, stats = dro_dpo_loss(logits, spec.dro_epsilon, spec.dro_pieces, spec.dro_xi_min)
-        loss = worst + (smoothing * (F.logsigmoid(logits) - F.logsigmoid(-logits))).mean()
+        loss = (worst * n + (smoothing * (F.logsigmoid(logits) - F.logsigmoid(-logits))).sum()) / global_n
     else:
         per = -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
-        loss = per.mean()
+        loss = per.sum() / global_n
     chosen_r = (pol_lp[:n] - ref_lp[:n]).detach() * spec.beta
     rejected_r = (pol_lp[n:] - ref_lp[n:]).detach() * spec.beta
     stats.update(
@@ -175,6 +201,20 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
+def _all_reduce_grads(params: list[torch.Tensor], dist) -> None:
+    """Sum gradients over processes with one flat all-reduce (each loss is already divided by the global count)."""
+    if not dist.enabled:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce_(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        k = g.numel()
+        p.grad = flat[offset : offset + k].view_as(p).to(p.dtype)
+        offset += k
+
+
 def run_dpo_loop(
     stack: PolicyStack,
     pairs: Sequence[TokenizedPair],
@@ -183,7 +223,11 @@ def run_dpo_loop(
     on_step: Callable[[int, int, dict], None] | None = None,
     stop_after: int | None = None,
 ) -> dict:
-    """Train ``stack.trainable`` on ``pairs``; write metrics.jsonl and checkpoints under ``out_dir``.
+    """Train ``stack.trainable`` on ``pairs``; write metrics.jsonl, flags.jsonl and checkpoints under ``out_dir``.
+
+    Under several processes each global micro-batch of ``batch_size`` pairs is split across them (process
+    r takes positions r, r+N, ...), so the optimizer steps equal a single-process run's with the same
+    global batch, up to floating-point summation order. Only the main process writes files.
 
     Args:
         stop_after: stop (as if killed) after this many optimizer steps; used to test resumption.
@@ -193,6 +237,9 @@ def run_dpo_loop(
     """
     from transformers import get_cosine_schedule_with_warmup
 
+    from spa_lite.distributed import get_dist
+
+    dist = get_dist()
     out_dir.mkdir(parents=True, exist_ok=True)
     params = stack.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -202,51 +249,74 @@ def run_dpo_loop(
     start = load_checkpoint(out_dir, stack, opt, sched, window)
     metrics_path = out_dir / "metrics.jsonl"
     flags_path = out_dir / "flags.jsonl"  # per-pair confidence and flag, for noise-detection analysis
-    _trim_metrics(metrics_path, start)
-    _trim_metrics(flags_path, start)
+    if dist.main:
+        _trim_metrics(metrics_path, start)
+        _trim_metrics(flags_path, start)
+    dist.barrier()
     pad = stack.tokenizer.pad_token_id
     refine_from = math.floor(spec.refine_start * steps)
     t0 = time.time()
     stack.model.train()
-    with open(metrics_path, "a", encoding="utf-8") as mf, open(flags_path, "a", encoding="utf-8") as ff:
+    mf = open(metrics_path, "a", encoding="utf-8") if dist.main else None
+    ff = open(flags_path, "a", encoding="utf-8") if dist.main else None
+    try:
         for step in range(start, steps):
-            acc: dict[str, float] = {}
+            sums: dict[str, float] = {}
+            counted = 0
             total = 0.0
+            flag_rows = []
             for a in range(spec.grad_accum):
-                idx = micro_batch_indices(len(pairs), spec, step * spec.grad_accum + a)
-                batch = collate_pairs([pairs[i] for i in idx], pad)
-                out = pair_loss(stack, batch, spec, window, refining=step >= refine_from)
+                gidx = micro_batch_indices(len(pairs), spec, step * spec.grad_accum + a)
+                idx = gidx[dist.rank :: dist.world]
+                batch = collate_pairs([pairs[i] for i in idx], pad) if idx else None
+                out = pair_loss(stack, batch, spec, window, refining=step >= refine_from, dist=dist, global_n=len(gidx))
                 (out.loss / spec.grad_accum).backward()
-                for i, c, f in zip(idx, out.confidences.tolist(), out.flagged.tolist()):
-                    ff.write(json.dumps({"step": step + 1, "pair": i, "row": pairs[i].meta.get("row"),
-                                         "confidence": c, "flagged": f}) + "\n")
-                total += out.loss.item() / spec.grad_accum
-                for k, v in out.stats.items():
-                    acc[k] = acc.get(k, 0.0) + v / spec.grad_accum
+                shares = dist.all_gather_object((idx, out.confidences.tolist(), out.flagged.tolist(), out.stats,
+                                                 out.loss.item()))
+                for sidx, conf, flg, stats, loss in shares:
+                    total += loss / spec.grad_accum
+                    for i, c, f in zip(sidx, conf, flg):
+                        flag_rows.append({"step": step + 1, "pair": i, "row": pairs[i].meta.get("row"),
+                                          "confidence": c, "flagged": f})
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v * len(sidx)  # pair-weighted means over processes
+                    counted += len(sidx)
+            _all_reduce_grads(params, dist)
             gnorm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm).item()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            row = {"step": step + 1, "loss": total, **acc, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+            row = {"step": step + 1, "loss": total, **{k: v / max(counted, 1) for k, v in sums.items()},
+                   "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
                    "refining": step >= refine_from and spec.refine, "elapsed_s": round(time.time() - t0, 3)}
             if window is not None:
                 row["tau"] = window.tau
-            mf.write(json.dumps(row) + "\n")
-            mf.flush()
-            ff.flush()
+            if dist.main:
+                ff.write("".join(json.dumps(r) + "\n" for r in flag_rows))
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+                ff.flush()
             if on_step:
                 on_step(step + 1, steps, row)
             done = step + 1
-            if done % spec.save_every == 0 and done < steps:
-                save_checkpoint(out_dir, stack, opt, sched, done, window)
-            if stop_after is not None and done - start >= stop_after and done < steps:
-                save_checkpoint(out_dir, stack, opt, sched, done, window)
+            stopping = stop_after is not None and done - start >= stop_after and done < steps
+            if (done % spec.save_every == 0 and done < steps) or stopping:
+                if dist.main:
+                    save_checkpoint(out_dir, stack, opt, sched, done, window)
+                dist.barrier()
+            if stopping:
                 raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
+    finally:
+        for f in (mf, ff):
+            if f is not None:
+                f.close()
     stack.model.eval()
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    summary = {"steps": steps, "pairs": len(pairs), "resumed_from": start, "wall_s": round(time.time() - t0, 2),
+               "processes": dist.world}
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if dist.main else []
+    rows = dist.broadcast_object(rows)
     tail = rows[-10:]
     keys = [k for k in tail[0] if isinstance(tail[0][k], (int, float)) and not isinstance(tail[0][k], bool)] if tail else []
-    summary = {"steps": steps, "pairs": len(pairs), "resumed_from": start, "wall_s": round(time.time() - t0, 2)}
     summary["last10"] = {k: sum(r[k] for r in tail if isinstance(r.get(k), (int, float))) / len(tail) for k in keys}
     summary["first_loss"] = rows[0]["loss"] if rows else None
     return summary

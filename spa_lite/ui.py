@@ -14,11 +14,11 @@ console = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def progress() -> Iterator[Progress]:
+def progress(enabled: bool = True) -> Iterator[Progress]:
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=bool(os.environ.get("SPA_LITE_QUIET")),
+        console=console, disable=bool(os.environ.get("SPA_LITE_QUIET")) or not enabled,
     ) as p:
         yield p
 

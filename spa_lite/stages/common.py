@@ -20,9 +20,12 @@ def setup_torch(recipe: Recipe) -> None:
 
 def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) -> PolicyStack:
     """The base model with adapters pi_0..pi_{frozen_upto} frozen (-1: none) and an optional new one."""
+    from spa_lite.distributed import local_device
+
     setup_torch(recipe)
     m = recipe.model
-    base, tok = load_base_model(m.name_or_path, m.quantization, m.dtype, m.device, m.gradient_checkpointing)
+    device = local_device() or m.device  # under a launcher each process takes its own GPU
+    base, tok = load_base_model(m.name_or_path, m.quantization, m.dtype, device, m.gradient_checkpointing)
     frozen = [(adapter_name(k), adapter_dir(recipe, k)) for k in range(frozen_upto + 1)]
     lora = LoraSettings(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
     if not frozen and trainable is None:
@@ -30,6 +33,9 @@ def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) -
         stack = build_stack(base, tok, (), trainable="_unused", lora=lora)
         stack.trainable = None
         return stack
+    # the new adapter's A matrices are drawn from torch's global RNG: seed it from the recipe, so that a stage
+    # gives the same pi_i whether it runs in a fresh process, after other stages (`run`), or in a test
+    torch.manual_seed(recipe.seed * 1_000_003 + frozen_upto + 1)
     return build_stack(base, tok, frozen, trainable, lora)
 
 
@@ -49,10 +55,12 @@ def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_
 def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair], spec, out_dir, title: str,
                  stop_after: int | None = None) -> dict:
     """Run the training loop with a progress bar, then save the trainable adapter to out_dir/adapter."""
+    from spa_lite.distributed import get_dist
     from spa_lite.training import run_dpo_loop, total_steps
     from spa_lite.ui import progress
 
-    with progress() as p:
+    dist = get_dist()
+    with progress(enabled=dist.main) as p:
         task = p.add_task(title, total=total_steps(len(pairs), spec), info="")
 
         def on_step(step: int, total: int, row: dict) -> None:
@@ -62,5 +70,7 @@ def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair],
             p.update(task, completed=step, info=info)
 
         summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step, stop_after=stop_after)
-    stack.save_trainable(out_dir / "adapter")
+    if dist.main:
+        stack.save_trainable(out_dir / "adapter")
+    dist.barrier()
     return summary

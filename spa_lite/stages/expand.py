@@ -13,6 +13,7 @@ from pathlib import Path
 
 from spa_lite.config import Recipe
 from spa_lite.data import iteration_prompts, load_prompts
+from spa_lite.distributed import get_dist
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob
@@ -100,13 +101,15 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     prompts = iteration_prompts(pool, recipe.data.iter_prompts, iteration, recipe.data.shuffle_seed)
     shards = [prompts[s : s + c.shard_size] for s in range(0, len(prompts), c.shard_size)]
     shard_dir = out / "shards"
-    todo = [k for k in range(len(shards)) if not (shard_dir / f"{k:05d}.json").exists()]
+    dist = get_dist()
+    # process r makes shards r, r+N, ...: the same shards, seeds and batches as one process would
+    todo = [k for k in range(len(shards)) if k % dist.world == dist.rank and not (shard_dir / f"{k:05d}.json").exists()]
     written = 0
     if todo:
         stack = load_stack(recipe, frozen_upto=iteration - 1)
         assert stack.prev == [adapter_name(k) for k in range(iteration)]
         n_todo = sum(len(shards[k]) for k in todo)
-        with progress() as p:
+        with progress(enabled=dist.main) as p:
             gen = p.add_task(f"sample iter {iteration}", total=n_todo, info=f"{len(shards) - len(todo)} shards done before")
             jud = p.add_task(f"judge iter {iteration} ({c.judge})", total=n_todo, info="")
             for k in todo:
@@ -118,13 +121,15 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
                 written += 1
                 if fail_after_shards is not None and written >= fail_after_shards and k != todo[-1]:
                     raise KeyboardInterrupt(f"injected failure after shard {k}")
+    dist.barrier()
     rows, counts = [], {}
     for k in range(len(shards)):
         sh = read_json(shard_dir / f"{k:05d}.json")
         rows += sh["rows"]
         for key, v in sh["counts"].items():
             counts[key] = counts.get(key, 0) + v
-    atomic_write_jsonl(out / "data.jsonl", rows)
+    if dist.main:
+        atomic_write_jsonl(out / "data.jsonl", rows)
     summary = summarize_pairs(rows, counts)
     return finish_stage(recipe, stage, summary, {"prompts": recipe.data.prompts, "shards": len(shards)}, t0)
 

@@ -7,6 +7,7 @@ import time
 from spa_lite.config import Recipe
 from spa_lite.runs import dump_recipe
 from spa_lite.stages import expand, seed_dpo, train
+from spa_lite.distributed import get_dist
 from spa_lite.ui import console, summary_table
 
 
@@ -27,17 +28,18 @@ def stage_rows(key: str, manifest: dict) -> dict:
 
 def run(recipe: Recipe, force: bool = False, recipe_arg: str = "RECIPE") -> list[tuple[str, dict]]:
     t0 = time.time()
+    show = summary_table if get_dist().main else (lambda *a: None)
     dump_recipe(recipe)
     done = []
     m = seed_dpo.run(recipe, force=force)
     done.append(("seed", m))
-    summary_table("seed-dpo", stage_rows("seed", m))
+    show("seed-dpo", stage_rows("seed", m))
     for i in range(1, recipe.iterations + 1):
         m = expand.run(recipe, i, force=force, recipe_arg=recipe_arg)
         done.append((f"iter{i}/expand", m))
-        summary_table(f"expand --iter {i}", stage_rows(f"iter{i}/expand", m))
+        show(f"expand --iter {i}", stage_rows(f"iter{i}/expand", m))
         m = train.run(recipe, i, force=force, recipe_arg=recipe_arg)
         done.append((f"iter{i}/train", m))
-        summary_table(f"train --iter {i}", stage_rows(f"iter{i}/train", m))
+        show(f"train --iter {i}", stage_rows(f"iter{i}/train", m))
     console.print(f"[bold green]run complete[/] in {time.time() - t0:.0f} s: {recipe.run_path}")
     return done

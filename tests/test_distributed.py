@@ -1,0 +1,71 @@
+"""Two processes (gloo on CPU) give the same D_i and the same training as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        cur = out
+        *head, last = k.split(".")
+        for h in head:
+            cur = cur.setdefault(h, {})
+        cur[last] = v
+    return out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path):
+    from spa_lite.config import load_recipe
+    from spa_lite.stages import expand, seed_dpo, train
+
+    flat = tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "runs", **{
+        "data.iter_prompts": [10, 8], "train.batch_size": 4, "train.grad_accum": 1, "train.warmup_ratio": 0.0,
+        "train.epochs": 2, "train.refine_start": 0.0, "train.window": 6, "train.k_percent": 40.0,
+    })
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_nested({k: str(v) if isinstance(v, Path) else v for k, v in flat.items()})))
+    one = load_recipe(path, {"name": "one"})
+    seed_dpo.run(one)
+    shutil.copytree(tmp_path / "runs" / "one", tmp_path / "runs" / "two")
+    expand.run(one, 1)
+    train.run(one, 1)
+
+    env = {**os.environ, "SPA_LITE_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           str(Path(__file__).parent / "dist_worker.py"), str(path), "two"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    a, b = tmp_path / "runs" / "one" / "iter1", tmp_path / "runs" / "two" / "iter1"
+    assert (a / "expand/data.jsonl").read_bytes() == (b / "expand/data.jsonl").read_bytes()
+    m1 = [json.loads(x) for x in (a / "train/metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (b / "train/metrics.jsonl").read_text().splitlines()]
+    assert len(m1) == len(m2) >= 4
+    assert m1[-1]["loss"] != pytest.approx(m1[0]["loss"], abs=1e-6), "training moved the loss"
+    for r1, r2 in zip(m1, m2):
+        for k in ("loss", "reward_margin", "flagged_frac", "tau"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), (r1["step"], k)
+    assert any(r["flagged_frac"] > 0 for r in m1), "refinement was exercised"
+    w1 = load_file(str(a / "train/adapter/adapter_model.safetensors"))
+    w2 = load_file(str(b / "train/adapter/adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    f1 = sorted((r["step"], r["pair"], r["flagged"]) for r in map(json.loads, (a / "train/flags.jsonl").read_text().splitlines()))
+    f2 = sorted((r["step"], r["pair"], r["flagged"]) for r in map(json.loads, (b / "train/flags.jsonl").read_text().splitlines()))
+    assert f1 == f2
