@@ -195,7 +195,10 @@ def _fill(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
                 continue
             _fill(current, value, f"{where}.", problems)
         else:
-            setattr(obj, key, _coerce(value, hints[key], where, problems))
+            before = len(problems)
+            coerced = _coerce(value, hints[key], where, problems)
+            if len(problems) == before:  # a bad value keeps the default, so validate() still sees the right types
+                setattr(obj, key, coerced)
 
 
 def validate(recipe: Recipe) -> list[str]:
@@ -256,8 +259,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(data, dict):
             raise SpaError(f"{path}: a recipe must be a mapping of sections")
         _fill(recipe, data, "", problems)
-    if problems:
-        raise SpaError(f"{source}: " + "; ".join(problems))
+    # every problem is reported at once: unknown keys and bad values of the file, of the overrides, and the
+    # checks of the merged recipe
+    override_problems: list[str] = []
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for keys, value in items:
         if isinstance(keys, str):
@@ -265,12 +269,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        _fill(recipe, nested, "", problems)
-    if problems:
-        raise SpaError("overrides: " + "; ".join(problems))
-    problems = validate(recipe)
-    if problems:
-        raise SpaError(f"{source}: " + "; ".join(problems))
+        _fill(recipe, nested, "", override_problems)
+    problems += validate(recipe)
+    parts = ([f"{source}: " + "; ".join(problems)] if problems else []) + (
+        ["overrides: " + "; ".join(override_problems)] if override_problems else [])
+    if parts:
+        raise SpaError(" | ".join(parts))
     return recipe
 
 

@@ -13,6 +13,7 @@ Schemas recognised (``format: auto`` picks by the first record's fields):
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from typing import Any
 
 from spa_lite.errors import DataError, SpaError
 from spa_lite.io import read_jsonl
+
+log = logging.getLogger(__name__)
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -118,6 +121,17 @@ def parse_hh(text: str, src: str, line: int, field: str) -> tuple[list[dict], st
     return msgs[:-1], msgs[-1]["content"]
 
 
+class DegeneratePair(DataError):
+    """A well-formed record that makes no usable pair (an empty response, dialogues that diverge before the
+    last reply). Real data sets have a few (HH-RLHF harmless-base test: 9 of 2,312): loaders skip and count them."""
+
+
+def _skip(skipped: list[DegeneratePair], err: DegeneratePair) -> None:
+    skipped.append(err)
+    if len(skipped) == 1:
+        log.warning("skipping unusable pairs; first: %s", err)
+
+
 def normalize_pair(rec: dict, fmt: str, src: str, line: int) -> dict:
     for key in ("chosen", "rejected"):
         if key not in rec or rec[key] is None:
@@ -128,12 +142,16 @@ def normalize_pair(rec: dict, fmt: str, src: str, line: int) -> dict:
         prompt, chosen = parse_hh(rec["chosen"], src, line, "chosen")
         prompt_r, rejected = parse_hh(rec["rejected"], src, line, "rejected")
         if prompt != prompt_r:
-            raise DataError(src, line, "rejected", "chosen and rejected dialogues do not share their turns")
+            raise DegeneratePair(src, line, "rejected", "chosen and rejected dialogues do not share their turns")
     else:
         pre_c, chosen = _reply(rec["chosen"], src, line, "chosen")
         pre_r, rejected = _reply(rec["rejected"], src, line, "rejected")
         if "prompt" in rec and rec["prompt"] is not None:
             prompt = _msgs(rec["prompt"], src, line, "prompt")
+            if len(pre_c) > len(prompt) and (fmt != "conversational" or pre_c[: len(prompt)] == prompt):
+                # chosen is the whole conversation (multi-turn ultrafeedback-style data, a system message):
+                # every turn before the reply is context, not just the prompt field's first user message
+                prompt = pre_c
         elif pre_c:
             prompt = pre_c
         else:
@@ -143,7 +161,7 @@ def normalize_pair(rec: dict, fmt: str, src: str, line: int) -> dict:
     if not prompt or prompt[-1]["role"] != "user":
         raise DataError(src, line, "prompt", "must end with a user message")
     if not chosen.strip() or not rejected.strip():
-        raise DataError(src, line, "chosen" if not chosen.strip() else "rejected", "empty response")
+        raise DegeneratePair(src, line, "chosen" if not chosen.strip() else "rejected", "empty response")
     out = {k: v for k, v in rec.items() if k not in {"prompt", "chosen", "rejected", "messages"}}
     out.update(prompt=prompt, chosen=chosen, rejected=rejected, source=f"{src}:{line}")
     return out
@@ -153,26 +171,37 @@ def load_pairs(spec: str, fmt: str = "auto", limit: int | None = None) -> list[d
     """Load preference pairs, normalised.
 
     Raises:
-        DataError: naming file, line and field for the first bad record, or when there are none.
+        DataError: naming file, line and field for the first bad record, or when there are none. Records that
+            parse but make no usable pair (``DegeneratePair``) are skipped with a logged count.
     """
     pairs: list[dict] = []
+    skipped: list[DegeneratePair] = []
     src_name = spec
     for src, line, rec in iter_records(spec):
         src_name = src
         f = detect_format(rec) if fmt == "auto" else fmt
         if f == "prompts":
             raise DataError(src, line, "chosen", "missing: this looks like a prompt file, not preference pairs")
-        pairs.append(normalize_pair(rec, f, src, line))
+        try:
+            pairs.append(normalize_pair(rec, f, src, line))
+        except DegeneratePair as e:
+            _skip(skipped, e)
+            continue
         if limit is not None and len(pairs) >= limit:
             break
     if not pairs:
+        if skipped:
+            raise skipped[0]
         raise DataError(src_name, None, None, "no preference pairs found (empty data set)")
+    if skipped:
+        log.warning("%s: skipped %d unusable pairs (empty response or diverging dialogues)", src_name, len(skipped))
     return pairs
 
 
 def load_prompts(spec: str, fmt: str = "auto") -> list[dict]:
     """Prompts from a prompt file (``prompt`` per record) or from the prompts of preference data."""
     out: list[dict] = []
+    skipped: list[DegeneratePair] = []
     src_name = spec
     for src, line, rec in iter_records(spec):
         src_name = src
@@ -183,11 +212,17 @@ def load_prompts(spec: str, fmt: str = "auto") -> list[dict]:
             item = {k: v for k, v in rec.items() if k != "prompt"}
             item["prompt"] = _msgs(rec["prompt"], src, line, "prompt")
         else:
-            pair = normalize_pair(rec, f, src, line)
+            try:
+                pair = normalize_pair(rec, f, src, line)
+            except DegeneratePair as e:
+                _skip(skipped, e)
+                continue
             item = {k: v for k, v in pair.items() if k not in {"chosen", "rejected"}}
         item.setdefault("source", f"{src}:{line}")
         out.append(item)
     if not out:
+        if skipped:
+            raise skipped[0]
         raise DataError(src_name, None, None, "no prompts found (empty data set)")
     return out
 

@@ -96,9 +96,15 @@ def steps(cli_env):
     """seed-dpo, expand 1, train 1, (train 2 too early), expand 2, train 2, then re-runs, all through the CLI."""
     from spa_lite.stages import train as train_mod
 
+    from spa_lite.stages import seed_dpo as seed_mod
+
     rec = cli_env["recipe"]
     out = {"run": cli_env["runs"] / "tiny"}
-    out["seed"] = ok(invoke("seed-dpo", "--recipe", rec))
+    spy0 = StackSpy(seed_mod)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(seed_mod, "load_stack", spy0)
+        out["seed"] = ok(invoke("seed-dpo", "--recipe", rec))
+    out["spy0"] = spy0
     out["expand1"] = ok(invoke("expand", "--iter", 1, "--recipe", rec))
     spy = StackSpy(train_mod)
     with pytest.MonkeyPatch.context() as mp:
@@ -182,24 +188,29 @@ def test_adapters_load_with_peft(steps, cli_env):
         assert not torch.allclose(out, ref), f"{key} adapter does not change the model"
 
 
-def test_training_moves_lora_not_base(steps, cli_env):
-    spy = steps["spy1"]
+@pytest.mark.parametrize("stage,adapter,must_move", [("spy0", "seed", ("lora_A", "lora_B")),
+                                                     ("spy1", "iter1", ("lora_B",))])
+def test_training_moves_lora_not_base(steps, cli_env, stage, adapter, must_move):
+    # iter1 takes 2 optimizer steps, the first at warmup lr 0: only B (which starts at 0) can have moved by then
+    spy = steps[stage]
     after = dict(spy.stack.model.named_parameters())
     ckpt = load_file(str(Path(cli_env["model"]) / "model.safetensors"))
     trainable = {n for n, p in after.items() if p.requires_grad}
-    assert trainable and all("lora_" in n and ".iter1." in n for n in trainable)
+    assert trainable and all("lora_" in n and f".{adapter}." in n for n in trainable)
     for n, p in after.items():
         if "lora_" in n:
             if n in trainable:
-                assert not torch.equal(p.detach(), spy.before[n]), f"{n} did not move"
+                if any(f"{m}." in n for m in must_move):
+                    assert not torch.equal(p.detach(), spy.before[n]), f"{n} did not move"
             else:  # the frozen seed adapter
                 assert torch.equal(p.detach(), spy.before[n]), f"frozen {n} moved"
         else:
             assert torch.equal(p.detach(), spy.before[n]), f"base weight {n} moved"
             assert torch.equal(p.detach(), ckpt[base_key(n)]), f"base weight {n} differs from the checkpoint"
-    saved = load_file(str(steps["run"] / "iter1" / "train" / "adapter" / "adapter_model.safetensors"))
+    adir = steps["run"] / ("seed" if adapter == "seed" else "iter1/train") / "adapter"
+    saved = load_file(str(adir / "adapter_model.safetensors"))
     for k, v in saved.items():
-        live = k.replace(".weight", ".iter1.weight")
+        live = k.replace(".weight", f".{adapter}.weight")
         torch.testing.assert_close(v, after[live].detach())
         if "lora_B" in k:
             assert v.abs().sum() > 0  # B starts at zero

