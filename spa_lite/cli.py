@@ -250,6 +250,97 @@ def eval_cmd(
     evaluate.print_report(rep)
 
 
+@app.command("report")
+@_user_errors
+def report_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/smollm2-demo.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN/report).")] = None,
+) -> None:
+    """Markdown report with PNG plots: judge accuracy and pass rate per policy, judged confidence per iteration,
+    flagged fraction and tau over training, response lengths.
+
+    Example: spa-lite report runs/smollm2-demo
+    """
+    from spa_lite.report import write_report
+    from spa_lite.ui import console
+
+    path = write_report(run, out)
+    console.print(f"report: {path}")
+
+
+@app.command("export-answers")
+@_user_errors
+def export_answers_cmd(
+    questions: Annotated[Path, typer.Argument(help="AlpacaEval questions (JSON list) or MT-Bench question.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="model_outputs.json (AlpacaEval) or answer JSONL (MT-Bench).")],
+    benchmark: Annotated[str, typer.Option(help="alpaca-eval | mt-bench")] = "alpaca-eval",
+    policy: Annotated[str, typer.Option(help="Which policy answers: init, 0 (seed), 1, 2, ...")] = "last",
+    recipe: RecipeOpt = "smollm2-demo",
+    set_: SetOpt = None,
+    name: NameOpt = None,
+    run_dir: RunDirOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 1024,
+    temperature: Annotated[Optional[float], typer.Option(help="Default: 0 for AlpacaEval, FastChat's per category for MT-Bench.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Answer only the first N questions.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Questions per generation batch.")] = 8,
+) -> None:
+    """Answer a benchmark's questions with a policy of the run, in the official evaluators' formats.
+
+    Example: spa-lite export-answers alpaca_eval.json --out outputs.json --policy 2 --recipe smollm2-demo
+    """
+    from spa_lite import export
+    from spa_lite.evaluation import policy_names
+    from spa_lite.stages.common import load_stack
+    from spa_lite.stages.evaluate import complete_policies
+    from spa_lite.ui import console
+
+    _setup_logging()
+    r = _recipe(recipe, set_, name, run_dir)
+    ks = complete_policies(r)
+    if policy == "last":
+        k = ks[-1] if ks else None
+    elif policy == "init":
+        k = None
+    else:
+        try:
+            k = int(policy)
+        except ValueError:
+            raise SpaError(f"--policy '{policy}' must be init, last or an integer") from None
+        if k not in ks:
+            raise SpaError(f"pi_{k} is not complete in {r.run_path} (complete: {ks}); run its stages first")
+    stack = load_stack(r, frozen_upto=max(ks) if ks else -1)
+    gen = export.make_generate(stack, policy_names(k), max_new_tokens, batch_size, r.seed)
+    model_id = f"{r.name}-{'pi_init' if k is None else f'pi_{k}'}"
+    if benchmark == "alpaca-eval":
+        rows = export.export_alpaca_eval(questions, out, gen, model_id, temperature=temperature or 0.0, limit=limit)
+    elif benchmark == "mt-bench":
+        rows = export.export_mt_bench(questions, out, gen, model_id, temperature=temperature, limit=limit)
+    else:
+        raise SpaError(f"--benchmark '{benchmark}' is not alpaca-eval or mt-bench")
+    console.print(f"{len(rows)} answers by {model_id} written to {out}")
+
+
+@app.command("doctor")
+@_user_errors
+def doctor_cmd(run_dir: RunDirOpt = None) -> None:
+    """What this machine can run: torch, CUDA, bitsandbytes, vLLM, memory, disk, the bundled model.
+
+    Example: spa-lite doctor
+    """
+    from rich.table import Table
+
+    from spa_lite.doctor import checks
+    from spa_lite.ui import console
+
+    t = Table(title="spa-lite doctor")
+    for c in ("item", "status", "detail"):
+        t.add_column(c)
+    colors = {"ok": "green", "warn": "yellow", "missing": "red"}
+    for item, status, detail in checks(run_dir or "runs"):
+        t.add_row(item, f"[{colors[status]}]{status}[/]", detail)
+    console.print(t)
+
+
 def main() -> None:
     app(prog_name="spa-lite")
 

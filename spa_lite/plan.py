@@ -28,11 +28,14 @@ I intermediate, a heads, s seq_len, V vocab, n LoRA targets per layer, r rank):
       LoRA:      4 r n
   With gradient checkpointing: b h per layer and token (the layer inputs) plus one layer's activations
   (recomputed during the backward pass).
-* logits (per token of the batch, policy phase of a training step):
-      reference logits b V (kept for the loss and DND) + policy logits b V + their fp32 copy c V
-      (``token_logps`` up-casts) + gradients of the logits in the backward pass (4 + b) V;
-  the reference forward's own transient (b + c + 4) V happens before the policy forward and rarely wins.
-  DND (Eq. 12) mixes one row at a time: 2 x 4 x s V + c s V extra, not a third [2B, L, V] tensor.
+* logits, per token of the batch, the largest of three moments of a training step:
+      end of forward:    reference b V + policy b V + its fp32 copy c V (``token_logps`` up-casts)
+                         [+ DND (Eq. 12), one row at a time: (8 + c) s V, not a third [2B, L, V] tensor]
+      start of backward: (2b + c + 4) V: policy logits, fp32 copy, the fp32 gradient and the gradient of the
+                         half-precision logits (``pair_loss`` has dropped the reference logits by then)
+      reference forward: (b + c + 4) V (logits, fp32 copy, log-softmax temporaries).
+  Measured on CPU in float32 (b = 4, c = 0) the logits cost 3.0 x 4 T V bytes, which is 12 T V: the backward
+  term; the half-precision terms are derived, not measured.
 * generation (expand): KV cache 2 x layers x kv_heads x head_dim x b per token for
   batch x num_samples rows of (prompt + new tokens), the prefill's transient activations of one layer and
   last-token logits; judging (Eq. 7) is a no-grad forward over 2 x judge_batch rows with (b + c + 4) V per
@@ -41,7 +44,6 @@ I intermediate, a heads, s seq_len, V vocab, n LoRA targets per layer, r rank):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 GIB = 1024 ** 3
@@ -161,15 +163,15 @@ def plan_memory(
         acts += T * (4 * d.hidden + b * d.hidden)  # final norm
         acts += rows * seq_len * seq_len * b  # 4-D attention mask shared by the layers
         V = d.vocab
-        policy_logits = T * V * (b + b + c + 4 + b)  # ref + policy + fp32 copy + backward grads
+        forward_end = T * V * (b + b + c) + ((2 * 4 + c) * seq_len * V if with_dnd else 0)
+        backward_start = T * V * (2 * b + c + 4)  # policy logits, fp32 copy, their grads (ref logits freed)
         ref_phase = T * V * (b + c + 4)
-        dnd_rows = (2 * 4 + c) * seq_len * V if with_dnd else 0
         parts = {
             "base_weights": weights,
             "frozen_adapters": n_frozen * lora * 4 * g,
             "trainable_adapter_and_adamw": lora * 16 * g,
             "activations": acts * g,
-            "logits": max(policy_logits + dnd_rows, ref_phase) * g,
+            "logits": max(forward_end, backward_start, ref_phase) * g,
             "runtime_overhead": overhead,
         }
         return parts
