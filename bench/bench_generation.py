@@ -44,6 +44,7 @@ def main(argv=None):
     model_path = common.resolve_model(args.model)
     adapter = common.adapter_dir(model_path, args.lora_r, args.seed)
     base, tok = load_base_model(model_path, quantization="none", device=args.device, dtype="auto")
+    common.strip_stale_gguf(base)
     if not args.no_force_length:
         base.generation_config.min_new_tokens = args.max_new_tokens
     stack = build_stack(base, tok, [("seed", adapter)])

@@ -52,20 +52,37 @@ def main(argv=None):
             r = common.run_worker("train", {**cfg, "impl": impl})
             raw[impl].append(r)
             cuda = f", cuda {r['cuda_max_allocated_mib']:.0f} MiB" if "cuda_max_allocated_mib" in r else ""
+            pl = r.get("post_load_peak_minus_baseline_mib")
+            post = f", post-load peak-baseline {pl:8.1f} MiB" if pl is not None else ""
             print(f"[{rep + 1}/{args.repeats}] {impl:10s} peak-baseline {r['peak_minus_baseline_mib']:8.1f} MiB"
-                  f" (peak {r['peak_rss_mib']:.0f}, baseline {r['baseline_rss_mib']:.0f}){cuda}", flush=True)
+                  f" (peak {r['peak_rss_mib']:.0f}, baseline {r['baseline_rss_mib']:.0f}){post}{cuda}", flush=True)
 
     key = "cuda_max_allocated_mib" if args.device.startswith("cuda") else "peak_minus_baseline_mib"
     metric = "torch.cuda.max_memory_allocated" if key.startswith("cuda") else "peak RSS - RSS after imports"
     sides = {k: common.side(metric, "MiB", False, v, key) for k, v in raw.items()}
+    suffixes = [""]
+    if not args.device.startswith("cuda") and all(r.get("hwm_reset") for v in raw.values() for r in v):
+        # Second view: the high-water mark is reset once the models are built, so the loading transient of
+        # from_pretrained (file pages + copies) does not hide or inflate the resident-models + training peak.
+        for k, v in raw.items():
+            sides[k + "_postload"] = common.side("VmHWM after a reset post-loading - RSS after imports", "MiB", False,
+                                                 v, "post_load_peak_minus_baseline_mib")
+            sides[k + "_postload"]["raw"] = "see the side without _postload"
+        suffixes.append("_postload")
     ratios = []
-    if "spa" in sides and "trl" in sides:
-        ratios.append(common.ratio("spa / trl peak memory", "spa", "trl", sides, "<=", 1.2))
-    if "spa" in sides and "threecopy" in sides:
-        ratios.append(common.ratio("threecopy / spa peak memory", "threecopy", "spa", sides, ">=", 2.0))
+    for sfx in suffixes:
+        view = " (post-load peak)" if sfx else " (ru_maxrss)"
+        if "spa" in raw and "trl" in raw:
+            ratios.append(common.ratio("spa / trl peak memory" + view, "spa" + sfx, "trl" + sfx, sides, "<=", 1.2))
+        if "spa" in raw and "threecopy" in raw:
+            ratios.append(common.ratio("threecopy / spa peak memory" + view, "threecopy" + sfx, "spa" + sfx, sides,
+                                       ">=", 2.0))
     notes = [
         "Each repeat of each side is a fresh Python process; sides are interleaved spa, threecopy, trl, ...",
         "Memory includes the model weights (loaded in-process), adapters, AdamW state and activations.",
+        "ru_maxrss also contains the transient of from_pretrained (file pages and copies while loading), which can "
+        "exceed the training peak for small batches; the _postload sides reset the high-water mark "
+        "(/proc/self/clear_refs 5) after the models are built and read VmHWM at the end.",
         "TRL 1.16 scores tokens with a fused, tiled LM head (no [rows, L, vocab] logits); spa_lite materialises "
         "full float32 logits for the policy and the reference (DND needs both), which dominates at large vocab.",
         "TRL runs with gradient_checkpointing=False (DPOConfig defaults to True) to match spa_lite's default.",

@@ -162,6 +162,42 @@ def _rss_mib() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / MIB  # Linux: KiB, macOS: bytes
 
 
+def _status_mib(field: str) -> float | None:
+    """VmHWM / VmRSS from /proc/self/status, in MiB (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def reset_hwm() -> dict:
+    """After loading: drop the loading transient from the high-water mark (Linux >= 4.0: clear_refs 5), so
+    the peak read at the end covers the resident models plus training/judging, not from_pretrained's copies."""
+    import gc
+
+    gc.collect()
+    rss = _status_mib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        ok = True
+    except OSError:
+        ok = False
+    return {"loaded_rss_mib": rss, "hwm_reset": ok}
+
+
+def finish_memory(res: dict, base_rss: float, loaded: dict) -> dict:
+    hwm = _status_mib("VmHWM")
+    res["after_load_rss_minus_baseline_mib"] = None if loaded["loaded_rss_mib"] is None else loaded["loaded_rss_mib"] - base_rss
+    res["post_load_peak_minus_baseline_mib"] = hwm - base_rss if (hwm is not None and loaded["hwm_reset"]) else None
+    res["hwm_reset"] = loaded["hwm_reset"]
+    return res
+
+
 def _current_rss_mib() -> float | None:
     try:
         with open("/proc/self/statm") as f:
@@ -301,10 +337,28 @@ def _imports():
     return torch
 
 
+def strip_stale_gguf(model) -> bool:
+    """The cached SmolLM2 checkpoint is de-quantized float32, but its config.json still carries the GGUF
+    ``quantization_config``, so transformers marks the model quantized and Trainer refuses to train it.
+    Drop that stale marker (the weights are plain float32 tensors either way)."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is None or str(getattr(q.quantization_config, "quant_method", "")).lower().split(".")[-1] != "gguf":
+        return False
+    model.hf_quantizer = None
+    model.is_quantized = False  # from_pretrained sets these as instance attributes
+    if "quantization_method" in vars(model):
+        del model.quantization_method
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return True
+
+
 def _load(cfg):
     from spa_lite.models import load_base_model
 
-    return load_base_model(cfg["model"], quantization="none", device=cfg["device"], dtype=cfg.get("dtype", "auto"))
+    model, tok = load_base_model(cfg["model"], quantization="none", device=cfg["device"], dtype=cfg.get("dtype", "auto"))
+    strip_stale_gguf(model)  # same on every side, so no side differs by it
+    return model, tok
 
 
 def _sync(torch, device):
@@ -337,6 +391,7 @@ def worker_train(cfg: dict) -> dict:
         stack = build_stack(base, tok, [("seed", cfg["adapter"])] if frozen else [], trainable="iter1",
                             lora=LoraSettings(r=cfg["lora_r"], alpha=2 * cfg["lora_r"]))
         refined = impl == "spa"
+        loaded = reset_hwm()
         spec = LoopSpec(lr=1e-4, epochs=1.0, batch_size=B, grad_accum=1, beta=0.1, seed=cfg["seed"],
                         ref=["seed"] if frozen else [], warmup_ratio=0.0, save_every=10**9,
                         refine=refined, dnd=refined, lam=0.5, refine_start=0.0, window=50, k_percent=10.0, alpha=0.1)
@@ -373,6 +428,7 @@ def worker_train(cfg: dict) -> dict:
         spec = LoopSpec(lr=1e-4, epochs=1.0, batch_size=B, grad_accum=1, beta=0.1, seed=cfg["seed"], ref=st.ref_names,
                         refine=True, dnd=True, lam=0.5, refine_start=0.0, window=50, k_percent=10.0, alpha=0.1)
         params = st.trainable_parameters()
+        loaded = reset_hwm()
         opt = torch.optim.AdamW(params, lr=spec.lr)
         window = ConfidenceWindow(spec.window, spec.k_percent)
         pad = tok.pad_token_id
@@ -416,6 +472,7 @@ def worker_train(cfg: dict) -> dict:
         trainer = DPOTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                              peft_config=LoraSettings(r=cfg["lora_r"], alpha=2 * cfg["lora_r"]).to_peft(),
                              callbacks=[Timer()])
+        loaded = reset_hwm()
         ds = trainer.train_dataset
         match = all(list(ds[i]["prompt_ids"]) == pairs[i].prompt_ids and list(ds[i]["chosen_ids"]) == pairs[i].chosen_ids
                     and list(ds[i]["rejected_ids"]) == pairs[i].rejected_ids for i in range(len(pairs)))
@@ -430,6 +487,7 @@ def worker_train(cfg: dict) -> dict:
     res = {"impl": impl, "step_times_s": times, "baseline_rss_mib": base_rss, "peak_rss_mib": peak,
            "peak_minus_baseline_mib": peak - base_rss, "end_rss_mib": _current_rss_mib(), "seq_lens": lens,
            "torch_threads": torch.get_num_threads(), **extra}
+    finish_memory(res, base_rss, loaded)
     if cuda:
         res["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
     return res
@@ -447,7 +505,7 @@ def worker_judge(cfg: dict) -> dict:
     from spa_lite.logps import collate_sequences, forward_logits, sequence_logps
 
     base, tok = _load(cfg)
-    rows = make_text_rows(tok, cfg["pairs"] + bs, cfg["prompt_len"], cfg["response_len"], seed=cfg["seed"])
+    rows = make_text_rows(tok, cfg["pairs"] + 2 * bs, cfg["prompt_len"], cfg["response_len"], seed=cfg["seed"])
     pairs = [tokenize_like_trl(tok, r) for r in rows]
     prompts = [p.prompt_ids for p in pairs]
     y1 = [p.chosen_ids for p in pairs]
@@ -464,12 +522,9 @@ def worker_judge(cfg: dict) -> dict:
     elif impl == "naive":
         from peft import PeftModel
 
-        from spa_lite.models import load_base_model
-
         judge_model = PeftModel.from_pretrained(base, cfg["adapter"], adapter_name="seed").merge_and_unload()
         judge_model.eval()
-        init_model, _ = load_base_model(cfg["model"], quantization="none", device=cfg["device"],
-                                        dtype=cfg.get("dtype", "auto"))  # the second, separately loaded model
+        init_model, _ = _load(cfg)  # the second, separately loaded model
         pad = tok.pad_token_id
 
         @torch.no_grad()
@@ -487,16 +542,18 @@ def worker_judge(cfg: dict) -> dict:
     else:
         raise ValueError(impl)
 
-    judge(slice(0, bs))  # warm-up batch, not timed
+    loaded = reset_hwm()
+    judge(slice(0, 2 * bs))  # two warm-up batches, not timed
     _sync(torch, cfg["device"])
     t0 = time.perf_counter()
-    ps = judge(slice(bs, bs + cfg["pairs"]))
+    ps = judge(slice(2 * bs, 2 * bs + cfg["pairs"]))
     _sync(torch, cfg["device"])
     wall = time.perf_counter() - t0
     peak = _rss_mib()
     res = {"impl": impl, "pairs": len(ps), "wall_s": wall, "pairs_per_s": len(ps) / wall,
            "p_mean": sum(ps) / len(ps), "p_first": ps[:4], "baseline_rss_mib": base_rss, "peak_rss_mib": peak,
            "peak_minus_baseline_mib": peak - base_rss, "torch_threads": torch.get_num_threads()}
+    finish_memory(res, base_rss, loaded)
     if cuda:
         res["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
     return res

@@ -320,6 +320,89 @@ def export_answers_cmd(
     console.print(f"{len(rows)} answers by {model_id} written to {out}")
 
 
+@app.command("plan")
+@_user_errors
+def plan_cmd(
+    recipe: RecipeOpt = "smollm2-demo",
+    set_: SetOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Model folder, hub id, bundled alias or config.json (default: the recipe's).")] = None,
+    gpu_mem: Annotated[float, typer.Option(help="GPU memory in GB to plan for.")] = 16.0,
+    quantization: Annotated[str, typer.Option(help="4bit | none")] = "4bit",
+) -> None:
+    """Estimated peak memory of each stage, and the batch / accumulation / checkpointing / length that fit.
+
+    Example: spa-lite plan --recipe recipes/zephyr-7b-qlora.yaml --gpu-mem 16
+    """
+    from rich.table import Table
+    from transformers import AutoConfig
+
+    from spa_lite.losses import lambda_for_iteration
+    from spa_lite.models import resolve_model_path
+    from spa_lite.plan import fit
+    from spa_lite.ui import console
+
+    r = _recipe(recipe, set_, None, None)
+    src = model or r.model.name_or_path
+    try:
+        cfg = AutoConfig.from_pretrained(src if src.endswith(".json") else resolve_model_path(src))
+    except OSError as e:
+        raise SpaError(f"cannot read a model config from '{src}': {e}") from None
+    dtype_bytes = 4 if r.model.dtype in {"float32", "fp32"} else 2
+    res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
+              r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
+              gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
+              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size)
+    t = Table(title=f"memory plan: {src} on {gpu_mem:g} GB ({quantization})")
+    for c in ("stage", "peak GB", "fits", "largest parts"):
+        t.add_column(c)
+    for name, st in res["plan"]["stages"].items():
+        parts = sorted(st["parts"].items(), key=lambda kv: -kv[1])[:3]
+        t.add_row(name, f"{st['peak_gb']:.2f}", "yes" if st["fits"] else "[red]no[/]",
+                  ", ".join(f"{k} {v:.2f}" for k, v in parts))
+    console.print(t)
+    verdict = "fits" if res["fits"] else "does NOT fit even with the smallest settings"
+    console.print(f"{verdict}: batch_size {res['batch_size']} x grad_accum {res['grad_accum']} "
+                  f"(effective {res['effective_batch']}), gradient_checkpointing {res['gradient_checkpointing']}, "
+                  f"max_length {res['seq_len']}, expand batch {res['gen_batch_size']}, judge batch {res['judge_batch_size']}"
+                  + (f"; changed: {', '.join(res['changed'])}" if res["changed"] else ""))
+
+
+@app.command("export")
+@_user_errors
+def export_cmd(
+    iteration: Annotated[int, typer.Option("--iter", "-i", min=0, help="Export pi_i (0 = seed).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    recipe: RecipeOpt = "smollm2-demo",
+    set_: SetOpt = None,
+    name: NameOpt = None,
+    run_dir: RunDirOpt = None,
+    merged: Annotated[bool, typer.Option("--merged/--adapter", help="A merged bf16 model, or one LoRA adapter (ranks concatenated).")] = True,
+    dtype: Annotated[str, typer.Option(help="Merged weights dtype: bfloat16 | float16 | float32.")] = "bfloat16",
+) -> None:
+    """Export pi_i: a merged full model with a model card, or the adapter stack as one exact LoRA adapter (for vLLM).
+
+    Example: spa-lite export --iter 2 --out exported/pi2 --recipe smollm2-demo
+    """
+    import torch
+
+    from spa_lite.merge import export_merged, export_single_adapter
+    from spa_lite.stages.evaluate import complete_policies
+    from spa_lite.ui import console
+
+    _setup_logging()
+    r = _recipe(recipe, set_, name, run_dir)
+    if iteration not in complete_policies(r):
+        raise SpaError(f"pi_{iteration} is not complete in {r.run_path}; run its stages first")
+    if merged:
+        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+        if dt is None:
+            raise SpaError(f"--dtype '{dtype}' is not bfloat16, float16 or float32")
+        path = export_merged(r, iteration, out, dtype=dt)
+    else:
+        path = export_single_adapter(r, iteration, out)
+    console.print(f"exported pi_{iteration} to {path}")
+
+
 @app.command("doctor")
 @_user_errors
 def doctor_cmd(run_dir: RunDirOpt = None) -> None:

@@ -1,0 +1,159 @@
+"""The memory planner: estimates against measured CPU peaks (float32), and the settings search.
+
+Measurement: a fresh subprocess builds a LoRA stack from a config, runs one training step (so AdamW's states
+exist), then resets the RSS high-water mark (/proc/self/clear_refs) and reads VmHWM after a second step
+(spa_lite.training.pair_loss, backward, optimizer step). The delta over the RSS before the step is the
+step's model-dependent memory (activations, logits and LoRA gradients); the runtime (Python, torch) is in
+the baseline. MALLOC_MMAP_THRESHOLD_ makes glibc return freed large blocks at once, so the peak is of live
+tensors. Compared with the planner's activations + logits + LoRA-gradient parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)  # tests/conftest.py's tiny model
+
+MEASURE = textwrap.dedent("""
+    import gc, json, sys
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from spa_lite.stack import PolicyStack
+    from spa_lite.training import LoopSpec, pair_loss
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    a = json.loads(sys.argv[1])
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**a["config"])).float()
+    base.requires_grad_(False)
+    base.config.use_cache = False
+    if a["ckpt"]:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    model = get_peft_model(base, LoraConfig(r=a["r"], lora_alpha=2 * a["r"], target_modules="all-linear"), adapter_name="seed")
+    stack = PolicyStack(model, None, [], "seed")
+    spec = LoopSpec(lr=1e-4, epochs=1, batch_size=a["B"], grad_accum=1, beta=0.1, seed=0, dnd=a["dnd"], lam=0.5)
+    B, L = a["B"], a["L"]
+    ids = torch.randint(3, a["config"]["vocab_size"], (2 * B, L))
+    attn = torch.ones_like(ids)
+    attn[0, -1] = 0  # one padded token: the 4-D mask path a real batch takes
+    lm = torch.zeros_like(ids, dtype=torch.bool)
+    lm[:, L // 2:] = True
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": lm}
+    opt = torch.optim.AdamW(stack.trainable_parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        out = pair_loss(stack, batch, spec, None, refining=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    gc.collect()
+    rss0 = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    print(json.dumps({"delta": status("VmHWM:") - rss0}))
+""")
+
+
+def measure_step(config: dict, B: int, L: int, ckpt: bool, dnd: bool, r: int = 4) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    args = json.dumps({"config": config, "B": B, "L": L, "ckpt": ckpt, "dnd": dnd, "r": r})
+    res = subprocess.run([sys.executable, "-c", MEASURE, args], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parents[1], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])["delta"]
+
+
+def estimate_step(config: dict, B: int, L: int, ckpt: bool, dnd: bool, r: int = 4) -> float:
+    from transformers import LlamaConfig
+
+    from spa_lite.plan import GIB, plan_memory
+
+    p = plan_memory(LlamaConfig(**config), 80, "none", 4, r, L, B, ckpt, dnd, attention="flash")
+    parts = p["stages"]["train"]["parts"]
+    return (parts["activations"] + parts["logits"]) * GIB + 4 * p["params"]["lora_per_adapter"]
+
+
+def _clear_refs_works() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(),
+                                reason="needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
+
+
+@needs_proc
+def test_tiny_step_estimate_matches_measured_peak():
+    # 16 rows x 256 tokens: ~55 MB of activations and logits, well above the allocator noise (~1-2 MB)
+    measured = measure_step(TINY, B=8, L=256, ckpt=False, dnd=True)
+    est = estimate_step(TINY, B=8, L=256, ckpt=False, dnd=True)
+    assert 0.75 < est / measured < 1.3, (est / 2**20, measured / 2**20)
+
+
+@pytest.mark.bench
+@needs_proc
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_smollm2_sized_step_estimate(ckpt):
+    measured = measure_step(SMOLLM2, B=2, L=256, ckpt=ckpt, dnd=True)
+    est = estimate_step(SMOLLM2, B=2, L=256, ckpt=ckpt, dnd=True)
+    assert 0.75 < est / measured < 1.3, (est / 2**20, measured / 2**20)
+
+
+def test_plan_parts_and_monotonicity():
+    from transformers import LlamaConfig
+
+    from spa_lite.plan import plan_memory
+
+    cfg = LlamaConfig(**SMOLLM2)
+    p = plan_memory(cfg, 24, "none", 2, 16, 512, 4, False, True)
+    assert set(p["stages"]) == {"seed_dpo", "train", "expand"}
+    assert 130e6 < p["params"]["base"] < 140e6  # SmolLM2-135M
+    q = plan_memory(cfg, 24, "4bit", 2, 16, 512, 4, False, True)
+    assert q["stages"]["train"]["parts"]["base_weights"] < p["stages"]["train"]["parts"]["base_weights"]
+    ck = plan_memory(cfg, 24, "none", 2, 16, 512, 4, True, True)
+    assert ck["stages"]["train"]["parts"]["activations"] < p["stages"]["train"]["parts"]["activations"] / 5
+    assert p["stages"]["train"]["parts"]["frozen_adapters"] > 0 == p["stages"]["seed_dpo"]["parts"]["frozen_adapters"]
+    with pytest.raises(ValueError):
+        plan_memory(cfg, 24, "8bit")
+
+
+def test_fit_keeps_effective_batch():
+    from transformers import LlamaConfig
+
+    from spa_lite.plan import fit
+
+    llama7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32)
+    big = fit(llama7b, 80, "4bit", 2, 16, 512, 4, 8)
+    assert big["fits"] and big["changed"] == [] and big["batch_size"] == 4
+    small = fit(llama7b, 16, "4bit", 2, 16, 1024, 4, 8)
+    assert small["fits"] and small["batch_size"] * small["grad_accum"] == 32
+    assert small["plan"]["peak_gb"] <= small["budget_gb"]
+    assert small["batch_size"] < 4 or small["gradient_checkpointing"]
+    none = fit(llama7b, 4, "none", 2, 16, 512, 4, 8)
+    assert not none["fits"]  # 13 GB of bf16 weights cannot fit in 4 GB whatever the batch
