@@ -23,10 +23,10 @@ import common  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, "judge", repeats=3)
-    p.add_argument("--pairs", type=int, default=32, help="timed pairs per process")
+    p.add_argument("--pairs", type=int, default=16, help="timed pairs per process")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per judging batch")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--response-len", type=int, default=96)
+    p.add_argument("--response-len", type=int, default=64)
     args = p.parse_args(argv)
     if args.quick:
         args.pairs, args.batch_size, args.prompt_len, args.response_len = 8, 4, 8, 16

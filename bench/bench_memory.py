@@ -31,7 +31,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=2, help="pairs per optimizer step (2B rows per forward)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--response-len", type=int, default=192)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per process (AdamW state exists from step 1)")
     p.add_argument("--frozen", type=int, default=1, choices=[0, 1], help="frozen adapters under the trainable one")
     p.add_argument("--impls", default="spa,threecopy,trl")
     args = p.parse_args(argv)

@@ -64,7 +64,14 @@ def main(argv=None):
     overview = ["| benchmark | ratio | value | target | result |", "|---|---|---|---|---|"]
     body = []
     for f in files:
-        d = json.loads(f.read_text())
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            print(f"skipping {f}: not JSON")
+            continue
+        if not isinstance(d, dict) or not {"benchmark", "sides", "ratios", "machine"} <= d.keys():
+            print(f"skipping {f}: not a result of the bench_* scripts")
+            continue
         for r in d["ratios"]:
             if r.get("informational"):
                 continue

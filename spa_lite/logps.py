@@ -95,3 +95,54 @@ def policy_logps(model, batch: dict[str, torch.Tensor], keep_logits: bool = Fals
     logits = forward_logits(model, batch)
     lp = sequence_logps(logits, batch)
     return (lp, logits) if keep_logits else lp
+
+
+# --- Fused path: log-probabilities from hidden states, without [N, L, V] logits --------------------------------
+# The largest buffers of a DPO step on a small model are the full-vocabulary logits of policy and reference
+# (and, for DND, their mix). Here the backbone returns hidden states, and TRL's chunked log-prob kernel
+# projects only the response positions through the LM head, tile by tile, recomputing tiles in backward.
+# Because the head is affine, the DND mix of logits (1 + lam) W h_theta - lam W h_ref (+ b) equals the head
+# applied to the mixed hidden states (1 + lam) h_theta - lam h_ref: Eq. 12 costs one more chunked pass.
+
+_VOCAB_TILE = 8192
+
+
+def fused_head(model):
+    """(backbone, lm_head) when log-probs can be computed from hidden states, else None (use logits)."""
+    try:
+        from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+    except ImportError:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1.0):
+            return None  # a non-affine or rescaled head: keep the plain logits path
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # e.g. a LoRA-wrapped lm_head
+        return None
+    try:
+        backbone = base.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (backbone, head) if backbone is not None else None
+
+
+def backbone_hidden(backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states [N, L, H] (after the last norm) with whatever adapters are active."""
+    device = next(backbone.parameters()).device
+    out = backbone(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   use_cache=False)
+    return out.last_hidden_state
+
+
+def hidden_sequence_logps(hidden: torch.Tensor, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of response-token log-probs per row from hidden states, [N], float32; differentiable in ``hidden``."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    mask = batch["loss_mask"][:, 1:].to(hidden.device)
+    targets = batch["input_ids"][:, 1:].to(hidden.device)[mask]
+    h = hidden[:, :-1][mask]
+    lp = ChunkedLogProbFunction.apply(h, head.weight, head.bias, targets, 1.0, _VOCAB_TILE, None, 1.0, ())[0]
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(hidden.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp.float())

@@ -121,7 +121,9 @@ def convert_bundled(alias: str, force: bool = False) -> Path:
     package, filename, folder = ALIASES[alias]
     out = cache_root() / folder
     if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists() and not force:
-        return out
+        if "quantization_config" not in (out / "config.json").read_text():
+            return out
+        log.info("re-converting %s: an older cache kept the GGUF quantization marker", out)
     gguf = _gguf_location(package, filename)
     log.info("converting %s to safetensors in %s (once)", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -133,6 +135,11 @@ def convert_bundled(alias: str, force: bool = False) -> Path:
         raise SpaError(f"GGUF conversion of {alias} mismatched: missing={missing[:5]} unexpected={unexpected[:5]}")
     if src.generation_config is not None:
         dst.generation_config = src.generation_config
+    # The GGUF loader leaves a quantization marker in the config although the weights are now plain floats;
+    # kept, it makes transformers (and TRL's Trainer) treat the model as quantized.
+    for cfg in (dst.config, getattr(dst.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
     with atomic_dir(out) as tmp:
         dst.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

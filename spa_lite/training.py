@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from spa_lite.io import atomic_dir, atomic_write_text
-from spa_lite.logps import TokenizedPair, collate_pairs, extrapolated_logps, forward_logits, sequence_logps
+from spa_lite.logps import (TokenizedPair, backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
+                            hidden_sequence_logps, sequence_logps)
 from spa_lite.losses import ConfidenceWindow, dpo_logits, refined_dpo_loss
 from spa_lite.stack import PolicyStack
 
@@ -106,23 +107,40 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         return StepOutput(zero, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
     n = batch["input_ids"].shape[0] // 2
     global_n = global_n or n
-    with torch.no_grad(), stack.use(spec.ref) as m:
-        m.eval()
-        ref_logits = forward_logits(m, batch)
-        ref_lp = sequence_logps(ref_logits, batch)
-    with stack.use(stack.theta) as m:
-        m.train()  # LoRA dropout, if any, and gradient checkpointing act in train mode only
-        pol_logits = forward_logits(m, batch)
-    pol_lp = sequence_logps(pol_logits, batch)
+    fused = fused_head(stack.model)
+    if fused is not None:
+        backbone, head = fused
+        with torch.no_grad(), stack.use(spec.ref) as m:
+            m.eval()
+            ref_h = backbone_hidden(backbone, batch)
+            ref_lp = hidden_sequence_logps(ref_h, head, batch)
+        with stack.use(stack.theta) as m:
+            m.train()  # LoRA dropout, if any, and gradient checkpointing act in train mode only
+            pol_h = backbone_hidden(backbone, batch)
+        pol_lp = hidden_sequence_logps(pol_h, head, batch)
+        mix_lp = None
+        if spec.dnd:  # Eq. 12 through the affine head: W((1+lam) h_theta - lam h_ref) + b
+            with torch.no_grad():
+                mix_lp = hidden_sequence_logps((1.0 + spec.lam) * pol_h.detach() - spec.lam * ref_h, head, batch)
+        del ref_h
+    else:
+        with torch.no_grad(), stack.use(spec.ref) as m:
+            m.eval()
+            ref_logits = forward_logits(m, batch)
+            ref_lp = sequence_logps(ref_logits, batch)
+        with stack.use(stack.theta) as m:
+            m.train()
+            pol_logits = forward_logits(m, batch)
+        pol_lp = sequence_logps(pol_logits, batch)
+        mix_lp = extrapolated_logps(pol_logits.detach(), ref_logits, spec.lam, batch) if spec.dnd else None
+        del pol_logits, ref_logits
     logits = dpo_logits(pol_lp[:n], pol_lp[n:], ref_lp[:n], ref_lp[n:], spec.beta)
 
     # Eq. 9 (policy itself) or Eq. 11-12 (extrapolated logits) confidence that y_w > y_l.
-    if spec.dnd:
-        mix_lp = extrapolated_logps(pol_logits.detach(), ref_logits, spec.lam, batch)
+    if mix_lp is not None:
         conf = torch.sigmoid(dpo_logits(mix_lp[:n], mix_lp[n:], ref_lp[:n], ref_lp[n:], spec.beta))
     else:
         conf = torch.sigmoid(logits.detach())
-    del pol_logits, ref_logits
     tau = float("nan")
     flagged = torch.zeros(n, dtype=torch.bool, device=logits.device)
     all_conf = _global_confidences(conf.float().cpu().tolist(), dist)
