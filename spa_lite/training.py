@@ -309,6 +309,8 @@ def run_dpo_loop(
                    "refining": step >= refine_from and spec.refine, "elapsed_s": round(time.time() - t0, 3)}
             if window is not None:
                 row["tau"] = window.tau
+            # strict JSON: statistics that do not apply (tau without refinement) are null, not NaN
+            row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
             if dist.main:
                 ff.write("".join(json.dumps(r) + "\n" for r in flag_rows))
                 mf.write(json.dumps(row) + "\n")
@@ -334,7 +336,11 @@ def run_dpo_loop(
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if dist.main else []
     rows = dist.broadcast_object(rows)
     tail = rows[-10:]
-    keys = [k for k in tail[0] if isinstance(tail[0][k], (int, float)) and not isinstance(tail[0][k], bool)] if tail else []
-    summary["last10"] = {k: sum(r[k] for r in tail if isinstance(r.get(k), (int, float))) / len(tail) for k in keys}
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+    keys = {k for r in tail for k, v in r.items() if num(v)}
+    summary["last10"] = {k: sum(r[k] for r in tail if num(r.get(k))) / sum(1 for r in tail if num(r.get(k)))
+                         for k in sorted(keys)}
     summary["first_loss"] = rows[0]["loss"] if rows else None
     return summary

@@ -191,7 +191,8 @@ class KindStats:
             e["separation_rate"] = round(e["separated"] / e["prompts"], 3) if e["prompts"] else None
             e["pass_rate"] = round(e["passed"] / e["samples"], 3) if e["samples"] else None
             rep[k] = e
-        tot = {f: sum(e[f] for e in self.d.values()) for f in ("prompts", "separated", "samples", "passed", "truncated")}
+        fields = ("prompts", "separated", "samples", "passed", "truncated")
+        tot = {f: sum(e[f] for e in self.d.values()) for f in fields}
         tot["separation_rate"] = round(tot["separated"] / tot["prompts"], 3) if tot["prompts"] else None
         tot["pass_rate"] = round(tot["passed"] / tot["samples"], 3) if tot["samples"] else None
         rep["_all"] = tot

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 __all__ = [
     "QUESTIONS",
