@@ -73,9 +73,20 @@ def _kv(text: str):
 
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("SPA_LITE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "peft"):
+    for noisy in ("transformers", "datasets", "peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # library deprecation notices say nothing actionable to a spa-lite user
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; spa-lite shows its own progress
+    except ImportError:
+        pass
 
 
 @app.command("seed-dpo")
