@@ -71,7 +71,7 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 
 def tiny_overrides(model_dir: Path, data: dict[str, Path], run_dir: Path, **extra) -> dict:
     o = {
-        "name": "tiny", "run_dir": str(run_dir), "iterations": 2, "threads": 2,
+        "name": "tiny", "run_dir": str(run_dir), "iterations": 2, "threads": 1,
         "model.name_or_path": str(model_dir), "model.quantization": "none", "model.device": "cpu",
         "model.max_length": 128, "model.max_prompt_length": 64, "model.lora_r": 4, "model.lora_alpha": 8,
         "data.seed_pairs": str(data["pairs"]), "data.prompts": str(data["prompts"]),
