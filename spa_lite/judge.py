@@ -127,7 +127,9 @@ def judge_llm(
             for i, x in enumerate(seqs):  # left padding: the last position is every row's next token
                 ids[i, width - len(x) :] = torch.tensor(x)
                 attn[i, width - len(x) :] = 1
-            logits = m(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits[:, -1].float()
+            # only the next-token logits are read: logits_to_keep=1 skips the [N, L, V] projection
+            logits = m(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False,
+                       logits_to_keep=1).logits[:, -1].float()
             pa = torch.softmax(logits[:, [a_id, b_id]], dim=-1)[:, 0].cpu()
             for i in range(len(seqs) // 2):
                 p1 = 0.5 * (pa[2 * i].item() + (1.0 - pa[2 * i + 1].item()))
