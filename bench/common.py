@@ -306,6 +306,11 @@ class ThreeCopyStack:
         self.theta_model, self.ref_model, self.init_model = theta, ref, init
         self.tokenizer = tokenizer
         self.ref_names, self.theta = list(ref_names), list(theta_names)
+        self.model = theta  # pair_loss asks the model in use for its backbone and head
+
+    @property
+    def prev(self):
+        return self.ref_names
 
     def trainable_parameters(self):
         return [p for p in self.theta_model.parameters() if p.requires_grad]

@@ -124,6 +124,7 @@ def plan_memory(
     max_new_tokens: int = 300,
     judge_batch_size: int = 8,
     runtime_overhead_gb: float = 0.75,
+    fused_logprobs: bool = True,
 ) -> dict:
     """Estimate the peak memory of each stage (GiB) and whether it fits in ``gpu_mem_gb``.
 
@@ -136,6 +137,9 @@ def plan_memory(
         iteration: SPA iteration i for the ``train`` stage (i frozen adapters below the trainable one).
         attention: "flash" (fused SDPA kernels, no s^2 buffer) or "math" (scores materialised).
         runtime_overhead_gb: CUDA context, kernels and allocator slack, added to every stage.
+        fused_logprobs: spa-lite's default path for models with an affine LM head (``logps.fused_head``):
+            log-probs come from hidden states through TRL's chunked kernel, so instead of [T, V] logits only
+            one [min(T, 4096), 8192] tile set and three [T, H] fp32 hidden-state copies are alive.
 
     Returns:
         {"stages": {"seed_dpo"|"train"|"expand": {"parts": {name: GiB}, "peak_gb", "fits"}},
@@ -163,9 +167,13 @@ def plan_memory(
         acts += T * (4 * d.hidden + b * d.hidden)  # final norm
         acts += rows * seq_len * seq_len * b  # 4-D attention mask shared by the layers
         V = d.vocab
-        forward_end = T * V * (b + b + c) + ((2 * 4 + c) * seq_len * V if with_dnd else 0)
-        backward_start = T * V * (2 * b + c + 4)  # policy logits, fp32 copy, their grads (ref logits freed)
-        ref_phase = T * V * (b + c + 4)
+        if fused_logprobs:
+            tile = min(T, 4096) * min(8192, V) * (b + 16)  # the matmul tile and four fp32 temporaries of the kernel
+            forward_end = backward_start = ref_phase = tile + T * d.hidden * 4 * (3 if with_dnd else 2)
+        else:
+            forward_end = T * V * (b + b + c) + ((2 * 4 + c) * seq_len * V if with_dnd else 0)
+            backward_start = T * V * (2 * b + c + 4)  # policy logits, fp32 copy, their grads (ref logits freed)
+            ref_phase = T * V * (b + c + 4)
         parts = {
             "base_weights": weights,
             "frozen_adapters": n_frozen * lora * 4 * g,
@@ -184,7 +192,8 @@ def plan_memory(
                                        + (b * d.heads * prompt_len if attention == "math" else 0))
         gen_peak = kv + prefill + rows * d.vocab * 4 * 3
         jT = 2 * judge_batch_size * total
-        judge_peak = jT * (d.vocab * (b + c + 4) + b * (2 * d.hidden + d.intermediate))
+        head = min(jT, 4096) * min(8192, d.vocab) * (b + 16) if fused_logprobs else jT * d.vocab * (b + c + 4)
+        judge_peak = head + jT * b * (2 * d.hidden + d.intermediate)
         return {
             "base_weights": weights,
             "frozen_adapters": n_frozen * lora * 4 * g,

@@ -107,15 +107,15 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         return StepOutput(zero, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
     n = batch["input_ids"].shape[0] // 2
     global_n = global_n or n
-    fused = fused_head(stack.model)
-    if fused is not None:
-        backbone, head = fused
+    if fused_head(stack.model) is not None:
         with torch.no_grad(), stack.use(spec.ref) as m:
             m.eval()
+            backbone, head = fused_head(m)
             ref_h = backbone_hidden(backbone, batch)
             ref_lp = hidden_sequence_logps(ref_h, head, batch)
         with stack.use(stack.theta) as m:
             m.train()  # LoRA dropout, if any, and gradient checkpointing act in train mode only
+            backbone, head = fused_head(m)
             pol_h = backbone_hidden(backbone, batch)
         pol_lp = hidden_sequence_logps(pol_h, head, batch)
         mix_lp = None
