@@ -58,6 +58,25 @@ def write_prompts(path: Path, n: int = 24) -> Path:
     return path
 
 
+def nested(overrides: dict) -> dict:
+    """tiny_overrides' dotted keys as the nested mapping of a recipe YAML (Paths as strings)."""
+    out: dict = {}
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        d = out
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def write_recipe(path: Path, overrides: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(nested(overrides), sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, write_recipe
 from spa_lite.cli import app
 
 ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "SPA_LITE_QUIET": "1"}
@@ -27,21 +27,6 @@ EXPAND_FIELDS = {"prompt", "chosen", "rejected", "p_y1", "confidence", "logratio
                  "len_chosen", "len_rejected"}
 
 
-def nested(overrides: dict) -> dict:
-    """tiny_overrides' dotted keys as the nested mapping of a recipe YAML."""
-    out: dict = {}
-    for key, value in overrides.items():
-        *parents, last = key.split(".")
-        d = out
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[last] = value
-    return out
-
-
-def write_recipe(path: Path, overrides: dict) -> Path:
-    path.write_text(yaml.safe_dump(nested(overrides), sort_keys=False))
-    return path
 
 
 def invoke(*args: str):

@@ -11,21 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
-
-
-def _nested(flat: dict) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        cur = out
-        *head, last = k.split(".")
-        for h in head:
-            cur = cur.setdefault(h, {})
-        cur[last] = v
-    return out
+from conftest import tiny_overrides, write_recipe
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -37,8 +25,7 @@ def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path):
         "data.iter_prompts": [10, 8], "train.batch_size": 4, "train.grad_accum": 1, "train.warmup_ratio": 0.0,
         "train.epochs": 2, "train.refine_start": 0.0, "train.window": 6, "train.k_percent": 40.0,
     })
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_nested({k: str(v) if isinstance(v, Path) else v for k, v in flat.items()})))
+    path = write_recipe(tmp_path / "recipe.yaml", flat)
     one = load_recipe(path, {"name": "one"})
     seed_dpo.run(one)
     shutil.copytree(tmp_path / "runs" / "one", tmp_path / "runs" / "two")

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from spa_lite.io import atomic_write_text
 from spa_lite.demo import tasks
 
 #: Weights for the *extra* constraint kinds drawn for seed-candidate questions: the kinds the tiny
@@ -132,26 +131,8 @@ def pair_row(rec: dict, chosen, rejected) -> dict:
 # --------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped package data must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_jsonl(path: Path, rows: Sequence[dict]) -> int:
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
 
 
@@ -380,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "versions": versions,
         "constraint_kinds": list(tasks.CONSTRAINT_KINDS),
     }
-    _atomic_write(out / "build_info.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / "build_info.json", json.dumps(info, indent=2) + "\n")
     _log(f"wrote {counts} to {out} in {t_end - t_start:.0f}s")
     return 0
 
