@@ -261,6 +261,82 @@ def eval_cmd(
     evaluate.print_report(rep)
 
 
+@app.command("winrate")
+@_user_errors
+def winrate_cmd(
+    recipe: RecipeOpt = "smollm2-demo",
+    set_: SetOpt = None,
+    name: NameOpt = None,
+    run_dir: RunDirOpt = None,
+    policy: Annotated[str, typer.Option(help="Candidate policy: last, init, 0, 1, ...")] = "last",
+    reference: Annotated[str, typer.Option(help="Reference policy: init, 0, 1, ...")] = "init",
+    judge: Annotated[str, typer.Option(help="verifier (demo task) | local (LLM-as-judge with pi_init) | http")] = "verifier",
+    judge_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL for --judge http.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="Model name at --judge-url.")] = None,
+    judge_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    prompts: Annotated[Optional[str], typer.Option(help="Prompt file (default: the recipe's eval prompts).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many prompts.")] = 100,
+) -> None:
+    """Win rate of one policy's responses against another's under a pairwise judge (95% CI); judge calls
+    are cached under RUN/eval/winrate_cache, so an interrupted evaluation resumes.
+
+    Example: spa-lite winrate --recipe smollm2-demo --policy 2 --reference init --judge verifier
+    """
+    from spa_lite import winrate as wr
+    from spa_lite.data import load_prompts
+    from spa_lite.evaluation import policy_names
+    from spa_lite.generation import sample_responses
+    from spa_lite.io import atomic_write_json
+    from spa_lite.stages.common import load_stack
+    from spa_lite.stages.evaluate import complete_policies
+    from spa_lite.ui import console
+
+    _setup_logging()
+    r = _recipe(recipe, set_, name, run_dir)
+    ks = complete_policies(r)
+
+    def parse(p: str):
+        if p == "init":
+            return None
+        k = ks[-1] if p == "last" and ks else int(p) if p.isdigit() else "bad"
+        if k not in ks:
+            raise SpaError(f"policy '{p}' is not a complete stage of {r.run_path} (complete: {ks})")
+        return k
+
+    cand_k, ref_k = parse(policy), parse(reference)
+    spec = prompts or r.data.eval_prompts
+    if not spec:
+        raise SpaError("no prompts: give --prompts or set data.eval_prompts in the recipe")
+    recs = load_prompts(spec)[:limit]
+    stack = load_stack(r, frozen_upto=max(ks) if ks else -1)
+    outs = {}
+    for k in (cand_k, ref_k):
+        with stack.use(policy_names(k)) as m:
+            outs[k] = [ss[0].text for ss in sample_responses(
+                m, stack.tokenizer, [x["prompt"] for x in recs], num_samples=1, max_new_tokens=r.expand.max_new_tokens,
+                temperature=r.expand.temperature, seed=r.seed, batch_size=r.expand.batch_size)]
+    cache = r.run_path / "eval" / "winrate_cache"
+    if judge == "verifier":
+        if not all("constraint" in x for x in recs):
+            raise SpaError("--judge verifier needs prompts with a 'constraint' (the demo task)")
+        j = wr.VerifierJudge()
+    elif judge == "local":
+        j = wr.LocalLLMJudge(stack, [])
+    elif judge == "http":
+        if not judge_url or not judge_model:
+            raise SpaError("--judge http needs --judge-url and --judge-model")
+        j = wr.HTTPJudge(judge_url, judge_model, api_key_env=judge_key_env, cache_dir=cache)
+    else:
+        raise SpaError(f"--judge '{judge}' is not verifier, local or http")
+    res = wr.win_rate_eval(outs[cand_k], outs[ref_k], [x["prompt"] for x in recs], j,
+                           metadata=[{"constraint": x.get("constraint")} for x in recs])
+    label = lambda k: "pi_init" if k is None else f"pi_{k}"  # noqa: E731
+    tag = f"winrate_{label(cand_k)}_vs_{label(ref_k)}_{judge}"
+    atomic_write_json(r.run_path / "eval" / f"{tag}.json", {k: v for k, v in res.items() if k != "items"} | {"items": res["items"]})
+    console.print(f"{label(cand_k)} vs {label(ref_k)} ({judge} judge, n={res['n']}): win rate {res['win_rate']:.3f} "
+                  f"[{res['ci_low']:.2f}, {res['ci_high']:.2f}], wins {res['wins']}, ties {res['ties']}, losses {res['losses']}")
+
+
 @app.command("report")
 @_user_errors
 def report_cmd(

@@ -18,6 +18,7 @@ Judges here:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -92,7 +93,7 @@ def format_question(messages: Sequence[Mapping]) -> str:
 
 _BRACKETED = re.compile(r"\[\[\s*([AB])\s*\]\]")
 _PAREN = re.compile(r"\(\s*([AB])\s*\)")
-_RESPONSE = re.compile(r"\b(?i:response)\s*\(?\s*([AB])\b")
+_RESPONSE = re.compile(r"\b(?i:response)(?:\s+(?i:is))?\s*\(?\s*([AB])\b")
 _VERDICT = re.compile(r"\b(?i:answer|verdict|better|winner|choice)(?:\s+(?i:is))?\s*[:=]?\s*[*_`'\"]*\s*([AB])\b(?!\s+[a-z])")
 _MARKUP = " \t\r\n*_`'\".,:;!()[]{}"
 
@@ -277,7 +278,7 @@ class HTTPJudge:
                     retry_after = None
                 raise _RetryableError(msg, retry_after) from None
             raise JudgeError(f"HTTP judge: {self.url} refused the request ({self._redact(msg, key)})") from None
-        except (TimeoutError, OSError) as e:  # timeouts, refused/reset connections (URLError is an OSError)
+        except (TimeoutError, OSError, http.client.HTTPException) as e:  # timeouts, refused/reset/cut connections
             reason = getattr(e, "reason", e)
             raise _RetryableError(f"{type(reason).__name__}: {reason}") from None
         try:
