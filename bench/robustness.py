@@ -80,6 +80,8 @@ def main() -> None:
             run_dir = Path("runs/bench-robustness") / args.data / key.replace("/", "_")
             summary = run_dpo_loop(stack, pairs, spec, run_dir)
             test = encode_pairs_for_eval(tok, test_rows, args.max_length)
+            if "baseline_pi_init_loglik" not in res:  # before any preference training: log pi_init(y|x) alone
+                res["baseline_pi_init_loglik"] = judge_accuracy(stack, test, None, ["none"], beta=0.1)["none"]
             acc = judge_accuracy(stack, test, 0, ["init"], beta=0.1)["init"]
             res["results"][key] = {"flip": flip, "method": method, "judge_accuracy": acc, "train_pairs": len(pairs),
                                    "skipped_length": skipped, "final_loss": summary["last10"].get("loss"),

@@ -87,8 +87,58 @@ def main(argv=None):
         lines.append("_No results yet: run the benchmarks first._")
     else:
         lines += overview + [""] + body
+    lines += quality_sections(Path(a.results))
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out} from {len(files)} result file(s)")
+
+
+def _ci(d: dict | None, key: str) -> str:
+    if not d:
+        return "-"
+    return f"{d[key]:.3f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}] (n={d['n']})"
+
+
+def quality_sections(results: Path) -> list[str]:
+    """Tables for bench/quality_ablations.py and bench/robustness.py (quality, not speed)."""
+    out = []
+    q = results / "quality_ablations.json"
+    if q.exists():
+        d = json.loads(q.read_text())
+        out += ["## Quality: the paper's ablations on the demo task (SmolLM2-135M, CPU)", "",
+                f"Command: `{d['command']}`; machine: {d['machine']}. Pass rate: verifier pass rate of sampled "
+                "responses on held-out prompts, 95% Wilson CI. Judge accuracy: Eq. 7 (pi_init reference) on the "
+                "48 held-out gold pairs. Contradicted: fraction of decided D_i labels the verifier contradicts.", "",
+                "| variant | policy | pass rate | judge accuracy |", "|---|---|---|---|"]
+        for name, v in d["variants"].items():
+            pols = sorted(set((v.get("pass_rate") or {}).keys()) | set((v.get("judge_accuracy") or {}).keys()))
+            for pol in pols:
+                pr = (v.get("pass_rate") or {}).get(pol)
+                ja = ((v.get("judge_accuracy") or {}).get(pol) or {}).get("init")
+                out.append(f"| {name} | {pol} | {_ci(pr, 'pass_rate')} | {_ci(ja, 'accuracy')} |")
+        out += ["", "| variant | D_i | confirmed | contradicted | undetermined | contradicted among flagged | among unflagged |",
+                "|---|---|---|---|---|---|---|"]
+        for name, v in d["variants"].items():
+            for di, s in (v.get("self_label_noise") or {}).items():
+                f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+                out.append(f"| {name} | {di} | {s['confirmed']} | {s['contradicted']} | {s['undetermined']} | "
+                           f"{f(s.get('contradicted_rate_flagged'))} | {f(s.get('contradicted_rate_unflagged'))} |")
+        out.append("")
+    for r in sorted(results.glob("robustness_*.json")):
+        d = json.loads(r.read_text())
+        out += [f"## Robustness to flipped seed labels ({r.stem.split('_', 1)[1]})", "",
+                f"Command: `{d['command']}`; machine: {d['machine']}; {d['n_train']} training pairs, "
+                f"{d['n_test']} held-out gold pairs. Held-out judge accuracy of pi_0 (Eq. 7, pi_init reference), 95% CI.",
+                ""]
+        if "baseline_pi_init_loglik" in d:
+            out += [f"Before training, log pi_init(y|x) alone picks the gold response with accuracy "
+                    f"{_ci(d['baseline_pi_init_loglik'], 'accuracy')}.", ""]
+        out += ["| flipped | method | judge accuracy | final loss | wall s |", "|---|---|---|---|---|"]
+        for key, v in d["results"].items():
+            loss = v.get("final_loss")
+            out.append(f"| {v['flip']:.0%} | {v['method']} | {_ci(v['judge_accuracy'], 'accuracy')} | "
+                       f"{'-' if loss is None else f'{loss:.3f}'} | {v['wall_s']} |")
+        out.append("")
+    return out
 
 
 if __name__ == "__main__":
