@@ -76,6 +76,7 @@ class ExpandConfig:
     beta: float = 0.1
     length_penalty: float = 0.0  # Eq. 13: reward - a * |y| tokens
     drop_truncated: bool = False  # drop pairs where a response hit max_new_tokens (counted either way)
+    backend: str = "hf"  # hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', CUDA)
 
 
 @dataclass
@@ -130,6 +131,7 @@ _CHOICES = {
     ("train", "loss"): {"dpo", "dro"},
     ("expand", "judge"): {"logprob", "llm"},
     ("expand", "judge_ref"): {"init", "prev", "none"},
+    ("expand", "backend"): {"hf", "vllm"},
     ("data", "format"): {"auto", "conversational", "standard", "ultrafeedback", "hh", "prompts"},
 }
 

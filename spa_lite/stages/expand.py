@@ -32,12 +32,17 @@ def judge_reference(stack_names: list[str], judge_ref: str) -> list[str] | None:
     return None
 
 
-def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: int, on_gen=None, on_judge=None) -> dict:
-    """Sample, judge and pair up one shard of prompts. Returns {"rows": [...], "counts": {...}}."""
+def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: int, on_gen=None, on_judge=None,
+                 sample_fn=sample_responses) -> dict:
+    """Sample, judge and pair up one shard of prompts. Returns {"rows": [...], "counts": {...}}.
+
+    ``sample_fn`` is transformers' batched sampling on the stack, or a vLLM sampler serving pi_{i-1} as one
+    exported adapter (``expand.backend: vllm``); judging always runs on the stack.
+    """
     c = recipe.expand
     names = stack.prev
     with stack.use(names) as m:
-        samples = sample_responses(
+        samples = sample_fn(
             m, stack.tokenizer, [p["prompt"] for p in prompts], num_samples=c.num_samples,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
             batch_size=c.batch_size, on_batch=on_gen,
@@ -108,14 +113,20 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     if todo:
         stack = load_stack(recipe, frozen_upto=iteration - 1)
         assert stack.prev == [adapter_name(k) for k in range(iteration)]
+        sample_fn = sample_responses
+        if c.backend == "vllm":
+            from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
+
+            adapter = prepare_adapter(stack, iteration - 1, out / "vllm_adapter")
+            sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
         n_todo = sum(len(shards[k]) for k in todo)
         with progress(enabled=dist.main) as p:
             gen = p.add_task(f"sample iter {iteration}", total=n_todo, info=f"{len(shards) - len(todo)} shards done before")
             jud = p.add_task(f"judge iter {iteration} ({c.judge})", total=n_todo, info="")
             for k in todo:
                 seed = recipe.seed * 1_000_003 + iteration * 10_007 + k * 101
-                res = expand_shard(stack, recipe, shards[k], seed,
-                                   on_gen=lambda n: p.advance(gen, n), on_judge=lambda n: p.advance(jud, n))
+                res = expand_shard(stack, recipe, shards[k], seed, on_gen=lambda n: p.advance(gen, n),
+                                   on_judge=lambda n: p.advance(jud, n), sample_fn=sample_fn)
                 p.advance(jud, len(shards[k]) - len(res["rows"]))
                 atomic_write_json(shard_dir / f"{k:05d}.json", {"shard": k, **res})
                 written += 1
