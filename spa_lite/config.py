@@ -57,7 +57,7 @@ class SeedDPOConfig:
     save_every: int = 20  # optimizer steps between resumable checkpoints
     loss: str = "dpo"  # dpo | dro (Wasserstein-DRO, docs/dro.md)
     label_smoothing: float = 0.0  # cDPO's constant smoothing, for robustness comparisons
-    dro_epsilon: float = 0.05
+    dro_epsilon: float = 0.01  # probability units: the first moves cost 1/xi_min per unit (docs/dro.md)
     dro_pieces: int = 8
     dro_xi_min: float = 1e-3
 
@@ -99,7 +99,7 @@ class TrainConfig:
     lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # lambda for iter 1, 2, 3, then halving
     loss: str = "dpo"  # dpo | dro
     label_smoothing: float = 0.0
-    dro_epsilon: float = 0.05
+    dro_epsilon: float = 0.01  # probability units: the first moves cost 1/xi_min per unit (docs/dro.md)
     dro_pieces: int = 8
     dro_xi_min: float = 1e-3
 
