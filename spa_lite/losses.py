@@ -20,8 +20,12 @@ def refined_dpo_loss(logits: torch.Tensor, flagged: torch.Tensor, alpha: float) 
     z = 0 is the plain DPO loss -log sigma(m) (TRL's ``sigmoid`` loss); z = 1 is label smoothing by alpha,
     which pulls a pair the model doubts toward "either order is possible" instead of trusting its label.
     """
-    z = flagged.to(logits.dtype)
-    return -(1.0 - alpha * z) * F.logsigmoid(logits) - alpha * z * F.logsigmoid(-logits)
+    return smoothed_dpo_loss(logits, alpha * flagged.to(logits.dtype))
+
+
+def smoothed_dpo_loss(logits: torch.Tensor, smoothing: torch.Tensor | float) -> torch.Tensor:
+    """Per-pair -[(1 - s) log sigma(m) + s log sigma(-m)]: Eq. 10 with s = alpha z, cDPO with a constant s."""
+    return -(1.0 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
 
 
 class ConfidenceWindow:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from spa_lite.io import atomic_dir, atomic_write_text
 from spa_lite.logps import (TokenizedPair, backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
                             hidden_sequence_logps, sequence_logps)
-from spa_lite.losses import ConfidenceWindow, dpo_logits, refined_dpo_loss
+from spa_lite.losses import ConfidenceWindow, dpo_logits, smoothed_dpo_loss
 from spa_lite.stack import PolicyStack
 
 
@@ -159,8 +159,7 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         worst, stats = dro_dpo_loss(logits, spec.dro_epsilon, spec.dro_pieces, spec.dro_xi_min)
         loss = (worst * n + (smoothing * (F.logsigmoid(logits) - F.logsigmoid(-logits))).sum()) / global_n
     else:
-        per = -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
-        loss = per.sum() / global_n
+        loss = smoothed_dpo_loss(logits, smoothing).sum() / global_n
     chosen_r = (pol_lp[:n] - ref_lp[:n]).detach() * spec.beta
     rejected_r = (pol_lp[n:] - ref_lp[n:]).detach() * spec.beta
     stats.update(

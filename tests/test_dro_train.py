@@ -28,8 +28,8 @@ def runs(tiny_model_dir, tiny_data, tmp_path_factory):
     out = {}
     for name, eps in {"dro": 0.05, "eps0": 0.0, "dpo": None}.items():
         # every stage sees the same settings (the seed's loss is part of the lineage expand and train check)
-        sets = [] if eps is None else [a for kv in (f"seed_dpo.loss=dro", f"seed_dpo.dro_epsilon={eps}",
-                                                    f"train.loss=dro", f"train.dro_epsilon={eps}") for a in ("--set", kv)]
+        sets = [] if eps is None else [a for kv in ("seed_dpo.loss=dro", f"seed_dpo.dro_epsilon={eps}",
+                                                    "train.loss=dro", f"train.dro_epsilon={eps}") for a in ("--set", kv)]
         for cmd in (["seed-dpo"], ["expand", "--iter", "1"], ["train", "--iter", "1"]):
             res = runner.invoke(app, [*cmd, *sets, "--recipe", str(recipe), "--name", name])
             assert res.exit_code == 0, res.output
