@@ -76,7 +76,7 @@ def main(argv=None):
             if r.get("informational"):
                 continue
             res = "n/a" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
-            overview.append(f"| {d['benchmark']}{' (quick)' if d.get('quick') else ''} | {r['name']} | "
+            overview.append(f"| {f.stem}{' (quick)' if d.get('quick') else ''} | {r['name']} | "
                             f"{fmt(r['value'])} | {r['target']} | **{res}** |")
         try:
             shown = f.resolve().relative_to(HERE.parent)
