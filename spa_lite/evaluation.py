@@ -31,7 +31,7 @@ def policy_label(k: int | None) -> str:
 
 @torch.no_grad()
 def judge_accuracy(stack: PolicyStack, pairs: Sequence, k: int | None, methods: Sequence[str], beta: float = 0.1,
-                   batch_size: int = 8) -> dict:
+                   batch_size: int = 8, cache: dict | None = None) -> dict:
     """Accuracy (with 95% Wilson intervals) of each judgment method against the gold labels, judged by pi_k.
 
     Methods: ``init`` (Eq. 7), ``prev`` (Eq. 7 with pi_{k-1} as reference), ``none`` (log pi_k alone),
@@ -44,6 +44,7 @@ def judge_accuracy(stack: PolicyStack, pairs: Sequence, k: int | None, methods: 
     y1 = [p.rejected_ids if s else p.chosen_ids for p, s in zip(pairs, swap)]
     y2 = [p.chosen_ids if s else p.rejected_ids for p, s in zip(pairs, swap)]
     out = {}
+    cache = {} if cache is None else cache  # one log-prob pass per policy, shared by the methods (and by callers)
     for m in methods:
         if m in {"init", "prev"} and k is None:
             continue  # pi_init against itself: every log-ratio is 0
@@ -54,7 +55,7 @@ def judge_accuracy(stack: PolicyStack, pairs: Sequence, k: int | None, methods: 
             rows = judge_llm(stack, judge, [p.meta["prompt"] for p in pairs], t1, t2, batch_size=max(1, batch_size // 2))
         else:
             ref = {"init": [], "prev": policy_names(k - 1) if k else [], "none": None}[m]
-            rows = judge_logprob(stack, judge, ref, prompts, y1, y2, beta=beta, batch_size=batch_size)
+            rows = judge_logprob(stack, judge, ref, prompts, y1, y2, beta=beta, batch_size=batch_size, cache=cache)
         correct = [(r["p"] > 0.5) != s for r, s in zip(rows, swap)]
         out[m] = accuracy_with_ci(correct)
     return out

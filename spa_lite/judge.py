@@ -44,6 +44,7 @@ def judge_logprob(
     length_penalty: float = 0.0,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    cache: dict | None = None,
 ) -> list[dict]:
     """Eq. 7: p(y1 > y2 | x) = sigmoid(beta * [r(y1) - r(y2)]), r(y) = log pi_judge(y|x) - log pi_ref(y|x).
 
@@ -51,6 +52,8 @@ def judge_logprob(
         judge: adapters of the judging policy pi_{i-1}.
         ref: adapters of the reference ([] = pi_init, the paper's choice); None = no reference (r = log pi).
         length_penalty: a in Eq. 13, r(y) - a * |y| with |y| in tokens.
+        cache: reuse log-probs across calls on the SAME prompts and responses (keyed by adapters and batch),
+            so judging with several references or judges scores each policy once.
 
     Returns:
         per pair: p, the two log-ratios (rewards before the penalty) and the two token lengths.
@@ -59,8 +62,17 @@ def judge_logprob(
     for s in range(0, len(prompts), batch_size):
         p_, a, b = prompts[s : s + batch_size], y1[s : s + batch_size], y2[s : s + batch_size]
         both_p, both_r = list(p_) + list(p_), list(a) + list(b)
-        pol = response_logps(stack, judge, both_p, both_r, batch_size=2 * len(p_))
-        refl = torch.zeros_like(pol) if ref is None else response_logps(stack, ref, both_p, both_r, batch_size=2 * len(p_))
+        def logps(names):
+            key = (tuple(names), s)
+            if cache is None or key not in cache:
+                out = response_logps(stack, names, both_p, both_r, batch_size=2 * len(p_))
+                if cache is None:
+                    return out
+                cache[key] = out
+            return cache[key]
+
+        pol = logps(judge)
+        refl = torch.zeros_like(pol) if ref is None else logps(ref)
         r = pol - refl
         n = len(p_)
         for i in range(n):

@@ -58,8 +58,9 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
         acc, noise = {}, {}
         with progress() as p:
             task = p.add_task("judge accuracy", total=len(chosen), info="")
+            shared: dict = {}  # pi_k judges at k and is the "prev" reference at k + 1: score it once
             for k in chosen:
-                acc[policy_label(k)] = judge_accuracy(stack, pairs, k, methods, beta=beta)
+                acc[policy_label(k)] = judge_accuracy(stack, pairs, k, methods, beta=beta, cache=shared)
                 p.advance(task)
             if flip > 0:
                 t2 = p.add_task("noise detection", total=len(ks), info=f"flip {flip:.0%}")
