@@ -30,6 +30,7 @@ class ModelConfig:
     lora_target_modules: Any = "all-linear"
     max_length: int = 512  # prompt + response tokens; longer pairs are skipped and counted
     max_prompt_length: int = 256
+    fsdp: str = "auto"  # auto (on under `accelerate launch` with an FSDP config) | on | off: shard training (FSDP2)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Recipe:
 
 _CHOICES = {
     ("model", "quantization"): {"auto", "4bit", "none"},
+    ("model", "fsdp"): {"auto", "on", "off"},
     ("seed_dpo", "loss"): {"dpo", "dro"},
     ("train", "loss"): {"dpo", "dro"},
     ("expand", "judge"): {"logprob", "llm"},

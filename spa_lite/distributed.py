@@ -74,7 +74,13 @@ def get_dist() -> Dist:
             from accelerate import PartialState
 
             state = PartialState()  # picks nccl on CUDA, gloo on CPU, from the launcher's environment
-            _DIST = Dist(state.process_index, state.num_processes)
+            if state.num_processes == world:
+                _DIST = Dist(state.process_index, state.num_processes)
+            else:  # accelerate leaves some launches single-process (e.g. an FSDP config on CPU): init torch's group
+                dist = torch.distributed
+                if not dist.is_initialized():
+                    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+                _DIST = Dist(dist.get_rank(), dist.get_world_size())
         else:
             _DIST = Dist()
     return _DIST

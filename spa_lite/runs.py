@@ -54,7 +54,7 @@ def adapter_dir(recipe: Recipe, iteration: int) -> Path:
 
 def _model_key(recipe: Recipe) -> dict:
     m = dataclasses.asdict(recipe.model)
-    for k in ("device", "gradient_checkpointing"):  # these change speed and memory, not the numbers trained
+    for k in ("device", "gradient_checkpointing", "fsdp"):  # these change speed and memory, not the numbers trained
         m.pop(k)
     return m
 

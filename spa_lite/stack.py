@@ -57,6 +57,7 @@ class PolicyStack:
     tokenizer: object
     frozen: list[str] = field(default_factory=list)
     trainable: str | None = None
+    sharded: bool = False  # the base is sharded with FSDP2 (spa_lite.fsdp.shard_stack)
 
     @property
     def theta(self) -> list[str]:
@@ -90,17 +91,35 @@ class PolicyStack:
             p.requires_grad_(True)
         yield self.model
 
-    def save_trainable(self, out_dir: str | Path) -> Path:
-        """Save the trainable adapter as an ordinary peft folder (``PeftModel.from_pretrained`` loads it)."""
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Whole (unsharded) CPU copies of the trainable adapter's parameters, by parameter name.
+
+        With a sharded base this all-gathers: every process must call it.
+        """
+        from spa_lite.fsdp import full_tensor
+
+        tag = f".{self.trainable}."
+        return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self.model.named_parameters()
+                if "lora_" in n and tag in n}
+
+    def save_trainable(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save the trainable adapter as an ordinary peft folder (``PeftModel.from_pretrained`` loads it).
+
+        ``state`` (from ``trainable_state``) is required when the base is sharded: gather on every process,
+        then save on one.
+        """
         if not self.trainable:
             raise SpaError("no trainable adapter to save")
-        return save_adapter(self.model, self.trainable, out_dir)
+        if self.sharded and state is None:
+            raise SpaError("a sharded stack saves from trainable_state(), gathered on every process")
+        return save_adapter(self.model, self.trainable, out_dir, state)
 
 
-def save_adapter(model, name: str, out_dir: str | Path) -> Path:
+def save_adapter(model, name: str, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+        extra = {"state_dict": state} if state is not None else {}
+        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True, **extra)
         sub = tmp / name  # peft nests every adapter but 'default' in a folder of its name
         if sub.is_dir():
             for f in sub.iterdir():

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from spa_lite.errors import SpaError
 from spa_lite.io import atomic_dir, atomic_write_text
 from spa_lite.logps import (TokenizedPair, backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
                             hidden_sequence_logps, sequence_logps)
@@ -91,14 +92,22 @@ def _global_confidences(conf: list[float], dist) -> list[float]:
 
 
 def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: ConfidenceWindow | None, refining: bool,
-              *, dist=None, global_n: int | None = None) -> StepOutput:
+              *, dist=None, global_n: int | None = None, discard: bool = False) -> StepOutput:
     """Loss of one micro-batch and its diagnostics.
 
     The loss is the sum of per-pair losses divided by ``global_n`` (the pairs of the micro-batch over all
     processes; by default this process's pairs, i.e. the mean). The reference forward runs without
     gradient; the policy's logits live only as long as the DND confidence needs them. ``batch`` is None
     for a process with no pairs in this micro-batch: it still joins the confidence exchange.
+    ``discard``: ``batch`` is a stand-in that a sharded process runs so that its collectives match the
+    others'; it contributes a zero loss and no confidences.
     """
+    if discard:
+        out = pair_loss(stack, batch, spec, None, refining=False, dist=None, global_n=global_n)
+        all_conf = _global_confidences([], dist)
+        if spec.refine and window is not None:
+            window.push(all_conf)
+        return StepOutput(out.loss * 0.0, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
     if batch is None:
         all_conf = _global_confidences([], dist)
         if spec.refine and window is not None:
@@ -107,7 +116,8 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         return StepOutput(zero, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
     n = batch["input_ids"].shape[0] // 2
     global_n = global_n or n
-    if fused_head(stack.model) is not None:
+    # a sharded base all-gathers inside the model's forward only: use the logits path there
+    if not stack.sharded and fused_head(stack.model) is not None:
         with torch.no_grad(), stack.use(spec.ref) as m:
             m.eval()
             backbone, head = fused_head(m)
@@ -178,15 +188,35 @@ def _checkpoint_paths(out_dir: Path) -> Path:
     return out_dir / "checkpoint"
 
 
-def save_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, step: int, window: ConfidenceWindow | None) -> None:
-    params = {n: p.detach().cpu().contiguous() for n, p in stack.model.named_parameters() if p.requires_grad}
+def _optimizer_state(stack: PolicyStack, opt) -> dict:
+    """The optimizer's state; for a sharded stack the whole (unsharded) state, gathered on every process."""
+    if not stack.sharded:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(stack.model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, step: int, window: ConfidenceWindow | None,
+                    *, write: bool = True) -> None:
+    """Write the resumable state. With a sharded stack every process calls it (the state is gathered) and
+    only the one with ``write`` writes."""
+    if stack.sharded:
+        params = stack.trainable_state()
+    else:
+        params = {n: p.detach().cpu().contiguous() for n, p in stack.model.named_parameters() if p.requires_grad}
+    optim = _optimizer_state(stack, opt)
+    if not write:
+        return
     with atomic_dir(_checkpoint_paths(out_dir)) as tmp:
         save_file(params, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+        torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "sharded": stack.sharded}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "window": window.state_dict() if window else None}))
 
 
 def load_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, window: ConfidenceWindow | None) -> int:
+    from spa_lite.fsdp import copy_full_into
+
     ck = _checkpoint_paths(out_dir)
     if not (ck / "state.json").exists():
         return 0
@@ -194,9 +224,17 @@ def load_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, window: Confi
     named = dict(stack.model.named_parameters())
     with torch.no_grad():
         for n, t in params.items():
-            named[n].copy_(t.to(named[n].device))
+            copy_full_into(named[n], t)
     st = torch.load(ck / "optim.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(st["optimizer"])
+    if bool(st.get("sharded", False)) != stack.sharded:
+        raise SpaError(f"{ck}: the checkpoint was written {'with' if st.get('sharded') else 'without'} FSDP; "
+                       f"resume with the same setting (model.fsdp), or delete {ck} to restart the stage")
+    if stack.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(stack.model, opt, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     state = json.loads((ck / "state.json").read_text())
     if window is not None and state["window"]:
@@ -255,6 +293,7 @@ def run_dpo_loop(
     from transformers import get_cosine_schedule_with_warmup
 
     from spa_lite.distributed import get_dist
+    from spa_lite.fsdp import full_tensor
 
     dist = get_dist()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,8 +325,14 @@ def run_dpo_loop(
                 gidx = micro_batch_indices(len(pairs), spec, step * spec.grad_accum + a)
                 idx = gidx[dist.rank :: dist.world]
                 batch = collate_pairs([pairs[i] for i in idx], pad) if idx else None
-                out = pair_loss(stack, batch, spec, window, refining=step >= refine_from, dist=dist, global_n=len(gidx))
-                (out.loss / spec.grad_accum).backward()
+                if stack.sharded and batch is None:  # every process must run the same forwards (all-gathers)
+                    out = pair_loss(stack, collate_pairs([pairs[gidx[0]]], pad), spec, window,
+                                    refining=step >= refine_from, dist=dist, global_n=len(gidx), discard=True)
+                else:
+                    out = pair_loss(stack, batch, spec, window, refining=step >= refine_from, dist=dist,
+                                    global_n=len(gidx))
+                # FSDP's reduce-scatter averages over processes; the loss is already a share of the global sum
+                (out.loss * (dist.world if stack.sharded else 1) / spec.grad_accum).backward()
                 shares = dist.all_gather_object((idx, out.confidences.tolist(), out.flagged.tolist(), out.stats,
                                                  out.loss.item()))
                 for sidx, conf, flg, stats, loss in shares:
@@ -298,8 +343,10 @@ def run_dpo_loop(
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * len(sidx)  # pair-weighted means over processes
                     counted += len(sidx)
-            _all_reduce_grads(params, dist)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm).item()
+            if not stack.sharded:
+                _all_reduce_grads(params, dist)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            gnorm = float(full_tensor(gnorm))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -320,8 +367,8 @@ def run_dpo_loop(
             done = step + 1
             stopping = stop_after is not None and done - start >= stop_after and done < steps
             if (done % spec.save_every == 0 and done < steps) or stopping:
-                if dist.main:
-                    save_checkpoint(out_dir, stack, opt, sched, done, window)
+                if dist.main or stack.sharded:
+                    save_checkpoint(out_dir, stack, opt, sched, done, window, write=dist.main)
                 dist.barrier()
             if stopping:
                 raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
@@ -331,7 +378,7 @@ def run_dpo_loop(
                 f.close()
     stack.model.eval()
     summary = {"steps": steps, "pairs": len(pairs), "resumed_from": start, "wall_s": round(time.time() - t0, 2),
-               "processes": dist.world}
+               "processes": dist.world, "fsdp": stack.sharded}
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if dist.main else []
     rows = dist.broadcast_object(rows)
     tail = rows[-10:]

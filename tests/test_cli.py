@@ -60,8 +60,8 @@ class StackSpy:
     def __init__(self, module):
         self.module, self.real, self.stack, self.before = module, module.load_stack, None, {}
 
-    def __call__(self, recipe, frozen_upto, trainable=None):
-        st = self.real(recipe, frozen_upto, trainable)
+    def __call__(self, recipe, frozen_upto, trainable=None, **kw):
+        st = self.real(recipe, frozen_upto, trainable, **kw)
         self.stack = st
         self.before = {n: p.detach().clone() for n, p in st.model.named_parameters()}
         return st

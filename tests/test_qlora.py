@@ -41,8 +41,8 @@ class Spy:
     def __init__(self, module):
         self.module, self.real, self.stack = module, module.load_stack, None
 
-    def __call__(self, recipe, frozen_upto, trainable=None):
-        self.stack = self.real(recipe, frozen_upto, trainable)
+    def __call__(self, recipe, frozen_upto, trainable=None, **kw):
+        self.stack = self.real(recipe, frozen_upto, trainable, **kw)
         self.lora = {n: p.detach().clone() for n, p in self.stack.model.named_parameters() if "lora_" in n}
         self.other = {n: p.detach().clone() for n, p in self.stack.model.named_parameters() if "lora_" not in n}
         self.q = snapshot_4bit(self.stack.model)
@@ -155,3 +155,13 @@ def test_4bit_gradients_do_not_depend_on_a_prior_eval_forward(qrun):
     for n in plain:
         torch.testing.assert_close(after_eval[n], plain[n], msg=n)
         assert plain[n].abs().sum() > 0, f"no gradient reaches {n}"
+
+
+def test_fsdp_refuses_4bit_base_with_advice(qrun):
+    from spa_lite.errors import SpaError
+    from spa_lite.fsdp import shard_stack
+
+    _, spies = qrun
+    with pytest.raises(SpaError, match="multi_gpu.yaml"):
+        shard_stack(spies["train"].stack, world=2)
+    assert not spies["train"].stack.sharded

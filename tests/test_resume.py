@@ -231,13 +231,13 @@ def test_failed_adapter_save_leaves_no_adapter(tiny_model_dir, tiny_data, base_r
 
     real = stack_mod.save_adapter
 
-    def crash(model, name, out_dir):
+    def crash(model, name, out_dir, *rest):
         def boom(*a, **k):
             raise Boom("killed during save_pretrained")
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(model, "save_pretrained", boom)
-            return real(model, name, out_dir)
+            return real(model, name, out_dir, *rest)
 
     monkeypatch.setattr(stack_mod, "save_adapter", crash)
     with pytest.raises(Boom):

@@ -18,8 +18,22 @@ def setup_torch(recipe: Recipe) -> None:
         torch.set_num_threads(recipe.threads)
 
 
-def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) -> PolicyStack:
-    """The base model with adapters pi_0..pi_{frozen_upto} frozen (-1: none) and an optional new one."""
+def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None, shard: bool = False) -> PolicyStack:
+    """The base model with adapters pi_0..pi_{frozen_upto} frozen (-1: none) and an optional new one.
+
+    ``shard``: a training stage; the base is sharded with FSDP2 when ``model.fsdp`` asks for it.
+    """
+    stack = _load_stack(recipe, frozen_upto, trainable)
+    from spa_lite.fsdp import fsdp_requested, shard_stack
+
+    if shard and fsdp_requested(recipe.model.fsdp):
+        from spa_lite.distributed import get_dist
+
+        shard_stack(stack, get_dist().world)
+    return stack
+
+
+def _load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) -> PolicyStack:
     from spa_lite.distributed import local_device
 
     setup_torch(recipe)
@@ -70,7 +84,8 @@ def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair],
             p.update(task, completed=step, info=info)
 
         summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step, stop_after=stop_after)
+    state = stack.trainable_state() if stack.sharded else None  # gathered on every process
     if dist.main:
-        stack.save_trainable(out_dir / "adapter")
+        stack.save_trainable(out_dir / "adapter", state)
     dist.barrier()
     return summary

@@ -23,7 +23,7 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
     rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
     if recipe.data.seed_limit:
         rows = rows[: recipe.data.seed_limit]
-    stack = load_stack(recipe, frozen_upto=-1, trainable="seed")
+    stack = load_stack(recipe, frozen_upto=-1, trainable="seed", shard=True)
     pairs, skipped = tokenize_pairs(stack.tokenizer, rows, recipe.model.max_length, recipe.model.max_prompt_length)
     if not pairs:
         raise DataError(recipe.data.seed_pairs, None, None, f"all {len(rows)} pairs exceed model.max_length")

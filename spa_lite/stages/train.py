@@ -27,7 +27,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     rows = [r for _, r in read_jsonl(data_path)]
     if not rows:
         raise DataError(data_path, None, None, "D_i is empty: expand judged no usable pairs (see its summary)")
-    stack = load_stack(recipe, frozen_upto=iteration - 1, trainable=adapter_name(iteration))
+    stack = load_stack(recipe, frozen_upto=iteration - 1, trainable=adapter_name(iteration), shard=True)
     pairs, skipped = tokenize_pairs(stack.tokenizer, rows, recipe.model.max_length, recipe.model.max_prompt_length)
     lam = lambda_for_iteration(iteration, c.lambdas)
     spec = LoopSpec(
