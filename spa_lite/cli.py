@@ -415,10 +415,12 @@ def plan_cmd(
     model: Annotated[Optional[str], typer.Option(help="Model folder, hub id, bundled alias or config.json (default: the recipe's).")] = None,
     gpu_mem: Annotated[float, typer.Option(help="GPU memory in GB to plan for.")] = 16.0,
     quantization: Annotated[str, typer.Option(help="4bit | none")] = "4bit",
+    fsdp: Annotated[int, typer.Option(min=1, help="Processes that seed-dpo and train shard over (FSDP2; full-precision bases only).")] = 1,
 ) -> None:
     """Estimated peak memory of each stage, and the batch / accumulation / checkpointing / length that fit.
 
     Example: spa-lite plan --recipe recipes/zephyr-7b-qlora.yaml --gpu-mem 16
+             spa-lite plan --model meta-llama/Llama-3.1-70B --quantization none --fsdp 8 --gpu-mem 80
     """
     from rich.table import Table
     from transformers import AutoConfig
@@ -429,17 +431,20 @@ def plan_cmd(
     from spa_lite.ui import console
 
     r = _recipe(recipe, set_, None, None)
+    if fsdp > 1 and quantization == "4bit":
+        raise SpaError("--fsdp shards full-precision bases only: add --quantization none (a 4-bit base trains "
+                       "data parallel, one copy per GPU)")
     src = model or r.model.name_or_path
     try:
         cfg = AutoConfig.from_pretrained(src if src.endswith(".json") else resolve_model_path(src))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise SpaError(f"cannot read a model config from '{src}': {e}") from None
     dtype_bytes = 4 if r.model.dtype in {"float32", "fp32"} else 2
     res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
               r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
               gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
-              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size)
-    t = Table(title=f"memory plan: {src} on {gpu_mem:g} GB ({quantization})")
+              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp)
+    t = Table(title=f"memory plan: {src} on {gpu_mem:g} GB ({quantization}" + (f", FSDP over {fsdp})" if fsdp > 1 else ")"))
     for c in ("stage", "peak GB", "fits", "largest parts"):
         t.add_column(c)
     for name, st in res["plan"]["stages"].items():

@@ -125,6 +125,7 @@ def plan_memory(
     judge_batch_size: int = 8,
     runtime_overhead_gb: float = 0.75,
     fused_logprobs: bool = True,
+    fsdp_shards: int = 1,
 ) -> dict:
     """Estimate the peak memory of each stage (GiB) and whether it fits in ``gpu_mem_gb``.
 
@@ -140,6 +141,10 @@ def plan_memory(
         fused_logprobs: spa-lite's default path for models with an affine LM head (``logps.fused_head``):
             log-probs come from hidden states through TRL's chunked kernel, so instead of [T, V] logits only
             one [min(T, 4096), 8192] tile set and three [T, H] fp32 hidden-state copies are alive.
+        fsdp_shards: processes the training stages shard over (FSDP2, ``spa_lite.fsdp``): base weights,
+            adapters and optimizer state per process are 1/N, plus two gathered decoder layers (the one
+            computing and the next being all-gathered); sharded training uses the logits path.
+            ``expand`` does not shard.
 
     Returns:
         {"stages": {"seed_dpo"|"train"|"expand": {"parts": {name: GiB}, "peak_gb", "fits"}},
@@ -156,7 +161,13 @@ def plan_memory(
     lora = d.lora_params(lora_r)
     overhead = runtime_overhead_gb
 
+    if fsdp_shards < 1:
+        raise ValueError(f"fsdp_shards must be >= 1, got {fsdp_shards}")
+    shard = 1 / fsdp_shards
+    layer_gathered = 2 * (d.decoder_linear_params() / max(d.layers, 1)) * wbytes * g if fsdp_shards > 1 else 0.0
+
     def train_stage(n_frozen: int, with_dnd: bool) -> dict:
+        fused = fused_logprobs and fsdp_shards == 1
         rows = 2 * batch_size
         T = rows * seq_len
         per_layer = activation_bytes_per_token_layer(d, b, lora_r, seq_len, attention)
@@ -167,7 +178,7 @@ def plan_memory(
         acts += T * (4 * d.hidden + b * d.hidden)  # final norm
         acts += rows * seq_len * seq_len * b  # 4-D attention mask shared by the layers
         V = d.vocab
-        if fused_logprobs:
+        if fused:
             tile = min(T, 4096) * min(8192, V) * (b + 16)  # the matmul tile and four fp32 temporaries of the kernel
             forward_end = backward_start = ref_phase = tile + T * d.hidden * 4 * (3 if with_dnd else 2)
         else:
@@ -175,9 +186,9 @@ def plan_memory(
             backward_start = T * V * (2 * b + c + 4)  # policy logits, fp32 copy, their grads (ref logits freed)
             ref_phase = T * V * (b + c + 4)
         parts = {
-            "base_weights": weights,
-            "frozen_adapters": n_frozen * lora * 4 * g,
-            "trainable_adapter_and_adamw": lora * 16 * g,
+            "base_weights": weights * shard + layer_gathered,
+            "frozen_adapters": n_frozen * lora * 4 * g * shard,
+            "trainable_adapter_and_adamw": lora * 16 * g * shard,
             "activations": acts * g,
             "logits": max(forward_end, backward_start, ref_phase) * g,
             "runtime_overhead": overhead,
@@ -218,7 +229,7 @@ def plan_memory(
                        batch_size=batch_size, gradient_checkpointing=gradient_checkpointing, dnd=dnd,
                        iteration=iteration, attention=attention, gen_batch_size=gen_batch_size,
                        num_samples=num_samples, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                       judge_batch_size=judge_batch_size),
+                       judge_batch_size=judge_batch_size, fsdp_shards=fsdp_shards),
         "params": {"base": d.decoder_linear_params() + d.other_params(), "lora_per_adapter": lora},
     }
 

@@ -157,3 +157,24 @@ def test_fit_keeps_effective_batch():
     assert small["batch_size"] < 4 or small["gradient_checkpointing"]
     none = fit(llama7b, 4, "none", 2, 16, 512, 4, 8)
     assert not none["fits"]  # 13 GB of bf16 weights cannot fit in 4 GB whatever the batch
+
+
+def test_fsdp_shards_training_state_not_expand():
+    from transformers import LlamaConfig
+
+    from spa_lite.plan import plan_memory
+
+    cfg = LlamaConfig(**SMOLLM2)
+    one = plan_memory(cfg, 24, "none", 2, 16, 512, 4, False, True)
+    four = plan_memory(cfg, 24, "none", 2, 16, 512, 4, False, True, fsdp_shards=4)
+    for stage in ("seed_dpo", "train"):
+        a, b = one["stages"][stage]["parts"], four["stages"][stage]["parts"]
+        h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+        layer = 2 * h * h + 2 * h * kv + 3 * h * cfg.intermediate_size  # q, o, k, v, gate/up/down weights
+        # 1/4 of the weights plus two gathered layers (bf16), computed here independently of the planner
+        assert b["base_weights"] == pytest.approx(a["base_weights"] / 4 + 2 * layer * 2 / 2**30, rel=1e-3)
+        assert b["trainable_adapter_and_adamw"] == pytest.approx(a["trainable_adapter_and_adamw"] / 4, rel=1e-3)
+        assert b["logits"] > a["logits"]  # sharded training takes the logits path, not the fused kernel
+    assert four["stages"]["expand"] == one["stages"]["expand"]
+    with pytest.raises(ValueError):
+        plan_memory(cfg, 24, "none", fsdp_shards=0)
