@@ -34,6 +34,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per process (AdamW state exists from step 1)")
     p.add_argument("--frozen", type=int, default=1, choices=[0, 1], help="frozen adapters under the trainable one")
     p.add_argument("--impls", default="spa,threecopy,trl")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="every side recomputes activations in backward (what a memory-bound user turns on)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.prompt_len, args.response_len, args.steps = 2, 8, 24, 2
@@ -45,7 +47,7 @@ def main(argv=None):
     impls = args.impls.split(",")
     cfg = dict(model=model, adapter=adapter, device=args.device, threads=args.threads, seed=args.seed,
                batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
-               steps=args.steps, frozen=args.frozen, lora_r=args.lora_r)
+               steps=args.steps, frozen=args.frozen, lora_r=args.lora_r, ckpt=args.gradient_checkpointing)
     raw = {k: [] for k in impls}
     for rep in range(args.repeats):
         for impl in impls:  # interleaved: A, B, C, A, B, C, ...
@@ -83,9 +85,10 @@ def main(argv=None):
         "ru_maxrss also contains the transient of from_pretrained (file pages and copies while loading), which can "
         "exceed the training peak for small batches; the _postload sides reset the high-water mark "
         "(/proc/self/clear_refs 5) after the models are built and read VmHWM at the end.",
-        "TRL 1.16 scores tokens with a fused, tiled LM head (no [rows, L, vocab] logits); spa_lite materialises "
-        "full float32 logits for the policy and the reference (DND needs both), which dominates at large vocab.",
-        "TRL runs with gradient_checkpointing=False (DPOConfig defaults to True) to match spa_lite's default.",
+        "TRL 1.16 and spa_lite both score tokens from hidden states with TRL's chunked LM-head kernel (no "
+        "[rows, L, vocab] logits); spa_lite's DND mix goes through the same kernel (the head is affine).",
+        f"gradient checkpointing: {'on for every side' if args.gradient_checkpointing else 'off for every side'} "
+        "(DPOConfig defaults to on; spa_lite's recipes to off).",
         f"frozen adapters under the trainable one: {args.frozen} (TRL trains a single adapter against the bare base).",
     ]
     common.write_result(args, "memory", {k: v for k, v in cfg.items() if k != "adapter"} | {"impls": impls},

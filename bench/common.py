@@ -361,7 +361,8 @@ def strip_stale_gguf(model) -> bool:
 def _load(cfg):
     from spa_lite.models import load_base_model
 
-    model, tok = load_base_model(cfg["model"], quantization="none", device=cfg["device"], dtype=cfg.get("dtype", "auto"))
+    model, tok = load_base_model(cfg["model"], quantization="none", device=cfg["device"], dtype=cfg.get("dtype", "auto"),
+                                 gradient_checkpointing=bool(cfg.get("ckpt", False)))
     strip_stale_gguf(model)  # same on every side, so no side differs by it
     return model, tok
 
@@ -470,7 +471,7 @@ def worker_train(cfg: dict) -> dict:
         args = DPOConfig(
             output_dir=str(tmp / "trl"), max_steps=steps, per_device_train_batch_size=B, gradient_accumulation_steps=1,
             learning_rate=1e-4, beta=0.1, loss_type=["sigmoid"], report_to=[], use_cpu=not cuda,
-            save_strategy="no", logging_steps=1, bf16=False, fp16=False, gradient_checkpointing=False,
+            save_strategy="no", logging_steps=1, bf16=False, fp16=False, gradient_checkpointing=bool(cfg.get("ckpt", False)),
             max_length=None, disable_dropout=True, dataloader_num_workers=0, dataloader_pin_memory=False,
             seed=cfg["seed"], warmup_steps=0, disable_tqdm=True, max_grad_norm=1.0, weight_decay=0.0,
         )
@@ -524,6 +525,21 @@ def worker_judge(cfg: dict) -> dict:
         def judge(sl):
             return [r["p"] for r in judge_logprob(stack, ["seed"], [], prompts[sl], y1[sl], y2[sl], beta=beta,
                                                   batch_size=bs)]
+    elif impl == "stack_sampler":
+        # expand's default (expand.judge_logps: sampler): log pi_{i-1}(y|x) comes with each sample from the
+        # sampling pass, so judging runs the reference only (plus a 2-pair self-check per call). Here the
+        # pairs are not sampled, so those values are computed before the clock starts.
+        from spa_lite.judge import response_logps
+        from spa_lite.stack import build_stack
+
+        stack = build_stack(base, tok, [("seed", cfg["adapter"])])
+        k = len(prompts)
+        lp = response_logps(stack, ["seed"], prompts + prompts, y1 + y2, batch_size=2 * bs)
+        known1, known2 = lp[:k].tolist(), lp[k:].tolist()
+
+        def judge(sl):
+            return [r["p"] for r in judge_logprob(stack, ["seed"], [], prompts[sl], y1[sl], y2[sl], beta=beta,
+                                                  batch_size=bs, judge_logps=(known1[sl], known2[sl]))]
     elif impl == "naive":
         from peft import PeftModel
 

@@ -74,6 +74,7 @@ class ExpandConfig:
     judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt)
     judge_ref: str = "init"  # init | prev | none: the reference in Eq. 7's log-ratio
     judge_batch_size: int = 8  # pairs per judging forward pass
+    judge_logps: str = "sampler"  # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
     beta: float = 0.1
     length_penalty: float = 0.0  # Eq. 13: reward - a * |y| tokens
     drop_truncated: bool = False  # drop pairs where a response hit max_new_tokens (counted either way)
@@ -133,6 +134,7 @@ _CHOICES = {
     ("train", "loss"): {"dpo", "dro"},
     ("expand", "judge"): {"logprob", "llm"},
     ("expand", "judge_ref"): {"init", "prev", "none"},
+    ("expand", "judge_logps"): {"sampler", "forward"},
     ("expand", "backend"): {"hf", "vllm"},
     ("data", "format"): {"auto", "conversational", "standard", "ultrafeedback", "hh", "prompts"},
 }

@@ -45,6 +45,9 @@ def judge_logprob(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     cache: dict | None = None,
+    judge_logps: tuple[Sequence[float], Sequence[float]] | None = None,
+    check: dict | None = None,
+    check_pairs: int = 2,
 ) -> list[dict]:
     """Eq. 7: p(y1 > y2 | x) = sigmoid(beta * [r(y1) - r(y2)]), r(y) = log pi_judge(y|x) - log pi_ref(y|x).
 
@@ -54,11 +57,20 @@ def judge_logprob(
         length_penalty: a in Eq. 13, r(y) - a * |y| with |y| in tokens.
         cache: reuse log-probs across calls on the SAME prompts and responses (keyed by adapters and batch),
             so judging with several references or judges scores each policy once.
+        judge_logps: log pi_judge(y1|x) and log pi_judge(y2|x) already known (recorded while sampling,
+            ``sample_responses(record_logps=True)``): the judge's forward pass is skipped, only the reference
+            runs. The first ``check_pairs`` pairs are still scored by a forward pass and compared: if any differs
+            by more than ``check["tol"]`` nats (default 0.05; e.g. a model whose generation_config adds a
+            repetition penalty ahead of the recorder), the recorded values are dropped and every batch is
+            scored by forward passes. ``check`` (a dict, optional) receives "max_abs_dev", "checked" and "reused".
 
     Returns:
         per pair: p, the two log-ratios (rewards before the penalty) and the two token lengths.
     """
     rows = []
+    check = check if check is not None else {}
+    tol = check.setdefault("tol", 0.05)
+    check.update(max_abs_dev=None, checked=0, reused=judge_logps is not None)
     for s in range(0, len(prompts), batch_size):
         p_, a, b = prompts[s : s + batch_size], y1[s : s + batch_size], y2[s : s + batch_size]
         both_p, both_r = list(p_) + list(p_), list(a) + list(b)
@@ -71,10 +83,22 @@ def judge_logprob(
                 cache[key] = out
             return cache[key]
 
-        pol = logps(judge)
+        n = len(p_)
+        if check["reused"]:
+            pol = torch.tensor(list(judge_logps[0][s : s + batch_size]) + list(judge_logps[1][s : s + batch_size]),
+                               dtype=torch.float32)
+            if s == 0:  # self-check on the first pairs: recorded vs teacher-forced log-probs
+                k = min(len(p_), check_pairs)
+                forward = response_logps(stack, judge, list(p_[:k]) * 2, list(a[:k]) + list(b[:k]), batch_size=2 * k)
+                dev = (forward - torch.cat([pol[:k], pol[n : n + k]])).abs().max().item()
+                check.update(max_abs_dev=dev, checked=2 * k)
+                if not dev <= tol:
+                    check["reused"] = False
+                    pol = logps(judge)
+        else:
+            pol = logps(judge)
         refl = torch.zeros_like(pol) if ref is None else logps(ref)
         r = pol - refl
-        n = len(p_)
         for i in range(n):
             r1, r2 = r[i].item(), r[n + i].item()
             l1, l2 = len(a[i]), len(b[i])

@@ -140,7 +140,9 @@ def plan_memory(
         runtime_overhead_gb: CUDA context, kernels and allocator slack, added to every stage.
         fused_logprobs: spa-lite's default path for models with an affine LM head (``logps.fused_head``):
             log-probs come from hidden states through TRL's chunked kernel, so instead of [T, V] logits only
-            one [min(T, 4096), 8192] tile set and three [T, H] fp32 hidden-state copies are alive.
+            one [min(R, 4096), 8192] tile set and three [R, H] fp32 hidden-state copies of the R scored
+            (response) positions are alive; R per row is ``seq_len - prompt_len`` (the length budget left
+            after the prompt; ``seq_len // 2`` when ``prompt_len >= seq_len``).
         fsdp_shards: processes the training stages shard over (FSDP2, ``spa_lite.fsdp``): base weights,
             adapters and optimizer state per process are 1/N, plus two gathered decoder layers (the one
             computing and the next being all-gathered); sharded training uses the logits path.
@@ -170,6 +172,8 @@ def plan_memory(
         fused = fused_logprobs and fsdp_shards == 1
         rows = 2 * batch_size
         T = rows * seq_len
+        # the fused kernel projects only scored (response) positions: the length budget left after the prompt
+        R = rows * (seq_len - prompt_len if 0 < prompt_len < seq_len else seq_len // 2)
         per_layer = activation_bytes_per_token_layer(d, b, lora_r, seq_len, attention)
         if gradient_checkpointing:
             acts = T * (d.layers * b * d.hidden + per_layer)
@@ -179,8 +183,8 @@ def plan_memory(
         acts += rows * seq_len * seq_len * b  # 4-D attention mask shared by the layers
         V = d.vocab
         if fused:
-            tile = min(T, 4096) * min(8192, V) * (b + 16)  # the matmul tile and four fp32 temporaries of the kernel
-            forward_end = backward_start = ref_phase = tile + T * d.hidden * 4 * (3 if with_dnd else 2)
+            tile = min(R, 4096) * min(8192, V) * (b + 16)  # the matmul tile and four fp32 temporaries of the kernel
+            forward_end = backward_start = ref_phase = tile + R * d.hidden * 4 * (3 if with_dnd else 2)
         else:
             forward_end = T * V * (b + b + c) + ((2 * 4 + c) * seq_len * V if with_dnd else 0)
             backward_start = T * V * (2 * b + c + 4)  # policy logits, fp32 copy, their grads (ref logits freed)

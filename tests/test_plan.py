@@ -89,7 +89,8 @@ def estimate_step(config: dict, B: int, L: int, ckpt: bool, dnd: bool, r: int = 
 
     from spa_lite.plan import GIB, plan_memory
 
-    p = plan_memory(LlamaConfig(**config), 80, "none", 4, r, L, B, ckpt, dnd, attention="flash")
+    # the measurement scores the second half of every row (loss_mask[:, L // 2:])
+    p = plan_memory(LlamaConfig(**config), 80, "none", 4, r, L, B, ckpt, dnd, attention="flash", prompt_len=L // 2)
     parts = p["stages"]["train"]["parts"]
     return (parts["activations"] + parts["logits"]) * GIB + 4 * p["params"]["lora_per_adapter"]
 

@@ -41,11 +41,13 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     """
     c = recipe.expand
     names = stack.prev
+    # Eq. 7's log pi_{i-1}(y|x) read off the sampling pass (transformers backend): judging runs only the reference
+    record = c.judge == "logprob" and c.judge_logps == "sampler" and sample_fn is sample_responses
     with stack.use(names) as m:
         samples = sample_fn(
             m, stack.tokenizer, [p["prompt"] for p in prompts], num_samples=c.num_samples,
             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
-            batch_size=c.batch_size, on_batch=on_gen,
+            batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}),
         )
     counts = {"prompts": len(prompts), "identical": 0, "truncated": 0, "empty": 0, "dropped_truncated": 0}
     keep = []
@@ -63,15 +65,19 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
             counts["dropped_truncated"] += 1
             continue
         keep.append((rec, y1, y2))
+    check: dict = {}
     if c.judge == "llm":
         judged = judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
                            [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
     else:
         prompt_ids = [encode_prompt(stack.tokenizer, r["prompt"]) for r, _, _ in keep]
+        known = None
+        if record and all(a.logp is not None and b.logp is not None for _, a, b in keep):
+            known = ([a.logp for _, a, _ in keep], [b.logp for _, _, b in keep])
         judged = judge_logprob(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
                                [a.token_ids for _, a, _ in keep], [b.token_ids for _, _, b in keep],
                                beta=c.beta, length_penalty=c.length_penalty, batch_size=c.judge_batch_size,
-                               on_batch=on_judge)
+                               on_batch=on_judge, judge_logps=known, check=check)
     rows = []
     for (rec, y1, y2), j in zip(keep, judged):
         first = j["p"] > 0.5  # Eq. 7: y_w = y1 iff p > 0.5 (ties go to y2)
@@ -86,7 +92,10 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
             row.update(logratio_chosen=j["logratio_1"] if first else j["logratio_2"],
                        logratio_rejected=j["logratio_2"] if first else j["logratio_1"])
         rows.append(row)
-    return {"rows": rows, "counts": counts}
+    out = {"rows": rows, "counts": counts}
+    if check.get("checked"):
+        out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked")}
+    return out
 
 
 def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", fail_after_shards: int | None = None) -> dict:
@@ -133,15 +142,21 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
                 if fail_after_shards is not None and written >= fail_after_shards and k != todo[-1]:
                     raise KeyboardInterrupt(f"injected failure after shard {k}")
     dist.barrier()
-    rows, counts = [], {}
+    rows, counts, checks = [], {}, []
     for k in range(len(shards)):
         sh = read_json(shard_dir / f"{k:05d}.json")
         rows += sh["rows"]
         for key, v in sh["counts"].items():
             counts[key] = counts.get(key, 0) + v
+        if "sampler_logps" in sh:
+            checks.append(sh["sampler_logps"])
     if dist.main:
         atomic_write_jsonl(out / "data.jsonl", rows)
     summary = summarize_pairs(rows, counts)
+    if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
+        summary["sampler_logps"] = {"shards_reused": sum(bool(x["reused"]) for x in checks), "shards": len(checks),
+                                    "max_abs_dev": max(x["max_abs_dev"] for x in checks),
+                                    "checked_sequences": sum(x["checked"] for x in checks)}
     return finish_stage(recipe, stage, summary, {"prompts": recipe.data.prompts, "shards": len(shards)}, t0)
 
 
