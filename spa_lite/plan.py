@@ -100,7 +100,8 @@ def activation_bytes_per_token_layer(d: Dims, dtype_bytes: int, lora_r: int, seq
     if attention == "math":
         attn += b * d.heads * seq_len
     n_up = 2 if d.gated else 1
-    mlp = 4 * h + (b + n_up * c) * h + ((2 + 2 * n_up) * b + c) * inter
+    # saved per token: gate (and up) outputs, the activation's output and the product feeding down_proj's LoRA A
+    mlp = 4 * h + (b + n_up * c) * h + (2 * n_up * b + c) * inter
     return attn + mlp + 4 * lora_r * len(d.linear_shapes())
 
 

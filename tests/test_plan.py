@@ -110,7 +110,9 @@ needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux") or not _cle
 
 @needs_proc
 def test_tiny_step_estimate_matches_measured_peak():
-    # 16 rows x 256 tokens: ~55 MB of activations and logits, well above the allocator noise (~1-2 MB)
+    # 16 rows x 256 tokens: ~68 MB measured, well above the allocator noise (~1-2 MB). The estimate is ~0.78x:
+    # at width 64 per-token costs outside the per-layer formula (embeddings, rotary tables, mask copies) are a
+    # larger share than at real widths, where it is within 5% (the bench-marked SmolLM2-sized tests below)
     measured = measure_step(TINY, B=8, L=256, ckpt=False, dnd=True)
     est = estimate_step(TINY, B=8, L=256, ckpt=False, dnd=True)
     assert 0.75 < est / measured < 1.3, (est / 2**20, measured / 2**20)
@@ -120,9 +122,10 @@ def test_tiny_step_estimate_matches_measured_peak():
 @needs_proc
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_smollm2_sized_step_estimate(ckpt):
+    # measured 2026-11-25: estimate / measured 0.952 (1426 MiB measured) and 0.995 with checkpointing (204 MiB)
     measured = measure_step(SMOLLM2, B=2, L=256, ckpt=ckpt, dnd=True)
     est = estimate_step(SMOLLM2, B=2, L=256, ckpt=ckpt, dnd=True)
-    assert 0.75 < est / measured < 1.3, (est / 2**20, measured / 2**20)
+    assert 0.8 < est / measured < 1.2, (est / 2**20, measured / 2**20)
 
 
 def test_plan_parts_and_monotonicity():
