@@ -307,6 +307,7 @@ class ThreeCopyStack:
         self.tokenizer = tokenizer
         self.ref_names, self.theta = list(ref_names), list(theta_names)
         self.model = theta  # pair_loss asks the model in use for its backbone and head
+        self.sharded = False  # no FSDP: the fused log-prob path, as PolicyStack unsharded
 
     @property
     def prev(self):
