@@ -82,6 +82,9 @@ def test_4bit_stages_complete(qrun):
         assert m["config"].get("model", m["recipe"]["model"])["quantization"] == "4bit"
     data = [json.loads(x) for x in (r.run_path / "iter1/expand/data.jsonl").read_text().splitlines()]
     assert data and all({"chosen", "rejected", "p_y1", "logratio_chosen"} <= set(d) for d in data)
+    # Eq. 7 took pi_0's log-probs from the 4-bit sampling pass; they matched a forward pass
+    check = json.loads((r.run_path / "iter1/expand/manifest.json").read_text())["summary"]["sampler_logps"]
+    assert check["shards_reused"] == check["shards"] > 0 and check["max_abs_dev"] < 1e-3, check
     for key in ("seed", "iter1/train"):
         metrics = [json.loads(x) for x in (r.run_path / key / "metrics.jsonl").read_text().splitlines()]
         assert metrics and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
