@@ -82,6 +82,9 @@ def main(argv=None):
     notes = [
         "Each repeat of each side is a fresh Python process; sides are interleaved spa, threecopy, trl, ...",
         "Memory includes the model weights (loaded in-process), adapters, AdamW state and activations.",
+        "Workers run with MALLOC_MMAP_THRESHOLD_=65536 (unless set): freed large blocks go back to the OS, so peak "
+        "RSS tracks peak live memory rather than glibc arena fragmentation (earlier runs without it: "
+        "bench/results/memory.json).",
         "ru_maxrss also contains the transient of from_pretrained (file pages and copies while loading), which can "
         "exceed the training peak for small batches; the _postload sides reset the high-water mark "
         "(/proc/self/clear_refs 5) after the models are built and read VmHWM at the end.",

@@ -145,7 +145,11 @@ def run_worker(kind: str, cfg: dict, timeout: float = 3600) -> dict:
     """Run one worker in a fresh interpreter and return the JSON it prints on its 'RESULT ' line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--cfg", json.dumps(cfg)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    # glibc keeps freed small-heap blocks in its arenas, so a process's peak RSS also counts memory that was
+    # free but not returned; allocations of 64 KiB and more as mmaps go back to the OS on free, and peak RSS
+    # tracks peak live memory (what CUDA's max_memory_allocated measures). Same setting for every side.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO), env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")
