@@ -123,6 +123,42 @@ def quality_sections(results: Path) -> list[str]:
                 out.append(f"| {name} | {di} | {s['confirmed']} | {s['contradicted']} | {s['undetermined']} | "
                            f"{f(s.get('contradicted_rate_flagged'))} | {f(s.get('contradicted_rate_unflagged'))} |")
         out.append("")
+    pa = results / "plan_accuracy.json"
+    if pa.exists():
+        d = json.loads(pa.read_text())
+        out += ["## Memory planner accuracy", "",
+                f"Command: `{d['command']}`; machine: {d['machine']}. Peak memory of one training step (DND on) "
+                f"estimated by `spa_lite.plan` vs measured (RSS high-water mark of a fresh process after a reset); "
+                f"target: {d['target']}." + (f" {d['note']}." if d.get("note") else ""), "",
+                "| case | pairs x tokens | checkpointing | measured MiB | estimated MiB | estimate / measured |",
+                "|---|---|---|---|---|---|"]
+        for name, c in d["cases"].items():
+            out.append(f"| {name} | {c['pairs']} x {c['seq_len']} | {c['gradient_checkpointing']} | {c['measured_mib']} | "
+                       f"{c['estimated_mib']} | {c['ratio']} |")
+        out.append("")
+    for r in sorted(results.glob("eval_*.json")):
+        d = json.loads(r.read_text())
+        out += [f"## `spa-lite eval` on {r.stem.split('_', 1)[1]}", "",
+                f"Command: `{d.get('command', '?')}`; pairs: {(d.get('pairs') or {}).get('n')} from "
+                f"`{(d.get('pairs') or {}).get('spec')}` ({(d.get('pairs') or {}).get('skipped_length')} over the length "
+                f"limit skipped); wall {d.get('wall_s', '?')} s. "
+                "Judge accuracy against gold labels (95% Wilson CI) per policy and judging method (init: Eq. 7 with "
+                "the pi_init reference; prev: the previous policy as reference; none: log-likelihood alone).", "",
+                "| policy | " + " | ".join(sorted({m for v in d.get("judge_accuracy", {}).values() for m in v})) + " |"]
+        methods = sorted({m for v in d.get("judge_accuracy", {}).values() for m in v})
+        out.append("|---|" + "---|" * len(methods))
+        for pol, v in d.get("judge_accuracy", {}).items():
+            out.append(f"| {pol} | " + " | ".join(_ci(v.get(m), "accuracy") for m in methods) + " |")
+        nd = d.get("noise_detection") or {}
+        if nd.get("by_policy"):
+            out += ["", f"Noise detection: {nd['flip']:.0%} of the gold labels flipped; AUROC of low confidence "
+                    "for finding them (Eq. 9: the policy's own confidence; dnd_lambda: Eq. 11-12).", ""]
+            keys = sorted({k for v in nd["by_policy"].values() for k, x in v.items() if isinstance(x, dict)})
+            out += ["| policy | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+            for pol, v in nd["by_policy"].items():
+                out.append(f"| {pol} | " + " | ".join(
+                    "-" if (v.get(k) or {}).get("auroc") is None else f"{v[k]['auroc']:.3f}" for k in keys) + " |")
+        out.append("")
     for r in sorted(results.glob("robustness_*.json")):
         d = json.loads(r.read_text())
         out += [f"## Robustness to flipped seed labels ({r.stem.split('_', 1)[1]})", "",
