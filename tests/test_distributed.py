@@ -115,3 +115,20 @@ def test_fsdp_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path):
     f1 = sorted((r["step"], r["pair"], r["flagged"]) for r in map(json.loads, (a / "iter1/train/flags.jsonl").read_text().splitlines()))
     f2 = sorted((r["step"], r["pair"], r["flagged"]) for r in map(json.loads, (b / "iter1/train/flags.jsonl").read_text().splitlines()))
     assert f1 == f2
+
+
+def test_accelerate_configs_parse(monkeypatch):
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+    cfgs = {p.stem: yaml.safe_load(p.read_text()) for p in root.glob("*.yaml")}
+    assert {"multi_gpu", "cpu_2proc", "fsdp"} <= set(cfgs)
+    assert cfgs["fsdp"]["distributed_type"] == "FSDP" and cfgs["fsdp"]["fsdp_config"]["fsdp_version"] == 2
+    assert cfgs["multi_gpu"]["distributed_type"] == "MULTI_GPU" and cfgs["cpu_2proc"]["use_cpu"] is True
+    from spa_lite.fsdp import fsdp_requested
+
+    assert fsdp_requested("on") and not fsdp_requested("off")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not fsdp_requested("auto")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    assert fsdp_requested("auto")
