@@ -76,7 +76,7 @@ def main() -> None:
         rep = evaluate.run(recipe, methods=["init"], flip=0.0, prompt_limit=args.prompts, samples=args.samples,
                            tag="quality", policies=pols)
         results["variants"][name] = {
-            "overrides": over, "wall_s": round(time.time() - t, 1),
+            "overrides": over, "wall_s": round(time.time() - t, 1), "command": " ".join(sys.argv),
             "pass_rate": rep.get("pass_rate"), "judge_accuracy": rep.get("judge_accuracy"),
             "self_label_noise": rep.get("self_label_noise"),
         }
