@@ -55,9 +55,9 @@ def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     else:
         rows.append(("bitsandbytes", "missing", "pip install bitsandbytes (needed for quantization: 4bit)"))
     try:
-        from spa_lite.fsdp import _fully_shard
+        from spa_lite.fsdp import fully_shard_fn
 
-        _fully_shard()
+        fully_shard_fn()
         n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
         rows.append(("fsdp", "ok", "FSDP2 fully_shard available"
                      + (f"; {n_gpu} GPUs: recipes/accelerate/fsdp.yaml shards training" if n_gpu > 1 else "")))

@@ -38,26 +38,13 @@ def fsdp_requested(setting: str) -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
-def _fully_shard():
+def fully_shard_fn():
+    """torch's FSDP2 ``fully_shard`` (ImportError when this torch has none)."""
     try:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
     except ImportError:  # pragma: no cover - torch 2.4/2.5
         from torch.distributed._composable.fsdp import fully_shard
     return fully_shard
-
-
-def fsdp_module_class():
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        from torch.distributed._composable.fsdp import FSDPModule
-    return FSDPModule
-
-
-def is_sharded(model) -> bool:
-    """True when any submodule of ``model`` is an FSDP2 unit."""
-    cls = fsdp_module_class()
-    return any(isinstance(m, cls) for m in model.modules())
 
 
 def _layer_classes(base) -> set[str]:
@@ -87,7 +74,7 @@ def shard_stack(stack, world: int, reshard_after_forward: bool | None = None) ->
         reshard_after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("0", "false")
     device = next(base.parameters()).device
     mesh = init_device_mesh(device.type, (world,))
-    fully_shard = _fully_shard()
+    fully_shard = fully_shard_fn()
     classes = _layer_classes(base)
     units = 0
     for module in list(base.modules()):

@@ -107,7 +107,6 @@ def sample_responses(
             mask[r, width - len(x) :] = 1
         torch.manual_seed(seed + b)
         sampling = temperature > 0
-        extra: dict = {}
         recorder = None
         if record_logps:
             from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper

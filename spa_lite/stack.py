@@ -67,11 +67,14 @@ class PolicyStack:
     def prev(self) -> list[str]:
         return list(self.frozen)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+    def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
         if not self.trainable:
             return []
         tag = f".{self.trainable}."
-        return [p for n, p in self.model.named_parameters() if "lora_" in n and tag in n]
+        return [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and tag in n]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self._trainable_named()]
 
     @contextlib.contextmanager
     def use(self, names: Sequence[str]) -> Iterator[object]:
@@ -98,9 +101,7 @@ class PolicyStack:
         """
         from spa_lite.fsdp import full_tensor
 
-        tag = f".{self.trainable}."
-        return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self.model.named_parameters()
-                if "lora_" in n and tag in n}
+        return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self._trainable_named()}
 
     def save_trainable(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Save the trainable adapter as an ordinary peft folder (``PeftModel.from_pretrained`` loads it).

@@ -201,10 +201,7 @@ def save_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, step: int, wi
                     *, write: bool = True) -> None:
     """Write the resumable state. With a sharded stack every process calls it (the state is gathered) and
     only the one with ``write`` writes."""
-    if stack.sharded:
-        params = stack.trainable_state()
-    else:
-        params = {n: p.detach().cpu().contiguous() for n, p in stack.model.named_parameters() if p.requires_grad}
+    params = stack.trainable_state()
     optim = _optimizer_state(stack, opt)
     if not write:
         return
@@ -220,15 +217,15 @@ def load_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, window: Confi
     ck = _checkpoint_paths(out_dir)
     if not (ck / "state.json").exists():
         return 0
+    st = torch.load(ck / "optim.pt", map_location="cpu", weights_only=True)
+    if bool(st.get("sharded", False)) != stack.sharded:
+        raise SpaError(f"{ck}: the checkpoint was written {'with' if st.get('sharded') else 'without'} FSDP; "
+                       f"resume with the same setting (model.fsdp), or delete {ck} to restart the stage")
     params = load_file(str(ck / "trainable.safetensors"))
     named = dict(stack.model.named_parameters())
     with torch.no_grad():
         for n, t in params.items():
             copy_full_into(named[n], t)
-    st = torch.load(ck / "optim.pt", map_location="cpu", weights_only=True)
-    if bool(st.get("sharded", False)) != stack.sharded:
-        raise SpaError(f"{ck}: the checkpoint was written {'with' if st.get('sharded') else 'without'} FSDP; "
-                       f"resume with the same setting (model.fsdp), or delete {ck} to restart the stage")
     if stack.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
