@@ -282,3 +282,18 @@ def test_split_helpers_are_disjoint_and_deterministic():
     cands = build.expand_seed_candidates(s1, seed=0)
     assert {tasks.question_index(r) for r in cands} == qs[0]
     assert len({r["id"] for r in cands}) == len(cands) > len(s1)
+
+
+def test_each_kind_record_is_consistent():
+    """Each kind's template names exactly its parameters, and its verifier accepts or rejects a drawn instance."""
+    import random
+    import string
+
+    for name, kind in tasks.KINDS.items():
+        assert kind.name == name and kind.weight > 0
+        placeholders = {f for _, f, _, _ in string.Formatter().parse(kind.template) if f}
+        assert placeholders == set(kind.params), name
+        constraint = tasks.sample_constraint(name, "How do I boil fresh pasta?", random.Random(0))
+        assert set(constraint["params"]) == set(kind.params)
+        assert isinstance(verify("Some answer, here.", constraint), bool)
+    assert tasks.QUESTIONS_FILE.is_file() and tasks.QUESTIONS_FILE.parent == DATA_DIR
