@@ -425,11 +425,15 @@ def plan_cmd(
     from rich.table import Table
     from transformers import AutoConfig
 
+    from spa_lite.logps import chunked_kernel_available, head_is_affine
     from spa_lite.losses import lambda_for_iteration
     from spa_lite.models import resolve_model_path
-    from spa_lite.plan import fit
+    from spa_lite.plan import QUANTIZATIONS, fit
     from spa_lite.ui import console
 
+    if quantization not in QUANTIZATIONS:
+        raise SpaError(f"--quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)} (spa-lite loads "
+                       "a base in NF4 4-bit or unquantised; 8-bit bases are not supported)")
     r = _recipe(recipe, set_, None, None)
     if fsdp > 1 and quantization == "4bit":
         raise SpaError("--fsdp shards full-precision bases only: add --quantization none (a 4-bit base trains "
@@ -443,7 +447,8 @@ def plan_cmd(
     res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
               r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
               gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
-              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp)
+              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp,
+              fused_logprobs=chunked_kernel_available() and head_is_affine(cfg))
     t = Table(title=f"memory plan: {src} on {gpu_mem:g} GB ({quantization}" + (f", FSDP over {fsdp})" if fsdp > 1 else ")"))
     for c in ("stage", "peak GB", "fits", "largest parts"):
         t.add_column(c)
@@ -452,6 +457,8 @@ def plan_cmd(
         t.add_row(name, f"{st['peak_gb']:.2f}", "yes" if st["fits"] else "[red]no[/]",
                   ", ".join(f"{k} {v:.2f}" for k, v in parts))
     console.print(t)
+    if not chunked_kernel_available():
+        console.print("log-probs: full logits (the installed trl has no chunked log-prob kernel; trl>=1.15 has it)")
     verdict = "fits" if res["fits"] else "does NOT fit even with the smallest settings"
     console.print(f"{verdict}: batch_size {res['batch_size']} x grad_accum {res['grad_accum']} "
                   f"(effective {res['effective_batch']}), gradient_checkpointing {res['gradient_checkpointing']}, "
