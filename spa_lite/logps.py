@@ -99,13 +99,6 @@ def extrapolated_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, la
     return out
 
 
-def policy_logps(model, batch: dict[str, torch.Tensor], keep_logits: bool = False):
-    """Forward pass; returns per-row sequence log-probs (and the logits when asked)."""
-    logits = forward_logits(model, batch)
-    lp = sequence_logps(logits, batch)
-    return (lp, logits) if keep_logits else lp
-
-
 # --- Fused path: log-probabilities from hidden states, without [N, L, V] logits --------------------------------
 # The largest buffers of a DPO step on a small model are the full-vocabulary logits of policy and reference
 # (and, for DND, their mix). Here the backbone returns hidden states, and TRL's chunked log-prob kernel

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 from spa_lite.config import Recipe
 from spa_lite.data import iteration_prompts, load_prompts
@@ -174,6 +173,3 @@ def summarize_pairs(rows: list[dict], counts: dict) -> dict:
         "frac_chosen_longer": mean([float(r["len_chosen"] > r["len_rejected"]) for r in rows]),
     }
 
-
-def data_path(run_path: Path, iteration: int) -> Path:
-    return run_path / f"iter{iteration}" / "expand" / "data.jsonl"
