@@ -13,6 +13,8 @@ Schemas recognised (``format: auto`` picks by the first record's fields):
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import random
 import re
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from spa_lite.demo import demo_path
 from spa_lite.errors import DataError, SpaError
 from spa_lite.io import read_jsonl
 
@@ -31,8 +34,6 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 def resolve_data_path(spec: str) -> Path | str:
     """``demo:NAME`` is a file shipped with spa-lite; paths pass through; other strings are dataset names."""
     if spec.startswith("demo:"):
-        from spa_lite.demo import demo_path
-
         return demo_path(spec.split(":", 1)[1])
     p = Path(spec)
     return p if p.exists() or "/" not in spec or spec.startswith((".", "/")) else spec
@@ -46,9 +47,6 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
             raise DataError(src, None, None, "file not found")
         if src.suffix in {".jsonl", ".gz"} or src.name.endswith(".jsonl.gz"):
             if src.suffix == ".gz":
-                import gzip
-                import json
-
                 with gzip.open(src, "rt", encoding="utf-8") as f:
                     for lineno, line in enumerate(f, start=1):
                         if line.strip():
@@ -60,7 +58,7 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
             for lineno, rec in read_jsonl(src):
                 yield str(src), lineno, rec
             return
-        import datasets
+        import datasets  # slow to import (seconds): only for .json, .parquet, dataset folders and hub names
 
         if src.is_dir():
             ds = datasets.load_from_disk(str(src))

@@ -6,13 +6,18 @@ import json
 import time
 from pathlib import Path
 
+from rich.table import Table
+
 from spa_lite.config import Recipe
 from spa_lite.data import load_pairs, load_prompts, shuffled
+from spa_lite.demo.tasks import verify
 from spa_lite.errors import SpaError, StageOrderError
+from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, pass_rate, policy_label,
+                                 self_label_noise)
 from spa_lite.io import atomic_write_json, read_jsonl
+from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.runs import Stage, read_manifest, stage_dir
-from spa_lite.stages.common import load_stack
 from spa_lite.ui import console, progress
 
 
@@ -46,8 +51,6 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     lambdas = lambdas or [lambda_for_iteration(i, recipe.train.lambdas) for i in (1, 2, 3)]
     pairs_spec = pairs_spec or recipe.data.eval_pairs
     stack = load_stack(recipe, frozen_upto=max(ks))
-    from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, pass_rate,
-                                     policy_label, self_label_noise)
 
     report: dict = {"run": str(recipe.run_path), "policies": [policy_label(None)] + [policy_label(k) for k in ks]}
     beta = recipe.expand.beta
@@ -106,14 +109,10 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
 def _demo_verifier(recipe: Recipe):
     if not (str(recipe.data.prompts).startswith("demo:") or str(recipe.data.eval_prompts or "").startswith("demo:")):
         return None
-    from spa_lite.demo.tasks import verify
-
     return verify
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
-
     if "judge_accuracy" in report:
         t = Table(title=f"judge accuracy on {report['pairs']['spec']} (n={report['pairs']['n']}), 95% CI")
         methods = sorted({m for v in report["judge_accuracy"].values() for m in v})

@@ -16,10 +16,11 @@ from spa_lite.distributed import get_dist
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob
+from spa_lite.loading import load_stack
 from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream
 from spa_lite.stack import PolicyStack, adapter_name
-from spa_lite.stages.common import load_stack
 from spa_lite.ui import progress
+from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
 
 
 def judge_reference(stack_names: list[str], judge_ref: str) -> list[str] | None:
@@ -123,8 +124,6 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
         assert stack.prev == [adapter_name(k) for k in range(iteration)]
         sample_fn = sample_responses
         if c.backend == "vllm":
-            from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
-
             adapter = prepare_adapter(stack, iteration - 1, out / "vllm_adapter")
             sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
         n_todo = sum(len(shards[k]) for k in todo)

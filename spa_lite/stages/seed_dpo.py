@@ -7,8 +7,9 @@ import time
 from spa_lite.config import Recipe
 from spa_lite.data import load_pairs, shuffled
 from spa_lite.errors import DataError
+from spa_lite.loading import load_stack
 from spa_lite.runs import Stage, begin_stage, finish_stage
-from spa_lite.stages.common import fit_and_save, load_stack, tokenize_pairs
+from spa_lite.stages.common import fit_and_save, tokenize_pairs
 from spa_lite.training import LoopSpec
 
 

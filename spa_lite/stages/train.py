@@ -8,10 +8,11 @@ import time
 from spa_lite.config import Recipe
 from spa_lite.errors import DataError
 from spa_lite.io import read_jsonl
+from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream, stage_dir
 from spa_lite.stack import adapter_name
-from spa_lite.stages.common import fit_and_save, load_stack, tokenize_pairs
+from spa_lite.stages.common import fit_and_save, tokenize_pairs
 from spa_lite.training import LoopSpec
 
 
