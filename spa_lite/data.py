@@ -245,7 +245,8 @@ def iteration_prompts(pool: list[dict], sizes: list[int], iteration: int, seed: 
     return order[start:end]
 
 
-def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], test_size: int, fmt: str = "auto") -> dict[str, list[dict]]:
+def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], test_size: int,
+                   fmt: str = "auto") -> dict[str, list[dict]]:
     """The paper's data protocol: shuffle preference data with ``seed``; take ``seed_size`` gold pairs,
     then disjoint prompt sets for iterations 1..T, then a held-out test split of pairs."""
     pairs = shuffled(load_pairs(spec, fmt), seed)
@@ -255,7 +256,8 @@ def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], 
     out = {"seed_pairs": pairs[:seed_size]}
     start = seed_size
     for i, n in enumerate(iter_sizes, start=1):
-        out[f"iter{i}_prompts"] = [{k: v for k, v in p.items() if k not in {"chosen", "rejected"}} for p in pairs[start : start + n]]
+        out[f"iter{i}_prompts"] = [{k: v for k, v in p.items() if k not in {"chosen", "rejected"}}
+                                   for p in pairs[start : start + n]]
         start += n
     out["test_pairs"] = pairs[start : start + test_size]
     return out

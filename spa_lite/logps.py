@@ -86,7 +86,8 @@ def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torc
 
 
 @torch.no_grad()
-def extrapolated_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam: float, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def extrapolated_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam: float,
+                       batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Eq. 12: log-probs under softmax((1 + lambda) h_theta - lambda h_ref), token by token, summed per row.
 
     Computed row by row so that only one extra [L, V] buffer is alive, not a third [N, L, V] tensor.
