@@ -113,3 +113,17 @@ def tiny_recipe(tiny_model_dir, tiny_data, tmp_path):
         return load_recipe(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "runs", **extra))
 
     return make
+
+
+def pytest_configure(config):
+    """Warnings policy of the suite (added after pyproject's filterwarnings, so these take precedence):
+    library deprecations are shown in the summary, and a DeprecationWarning or FutureWarning raised from
+    spa-lite's own modules fails the test."""
+    for line in (
+        "default::DeprecationWarning",
+        "default::FutureWarning",
+        "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",  # torch's own import, not ours
+        "error::DeprecationWarning:spa_lite",
+        "error::FutureWarning:spa_lite",
+    ):
+        config.addinivalue_line("filterwarnings", line)
