@@ -143,15 +143,6 @@ def summarize_outcomes(rows: Sequence[dict]) -> dict:
     return res
 
 
-def pass_rate(stack: PolicyStack, records: Sequence[dict], k: int | None, verify, samples: int = 1,
-              max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0, batch_size: int = 16) -> dict:
-    """Verifier pass rate of pi_k's responses to held-out prompts (demo task), with mean length and
-    truncation rate."""
-    return summarize_outcomes(response_outcomes(stack, records, k, verify, samples=samples,
-                                                max_new_tokens=max_new_tokens, temperature=temperature,
-                                                seed=seed, batch_size=batch_size))
-
-
 def self_label_noise(rows: Sequence[dict], verify, flags: Sequence[dict] | None = None) -> dict:
     """How often the verifier contradicts Eq. 7's labels in D_i, and whether flagged pairs hold more of them.
 
@@ -194,5 +185,5 @@ def encode_pairs_for_eval(tokenizer, rows: Sequence[dict], max_length: int) -> l
     return out
 
 
-__all__ = ["judge_accuracy", "noise_detection", "pass_rate", "self_label_noise", "pair_confidences",
+__all__ = ["judge_accuracy", "noise_detection", "response_outcomes", "summarize_outcomes", "self_label_noise", "pair_confidences",
            "encode_pairs_for_eval", "policy_names", "policy_label", "encode_prompt"]

@@ -70,7 +70,7 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
         keep.append((rec, y1, y2))
     check: dict = {}
     if c.judge == "verifier":
-        keep, judged = verifier_judge(keep, counts)
+        keep, judged = verifier_judge(keep, counts, recipe.data.prompts)
     elif c.judge == "llm":
         judged = judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
                            [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
@@ -103,7 +103,7 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     return out
 
 
-def verifier_judge(keep: list, counts: dict) -> tuple[list, list[dict]]:
+def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tuple[list, list[dict]]:
     """The oracle-label control: label (rec, y1, y2) with the demo task's gold verifier instead of Eq. 7.
 
     A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
@@ -114,8 +114,8 @@ def verifier_judge(keep: list, counts: dict) -> tuple[list, list[dict]]:
     kept, judged = [], []
     for rec, y1, y2 in keep:
         if "constraint" not in rec:
-            raise DataError(f"expand.judge: verifier needs demo prompts with a 'constraint' field; prompt "
-                            f"{rec.get('id', '?')!r} has none")
+            raise DataError(source, None, "constraint", f"prompt {rec.get('id', '?')!r} has none; expand.judge: "
+                            "verifier labels with the demo task's verifier and needs demo prompts (data.prompts: demo:prompts)")
         v1, v2 = verify(y1.text, rec["constraint"]), verify(y2.text, rec["constraint"])
         if v1 == v2:
             counts["undecided"] += 1
