@@ -217,10 +217,14 @@ class Bench:
         """Per-prompt pass indicators of ``label`` for one seed (pi_init is shared), or None."""
         import numpy as np
 
-        names = {"spa_final": "spa_2", "oracle_final": "oracle_2"}
-        if label.endswith("_final") and label not in names:
-            names[label] = label[: -len("_final")] + "_2"
-        lab = names.get(label, label)
+        lab = label
+        if label.endswith("_final"):  # the arm's last evaluated iteration
+            arm = label[: -len("_final")]
+            its = [int(k.rsplit("_", 1)[1]) for k in self.outcomes
+                   if k.startswith(f"s{seed}/{arm}_") and k.rsplit("_", 1)[1].isdigit()]
+            if not its:
+                return None
+            lab = f"{arm}_{max(its)}"
         o = self.outcomes.get("pi_init" if lab == "pi_init" else self.key(seed, lab))
         return None if o is None else (np.array([c == "1" for c in o["passed"]], dtype=float), o["ids"])
 
@@ -270,6 +274,29 @@ class Bench:
         atomic_write_text(self.out, json.dumps(self.res, indent=1) + "\n")
 
 
+def markdown(res: dict) -> str:
+    """The tables of bench/RESULTS.md from a results file."""
+    lines = ["| policy | pass rate | 95% CI | mean tokens | truncated |", "|---|---|---|---|---|"]
+    for k, v in res.get("policies", {}).items():
+        lines.append(f"| {k} | {v['pass_rate']:.3f} | [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['mean_tokens']:.1f} | "
+                     f"{v['truncated_rate']:.3f} |")
+    lines += ["", "| a - b | diff | 95% CI (paired, questions resampled) | prompts | seeds |", "|---|---|---|---|---|"]
+    for c in res.get("comparisons", []):
+        lines.append(f"| {c['a']} - {c['b']} | {c['diff']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
+                     f"{c['n_prompts']} | {','.join(map(str, c['seeds']))} |")
+    diag = [(k, d) for k, p in res.get("pieces", {}).items() for d in [p.get("diagnostics")] if d]
+    if diag:
+        lines += ["", "| run | D_i | pairs | undecided | Eq. 7 acc. on decided | chosen shorter | len chosen / rejected | "
+                      "truncated |", "|---|---|---|---|---|---|---|---|"]
+        for k, d in diag:
+            for di, v in d.items():
+                acc = "-" if v["judge_acc_on_decided"] is None else f"{v['judge_acc_on_decided']:.3f}"
+                lines.append(f"| {k} | {di} | {v['pairs']} | {v['undecided']} ({v['undecided_frac']:.2f}) | {acc} "
+                             f"({v['confirmed']}/{v['confirmed'] + v['contradicted']}) | {v['frac_chosen_shorter']:.2f} | "
+                             f"{v['mean_len_chosen']} / {v['mean_len_rejected']} | {v['truncated']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="smollm2-ratio")
@@ -286,6 +313,7 @@ def main() -> None:
     b = Bench(args)
     if args.report:
         b.write()
+        print(markdown(b.res))
         return
     seeds = [int(s) for s in args.seeds.split(",") if s]
     arms = [a for a in args.arms.split(",") if a]
