@@ -8,6 +8,7 @@ of (seed, step), and the checkpoint carries the adapter, optimizer, scheduler an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -53,6 +54,13 @@ class LoopSpec:
     dro_epsilon: float = 0.0
     dro_pieces: int = 8
     dro_xi_min: float = 1e-3
+
+    @classmethod
+    def from_config(cls, config, **settings) -> LoopSpec:
+        """The loop settings of a recipe section (``seed_dpo`` or ``train``): every LoopSpec field the section
+        has, by name, then ``settings`` (what the stage decides: seed, ref, lam, ...)."""
+        own = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+        return cls(**{**own, **settings})
 
 
 def total_steps(n_pairs: int, spec: LoopSpec) -> int:

@@ -12,6 +12,7 @@ import time
 
 from spa_lite.config import Recipe
 from spa_lite.data import iteration_prompts, load_prompts
+from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DataError
 from spa_lite.generation import encode_prompt, sample_responses
@@ -109,8 +110,6 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tupl
     A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
     preference and are dropped (counted as ``undecided``). Prompts must carry the demo ``constraint``.
     """
-    from spa_lite.demo.tasks import verify
-
     kept, judged = [], []
     for rec, y1, y2 in keep:
         if "constraint" not in rec:

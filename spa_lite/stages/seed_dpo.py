@@ -13,6 +13,11 @@ from spa_lite.stages.common import fit_and_save, tokenize_pairs
 from spa_lite.training import LoopSpec
 
 
+def loop_spec(recipe: Recipe) -> LoopSpec:
+    """Seed DPO's loop: the ``seed_dpo`` section, pi_ref = pi_init, no refinement."""
+    return LoopSpec.from_config(recipe.seed_dpo, seed=recipe.seed, ref=[])
+
+
 def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> dict:
     """Train pi_0. Returns the stage manifest (the existing one if the stage is already complete)."""
     stage = Stage("seed", 0)
@@ -20,7 +25,6 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
     out, done = begin_stage(recipe, stage, force)
     if done:
         return done
-    c = recipe.seed_dpo
     rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
     if recipe.data.seed_limit:
         rows = rows[: recipe.data.seed_limit]
@@ -28,12 +32,7 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
     pairs, skipped = tokenize_pairs(stack.tokenizer, rows, recipe.model.max_length, recipe.model.max_prompt_length)
     if not pairs:
         raise DataError(recipe.data.seed_pairs, None, None, f"all {len(rows)} pairs exceed model.max_length")
-    spec = LoopSpec(
-        lr=c.lr, epochs=c.epochs, batch_size=c.batch_size, grad_accum=c.grad_accum, beta=c.beta, seed=recipe.seed,
-        ref=[], warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
-        save_every=c.save_every, loss=c.loss, label_smoothing=c.label_smoothing, dro_epsilon=c.dro_epsilon,
-        dro_pieces=c.dro_pieces, dro_xi_min=c.dro_xi_min,
-    )
+    spec = loop_spec(recipe)
     summary = fit_and_save(recipe, stack, pairs, spec, out, "seed DPO", stop_after)
     summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped)
     return finish_stage(recipe, stage, summary, {"seed_pairs": recipe.data.seed_pairs}, t0)
