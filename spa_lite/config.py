@@ -75,10 +75,13 @@ class ExpandConfig:
     max_new_tokens: int = 300
     batch_size: int = 16  # prompts per generation batch
     shard_size: int = 64  # prompts per resumable shard
-    judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control; undecided pairs dropped)
+    # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control;
+    # undecided pairs dropped)
+    judge: str = "logprob"
     judge_ref: str = "init"  # init | prev | none: the reference in Eq. 7's log-ratio
     judge_batch_size: int = 8  # pairs per judging forward pass
-    judge_logps: str = "sampler"  # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
+    # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
+    judge_logps: str = "sampler"
     beta: float = 0.1
     length_penalty: float = 0.0  # Eq. 13: reward - a * |y| tokens
     drop_truncated: bool = False  # drop pairs where a response hit max_new_tokens (counted either way)

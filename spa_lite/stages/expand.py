@@ -124,7 +124,8 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tupl
     return kept, judged
 
 
-def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", fail_after_shards: int | None = None) -> dict:
+def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE",
+        fail_after_shards: int | None = None) -> dict:
     """Write D_i to runs/<name>/iter{i}/expand/data.jsonl.
 
     Args:
