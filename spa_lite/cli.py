@@ -495,6 +495,44 @@ def export_cmd(
     console.print(f"exported pi_{iteration} to {path}")
 
 
+recipes_app = typer.Typer(help="Shipped recipes: list them, or copy one out to edit (`spa-lite recipes copy NAME [DEST]`).",
+                          no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+@_user_errors
+def recipes_cmd(ctx: typer.Context) -> None:
+    """List the shipped recipes, one line each (name and description).
+
+    Example: spa-lite recipes
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from spa_lite.config import recipe_description, shipped_recipes
+
+    recipes = shipped_recipes()
+    width = max(map(len, recipes))
+    for name, path in recipes.items():
+        typer.echo(f"{name:<{width}}  {recipe_description(path)}")
+
+
+@recipes_app.command("copy")
+@_user_errors
+def recipes_copy_cmd(
+    name: Annotated[str, typer.Argument(help="Shipped recipe name (see `spa-lite recipes`).")],
+    dest: Annotated[Optional[Path], typer.Argument(help="File or folder to write (default ./NAME.yaml).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a shipped recipe to a file to edit, then run it with --recipe PATH.
+
+    Example: spa-lite recipes copy zephyr-7b-qlora my-run.yaml
+    """
+    from spa_lite.config import copy_recipe
+
+    typer.echo(f"wrote {copy_recipe(name, dest, force)}")
+
+
 @app.command("doctor")
 @_user_errors
 def doctor_cmd(run_dir: RunDirOpt = None) -> None:
