@@ -113,6 +113,7 @@ class Recipe:
     seed: int = 42
     iterations: int = 2  # T
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, trackio (none: the default)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed_dpo: SeedDPOConfig = field(default_factory=SeedDPOConfig)
@@ -232,6 +233,10 @@ def validate(recipe: Recipe) -> list[str]:
         problems.append("iterations: must be >= 0")
     if len(recipe.data.iter_prompts) < recipe.iterations:
         problems.append(f"data.iter_prompts: has {len(recipe.data.iter_prompts)} sizes for {recipe.iterations} iterations")
+    trackers = {"tensorboard", "wandb", "trackio", "none"}
+    bad = [t for t in recipe.report_to if t not in trackers]
+    if bad:
+        problems.append(f"report_to: {', '.join(map(str, bad))} not among {', '.join(sorted(trackers))}")
     if recipe.model.max_prompt_length >= recipe.model.max_length:
         problems.append("model.max_prompt_length: must be < model.max_length")
     return problems

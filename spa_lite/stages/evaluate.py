@@ -99,6 +99,9 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
     out = recipe.run_path / "eval" / f"{tag}.json"
     atomic_write_json(out, report)
+    from spa_lite.tracking import log_eval
+
+    log_eval(recipe, tag, report)
     report["path"] = str(out)
     return report
 

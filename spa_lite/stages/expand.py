@@ -172,7 +172,17 @@ def summarize_pairs(rows: list[dict], counts: dict) -> dict:
         "mean_len_chosen": mean([r["len_chosen"] for r in rows]),
         "mean_len_rejected": mean([r["len_rejected"] for r in rows]),
         "frac_chosen_longer": mean([float(r["len_chosen"] > r["len_rejected"]) for r in rows]),
+        "confidence_hist": confidence_histogram([r["confidence"] for r in rows]),
     }
+
+
+def confidence_histogram(conf: list[float], bins: int = 10) -> dict:
+    """Counts of judged confidences max(p, 1-p) in ``bins`` equal bins over [0.5, 1] (the last bin closed)."""
+    edges = [round(0.5 + 0.5 * k / bins, 4) for k in range(bins + 1)]
+    counts = [0] * bins
+    for c in conf:
+        counts[min(bins - 1, max(0, int((c - 0.5) * 2 * bins)))] += 1
+    return {"edges": edges, "counts": counts}
 
 
 def data_path(run_path: Path, iteration: int) -> Path:
