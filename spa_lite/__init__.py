@@ -8,7 +8,8 @@ import logging as _logging
 
 __version__ = "0.1.0"
 
-__all__ = ["load_recipe", "run", "run_stage", "open_run", "Run", "Policy", "list_recipes", "copy_recipe"]
+__all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
+           "resolve_policy"]
 
 
 class _DropBnbKernelNotice(_logging.Filter):
