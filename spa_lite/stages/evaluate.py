@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from spa_lite.config import Recipe
-from spa_lite.data import load_pairs, load_prompts, shuffled
+from spa_lite.data import load_pairs, load_prompts, pair_texts, shuffled
 from spa_lite.errors import SpaError, StageOrderError
 from spa_lite.io import atomic_write_json, read_jsonl
 from spa_lite.losses import lambda_for_iteration
@@ -76,7 +76,7 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             data = stage_dir(recipe, Stage("expand", i)) / "data.jsonl"
             if not data.exists():
                 break
-            d = [r for _, r in read_jsonl(data)]
+            d = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
             if not d or "constraint" not in d[0]:
                 break
             flags_path = stage_dir(recipe, Stage("train", i)) / "flags.jsonl"

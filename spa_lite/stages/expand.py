@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from spa_lite.config import Recipe
-from spa_lite.data import iteration_prompts, load_prompts
+from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
 from spa_lite.distributed import get_dist
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
@@ -150,8 +150,8 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
             counts[key] = counts.get(key, 0) + v
         if "sampler_logps" in sh:
             checks.append(sh["sampler_logps"])
-    if dist.main:
-        atomic_write_jsonl(out / "data.jsonl", rows)
+    if dist.main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
+        atomic_write_jsonl(out / "data.jsonl", [to_trl_conversational(r) for r in rows])
     summary = summarize_pairs(rows, counts)
     if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
         summary["sampler_logps"] = {"shards_reused": sum(bool(x["reused"]) for x in checks), "shards": len(checks),
