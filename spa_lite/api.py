@@ -24,7 +24,7 @@ from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_descript
 from spa_lite.errors import SpaError
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
-           "resolve_policy"]
+           "resolve_policy", "plan", "size_for_gpu"]
 
 
 def list_recipes() -> dict[str, str]:
@@ -118,6 +118,65 @@ def evaluate(recipe: str | Path | Recipe, **kwargs) -> dict:
     from spa_lite.stages import evaluate as ev
 
     return ev.run(_as_recipe(recipe), **kwargs)
+
+
+def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = None, gpu_mem: float = 16.0,
+         quantization: str = "4bit", fsdp: int = 1) -> dict:
+    """`spa-lite plan`: estimated peak memory of each stage and the settings that fit ``gpu_mem`` GB.
+
+    Args:
+        model: a model folder, hub id, bundled alias or config.json (default: the recipe's model).
+
+    Returns:
+        ``spa_lite.plan.fit``'s result (fits, batch_size, grad_accum, gradient_checkpointing, seq_len,
+        gen_batch_size, judge_batch_size, changed, plan) and "source": the model it planned for.
+    """
+    from transformers import AutoConfig
+
+    from spa_lite.losses import lambda_for_iteration
+    from spa_lite.models import resolve_model_path
+    from spa_lite.plan import fit
+
+    r = _as_recipe(recipe)
+    if fsdp > 1 and quantization == "4bit":
+        raise SpaError("--fsdp shards full-precision bases only: add --quantization none (a 4-bit base trains "
+                       "data parallel, one copy per GPU)")
+    src = model or r.model.name_or_path
+    try:
+        cfg = AutoConfig.from_pretrained(src if str(src).endswith(".json") else resolve_model_path(src))
+    except (OSError, ValueError) as e:
+        raise SpaError(f"cannot read a model config from '{src}': {e}") from None
+    dtype_bytes = 4 if r.model.dtype in {"float32", "fp32"} else 2
+    res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
+              r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
+              gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
+              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp)
+    return {**res, "source": src}
+
+
+def size_for_gpu(recipe: str | Path | Recipe, gpu_mem: float, bf16: bool, *, model: str | None = None) -> dict:
+    """Overrides that make a recipe fit one GPU of ``gpu_mem`` GB in 4-bit, from ``plan``: micro-batch and
+    accumulation (the effective batch is kept, for seed DPO too), checkpointing, length, generation batches,
+    and the compute dtype (bf16 where the card has it; fp16 otherwise, e.g. a T4).
+
+    Raises:
+        SpaError: when the recipe does not fit even with the smallest settings.
+    """
+    r = _as_recipe(recipe)
+    res = plan(r, model=model, gpu_mem=gpu_mem, quantization="4bit")
+    if not res["fits"]:
+        raise SpaError(f"{res['source']} does not fit {gpu_mem:g} GB even with the smallest settings "
+                       "(`spa-lite plan` shows the stages' estimates)")
+    bs = res["batch_size"]
+    seed_eff = r.seed_dpo.batch_size * r.seed_dpo.grad_accum
+    out = {"model.quantization": "4bit", "model.dtype": "bfloat16" if bf16 else "float16",
+           "model.gradient_checkpointing": res["gradient_checkpointing"], "model.max_length": res["seq_len"],
+           "train.batch_size": bs, "train.grad_accum": res["grad_accum"],
+           "seed_dpo.batch_size": min(bs, seed_eff), "seed_dpo.grad_accum": max(1, seed_eff // min(bs, seed_eff)),
+           "expand.batch_size": res["gen_batch_size"], "expand.judge_batch_size": res["judge_batch_size"]}
+    if r.model.max_prompt_length >= res["seq_len"]:
+        out["model.max_prompt_length"] = res["seq_len"] // 2
+    return out
 
 
 def resolve_policy(recipe: Recipe, spec: str | int | None) -> int | None:

@@ -410,27 +410,13 @@ def plan_cmd(
              spa-lite plan --model meta-llama/Llama-3.1-70B --quantization none --fsdp 8 --gpu-mem 80
     """
     from rich.table import Table
-    from transformers import AutoConfig
 
-    from spa_lite.losses import lambda_for_iteration
-    from spa_lite.models import resolve_model_path
-    from spa_lite.plan import fit
+    from spa_lite.api import plan
     from spa_lite.ui import console
 
     r = _recipe(recipe, set_, None, None)
-    if fsdp > 1 and quantization == "4bit":
-        raise SpaError("--fsdp shards full-precision bases only: add --quantization none (a 4-bit base trains "
-                       "data parallel, one copy per GPU)")
-    src = model or r.model.name_or_path
-    try:
-        cfg = AutoConfig.from_pretrained(src if src.endswith(".json") else resolve_model_path(src))
-    except (OSError, ValueError) as e:
-        raise SpaError(f"cannot read a model config from '{src}': {e}") from None
-    dtype_bytes = 4 if r.model.dtype in {"float32", "fp32"} else 2
-    res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
-              r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
-              gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
-              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp)
+    res = plan(r, model=model, gpu_mem=gpu_mem, quantization=quantization, fsdp=fsdp)
+    src = res["source"]
     t = Table(title=f"memory plan: {src} on {gpu_mem:g} GB ({quantization}" + (f", FSDP over {fsdp})" if fsdp > 1 else ")"))
     for c in ("stage", "peak GB", "fits", "largest parts"):
         t.add_column(c)

@@ -92,3 +92,22 @@ def test_policy_generates_and_is_the_trained_stack(done):
     with pytest.raises(SpaError, match="pi_2 is not complete"):
         r.policy(2)
     assert r.policy("init").names == []
+
+
+def test_size_for_a_t4(tmp_path):
+    """The notebook's sizing on a GPU: a 7B Mistral (zephyr) recipe on a 16 GB card without bf16 (a T4)."""
+    from transformers import MistralConfig
+
+    MistralConfig().to_json_file(tmp_path / "config.json")
+    recipe = spa_lite.load_recipe("zephyr-7b-qlora")
+    res = spa_lite.plan(recipe, model=str(tmp_path / "config.json"), gpu_mem=16)
+    o = spa_lite.size_for_gpu(recipe, 16, bf16=False, model=str(tmp_path / "config.json"))
+    assert o["model.dtype"] == "float16" and o["model.quantization"] == "4bit"
+    assert (o["train.batch_size"], o["train.grad_accum"], o["model.max_length"]) == (
+        res["batch_size"], res["grad_accum"], res["seq_len"])
+    assert o["train.batch_size"] * o["train.grad_accum"] == recipe.train.batch_size * recipe.train.grad_accum
+    sized = spa_lite.load_recipe(recipe, o)  # the overrides are a valid recipe
+    assert sized.seed_dpo.batch_size * sized.seed_dpo.grad_accum == recipe.seed_dpo.batch_size * recipe.seed_dpo.grad_accum
+    assert spa_lite.size_for_gpu(recipe, 80, bf16=True, model=str(tmp_path / "config.json"))["model.dtype"] == "bfloat16"
+    with pytest.raises(SpaError, match="does not fit 2 GB"):
+        spa_lite.size_for_gpu(recipe, 2, bf16=True, model=str(tmp_path / "config.json"))
