@@ -163,3 +163,22 @@ def test_wandb_offline_values_equal_metrics_jsonl(tracked):
     assert summary["summary/pairs"] == man["pairs"] and summary["summary/identical"] == man["identical"]
     (hist,) = [h for h in history if h.get("expand/confidence/_type") == "histogram"]
     assert sum(hist["expand/confidence/values"]) == man["pairs"] and hist["_step"] == 1
+
+
+def test_cli_report_to(tiny_model_dir, tiny_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import write_recipe
+    from spa_lite.cli import app
+
+    if __import__("importlib").util.find_spec("tensorboard") is None:
+        pytest.skip("tensorboard is not installed")
+    rec = write_recipe(tmp_path / "tiny.yaml", tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "runs",
+                                                              **{"seed_dpo.epochs": 1}))
+    bad = CliRunner().invoke(app, ["seed-dpo", "--recipe", str(rec), "--report-to", "tensorbored"])
+    assert bad.exit_code == 2 and "report_to: tensorbored not among" in bad.output
+    res = CliRunner().invoke(app, ["seed-dpo", "--recipe", str(rec), "--report-to", "tensorboard"])
+    assert res.exit_code == 0, res.output
+    rows = _metrics(tmp_path / "runs" / "tiny", "seed")
+    s = _tb_scalars(tmp_path / "runs" / "tiny" / "tensorboard" / "seed")
+    assert [v for _, v in s["train/loss"]] == pytest.approx([r["loss"] for r in rows], rel=1e-6)

