@@ -75,7 +75,10 @@ def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair],
     from spa_lite.ui import progress
 
     dist = get_dist()
-    stage_key = out_dir.resolve().relative_to(recipe.run_path.resolve()).as_posix()  # seed, iter1/train
+    try:  # the tracker run of this stage: seed, iter1/train
+        stage_key = out_dir.resolve().relative_to(recipe.run_path.resolve()).as_posix()
+    except ValueError:
+        stage_key = out_dir.name
     with progress(enabled=dist.main) as p:
         task = p.add_task(title, total=total_steps(len(pairs), spec), info="")
 
