@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from spa_lite.config import Recipe
-from spa_lite.data import load_pairs, load_prompts, shuffled
+from spa_lite.data import load_pairs, load_prompts, pair_texts, shuffled
 from spa_lite.errors import SpaError, StageOrderError
 from spa_lite.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_obj
 from spa_lite.losses import lambda_for_iteration
@@ -82,7 +82,7 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             data = stage_dir(recipe, Stage("expand", i)) / "data.jsonl"
             if not data.exists():
                 break
-            d = [r for _, r in read_jsonl(data)]
+            d = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
             if not d or "constraint" not in d[0]:
                 break
             flags_path = stage_dir(recipe, Stage("train", i)) / "flags.jsonl"
@@ -117,6 +117,9 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
     out = recipe.run_path / "eval" / f"{tag}.json"
     atomic_write_json(out, report)
+    from spa_lite.tracking import log_eval
+
+    log_eval(recipe, tag, report)
     report["path"] = str(out)
     return report
 
