@@ -131,7 +131,8 @@ class Bench:
                 shutil.copytree(base.run_path / "seed", recipe.run_path / "seed")
             self.run_iterations(recipe)
             info = {"overrides": over}
-            labels = {i: f"{arm}_{i}" for i in range(1, recipe.iterations + 1)}
+            first = recipe.iterations if self.args.final_only else 1
+            labels = {i: f"{arm}_{i}" for i in range(first, recipe.iterations + 1)}
             if arm == "spa":
                 labels[0] = "pi_0"
         self.evaluate(seed, recipe, labels)
@@ -308,9 +309,17 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra recipe override key=value (all arms)")
     ap.add_argument("--out", default="bench/results/spa_gain.json")
     ap.add_argument("--outcomes", default="bench/results/spa_gain_outcomes.json")
+    ap.add_argument("--final-only", action="store_true", help="evaluate only each arm's last iteration (and pi_0)")
+    ap.add_argument("--merge", action="append", default=[], help="results file of a parallel run to fold in (with "
+                    "its outcomes file next to it: RESULTS.json -> RESULTS_outcomes.json is not assumed; pass "
+                    "results=outcomes)")
     ap.add_argument("--report", action="store_true", help="only recompute the tables from the cached outcomes")
     args = ap.parse_args()
     b = Bench(args)
+    for spec in args.merge:  # pieces and outcomes of runs made in parallel processes
+        res_path, out_path = spec.split("=")
+        b.res["pieces"].update(json.loads(Path(res_path).read_text()).get("pieces", {}))
+        b.outcomes.update(json.loads(Path(out_path).read_text()))
     if args.report:
         b.write()
         print(markdown(b.res))

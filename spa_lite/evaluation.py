@@ -147,10 +147,13 @@ def self_label_noise(rows: Sequence[dict], verify, flags: Sequence[dict] | None 
     """How often the verifier contradicts Eq. 7's labels in D_i, and whether flagged pairs hold more of them.
 
     A pair is 'contradicted' when the verifier passes the rejected response and fails the chosen one,
-    'confirmed' in the opposite case, and undetermined when both pass or both fail.
+    'confirmed' in the opposite case, and undetermined when both pass or both fail. Rows are D_i's records as
+    written (TRL conversational) or with text responses.
     """
+    from spa_lite.data import pair_texts
+
     status = []
-    for r in rows:
+    for r in map(pair_texts, rows):
         c, rj = verify(r["chosen"], r["constraint"]), verify(r["rejected"], r["constraint"])
         status.append("contradicted" if rj and not c else "confirmed" if c and not rj else "undetermined")
     n = len(status)

@@ -127,3 +127,9 @@ def pytest_configure(config):
         "error::FutureWarning:spa_lite",
     ):
         config.addinivalue_line("filterwarnings", line)
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """spa-lite's wheel built from a copy of the sources and installed into a fresh venv (tests/wheel_env.py)."""
+    from wheel_env import build_and_install
+
+    return build_and_install(tmp_path_factory.mktemp("wheel"))

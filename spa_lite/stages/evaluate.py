@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from spa_lite.config import Recipe
-from spa_lite.data import load_pairs, load_prompts, shuffled
+from spa_lite.data import load_pairs, load_prompts, pair_texts, shuffled
 from spa_lite.demo.tasks import question_index, verify
 from spa_lite.errors import SpaError, StageOrderError
 from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, policy_label,
@@ -86,7 +86,7 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             data = stage_dir(recipe, Stage("expand", i)) / "data.jsonl"
             if not data.exists():
                 break
-            d = [r for _, r in read_jsonl(data)]
+            d = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
             if not d or "constraint" not in d[0]:
                 break
             flags_path = stage_dir(recipe, Stage("train", i)) / "flags.jsonl"
@@ -121,6 +121,9 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
     out = recipe.run_path / "eval" / f"{tag}.json"
     atomic_write_json(out, report)
+    from spa_lite.tracking import log_eval
+
+    log_eval(recipe, tag, report)
     report["path"] = str(out)
     return report
 

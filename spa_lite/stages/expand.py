@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 from spa_lite.config import Recipe
-from spa_lite.data import iteration_prompts, load_prompts
+from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
 from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DataError
@@ -175,8 +176,8 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
             counts[key] = counts.get(key, 0) + v
         if "sampler_logps" in sh:
             checks.append(sh["sampler_logps"])
-    if dist.main:
-        atomic_write_jsonl(out / "data.jsonl", rows)
+    if dist.main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
+        atomic_write_jsonl(out / "data.jsonl", [to_trl_conversational(r) for r in rows])
     summary = summarize_pairs(rows, counts)
     if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
         summary["sampler_logps"] = {"shards_reused": sum(bool(x["reused"]) for x in checks), "shards": len(checks),
@@ -197,5 +198,18 @@ def summarize_pairs(rows: list[dict], counts: dict) -> dict:
         "mean_len_chosen": mean([r["len_chosen"] for r in rows]),
         "mean_len_rejected": mean([r["len_rejected"] for r in rows]),
         "frac_chosen_longer": mean([float(r["len_chosen"] > r["len_rejected"]) for r in rows]),
+        "confidence_hist": confidence_histogram([r["confidence"] for r in rows]),
     }
 
+
+def confidence_histogram(conf: list[float], bins: int = 10) -> dict:
+    """Counts of judged confidences max(p, 1-p) in ``bins`` equal bins over [0.5, 1] (the last bin closed)."""
+    edges = [round(0.5 + 0.5 * k / bins, 4) for k in range(bins + 1)]
+    counts = [0] * bins
+    for c in conf:
+        counts[min(bins - 1, max(0, int((c - 0.5) * 2 * bins)))] += 1
+    return {"edges": edges, "counts": counts}
+
+
+def data_path(run_path: Path, iteration: int) -> Path:
+    return run_path / f"iter{iteration}" / "expand" / "data.jsonl"
