@@ -252,6 +252,10 @@ def eval_cmd(
 
     _setup_logging()
     r = _recipe(recipe, set_, name, run_dir)
+    from spa_lite.config import plain_name_problem
+
+    if tag is not None and plain_name_problem(tag, "--tag"):
+        raise SpaError(plain_name_problem(tag, "--tag"))
     try:
         lam = [float(x) for x in lambdas.split(",")] if lambdas else None
     except ValueError:

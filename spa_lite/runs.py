@@ -73,10 +73,16 @@ def _data_key(spec: str | None) -> dict:
     return {"spec": spec}
 
 
+def _loop_key(section) -> dict:
+    d = dataclasses.asdict(section)
+    d.pop("diverge_factor", None)  # stops a diverging run; a run that finishes is the same with or without it
+    return d
+
+
 def stage_config(recipe: Recipe, stage: Stage) -> dict:
     """Everything that determines a stage's output, including its upstream stage's hash."""
     if stage.kind == "seed":
-        return {"model": _model_key(recipe), "seed_dpo": dataclasses.asdict(recipe.seed_dpo), "seed": recipe.seed,
+        return {"model": _model_key(recipe), "seed_dpo": _loop_key(recipe.seed_dpo), "seed": recipe.seed,
                 "data": {"seed_pairs": _data_key(recipe.data.seed_pairs), "format": recipe.data.format,
                          "seed_limit": recipe.data.seed_limit, "shuffle_seed": recipe.data.shuffle_seed}}
     up = stage.upstream()
@@ -86,7 +92,7 @@ def stage_config(recipe: Recipe, stage: Stage) -> dict:
                     data={"prompts": _data_key(recipe.data.prompts), "format": recipe.data.format,
                           "sizes": recipe.data.iter_prompts[: stage.iteration], "shuffle_seed": recipe.data.shuffle_seed})
     else:
-        base.update(train=dataclasses.asdict(recipe.train))
+        base.update(train=_loop_key(recipe.train))
     return base
 
 

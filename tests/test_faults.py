@@ -111,13 +111,27 @@ def test_nan_mid_training_names_the_step_and_keeps_the_checkpoint(env):
     strict_rows(d / "flags.jsonl")
 
 
-def test_divergence_guard(env):
-    name = "guard"
-    r = invoke("seed-dpo", "--recipe", env["recipe"], "--name", name, "--set", "seed_dpo.lr=1e30",
-               "--set", "seed_dpo.diverge_factor=1.5")
-    # the guard is checked before the finiteness of later steps: a loss 1.5x its first value stops the run
-    refused(r, "seed", "step")
-    assert not (env["runs"] / name / "seed" / "manifest.json").exists()
+def test_divergence_guard(env, monkeypatch):
+    """A loss that rises to 4x its start (injected from step 3 on) is stopped by diverge_factor 2, and only by it."""
+    import spa_lite.training as tr
+
+    real, calls = tr.pair_loss, []
+
+    def rising(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) > 4:  # grad_accum 2: steps 3.. of 6
+            out.loss = out.loss * 4.0
+        return out
+
+    monkeypatch.setattr(tr, "pair_loss", rising)
+    r = invoke("seed-dpo", "--recipe", env["recipe"], "--name", "guard", "--set", "seed_dpo.diverge_factor=2")
+    refused(r, "seed DPO diverged", "step 3", "diverge_factor 2")
+    assert not (env["runs"] / "guard" / "seed" / "manifest.json").exists()
+    calls.clear()
+    ok(invoke("seed-dpo", "--recipe", env["recipe"], "--name", "guard-off"))
+    refused(invoke("seed-dpo", "--recipe", env["recipe"], "--name", "guard", "--set", "seed_dpo.diverge_factor=0.5"),
+            "seed_dpo.diverge_factor")
 
 
 def test_strict_json_round_trip(tmp_path):
@@ -279,7 +293,7 @@ def test_run_names_stay_inside(env, name):
 def test_eval_tags_stay_inside(env, tag):
     r = invoke("eval", "--recipe", env["recipe"], "--tag", tag, "--no-pass-rate", "--flip", "0")
     refused(r, "tag")
-    assert not (env["root"] / "x.json").exists()
+    assert not (env["runs"] / "x.json").exists() and not (env["base"] / "eval").exists()
 
 
 # ------------------------------------------------------------------------------------ named errors
