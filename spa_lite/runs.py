@@ -10,16 +10,24 @@ from another config is refused instead of silently mixed into a run.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
+import os
 import platform
+import socket
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from spa_lite.config import Recipe
-from spa_lite.errors import StageOrderError
+from spa_lite.errors import StageLockedError, StageOrderError
 from spa_lite.io import atomic_write_json, read_json, sha256_file, sha256_obj
+
+LOCK_NAME = "LOCK"  # visible on purpose: `ls` shows a stage being written
 
 
 @dataclass(frozen=True)
@@ -140,37 +148,186 @@ def versions() -> dict:
     return out
 
 
-def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict | None]:
-    """Prepare a stage directory. Returns (dir, manifest if already complete with this config).
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
-    A partial stage made with the same config is resumed; one made with another config is refused
-    unless ``force``, which clears it.
+
+class StageLock:
+    """The exclusive lock of one stage directory: ``<stage>/LOCK`` holds the holder's pid, host and command.
+
+    The file is made with a hard link of a complete temporary file, so it exists only with its content and
+    only one process can create it. A lock whose holder is on this host and no longer alive (a crash, kill -9)
+    is stale and taken over; a lock held from another host cannot be checked and is refused. The process that
+    holds a lock may take it again (a stage rerun in the same process after a failure).
     """
+
+    def __init__(self, directory: str | os.PathLike, pid: int | None = None):
+        self.dir = Path(directory)
+        self.path = self.dir / LOCK_NAME
+        self.pid = pid or os.getpid()
+        self.host = socket.gethostname()
+
+    def _holder(self) -> dict | None:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+            return info if isinstance(info, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, holder: dict) -> StageLockedError:
+        who = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "an unreadable lock"
+        since = f" since {holder['since']}" if holder.get("since") else ""
+        cmd = f" ({holder['command']})" if holder.get("command") else ""
+        return StageLockedError(
+            f"{self.dir} is in use by {who}{since}{cmd}: one process writes a stage at a time; wait for it to "
+            f"finish, or if no such process is running delete {self.path}")
+
+    def acquire(self) -> StageLock:
+        """Take the lock. Raises StageLockedError when another live process holds it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        info = {"pid": self.pid, "host": self.host, "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}
+        for _ in range(3):
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lock.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(info, f)
+                try:
+                    os.link(tmp, self.path)
+                    return self
+                except FileExistsError:
+                    pass
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            holder = self._holder()
+            if holder is None:  # released meanwhile
+                continue
+            mine = holder.get("host") == self.host and isinstance(holder.get("pid"), int)
+            if mine and holder["pid"] == self.pid:
+                return self
+            if not (mine and not _pid_alive(holder["pid"])):
+                raise self._refuse(holder)
+            # stale: move it aside, and delete it only if it is still the dead holder's (not a new one)
+            aside = self.dir / f".lock.stale.{self.pid}"
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path, aside)
+                if json.loads(aside.read_text(encoding="utf-8")).get("pid") != holder["pid"]:
+                    with contextlib.suppress(FileExistsError):
+                        os.link(aside, self.path)
+                aside.unlink()
+        raise self._refuse(self._holder() or {})
+
+    def release(self) -> None:
+        holder = self._holder()
+        if holder and holder.get("pid") == self.pid and holder.get("host") == self.host:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> StageLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_HELD: dict[Path, StageLock] = {}
+
+
+def release_stage_locks() -> None:
+    """Release every stage lock this process holds (the CLI calls it when a command ends, however it ends)."""
+    while _HELD:
+        _, lock = _HELD.popitem()
+        with contextlib.suppress(OSError):
+            lock.release()
+
+
+atexit.register(release_stage_locks)
+
+
+def _lock(d: Path, dist) -> None:
+    """Take ``d``'s lock on the main process; every process raises if it is refused."""
+    err = None
+    if dist.main:
+        try:
+            _HELD[d] = StageLock(d).acquire()
+        except StageLockedError as e:
+            err = str(e)
+    err = dist.broadcast_object(err)
+    if err:
+        raise StageLockedError(err)
+
+
+def _unlock(d: Path, dist) -> None:
+    lock = _HELD.pop(d, None)
+    if lock is not None and dist.main:
+        lock.release()
+
+
+def _has_work(d: Path) -> bool:
+    """Whether a partial stage holds anything worth protecting (a shard, a checkpoint, metrics)."""
+    return d.is_dir() and any(p.name not in {"started.json", LOCK_NAME} and not p.name.startswith(".lock.")
+                              for p in d.iterdir())
+
+
+def _clear(d: Path) -> None:
     import shutil
 
+    for p in d.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict | None]:
+    """Prepare a stage directory, holding its lock until ``finish_stage`` (or the end of the command).
+
+    Returns (dir, manifest if already complete with this config). A partial stage made with the same
+    config is resumed; one made with another config is refused unless ``force``, which clears it. A partial
+    stage with no work in it (it failed on its input data, say) is started over without ``force``.
+
+    Raises:
+        StageLockedError: another process is writing this stage.
+        StageOrderError: the stage was made from another config.
+    """
     from spa_lite.distributed import get_dist
 
     dist = get_dist()
     d = stage_dir(recipe, stage)
+    _lock(d, dist)
     h = stage_hash(recipe, stage)
     m = read_manifest(recipe, stage)
     started = d / "started.json"
     if m is not None and m.get("status") == "complete":
         if m.get("config_hash") == h and not force:
+            _unlock(d, dist)
             return d, m
         if not force:
+            _unlock(d, dist)
             raise StageOrderError(
                 f"{d} is complete but was made from another config (hash {m.get('config_hash')} vs {h}); "
                 f"add --force to redo it (later stages will then need redoing) or use a new run name"
             )
-    if started.exists() and not force:
+    if started.exists() and not force and _has_work(d):
         prev = read_json(started).get("config_hash")
         if prev != h:
+            _unlock(d, dist)
             raise StageOrderError(f"{d} holds a partial run from another config; add --force to start it over")
     dist.barrier()  # every process has read the old state before the main one changes it
     if dist.main:
-        if force and d.exists():
-            shutil.rmtree(d)
+        if (force or not _has_work(d)) and d.exists():
+            _clear(d)
         d.mkdir(parents=True, exist_ok=True)
         if not started.exists():
             atomic_write_json(started, {"config_hash": h, "time": time.time()})
@@ -196,6 +353,7 @@ def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_st
     if dist.main:
         atomic_write_json(stage_dir(recipe, stage) / "manifest.json", manifest)
     dist.barrier()
+    _unlock(stage_dir(recipe, stage), dist)
     return manifest
 
 

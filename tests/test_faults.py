@@ -202,7 +202,7 @@ def other_process():
 
 def _hold(stage_dir: Path, pid: int) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / ".lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "spa-lite expand"}))
+    (stage_dir / "LOCK").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "spa-lite expand"}))
 
 
 def test_second_writer_is_refused(env, other_process):
@@ -216,11 +216,12 @@ def test_second_writer_is_refused(env, other_process):
         r = invoke("expand", "--iter", 1, "--recipe", env["recipe"], "--name", "locked", *extra)
         refused(r, "in use", f"pid {other_process.pid}")
         after = stage_files(run)
-        assert {k: v for k, v in after.items() if k != "iter1/expand/.lock"} == \
-            {k: v for k, v in before.items() if k != "iter1/expand/.lock"}, "a locked stage was changed"
-    (run / "iter1" / "train").mkdir(parents=True)
-    _hold(run / "iter1" / "train", other_process.pid)
-    refused(invoke("train", "--iter", 1, "--recipe", env["recipe"], "--name", "locked"), "in use")
+        assert {k: v for k, v in after.items() if k != "iter1/expand/LOCK"} == \
+            {k: v for k, v in before.items() if k != "iter1/expand/LOCK"}, "a locked stage was changed"
+    run2 = clone(env, "locked2", "seed", "iter1/expand")
+    _hold(run2 / "iter1" / "train", other_process.pid)
+    refused(invoke("train", "--iter", 1, "--recipe", env["recipe"], "--name", "locked2"), "in use")
+    assert [p.name for p in (run2 / "iter1" / "train").iterdir()] == ["LOCK"]
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(env):
@@ -232,7 +233,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(env):
     _hold(d, p.pid)
     ok(invoke("expand", "--iter", 1, "--recipe", env["recipe"], "--name", "stale"))
     assert json.loads((d / "manifest.json").read_text())["status"] == "complete"
-    assert not (d / ".lock").exists(), "the lock outlived the stage"
+    assert not (d / "LOCK").exists(), "the lock outlived the stage"
 
 
 def test_lock_primitive(tmp_path):
@@ -244,7 +245,7 @@ def test_lock_primitive(tmp_path):
         assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
         with pytest.raises(StageLockedError, match="in use"):
             StageLock(tmp_path / "s", pid=os.getpid() + 1).acquire()  # another live holder: this process
-    assert not (tmp_path / "s" / ".lock").exists()
+    assert not (tmp_path / "s" / "LOCK").exists()
 
 
 # ------------------------------------------------------------------------------------ rows refused
