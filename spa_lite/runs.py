@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spa_lite.config import Recipe
-from spa_lite.errors import StageLockedError, StageOrderError
+from spa_lite.errors import InputChangedError, StageLockedError, StageOrderError
 from spa_lite.io import atomic_write_json, read_json, sha256_file, sha256_obj
 
 LOCK_NAME = "LOCK"  # visible on purpose: `ls` shows a stage being written
@@ -113,11 +113,149 @@ def read_manifest(recipe: Recipe, stage: Stage) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
+# ------------------------------------------------------------------------------------ identity of inputs
+
+FULL_HASH_LIMIT = 256 << 20  # base weights up to this size are hashed whole; larger ones are sampled
+_SAMPLE = 1 << 20
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns, how) -> hash: each file is read once per process
+
+
+def _file_hash(path: Path, sampled: bool = False) -> str:
+    """sha256 of a file, or of its safetensors header plus three 1 MiB samples (start, middle, end of the data)."""
+    import hashlib
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, sampled)
+    if key in _HASHES:
+        return _HASHES[key]
+    if not sampled:
+        h = sha256_file(path)
+    else:
+        d = hashlib.sha256(str(st.st_size).encode())
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            d.update(head + f.read(min(n, st.st_size)))  # the header: every tensor's name, dtype, shape and offsets
+            start = 8 + n
+            for off in (start, start + max(0, (st.st_size - start) // 2 - _SAMPLE // 2), max(start, st.st_size - _SAMPLE)):
+                f.seek(off)
+                d.update(f.read(_SAMPLE))
+        h = d.hexdigest()
+    _HASHES[key] = h
+    return h
+
+
+def base_fingerprint(name_or_path: str) -> dict | None:
+    """A cheap content identity of the base weights: the safetensors files' sizes and hashes (whole files up
+    to FULL_HASH_LIMIT in all, else each header plus three 1 MiB samples), and the index and config.
+
+    None when the weights are not in a local folder (a hub id not yet downloaded): nothing to compare.
+    """
+    import hashlib
+
+    from spa_lite.models import ALIASES, cache_root
+
+    if name_or_path.lower() in ALIASES:  # the converted cache folder, without converting here
+        path = cache_root() / ALIASES[name_or_path.lower()][2]
+    else:
+        path = Path(name_or_path)
+        if not path.is_dir():
+            try:
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(name_or_path, local_files_only=True))
+            except Exception:  # noqa: BLE001 - not in the local cache (or not a hub id): nothing to compare
+                return None
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return None
+    total = sum(p.stat().st_size for p in weights)
+    sampled = total > FULL_HASH_LIMIT
+    d = hashlib.sha256()
+    for p in weights + sorted(q for q in path.glob("*.json") if q.name in {"config.json", "model.safetensors.index.json"}):
+        d.update(f"{p.name}:{p.stat().st_size}:{_file_hash(p, sampled and p.suffix == '.safetensors')}".encode())
+    return {"sha256": d.hexdigest()[:32], "files": len(weights), "bytes": total, "method": "sampled" if sampled else "full"}
+
+
+def adapter_files_hash(adapter: Path) -> dict[str, str]:
+    """sha256 of each file that defines a saved adapter (its config and weights)."""
+    return {p.name: _file_hash(p) for p in sorted(adapter.iterdir())
+            if p.is_file() and p.suffix in {".json", ".safetensors"}}
+
+
+def stage_identity(recipe: Recipe, stage: Stage) -> dict:
+    """What a finished stage records so that later stages can check their inputs are the ones it used."""
+    d = stage_dir(recipe, stage)
+    out: dict = {"base": base_fingerprint(recipe.model.name_or_path)}
+    if stage.kind in ("seed", "train") and (d / "adapter").is_dir():
+        out["adapter"] = adapter_files_hash(d / "adapter")
+    if stage.kind == "expand" and (d / "data.jsonl").exists():
+        out["data"] = _file_hash(d / "data.jsonl")
+    return out
+
+
+def _policy_stage(k: int) -> Stage:
+    return Stage("seed", 0) if k == 0 else Stage("train", k)
+
+
+def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, recipe_arg: str = "RECIPE") -> None:
+    """Check the base weights and the adapters pi_0..pi_{frozen_upto} (and D_{data_of}) are the ones their
+    stages recorded.
+
+    Raises:
+        InputChangedError: naming the file, what is wrong with it, and the stage to rerun.
+    """
+    base_now = None
+    for k in range(frozen_upto + 1):
+        st = _policy_stage(k)
+        m = read_manifest(recipe, st) or {}
+        ident = m.get("identity") or {}
+        adir = stage_dir(recipe, st) / "adapter"
+        redo = f"rerun `{st.command} --recipe {recipe_arg} --force` (and the stages after it)"
+        weights = adir / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise InputChangedError(f"{weights} is missing: the adapter of {st.key} is gone; {redo}")
+        if ident.get("adapter"):
+            now = adapter_files_hash(adir)
+            for name, h in ident["adapter"].items():
+                if now.get(name) != h:
+                    state = "is missing" if name not in now else "differs from the one that stage wrote (damaged or replaced)"
+                    raise InputChangedError(f"{adir / name} {state}; {redo}")
+        else:  # a manifest from before adapter hashes: at least the file must parse
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(weights), "pt") as f:
+                    f.keys()
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise InputChangedError(f"{weights} is damaged ({e}); {redo}") from None
+        if ident.get("base"):
+            if base_now is None:
+                base_now = base_fingerprint(recipe.model.name_or_path) or {}
+            if base_now and base_now.get("sha256") != ident["base"].get("sha256"):
+                raise InputChangedError(
+                    f"the base model weights at {recipe.model.name_or_path} changed since {st.key} was made "
+                    f"(fingerprint {ident['base'].get('sha256', '?')[:12]}, now {base_now.get('sha256', '?')[:12]}); "
+                    f"point model.name_or_path at the original weights, or rerun "
+                    f"`spa-lite seed-dpo --recipe {recipe_arg} --force` and every later stage")
+    if data_of is not None:
+        st = Stage("expand", data_of)
+        want = ((read_manifest(recipe, st) or {}).get("identity") or {}).get("data")
+        path = stage_dir(recipe, st) / "data.jsonl"
+        redo = f"rerun `{st.command} --recipe {recipe_arg} --force`"
+        if not path.is_file():
+            raise InputChangedError(f"{path} is missing; {redo}")
+        if want and _file_hash(path) != want:
+            raise InputChangedError(f"{path} differs from the D_{data_of} that {st.key} wrote; {redo}")
+
+
 def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str = "RECIPE") -> None:
-    """Refuse to run ``stage`` before the stage it reads, or on one made from another config.
+    """Refuse to run ``stage`` before the stage it reads, on one made from another config, or on inputs
+    (base weights, adapters, D_i) that changed since they were made.
 
     Raises:
         StageOrderError: naming the missing stage and the command that makes it.
+        InputChangedError: naming the changed file and the stage to rerun.
     """
     up = stage.upstream()
     if up is None:
@@ -134,6 +272,7 @@ def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str = "RECIPE") -
             f"{where} was made from another config (hash {m.get('config_hash')}, this recipe gives {expected}); "
             f"rerun `{up.command} --recipe {recipe_arg} --force` or give the run a new name"
         )
+    verify_inputs(recipe, stage.iteration - 1, stage.iteration if stage.kind == "train" else None, recipe_arg)
 
 
 def versions() -> dict:
@@ -336,6 +475,9 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
 
 
 def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_start: float) -> dict:
+    from spa_lite.distributed import get_dist
+
+    main = get_dist().main
     manifest = {
         "stage": stage.key,
         "status": "complete",
@@ -343,6 +485,7 @@ def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_st
         "config": stage_config(recipe, stage),
         "recipe": recipe.to_dict(),
         "inputs": inputs,
+        "identity": stage_identity(recipe, stage) if main else None,
         "versions": versions(),
         "timings": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.time() - t_start, 2)},
         "summary": summary,

@@ -11,7 +11,8 @@ from spa_lite.config import Recipe
 from spa_lite.errors import DivergedError
 from spa_lite.logps import TokenizedPair, tokenize_pair
 from spa_lite.models import load_base_model
-from spa_lite.runs import adapter_dir
+from spa_lite.errors import SpaError
+from spa_lite.runs import adapter_dir, verify_inputs
 from spa_lite.stack import LoraSettings, PolicyStack, adapter_name, build_stack
 
 
@@ -40,6 +41,8 @@ def _load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) 
 
     setup_torch(recipe)
     m = recipe.model
+    _check_model_path(m.name_or_path)
+    verify_inputs(recipe, frozen_upto)  # eval, export and winrate load adapters without require_upstream
     device = local_device() or m.device  # under a launcher each process takes its own GPU
     base, tok = load_base_model(m.name_or_path, m.quantization, m.dtype, device, m.gradient_checkpointing)
     frozen = [(adapter_name(k), adapter_dir(recipe, k)) for k in range(frozen_upto + 1)]
@@ -53,6 +56,19 @@ def _load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) 
     # gives the same pi_i whether it runs in a fresh process, after other stages (`run`), or in a test
     torch.manual_seed(recipe.seed * 1_000_003 + frozen_upto + 1)
     return build_stack(base, tok, frozen, trainable, lora)
+
+
+def _check_model_path(name: str) -> None:
+    """A base given as a path must exist (else transformers takes it for a malformed hub id)."""
+    import os
+    from pathlib import Path
+
+    from spa_lite.models import ALIASES
+
+    if name.lower() in ALIASES:
+        return
+    if (os.path.isabs(name) or name.startswith((".", "~"))) and not Path(name).expanduser().exists():
+        raise SpaError(f"model.name_or_path: '{name}' does not exist (give a model folder, a hub id or a bundled alias)")
 
 
 def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_length: int) -> tuple[list[TokenizedPair], int]:
