@@ -40,7 +40,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def finite_or_null(obj: Any) -> Any:
     """``obj`` with every NaN or infinite float replaced by None: JSON has no NaN (Python's ``NaN`` token is not
-    JSON, and other readers refuse it). Readers take a null where a number belongs as NaN (``as_float``)."""
+    JSON, and other readers refuse it). Readers take a null where a number belongs as NaN (the training summary
+    skips it, ``spa_lite.report`` plots it as a gap)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -53,11 +54,6 @@ def finite_or_null(obj: Any) -> Any:
 def dumps(obj: Any, **kw) -> str:
     """Strict JSON: non-finite floats become null (see ``finite_or_null``)."""
     return json.dumps(finite_or_null(obj), allow_nan=False, **kw)
-
-
-def as_float(v: Any) -> float:
-    """A number read from strict JSON: null (a NaN when written) is NaN again."""
-    return float("nan") if v is None else float(v)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
