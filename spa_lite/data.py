@@ -58,7 +58,7 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
         elif src.suffix in {".json", ".parquet"}:
             try:
                 ds = datasets.load_dataset(src.suffix[1:], data_files=str(src), split="train")
-            except Exception as e:  # datasets wraps the reader's error; find the line ourselves where we can
+            except Exception as e:  # noqa: BLE001 - datasets wraps the reader's error; find the line ourselves
                 if src.suffix == ".json":
                     _check_json_file(src)
                 cause = e.__cause__ or e

@@ -364,7 +364,7 @@ def test_missing_model_without_offline_mode(env, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
 def test_disk_full_and_permission_denied_are_one_line(env, monkeypatch, err):
-    import spa_lite.io as io
+    from spa_lite import io
 
     run = clone(env, f"oserr{err}", "seed")
     before = stage_files(run)

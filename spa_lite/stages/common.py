@@ -8,10 +8,9 @@ from collections.abc import Sequence
 import torch
 
 from spa_lite.config import Recipe
-from spa_lite.errors import DivergedError
+from spa_lite.errors import DivergedError, SpaError
 from spa_lite.logps import TokenizedPair, tokenize_pair
 from spa_lite.models import load_base_model
-from spa_lite.errors import SpaError
 from spa_lite.runs import adapter_dir, verify_inputs
 from spa_lite.stack import LoraSettings, PolicyStack, adapter_name, build_stack
 
