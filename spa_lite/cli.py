@@ -320,12 +320,13 @@ def eval_cmd(
     pairs: Annotated[Optional[str], typer.Option(help="Gold pairs to judge (default: the recipe's data.eval_pairs).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Format of --pairs (auto-detected).")] = None,
     limit: Annotated[int, typer.Option(help="Use at most this many pairs.")] = 200,
-    methods: Annotated[str, typer.Option(help="Judge methods: init,prev,none,llm.")] = "init,prev,none,llm",
+    methods: Annotated[str, typer.Option(help="Judge methods: init,prev,none,llm (llm: the slow LLM-as-judge baseline).")] = "init,prev,none",
     flip: Annotated[float, typer.Option(help="Fraction of gold labels flipped for noise detection (0 to skip).")] = 0.2,
     lambdas: Annotated[Optional[str], typer.Option(help="DND lambdas to compare, e.g. 0.5,0.25,0.125.")] = None,
     pass_rate: Annotated[bool, typer.Option("--pass-rate/--no-pass-rate", help="Verifier pass rate (demo task).")] = True,
     prompt_limit: Annotated[int, typer.Option(help="Held-out prompts for the pass rate.")] = 100,
-    samples: Annotated[int, typer.Option(help="Responses per held-out prompt.")] = 1,
+    samples: Annotated[int, typer.Option(help="Responses per held-out prompt (with --temperature > 0).")] = 1,
+    temperature: Annotated[float, typer.Option(help="Decoding for the pass rate: 0 is greedy (paired across policies).")] = 0.0,
     tag: Annotated[Optional[str], typer.Option(help="Name of the result file runs/<name>/eval/<tag>.json.")] = None,
 ) -> None:
     """Measure every policy of a run: judge accuracy (95% CI), noise detection (AUROC), self-labelling noise,
@@ -346,7 +347,7 @@ def eval_cmd(
     except ValueError:
         raise SpaError(f"--lambdas '{lambdas}' must be comma-separated numbers") from None
     rep = evaluate.run(r, pairs, fmt, limit, [m.strip() for m in methods.split(",") if m.strip()], flip, lam,
-                       pass_rate, prompt_limit, samples, tag)
+                       pass_rate, prompt_limit, samples, tag, temperature=temperature)
     evaluate.print_report(rep)
 
 

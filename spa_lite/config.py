@@ -73,7 +73,7 @@ class ExpandConfig:
     max_new_tokens: int = 300
     batch_size: int = 16  # prompts per generation batch
     shard_size: int = 64  # prompts per resumable shard
-    judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt)
+    judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control; undecided pairs dropped)
     judge_ref: str = "init"  # init | prev | none: the reference in Eq. 7's log-ratio
     judge_batch_size: int = 8  # pairs per judging forward pass
     judge_logps: str = "sampler"  # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
@@ -135,7 +135,7 @@ _CHOICES = {
     ("model", "fsdp"): {"auto", "on", "off"},
     ("seed_dpo", "loss"): {"dpo", "dro"},
     ("train", "loss"): {"dpo", "dro"},
-    ("expand", "judge"): {"logprob", "llm"},
+    ("expand", "judge"): {"logprob", "llm", "verifier"},
     ("expand", "judge_ref"): {"init", "prev", "none"},
     ("expand", "judge_logps"): {"sampler", "forward"},
     ("expand", "backend"): {"hf", "vllm"},

@@ -14,6 +14,7 @@ from pathlib import Path
 from spa_lite.config import Recipe
 from spa_lite.data import iteration_prompts, load_prompts
 from spa_lite.distributed import get_dist
+from spa_lite.errors import DataError
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob
@@ -59,6 +60,8 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
         on_gen(len(prompts) - len(kept_prompts))
     counts = {"prompts": len(prompts), "prompt_too_long": len(prompts) - len(kept_prompts), "identical": 0,
               "truncated": 0, "empty": 0, "dropped_truncated": 0}
+    if c.judge == "verifier":
+        counts["undecided"] = 0
     keep = []
     for rec, ss in zip(kept_prompts, samples):
         y1, y2 = ss[0], ss[1]
@@ -75,7 +78,9 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
             continue
         keep.append((rec, y1, y2))
     check: dict = {}
-    if c.judge == "llm":
+    if c.judge == "verifier":
+        keep, judged = verifier_judge(keep, counts, recipe.data.prompts)
+    elif c.judge == "llm":
         judged = judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
                            [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
     else:
@@ -105,6 +110,28 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     if check.get("checked"):
         out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked")}
     return out
+
+
+def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tuple[list, list[dict]]:
+    """The oracle-label control: label (rec, y1, y2) with the demo task's gold verifier instead of Eq. 7.
+
+    A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
+    preference and are dropped (counted as ``undecided``). Prompts must carry the demo ``constraint``.
+    """
+    from spa_lite.demo.tasks import verify
+
+    kept, judged = [], []
+    for rec, y1, y2 in keep:
+        if "constraint" not in rec:
+            raise DataError(source, None, "constraint", f"prompt {rec.get('id', '?')!r} has none; expand.judge: "
+                            "verifier labels with the demo task's verifier and needs demo prompts (data.prompts: demo:prompts)")
+        v1, v2 = verify(y1.text, rec["constraint"]), verify(y2.text, rec["constraint"])
+        if v1 == v2:
+            counts["undecided"] += 1
+            continue
+        kept.append((rec, y1, y2))
+        judged.append({"p": 1.0 if v1 else 0.0})
+    return kept, judged
 
 
 def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", fail_after_shards: int | None = None) -> dict:
