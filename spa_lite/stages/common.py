@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
 
 from spa_lite.config import Recipe
+from spa_lite.errors import DivergedError, SpaError
 from spa_lite.logps import TokenizedPair, tokenize_pair
 from spa_lite.models import load_base_model
-from spa_lite.runs import adapter_dir
+from spa_lite.runs import adapter_dir, verify_inputs
 from spa_lite.stack import LoraSettings, PolicyStack, adapter_name, build_stack
 
 
@@ -38,6 +40,8 @@ def _load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) 
 
     setup_torch(recipe)
     m = recipe.model
+    _check_model_path(m.name_or_path)
+    verify_inputs(recipe, frozen_upto)  # eval, export and winrate load adapters without require_upstream
     device = local_device() or m.device  # under a launcher each process takes its own GPU
     base, tok = load_base_model(m.name_or_path, m.quantization, m.dtype, device, m.gradient_checkpointing)
     frozen = [(adapter_name(k), adapter_dir(recipe, k)) for k in range(frozen_upto + 1)]
@@ -53,6 +57,19 @@ def _load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None) 
     return build_stack(base, tok, frozen, trainable, lora)
 
 
+def _check_model_path(name: str) -> None:
+    """A base given as a path must exist (else transformers takes it for a malformed hub id)."""
+    import os
+    from pathlib import Path
+
+    from spa_lite.models import ALIASES
+
+    if name.lower() in ALIASES:
+        return
+    if (os.path.isabs(name) or name.startswith((".", "~"))) and not Path(name).expanduser().exists():
+        raise SpaError(f"model.name_or_path: '{name}' does not exist (give a model folder, a hub id or a bundled alias)")
+
+
 def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_length: int) -> tuple[list[TokenizedPair], int]:
     """Tokenise normalised pairs; pairs over the length limits are skipped and counted (returned second)."""
     out, skipped = [], 0
@@ -64,6 +81,32 @@ def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_
             continue
         out.append(tp)
     return out, skipped
+
+
+def progress_info(row: dict, refine: bool) -> str:
+    """The progress line's statistics; a value logged as null (NaN) shows as nan."""
+    def f(key: str, spec: str) -> str:
+        v = row.get(key)
+        return "nan" if v is None else format(v, spec)
+
+    info = f"loss {f('loss', '.4f')} margin {f('reward_margin', '+.3f')}"
+    if refine:
+        info += f" flagged {f('flagged_frac', '.2f')}"
+    return info
+
+
+def _diverged_message(title: str, out_dir, detail: str) -> str:
+    from pathlib import Path
+
+    ck = Path(out_dir) / "checkpoint" / "state.json"
+    kept = ""
+    if ck.exists():
+        try:
+            kept = f", its last checkpoint (step {json.loads(ck.read_text())['step']}) is kept"
+        except (ValueError, KeyError):
+            pass
+    return (f"{title} diverged: {detail}; {out_dir} is not complete{kept}. Lower the learning rate (or raise "
+            f"warmup_ratio) and rerun the stage with --force")
 
 
 def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair], spec, out_dir, title: str,
@@ -83,15 +126,18 @@ def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair],
         task = p.add_task(title, total=total_steps(len(pairs), spec), info="")
 
         def on_step(step: int, total: int, row: dict) -> None:
-            info = f"loss {row['loss']:.4f} margin {row['reward_margin']:+.3f}"
-            if spec.refine:
-                info += f" flagged {row['flagged_frac']:.2f}"
-            p.update(task, completed=step, info=info)
+            p.update(task, completed=step, info=progress_info(row, spec.refine))
             if dist.main:
                 log_step(recipe, stage_key, row)  # report_to trackers, live
 
-        summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step, stop_after=stop_after)
+        try:
+            summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step, stop_after=stop_after)
+        except DivergedError as e:
+            raise DivergedError(e.step, _diverged_message(title, out_dir, str(e))) from None
     state = stack.trainable_state() if stack.sharded else None  # gathered on every process
+    weights = state.values() if state is not None else [p.detach() for p in stack.trainable_parameters()]
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        raise DivergedError(summary["steps"], _diverged_message(title, out_dir, "the trained adapter's weights are not finite"))
     if dist.main:
         stack.save_trainable(out_dir / "adapter", state)
     dist.barrier()

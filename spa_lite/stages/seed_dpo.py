@@ -20,7 +20,8 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
     if done:
         return done
     c = recipe.seed_dpo
-    rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
+    dropped: dict = {}  # identical / empty pairs, skipped and counted
+    rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format, dropped=dropped), recipe.data.shuffle_seed)
     if recipe.data.seed_limit:
         rows = rows[: recipe.data.seed_limit]
     stack = load_stack(recipe, frozen_upto=-1, trainable="seed", shard=True)
@@ -31,8 +32,8 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
         lr=c.lr, epochs=c.epochs, batch_size=c.batch_size, grad_accum=c.grad_accum, beta=c.beta, seed=recipe.seed,
         ref=[], warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
         save_every=c.save_every, loss=c.loss, label_smoothing=c.label_smoothing, dro_epsilon=c.dro_epsilon,
-        dro_pieces=c.dro_pieces, dro_xi_min=c.dro_xi_min,
+        dro_pieces=c.dro_pieces, dro_xi_min=c.dro_xi_min, diverge_factor=c.diverge_factor,
     )
     summary = fit_and_save(recipe, stack, pairs, spec, out, "seed DPO", stop_after)
-    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped)
+    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_dropped=dropped)
     return finish_stage(recipe, stage, summary, {"seed_pairs": recipe.data.seed_pairs}, t0)

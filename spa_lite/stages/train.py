@@ -37,7 +37,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
         max_grad_norm=c.max_grad_norm, save_every=c.save_every, refine=c.refine, alpha=c.alpha,
         k_percent=c.k_percent, window=c.window, refine_start=c.refine_start, dnd=c.dnd and c.refine, lam=lam,
         loss=c.loss, label_smoothing=c.label_smoothing, dro_epsilon=c.dro_epsilon, dro_pieces=c.dro_pieces,
-        dro_xi_min=c.dro_xi_min,
+        dro_xi_min=c.dro_xi_min, diverge_factor=c.diverge_factor,
     )
     summary = fit_and_save(recipe, stack, pairs, spec, out, f"train iter {iteration}", stop_after)
     summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, dnd_lambda=lam if spec.dnd else None)
