@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+
+import torch
 
 from spa_lite.config import Recipe
 from spa_lite.distributed import get_dist
+from spa_lite.errors import DivergedError
 from spa_lite.loading import load_stack  # noqa: F401 - importable from here as before
 from spa_lite.logps import TokenizedPair, tokenize_pair
 from spa_lite.stack import PolicyStack
@@ -28,6 +32,32 @@ def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_
     return out, skipped
 
 
+def progress_info(row: dict, refine: bool) -> str:
+    """The progress line's statistics; a value logged as null (NaN) shows as nan."""
+    def f(key: str, spec: str) -> str:
+        v = row.get(key)
+        return "nan" if v is None else format(v, spec)
+
+    info = f"loss {f('loss', '.4f')} margin {f('reward_margin', '+.3f')}"
+    if refine:
+        info += f" flagged {f('flagged_frac', '.2f')}"
+    return info
+
+
+def _diverged_message(title: str, out_dir, detail: str) -> str:
+    from pathlib import Path
+
+    ck = Path(out_dir) / "checkpoint" / "state.json"
+    kept = ""
+    if ck.exists():
+        try:
+            kept = f", its last checkpoint (step {json.loads(ck.read_text())['step']}) is kept"
+        except (ValueError, KeyError):
+            pass
+    return (f"{title} diverged: {detail}; {out_dir} is not complete{kept}. Lower the learning rate (or raise "
+            f"warmup_ratio) and rerun the stage with --force")
+
+
 def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair], spec, out_dir, title: str,
                  stop_after: int | None = None) -> dict:
     """Run the training loop with a progress bar, then save the trainable adapter to out_dir/adapter."""
@@ -40,15 +70,18 @@ def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair],
         task = p.add_task(title, total=total_steps(len(pairs), spec), info="")
 
         def on_step(step: int, total: int, row: dict) -> None:
-            info = f"loss {row['loss']:.4f} margin {row['reward_margin']:+.3f}"
-            if spec.refine:
-                info += f" flagged {row['flagged_frac']:.2f}"
-            p.update(task, completed=step, info=info)
+            p.update(task, completed=step, info=progress_info(row, spec.refine))
             if dist.main:
                 log_step(recipe, stage_key, row)  # report_to trackers, live
 
-        summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step, stop_after=stop_after)
+        try:
+            summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step, stop_after=stop_after)
+        except DivergedError as e:
+            raise DivergedError(e.step, _diverged_message(title, out_dir, str(e))) from None
     state = stack.trainable_state() if stack.sharded else None  # gathered on every process
+    weights = state.values() if state is not None else [p.detach() for p in stack.trainable_parameters()]
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        raise DivergedError(summary["steps"], _diverged_message(title, out_dir, "the trained adapter's weights are not finite"))
     if dist.main:
         stack.save_trainable(out_dir / "adapter", state)
     dist.barrier()

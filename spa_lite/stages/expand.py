@@ -46,17 +46,26 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     names = stack.prev
     # Eq. 7's log pi_{i-1}(y|x) read off the sampling pass (transformers backend): judging runs only the reference
     record = c.judge == "logprob" and c.judge_logps == "sampler" and sample_fn is sample_responses
-    with stack.use(names) as m:
-        samples = sample_fn(
-            m, stack.tokenizer, [p["prompt"] for p in prompts], num_samples=c.num_samples,
-            max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
-            batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}),
-        )
-    counts = {"prompts": len(prompts), "identical": 0, "truncated": 0, "empty": 0, "dropped_truncated": 0}
+    # prompts over model.max_prompt_length are skipped and counted, as in training (a 100,000-character
+    # prompt would otherwise make generation allocate gigabytes)
+    fits = [len(encode_prompt(stack.tokenizer, p["prompt"])) <= recipe.model.max_prompt_length for p in prompts]
+    kept_prompts = [p for p, f in zip(prompts, fits) if f]
+    samples = []
+    if kept_prompts:
+        with stack.use(names) as m:
+            samples = sample_fn(
+                m, stack.tokenizer, [p["prompt"] for p in kept_prompts], num_samples=c.num_samples,
+                max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
+                batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}),
+            )
+    if on_gen is not None and len(kept_prompts) < len(prompts):
+        on_gen(len(prompts) - len(kept_prompts))
+    counts = {"prompts": len(prompts), "prompt_too_long": len(prompts) - len(kept_prompts), "identical": 0,
+              "truncated": 0, "empty": 0, "dropped_truncated": 0}
     if c.judge == "verifier":
         counts["undecided"] = 0
     keep = []
-    for rec, ss in zip(prompts, samples):
+    for rec, ss in zip(kept_prompts, samples):
         y1, y2 = ss[0], ss[1]
         trunc = y1.truncated or y2.truncated
         counts["truncated"] += int(trunc)

@@ -25,7 +25,8 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
     out, done = begin_stage(recipe, stage, force)
     if done:
         return done
-    rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
+    dropped: dict = {}  # identical / empty pairs, skipped and counted
+    rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format, dropped=dropped), recipe.data.shuffle_seed)
     if recipe.data.seed_limit:
         rows = rows[: recipe.data.seed_limit]
     stack = load_stack(recipe, frozen_upto=-1, trainable="seed", shard=True)
@@ -34,5 +35,5 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
         raise DataError(recipe.data.seed_pairs, None, None, f"all {len(rows)} pairs exceed model.max_length")
     spec = loop_spec(recipe)
     summary = fit_and_save(recipe, stack, pairs, spec, out, "seed DPO", stop_after)
-    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped)
+    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_dropped=dropped)
     return finish_stage(recipe, stage, summary, {"seed_pairs": recipe.data.seed_pairs}, t0)
