@@ -36,6 +36,8 @@ def _distinct_values(cls) -> dict:
             out[f.name] = 0.17
         elif f.name in ("k_percent",):
             out[f.name] = 12.5
+        elif f.name == "diverge_factor":  # 0 (off) or > 1
+            out[f.name] = 2.5
         elif isinstance(default, float):
             out[f.name] = round(default * 1.5 + 0.01 * (i + 1), 6)
         else:
