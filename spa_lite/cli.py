@@ -45,7 +45,8 @@ def _expected(e: BaseException) -> str | None:
     names = {c.__name__ for c in type(e).__mro__}
     cause = e.__cause__ or e.__context__
     if "OutOfMemoryError" in names:
-        return f"out of memory: {str(e).splitlines()[0] if str(e) else e!r}; lower the batch sizes (`spa-lite plan` estimates them)"
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        return f"out of memory: {first}; lower the batch sizes (`spa-lite plan` estimates them)"
     if "HFValidationError" in names or "RepositoryNotFoundError" in names or "GatedRepoError" in names:
         return f"cannot reach the model or data set on the hub: {str(e).splitlines()[0]} (a local path must exist; " \
                f"set HF_HUB_OFFLINE=1 to work offline)"
@@ -157,9 +158,9 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
-    # library deprecation notices say nothing actionable to a spa-lite user
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # peft reads transformers' deprecated `is_gradient_checkpointing` alias: nothing a spa-lite user can act on
+    # (the tests still show it). Every other warning stays visible.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -323,7 +324,8 @@ def eval_cmd(
     pairs: Annotated[Optional[str], typer.Option(help="Gold pairs to judge (default: the recipe's data.eval_pairs).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Format of --pairs (auto-detected).")] = None,
     limit: Annotated[int, typer.Option(help="Use at most this many pairs.")] = 200,
-    methods: Annotated[str, typer.Option(help="Judge methods: init,prev,none,llm (llm: the slow LLM-as-judge baseline).")] = "init,prev,none",
+    methods: Annotated[str, typer.Option(
+        help="Judge methods: init,prev,none,llm (llm: the slow LLM-as-judge baseline).")] = "init,prev,none",
     flip: Annotated[float, typer.Option(help="Fraction of gold labels flipped for noise detection (0 to skip).")] = 0.2,
     lambdas: Annotated[Optional[str], typer.Option(help="DND lambdas to compare, e.g. 0.5,0.25,0.125.")] = None,
     pass_rate: Annotated[bool, typer.Option("--pass-rate/--no-pass-rate", help="Verifier pass rate (demo task).")] = True,
@@ -418,7 +420,8 @@ def winrate_cmd(
                            metadata=[{"constraint": x.get("constraint")} for x in recs])
     label = lambda k: "pi_init" if k is None else f"pi_{k}"  # noqa: E731
     tag = f"winrate_{label(cand_k)}_vs_{label(ref_k)}_{judge}"
-    atomic_write_json(r.run_path / "eval" / f"{tag}.json", {k: v for k, v in res.items() if k != "items"} | {"items": res["items"]})
+    atomic_write_json(r.run_path / "eval" / f"{tag}.json",
+                      {k: v for k, v in res.items() if k != "items"} | {"items": res["items"]})
     console.print(f"{label(cand_k)} vs {label(ref_k)} ({judge} judge, n={res['n']}): win rate {res['win_rate']:.3f} "
                   f"[{res['ci_low']:.2f}, {res['ci_high']:.2f}], wins {res['wins']}, ties {res['ties']}, losses {res['losses']}")
 
@@ -453,7 +456,8 @@ def export_answers_cmd(
     name: NameOpt = None,
     run_dir: RunDirOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 1024,
-    temperature: Annotated[Optional[float], typer.Option(help="Default: 0 for AlpacaEval, FastChat's per category for MT-Bench.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="Default: 0 for AlpacaEval, FastChat's per category for MT-Bench.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Answer only the first N questions.")] = None,
     batch_size: Annotated[int, typer.Option(help="Questions per generation batch.")] = 8,
 ) -> None:
@@ -489,10 +493,12 @@ def export_answers_cmd(
 def plan_cmd(
     recipe: RecipeOpt = "smollm2-demo",
     set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Model folder, hub id, bundled alias or config.json (default: the recipe's).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Model folder, hub id, bundled alias or config.json (default: the recipe's).")] = None,
     gpu_mem: Annotated[float, typer.Option(help="GPU memory in GB to plan for.")] = 16.0,
     quantization: Annotated[str, typer.Option(help="4bit | none")] = "4bit",
-    fsdp: Annotated[int, typer.Option(min=1, help="Processes that seed-dpo and train shard over (FSDP2; full-precision bases only).")] = 1,
+    fsdp: Annotated[int, typer.Option(
+        min=1, help="Processes that seed-dpo and train shard over (FSDP2; full-precision bases only).")] = 1,
 ) -> None:
     """Estimated peak memory of each stage, and the batch / accumulation / checkpointing / length that fit.
 
@@ -502,6 +508,7 @@ def plan_cmd(
     from rich.table import Table
 
     from spa_lite.api import plan
+    from spa_lite.logps import chunked_kernel_available
     from spa_lite.ui import console
 
     r = _recipe(recipe, set_, None, None)
@@ -515,6 +522,8 @@ def plan_cmd(
         t.add_row(name, f"{st['peak_gb']:.2f}", "yes" if st["fits"] else "[red]no[/]",
                   ", ".join(f"{k} {v:.2f}" for k, v in parts))
     console.print(t)
+    if not chunked_kernel_available():
+        console.print("log-probs: full logits (the installed trl has no chunked log-prob kernel; trl>=1.15 has it)")
     verdict = "fits" if res["fits"] else "does NOT fit even with the smallest settings"
     console.print(f"{verdict}: batch_size {res['batch_size']} x grad_accum {res['grad_accum']} "
                   f"(effective {res['effective_batch']}), gradient_checkpointing {res['gradient_checkpointing']}, "
@@ -531,7 +540,8 @@ def export_cmd(
     set_: SetOpt = None,
     name: NameOpt = None,
     run_dir: RunDirOpt = None,
-    merged: Annotated[bool, typer.Option("--merged/--adapter", help="A merged bf16 model, or one LoRA adapter (ranks concatenated).")] = True,
+    merged: Annotated[bool, typer.Option(
+        "--merged/--adapter", help="A merged bf16 model, or one LoRA adapter (ranks concatenated).")] = True,
     dtype: Annotated[str, typer.Option(help="Merged weights dtype: bfloat16 | float16 | float32.")] = "bfloat16",
 ) -> None:
     """Export pi_i: a merged full model with a model card, or the adapter stack as one exact LoRA adapter (for vLLM).

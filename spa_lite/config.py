@@ -48,6 +48,10 @@ class DataConfig:
 
 @dataclass
 class SeedDPOConfig:
+    """Stage 0, DPO on the gold pairs. Every field also belongs to ``train`` (TrainConfig extends this class),
+    and reaches the training loop by name (``spa_lite.training.LoopSpec.from_config``): a new loop setting is
+    one field here and the ``LoopSpec`` field the loop reads."""
+
     epochs: float = 3.0
     lr: float = 5e-5  # LoRA needs ~100x the full fine-tuning lr (paper: 5e-7 full FT)
     batch_size: int = 4  # pairs per micro-batch
@@ -73,10 +77,13 @@ class ExpandConfig:
     max_new_tokens: int = 300
     batch_size: int = 16  # prompts per generation batch
     shard_size: int = 64  # prompts per resumable shard
-    judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control; undecided pairs dropped)
+    # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control;
+    # undecided pairs dropped)
+    judge: str = "logprob"
     judge_ref: str = "init"  # init | prev | none: the reference in Eq. 7's log-ratio
     judge_batch_size: int = 8  # pairs per judging forward pass
-    judge_logps: str = "sampler"  # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
+    # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
+    judge_logps: str = "sampler"
     beta: float = 0.1
     length_penalty: float = 0.0  # Eq. 13: reward - a * |y| tokens
     drop_truncated: bool = False  # drop pairs where a response hit max_new_tokens (counted either way)
@@ -84,16 +91,10 @@ class ExpandConfig:
 
 
 @dataclass
-class TrainConfig:
-    epochs: float = 1.0
-    lr: float = 5e-5
-    batch_size: int = 4
-    grad_accum: int = 8
-    beta: float = 0.1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_every: int = 20
+class TrainConfig(SeedDPOConfig):
+    """Iteration training: seed DPO's settings, plus self-refinement (Eq. 10) and de-coupled noise detection."""
+
+    epochs: float = 1.0  # one pass over D_i per iteration (paper)
     refine: bool = True  # self-refinement, Eq. 10
     alpha: float = 0.1  # label smoothing for flagged pairs
     k_percent: float = 10.0  # tau = K-th percentile of recent confidences
@@ -101,12 +102,6 @@ class TrainConfig:
     refine_start: float = 0.2  # fraction of optimizer steps before refinement starts
     dnd: bool = True  # de-coupled noise detection, Eq. 11-12
     lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # lambda for iter 1, 2, 3, then halving
-    loss: str = "dpo"  # dpo | dro
-    label_smoothing: float = 0.0
-    dro_epsilon: float = 0.01  # probability units: the first moves cost 1/xi_min per unit (docs/dro.md)
-    dro_pieces: int = 8
-    dro_xi_min: float = 1e-3
-    diverge_factor: float = 0.0  # stop when a step's loss exceeds k times the first step's (0: off; not in the config hash)
 
 
 @dataclass

@@ -16,6 +16,7 @@ Schemas recognised (``format: auto`` picks by the first record's fields):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from spa_lite.demo import demo_path
 from spa_lite.errors import DataError, SpaError
 from spa_lite.io import read_jsonl
 
@@ -34,8 +36,6 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 def resolve_data_path(spec: str) -> Path | str:
     """``demo:NAME`` is a file shipped with spa-lite; paths pass through; other strings are dataset names."""
     if spec.startswith("demo:"):
-        from spa_lite.demo import demo_path
-
         return demo_path(spec.split(":", 1)[1])
     p = Path(spec)
     return p if p.exists() or "/" not in spec or spec.startswith((".", "/")) else spec
@@ -52,7 +52,7 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
             for lineno, rec in read_jsonl(src):
                 yield str(src), lineno, rec
             return
-        import datasets
+        import datasets  # slow to import (seconds): only for .json, .parquet, dataset folders and hub names
 
         if src.is_dir():
             ds = datasets.load_from_disk(str(src))
@@ -65,8 +65,8 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
                 if src.suffix == ".json":
                     _check_json_file(src)
                 cause = e.__cause__ or e
-                raise DataError(src, None, None, f"cannot read it as {src.suffix[1:]}: "
-                                                 f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+                detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+                raise DataError(src, None, None, f"cannot read it as {src.suffix[1:]}: {detail}") from None
         else:
             raise DataError(src, None, None, "unknown file type (use .jsonl, .jsonl.gz, .json, .parquet or a dataset folder)")
     else:
@@ -82,8 +82,6 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
 
 def _check_json_file(src: Path) -> None:
     """Raise DataError naming the line of the first syntax error in a JSON (or JSON Lines) file."""
-    import json
-
     from spa_lite.io import read_lines
 
     text = "".join(line for _, line in read_lines(src))
@@ -315,7 +313,8 @@ def iteration_prompts(pool: list[dict], sizes: list[int], iteration: int, seed: 
     return order[start:end]
 
 
-def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], test_size: int, fmt: str = "auto") -> dict[str, list[dict]]:
+def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], test_size: int,
+                   fmt: str = "auto") -> dict[str, list[dict]]:
     """The paper's data protocol: shuffle preference data with ``seed``; take ``seed_size`` gold pairs,
     then disjoint prompt sets for iterations 1..T, then a held-out test split of pairs."""
     pairs = shuffled(load_pairs(spec, fmt), seed)
@@ -325,7 +324,8 @@ def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], 
     out = {"seed_pairs": pairs[:seed_size]}
     start = seed_size
     for i, n in enumerate(iter_sizes, start=1):
-        out[f"iter{i}_prompts"] = [{k: v for k, v in p.items() if k not in {"chosen", "rejected"}} for p in pairs[start : start + n]]
+        out[f"iter{i}_prompts"] = [{k: v for k, v in p.items() if k not in {"chosen", "rejected"}}
+                                   for p in pairs[start : start + n]]
         start += n
     out["test_pairs"] = pairs[start : start + test_size]
     return out

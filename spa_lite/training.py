@@ -8,6 +8,7 @@ of (seed, step), and the checkpoint carries the adapter, optimizer, scheduler an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -24,7 +25,7 @@ from spa_lite.errors import DivergedError, SpaError
 from spa_lite.io import atomic_dir, atomic_write_text, dumps
 from spa_lite.logps import (TokenizedPair, backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
                             hidden_sequence_logps, sequence_logps)
-from spa_lite.losses import ConfidenceWindow, dpo_logits, smoothed_dpo_loss
+from spa_lite.losses import ConfidenceWindow, dpo_logits, label_smoothing_weights, refined_dpo_loss
 from spa_lite.stack import PolicyStack
 
 
@@ -54,6 +55,13 @@ class LoopSpec:
     dro_pieces: int = 8
     dro_xi_min: float = 1e-3
     diverge_factor: float = 0.0  # stop when a step's loss exceeds this many times the first step's (0: off)
+
+    @classmethod
+    def from_config(cls, config, **settings) -> LoopSpec:
+        """The loop settings of a recipe section (``seed_dpo`` or ``train``): every LoopSpec field the section
+        has, by name, then ``settings`` (what the stage decides: seed, ref, lam, ...)."""
+        own = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+        return cls(**{**own, **settings})
 
 
 def total_steps(n_pairs: int, spec: LoopSpec) -> int:
@@ -159,7 +167,6 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         tau = window.push(all_conf)
         if refining:
             flagged = conf < tau
-    smoothing = torch.clamp(spec.alpha * flagged.float(), min=spec.label_smoothing)
     stats: dict[str, float] = {}
     if spec.loss == "dro":
         from spa_lite.dro import dro_dpo_loss
@@ -168,9 +175,10 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         # worst case over the Wasserstein ball, so epsilon = 0 is exactly the refined loss. With several
         # processes each solves the worst case over its own share of the micro-batch.
         worst, stats = dro_dpo_loss(logits, spec.dro_epsilon, spec.dro_pieces, spec.dro_xi_min)
+        smoothing = label_smoothing_weights(flagged, spec.alpha, spec.label_smoothing, logits.dtype)
         loss = (worst * n + (smoothing * (F.logsigmoid(logits) - F.logsigmoid(-logits))).sum()) / global_n
     else:
-        loss = smoothed_dpo_loss(logits, smoothing).sum() / global_n
+        loss = refined_dpo_loss(logits, flagged, spec.alpha, spec.label_smoothing).sum() / global_n
     chosen_r = (pol_lp[:n] - ref_lp[:n]).detach() * spec.beta
     rejected_r = (pol_lp[n:] - ref_lp[n:]).detach() * spec.beta
     stats.update(

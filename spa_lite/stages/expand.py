@@ -13,15 +13,17 @@ from pathlib import Path
 
 from spa_lite.config import Recipe
 from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
+from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DataError
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob
+from spa_lite.loading import load_stack
 from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream
 from spa_lite.stack import PolicyStack, adapter_name
-from spa_lite.stages.common import load_stack
 from spa_lite.ui import progress
+from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
 
 
 def judge_reference(stack_names: list[str], judge_ref: str) -> list[str] | None:
@@ -118,8 +120,6 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tupl
     A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
     preference and are dropped (counted as ``undecided``). Prompts must carry the demo ``constraint``.
     """
-    from spa_lite.demo.tasks import verify
-
     kept, judged = [], []
     for rec, y1, y2 in keep:
         if "constraint" not in rec:
@@ -134,7 +134,8 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tupl
     return kept, judged
 
 
-def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", fail_after_shards: int | None = None) -> dict:
+def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE",
+        fail_after_shards: int | None = None) -> dict:
     """Write D_i to runs/<name>/iter{i}/expand/data.jsonl.
 
     Args:
@@ -160,8 +161,6 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
         assert stack.prev == [adapter_name(k) for k in range(iteration)]
         sample_fn = sample_responses
         if c.backend == "vllm":
-            from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
-
             adapter = prepare_adapter(stack, iteration - 1, out / "vllm_adapter")
             sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
         n_todo = sum(len(shards[k]) for k in todo)
