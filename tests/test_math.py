@@ -331,7 +331,9 @@ def test_adapter_toggling_and_single_base_copy(tiny_model_dir, adapters, indepen
     torch.testing.assert_close(init, _logits(independent["init"], ids), atol=0, rtol=0)
     with stack.use(["seed"]) as m:
         seed = _logits(m, ids)
-    torch.testing.assert_close(seed, _logits(independent["seed"], ids), atol=TOL, rtol=0)
+    # merged weights round W + BA once, the stack adds x @ A @ B to x @ W: fp32 rounding alone differs by up
+    # to ~2e-5 on these logits (measured 1.7e-5 with transformers 5.24 / torch 2.13); an adapter bug is > 1e-2
+    torch.testing.assert_close(seed, _logits(independent["seed"], ids), atol=1e-4, rtol=0)
     assert (seed - init).abs().max() > 1e-2
     with stack.use(stack.theta) as m:
         theta = _logits(m, ids)
