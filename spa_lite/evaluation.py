@@ -112,11 +112,15 @@ def noise_detection(stack: PolicyStack, pairs: Sequence, k: int, flip: float, la
 
 @torch.no_grad()
 def pass_rate(stack: PolicyStack, records: Sequence[dict], k: int | None, verify, samples: int = 1,
-              max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0, batch_size: int = 16) -> dict:
-    """Verifier pass rate of pi_k's responses to held-out prompts (demo task), with mean length."""
+              max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0, batch_size: int = 16,
+              on_batch=None) -> dict:
+    """Verifier pass rate of pi_k's responses to held-out prompts (demo task), with mean length.
+
+    ``on_batch(n)`` is called after each batch of n prompts (progress bars)."""
     with stack.use(policy_names(k)) as m:
         outs = sample_responses(m, stack.tokenizer, [r["prompt"] for r in records], num_samples=samples,
-                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
+                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
+                                on_batch=on_batch)
     passed, lengths = [], []
     for rec, ss in zip(records, outs):
         for smp in ss:

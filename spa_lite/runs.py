@@ -161,6 +161,9 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
         prev = read_json(started).get("config_hash")
         if prev != h:
             raise StageOrderError(f"{d} holds a partial run from another config; add --force to start it over")
+    from spa_lite.memory import StagePeak
+
+    _STAGE_PEAKS[stage.key] = StagePeak()  # this stage's peak resident memory, for its manifest
     dist.barrier()  # every process has read the old state before the main one changes it
     if dist.main:
         if force and d.exists():
@@ -172,7 +175,13 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
     return d, None
 
 
+_STAGE_PEAKS: dict = {}
+
+
 def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_start: float) -> dict:
+    from spa_lite.memory import peak_rss_gb
+
+    peak = _STAGE_PEAKS.pop(stage.key, None)
     manifest = {
         "stage": stage.key,
         "status": "complete",
@@ -183,6 +192,8 @@ def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_st
         "versions": versions(),
         "timings": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.time() - t_start, 2)},
         "summary": summary,
+        # this process's peak resident memory during the stage (GB); peak_is_stage False: the process's peak so far
+        "memory": peak.read() if peak else {"peak_rss_gb": peak_rss_gb(), "peak_is_stage": False},
     }
     from spa_lite.distributed import get_dist
 

@@ -87,13 +87,14 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             recs = [r for r in load_prompts(recipe.data.eval_prompts) if "constraint" in r][:prompt_limit]
             pr = {}
             with progress() as p:
-                task = p.add_task("pass rate", total=len(chosen), info=f"{len(recs)} prompts x {samples}")
+                task = p.add_task("pass rate", total=len(chosen) * len(recs),
+                                  info=f"{len(chosen)} policies x {len(recs)} prompts x {samples}")
                 for k in chosen:
                     pr[policy_label(k)] = pass_rate(stack, recs, k, verify, samples=samples,
                                                     max_new_tokens=recipe.expand.max_new_tokens,
                                                     temperature=recipe.expand.temperature, seed=recipe.seed,
-                                                    batch_size=recipe.expand.batch_size)
-                    p.advance(task)
+                                                    batch_size=recipe.expand.batch_size,
+                                                    on_batch=lambda n: p.advance(task, n))
             report["pass_rate"] = pr
     report["wall_s"] = round(time.time() - t0, 1)
     tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
