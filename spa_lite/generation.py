@@ -3,11 +3,12 @@
 Two engines give the same interface (``sample_responses``):
 
 * ``fast`` (default): spa-lite's own decoding loop. The frozen policy's active LoRA adapters are merged into
-  a working copy of the base's linear layers (the base itself is untouched and every other tensor is shared),
-  prompts run longest first in batches of similar length, each prompt is prefilled once for all of its
-  samples, and a row leaves the batch (and its KV cache) as soon as it ends its turn. Each sequence draws
-  from its own random stream, seeded by (seed, prompt index, sample index): its sample does not depend on
-  the batch size, the order of the prompts or the other rows of its batch.
+  a working copy of the base's linear layers (the base itself is untouched and every other tensor is shared);
+  prompts enter longest first, each prefilled once for all of its samples; a row leaves the batch (and its KV
+  cache) as soon as it ends its turn, and waiting prompts take the freed rows (continuous batching), so no
+  step is spent on finished rows and the batch stays full. Each sequence draws from its own random stream,
+  seeded by (seed, prompt index, sample index): its sample does not depend on the batch size, the order of
+  the prompts or the other rows of its batch.
 * ``hf``: ``transformers.GenerationMixin.generate`` on the (unmerged) stack, batches in file order, one seed
   per batch; the engine spa-lite used before, kept as the reference of bench/bench_generation.py and for
   models whose generation_config asks for logits processors the fast loop does not apply.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -194,8 +196,10 @@ def sample_responses(
         seed: fast engine: sequence j of prompt k draws from a stream seeded by (seed, k, j), so a resumed
             expand (which skips finished shards, each with its own seed) draws what an uninterrupted one would,
             whatever the batch size. hf engine: batch b is seeded with ``seed + b``.
-        batch_size: prompts per batch (each with its ``num_samples`` sequences).
-        on_batch: called with the number of prompts of each finished batch (progress bars).
+        batch_size: prompts decoded at once (each with its ``num_samples`` sequences); the fast engine keeps
+            up to ``batch_size * num_samples`` rows in flight.
+        on_batch: called with a number of finished prompts, every ``batch_size`` prompts and at the end
+            (progress bars).
         record_logps: also return each sample's log-probability under the sampling policy at temperature 1
             (``Sample.logp``), read off the sampling pass itself, so Eq. 7 needs no second forward of pi_{i-1}.
             Temperature and top-p are applied after it; the draws are the same as without recording.
@@ -209,6 +213,9 @@ def sample_responses(
     """
     if engine not in ("fast", "hf"):
         raise ValueError(f"engine '{engine}' is not fast or hf")
+    if max_new_tokens < 1 or batch_size < 1 or num_samples < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}), batch_size ({batch_size}) and num_samples "
+                         f"({num_samples}) must be >= 1")
     if engine == "hf" or unsupported_settings(model):
         return _sample_hf(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, on_batch=on_batch,
@@ -225,15 +232,18 @@ def sample_responses(
     try:
         with sampling_model(model, merge) as work:
             device = next(work.parameters()).device
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                out = _decode_batch(work, [encoded[k] for k in idx], idx, device=device, pad=pad, stops=stops,
-                                    num_samples=num_samples, max_new_tokens=max_new_tokens, min_new_tokens=min_new,
-                                    temperature=temperature, top_p=top_p, seed=seed, record_logps=record_logps)
-                for k, rows in zip(idx, out):
-                    results[k] = [_to_sample(tokenizer, toks, trunc, lp) for toks, trunc, lp in rows]
-                if on_batch is not None:
-                    on_batch(len(idx))
+            finished = 0
+
+            def on_done(k: int, rows: list) -> None:
+                nonlocal finished
+                results[k] = [_to_sample(tokenizer, toks, trunc, lp) for toks, trunc, lp in rows]
+                finished += 1
+                if on_batch is not None and (finished % batch_size == 0 or finished == len(encoded)):
+                    on_batch(batch_size if finished % batch_size == 0 else finished % batch_size)
+
+            _decode(work, encoded, order, capacity=batch_size * num_samples, device=device, pad=pad, stops=stops,
+                    num_samples=num_samples, max_new_tokens=max_new_tokens, min_new_tokens=min_new,
+                    temperature=temperature, top_p=top_p, seed=seed, record_logps=record_logps, on_done=on_done)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
@@ -243,96 +253,165 @@ def _to_sample(tokenizer, toks: list[int], truncated: bool, logp: float | None) 
     return Sample(tokenizer.decode(toks, skip_special_tokens=True).strip(), toks, len(toks), truncated, logp)
 
 
-def _decode_batch(model, chunk: list[list[int]], prompt_index: list[int], *, device, pad: int, stops: list[int],
-                  num_samples: int, max_new_tokens: int, min_new_tokens: int, temperature: float, top_p: float,
-                  seed: int, record_logps: bool) -> list[list[tuple[list[int], bool, float | None]]]:
-    """Decode one batch of prompts; per prompt, ``num_samples`` (tokens, truncated, logp) in sample order."""
+class _Rows:
+    """The rows being decoded: their KV cache, attention mask, positions, last logits and bookkeeping."""
+
+    def __init__(self) -> None:
+        self.cache = None
+        self.mask = self.pos = self.logits = None
+        self.meta: list[tuple[int, int]] = []  # (prompt, sample) of each row
+        self.step: list[int] = []  # tokens generated so far by each row
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def add(self, cache, mask, pos, logits, meta) -> None:
+        """Append rows (their own prefill): both caches are left-padded to the same length, then stacked."""
+        if self.cache is None:
+            self.cache, self.mask, self.pos, self.logits = cache, mask, pos, logits
+        else:
+            t_old, t_new = self.mask.shape[1], mask.shape[1]
+            width = max(t_old, t_new)
+            for old, new in zip(self.cache.layers, cache.layers):
+                old.keys, old.values = (torch.cat([_left_pad(a, width), _left_pad(b, width)], 0)
+                                        for a, b in ((old.keys, new.keys), (old.values, new.values)))
+            self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
+            self.pos = torch.cat([self.pos, pos], 0)
+            self.logits = torch.cat([self.logits, logits], 0)
+        self.meta += meta
+        self.step += [0] * len(meta)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices); columns that are padding in every remaining row are dropped."""
+        self.cache.batch_select_indices(rows)
+        self.mask, self.pos, self.logits = self.mask[rows], self.pos[rows], self.logits[rows]
+        keep = rows.tolist()
+        self.meta = [self.meta[r] for r in keep]
+        self.step = [self.step[r] for r in keep]
+        used = self.mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+def _out_cache(out):
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    short = width - x.shape[dim]
+    if short <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = short
+    return torch.cat([x.new_zeros(shape), x], dim)
+
+
+def _decode(model, encoded: list[list[int]], order: list[int], *, capacity: int, device, pad: int,
+            stops: list[int], num_samples: int, max_new_tokens: int, min_new_tokens: int, temperature: float,
+            top_p: float, seed: int, record_logps: bool, on_done: Callable[[int, list], None]) -> None:
+    """Decode every prompt of ``order`` with at most ``capacity`` rows at once (continuous batching).
+
+    Prompts enter in ``order`` (prefilled together, once for all of their samples) whenever a quarter of the
+    rows are free; a row leaves as soon as it ends its turn or reaches ``max_new_tokens``. ``on_done(k,
+    [(tokens, truncated, logp)] * num_samples)`` receives each prompt as its last sample ends.
+    """
     from transformers import TopPLogitsWarper
 
-    n, width = len(chunk), max(len(x) for x in chunk)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, x in enumerate(chunk):
-        ids[r, width - len(x) :] = torch.tensor(x)
-        mask[r, width - len(x) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    # prefill each prompt once, then give each of its samples a copy of its cache
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    logits = out.logits[:, -1, :]
-    rows = n * num_samples
-    if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, 0)
-        mask = mask.repeat_interleave(num_samples, 0)
-        pos = pos.repeat_interleave(num_samples, 0)
     sampling = temperature > 0
-    uniforms = None
-    if sampling:
-        gens = [torch.Generator().manual_seed(_row_seed(seed, k, j)) for k in prompt_index for j in range(num_samples)]
-        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g, dtype=torch.float64) for g in gens]).to(device)
     top_p_warper = TopPLogitsWarper(top_p) if sampling and top_p < 1.0 else None
     stop_t = torch.tensor(stops, device=device)
-    alive = torch.arange(rows, device=device)  # original row of each row still in the batch
-    tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long)
-    logps = torch.zeros((rows, max_new_tokens), dtype=torch.float64) if record_logps else None
-    length = torch.full((rows,), max_new_tokens, dtype=torch.long)
-    ended = torch.zeros(rows, dtype=torch.bool)
-    last_pos = pos[:, -1]
-    for t in range(max_new_tokens):
-        scores = logits.float()
-        if t < min_new_tokens:
-            scores = scores.index_fill(1, stop_t, float("-inf"))
+    # transformers >= 5.2x names the KV cache argument `cache` (past_key_values still works, with a warning)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    rows = _Rows()
+    uniform: dict[tuple[int, int], torch.Tensor] = {}
+    out_tokens: dict[tuple[int, int], list[int]] = {}
+    out_logp: dict[tuple[int, int], float] = {}
+    pending: dict[int, list] = {}
+    queue = list(order)
+    per_prompt = max(1, capacity // num_samples)
+    while queue or len(rows):
+        free = per_prompt - len(rows) // num_samples
+        if queue and (not len(rows) or free >= max(1, per_prompt // 4)):
+            take, queue = queue[:free], queue[free:]
+            chunk = [encoded[k] for k in take]
+            width = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, x in enumerate(chunk):
+                ids[r, width - len(x) :] = torch.tensor(x)
+                mask[r, width - len(x) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            cache, logits = _out_cache(out), out.logits[:, -1, :]
+            if num_samples > 1:  # each sample starts from a copy of its prompt's cache
+                cache.batch_repeat_interleave(num_samples)
+                logits, mask, pos = (x.repeat_interleave(num_samples, 0) for x in (logits, mask, pos))
+            meta = [(k, j) for k in take for j in range(num_samples)]
+            for key in meta:
+                out_tokens[key] = []
+                out_logp[key] = 0.0
+                if sampling:
+                    g = torch.Generator().manual_seed(_row_seed(seed, *key))
+                    uniform[key] = torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
+            rows.add(cache, mask, pos[:, -1], logits, meta)
+        scores = rows.logits.float()
+        steps = torch.tensor(rows.step, device=device)
+        if min_new_tokens:
+            early = steps < min_new_tokens
+            if early.any():
+                blocked = scores.index_fill(1, stop_t, float("-inf"))
+                scores = torch.where(early[:, None], blocked, scores)
         if sampling:
             s = scores / temperature if temperature != 1.0 else scores
             if top_p_warper is not None:
                 s = top_p_warper(None, s)
             probs = torch.softmax(s, dim=-1)
             cdf = probs.cumsum(-1)
-            u = uniforms[alive, t].to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
+            u = torch.tensor([float(uniform[key][t]) for key, t in zip(rows.meta, rows.step)],
+                             dtype=cdf.dtype, device=device)[:, None] * cdf[:, -1:]
             nxt = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-            # a token of zero probability (filtered by top-p) is never chosen, even at a float boundary
-            zero = probs.gather(1, nxt[:, None]).squeeze(1) <= 0
+            zero = probs.gather(1, nxt[:, None]).squeeze(1) <= 0  # never a token top-p removed, even at a float edge
             if zero.any():
                 nxt[zero] = probs[zero].argmax(-1)
         else:
             nxt = scores.argmax(-1)
-        cpu_alive = alive.cpu()
-        tokens[cpu_alive, t] = nxt.cpu()
-        if logps is not None:
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, nxt[:, None]).squeeze(1)
-            logps[cpu_alive, t] = lp.double().cpu()
-        stop = torch.isin(nxt, stop_t) if t >= min_new_tokens else torch.zeros_like(nxt, dtype=torch.bool)
-        if stop.any():
-            done = cpu_alive[stop.cpu()]
-            length[done] = t + 1
-            ended[done] = True
-        if t == max_new_tokens - 1:
-            break
-        keep = ~stop
-        if not keep.any():
-            break
-        if not keep.all():  # finished rows leave the batch and its cache
-            kidx = keep.nonzero().squeeze(1)
-            cache.batch_select_indices(kidx)
-            alive, nxt, mask, last_pos = alive[kidx], nxt[kidx], mask[kidx], last_pos[kidx]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
-        last_pos = last_pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
-    res = []
-    for r in range(n):
-        per = []
-        for j in range(num_samples):
-            row = r * num_samples + j
-            L = int(length[row])
-            lp = float(logps[row, :L].sum()) if logps is not None else None
-            per.append((tokens[row, :L].tolist(), not bool(ended[row]), lp))
-        res.append(per)
-    return res
+        if record_logps:  # the policy's own log-prob at temperature 1, before min-length, temperature and top-p
+            lp = torch.log_softmax(rows.logits.float(), dim=-1).gather(1, nxt[:, None]).squeeze(1).double().cpu()
+        stop = torch.isin(nxt, stop_t) & (steps >= min_new_tokens)
+        full = steps + 1 >= max_new_tokens
+        ended = (stop | full).cpu()
+        stop_cpu = stop.cpu()
+        nxt_cpu = nxt.cpu().tolist()
+        for r, key in enumerate(rows.meta):
+            out_tokens[key].append(nxt_cpu[r])
+            if record_logps:
+                out_logp[key] += float(lp[r])
+            rows.step[r] += 1
+            if ended[r]:
+                k = key[0]
+                done = pending.setdefault(k, {})
+                done[key[1]] = (out_tokens.pop(key), not bool(stop_cpu[r]),  # truncated: no end of turn
+                                out_logp.pop(key) if record_logps else None)
+                uniform.pop(key, None)
+                if len(done) == num_samples:
+                    on_done(k, [done[j] for j in range(num_samples)])
+                    del pending[k]
+        if ended.all():
+            rows = _Rows()
+            continue
+        if ended.any():
+            rows.keep((~ended).nonzero().squeeze(1).to(device))
+            nxt = nxt[~ended.to(device)]
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], 1)
+        rows.pos = rows.pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=rows.mask, position_ids=rows.pos[:, None],
+                    use_cache=True, **{cache_arg: rows.cache})
+        rows.cache, rows.logits = _out_cache(out), out.logits[:, -1, :]
 
 
 @torch.no_grad()
