@@ -497,13 +497,17 @@ def export_cmd(
     r = _recipe(recipe, set_, name, run_dir)
     if iteration not in complete_policies(r):
         raise SpaError(f"pi_{iteration} is not complete in {r.run_path}; run its stages first")
-    if merged:
-        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
-        if dt is None:
-            raise SpaError(f"--dtype '{dtype}' is not bfloat16, float16 or float32")
-        path = export_merged(r, iteration, out, dtype=dt)
-    else:
-        path = export_single_adapter(r, iteration, out)
+    from spa_lite.ui import task
+
+    with task(f"export pi_{iteration} ({'merged' if merged else 'adapter'})", 1, info=str(out)) as advance:
+        if merged:
+            dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+            if dt is None:
+                raise SpaError(f"--dtype '{dtype}' is not bfloat16, float16 or float32")
+            path = export_merged(r, iteration, out, dtype=dt)
+        else:
+            path = export_single_adapter(r, iteration, out)
+        advance()
     console.print(f"exported pi_{iteration} to {path}")
 
 
