@@ -116,7 +116,30 @@ def _can_merge(model) -> bool:
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    return bool(layers) and all(_is_plain_lora_linear(m) for m in layers) and not getattr(model, "is_quantized", False)
+    return bool(layers) and all(_is_plain_lora_linear(m) for m in layers)
+
+
+def _clone_tree(mod: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree: new module objects, the very same parameter and buffer tensors."""
+    new = copy.copy(mod)  # a new instance whose __dict__ is a shallow copy: _parameters, _buffers shared
+    new._modules = {k: None if v is None else _clone_tree(v) for k, v in mod._modules.items()}
+    return new
+
+
+def _active_lora_state(model) -> tuple:
+    """What a merged copy depends on: each LoRA layer's active adapters and their weights' identity and version."""
+    from peft.tuners.lora import LoraLayer
+
+    key = []
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer):
+            active = () if mod.disable_adapters else tuple(a for a in mod.active_adapters if a in mod.lora_A)
+            key.append(active)
+            for a in active:
+                for w in (mod.lora_A[a].weight, mod.lora_B[a].weight):
+                    key.append((w.data_ptr(), w._version))
+            key.append(tuple(mod.scaling.get(a) for a in active))
+    return tuple(key)
 
 
 @torch.no_grad()
@@ -133,8 +156,7 @@ def merged_copy(model):
     from peft.tuners.lora import LoraLayer
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    memo = {id(t): t for t in list(inner.parameters()) + list(inner.buffers())}
-    work = copy.deepcopy(inner, memo)  # module tree only: every tensor is in memo, so shared
+    work = _clone_tree(inner)
     for name, mod in list(work.named_modules()):
         if not isinstance(mod, LoraLayer):
             continue
@@ -159,13 +181,29 @@ def merged_copy(model):
 def sampling_model(model, merge: bool = True) -> Iterator[object]:
     """The model to decode with: ``merged_copy(model)`` when possible (and ``merge``), else ``model`` itself.
 
-    The merged copy is dropped on exit; only its merged linear weights were new memory.
+    The merged copy of the last policy is kept on ``model`` (one slot) and reused while the active adapters and
+    their weights are unchanged (checked by tensor identity and version), so a stage that samples shard after
+    shard from one frozen policy merges once. ``release_sampling_copy(model)`` drops it.
     """
-    work = merged_copy(model) if merge else None
-    try:
-        yield model if work is None else work
-    finally:
-        del work
+    if not merge or not _can_merge(model):
+        yield model
+        return
+    key = _active_lora_state(model)
+    slot = getattr(model, "_spa_sampling_copy", None)
+    if slot is None or slot[0] != key:
+        release_sampling_copy(model)
+        slot = (key, merged_copy(model))
+        object.__setattr__(model, "_spa_sampling_copy", slot)  # not a submodule: no parameters registered
+    yield slot[1]
+
+
+def release_sampling_copy(model) -> None:
+    """Drop the merged working copy ``sampling_model`` keeps on ``model`` (its merged weights' memory)."""
+    if getattr(model, "_spa_sampling_copy", None) is not None:
+        object.__setattr__(model, "_spa_sampling_copy", None)
+
+
+CPU_MIN_ROWS = 64  # see sample_responses(max_rows=...)
 
 
 def _row_seed(seed: int, prompt: int, sample: int) -> int:
@@ -189,6 +227,7 @@ def sample_responses(
     record_logps: bool = False,
     engine: str = "fast",
     merge: bool = True,
+    max_rows: int | None = None,
 ) -> list[list[Sample]]:
     """Sample ``num_samples`` responses per chat prompt (temperature 0: greedy), batched with left padding.
 
@@ -207,6 +246,10 @@ def sample_responses(
             docstring. "fast" falls back to "hf" when the model's generation_config asks for a logits
             processor it does not apply (``unsupported_settings``).
         merge: fast engine: decode with the active adapters merged into a working copy (``merged_copy``).
+        max_rows: fast engine: sequences in flight at once. Default ``batch_size * num_samples``, and at least
+            ``CPU_MIN_ROWS`` on a CPU, where a decoding step streams every weight once whatever the row count, so
+            more rows cost little more per step (bench/bench_generation.py); the KV cache of a row is small next
+            to the weights on the models one samples on a CPU.
 
     Returns:
         one list of ``num_samples`` samples per prompt, in prompt order.
@@ -241,7 +284,10 @@ def sample_responses(
                 if on_batch is not None and (finished % batch_size == 0 or finished == len(encoded)):
                     on_batch(batch_size if finished % batch_size == 0 else finished % batch_size)
 
-            _decode(work, encoded, order, capacity=batch_size * num_samples, device=device, pad=pad, stops=stops,
+            capacity = max_rows or batch_size * num_samples
+            if max_rows is None and device.type == "cpu":
+                capacity = max(capacity, CPU_MIN_ROWS)
+            _decode(work, encoded, order, capacity=capacity, device=device, pad=pad, stops=stops,
                     num_samples=num_samples, max_new_tokens=max_new_tokens, min_new_tokens=min_new,
                     temperature=temperature, top_p=top_p, seed=seed, record_logps=record_logps, on_done=on_done)
     finally:
@@ -334,7 +380,7 @@ def _decode(model, encoded: list[list[int]], order: list[int], *, capacity: int,
     queue = list(order)
     per_prompt = max(1, capacity // num_samples)
     while queue or len(rows):
-        free = per_prompt - len(rows) // num_samples
+        free = (capacity - len(rows)) // num_samples
         if queue and (not len(rows) or free >= max(1, per_prompt // 4)):
             take, queue = queue[:free], queue[free:]
             chunk = [encoded[k] for k in take]
