@@ -57,8 +57,9 @@ def test_greedy_fast_equals_hf(stack):
         counts = Counter(t for ss in first for t in ss[0].token_ids[1:])
         m.generation_config.eos_token_id = [stack.tokenizer.eos_token_id, counts.most_common(1)[0][0]]
         hf = sample_responses(m, stack.tokenizer, _prompts(), engine="hf", **kw)
-        fast = sample_responses(m, stack.tokenizer, _prompts(), engine="fast", **kw)
-        fast_b1 = sample_responses(m, stack.tokenizer, _prompts(), engine="fast", **{**kw, "batch_size": 1})
+        # max_rows 2: prompts wait and take the rows that finished ones free (continuous batching)
+        fast = sample_responses(m, stack.tokenizer, _prompts(), engine="fast", max_rows=2, **kw)
+        fast_b1 = sample_responses(m, stack.tokenizer, _prompts(), engine="fast", max_rows=1, **kw)
     assert [s[0].token_ids for s in fast] == [s[0].token_ids for s in hf]
     assert [s[0].text for s in fast] == [s[0].text for s in hf]
     assert [s[0].truncated for s in fast] == [s[0].truncated for s in hf]
@@ -69,11 +70,11 @@ def test_greedy_fast_equals_hf(stack):
 def test_samples_do_not_depend_on_batching_and_follow_the_seed(stack):
     kw = dict(num_samples=3, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=5)
     with stack.use(["seed"]) as m:
-        a = sample_responses(m, stack.tokenizer, _prompts(), batch_size=2, record_logps=True, **kw)
+        a = sample_responses(m, stack.tokenizer, _prompts(), batch_size=2, max_rows=6, record_logps=True, **kw)
         b = sample_responses(m, stack.tokenizer, _prompts(), batch_size=5, **kw)
-        c = sample_responses(m, stack.tokenizer, _prompts(), batch_size=1, **{**kw, "seed": 6})
+        c = sample_responses(m, stack.tokenizer, _prompts(), batch_size=1, max_rows=3, **{**kw, "seed": 6})
         # the last prompt alone, as prompt 4 of a call: same draws as inside the full call
-        d = sample_responses(m, stack.tokenizer, [_prompts()[0]] * 4 + [_prompts()[4]], batch_size=3, **kw)
+        d = sample_responses(m, stack.tokenizer, [_prompts()[0]] * 4 + [_prompts()[4]], batch_size=3, max_rows=9, **kw)
     ids = lambda res: [[s.token_ids for s in ss] for ss in res]  # noqa: E731
     assert ids(a) == ids(b)
     assert ids(a) != ids(c)
