@@ -74,7 +74,7 @@ def main() -> None:
         # pi_init and pi_0 are the same in every variant: evaluated once, with seed_only
         pols = None if over is None else list(range(1, recipe.iterations + 1))
         rep = evaluate.run(recipe, methods=["init"], flip=0.0, prompt_limit=args.prompts, samples=args.samples,
-                           tag="quality", policies=pols)
+                           tag="quality", policies=pols, temperature=recipe.expand.temperature)
         results["variants"][name] = {
             "overrides": over, "wall_s": round(time.time() - t, 1), "command": " ".join(sys.argv),
             "pass_rate": rep.get("pass_rate"), "judge_accuracy": rep.get("judge_accuracy"),

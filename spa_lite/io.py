@@ -54,6 +54,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        world_readable(tmp)  # mkdtemp makes 0700 (and some writers 0600): a serving container runs as another uid
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -65,6 +66,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def world_readable(root: str | os.PathLike) -> None:
+    """Folders 0755 and files 0644 or more (as ``save_pretrained`` leaves them), under and including ``root``."""
+    root = Path(root)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o7777
+        os.chmod(p, mode | (0o755 if p.is_dir() else 0o644))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

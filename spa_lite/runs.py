@@ -144,6 +144,9 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
 
     from spa_lite.distributed import get_dist
 
+    from spa_lite.tracking import require
+
+    require(recipe)  # a tracker in report_to that is not installed fails here, before any work
     dist = get_dist()
     d = stage_dir(recipe, stage)
     h = stage_hash(recipe, stage)
@@ -200,6 +203,9 @@ def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_st
     dist = get_dist()
     if dist.main:
         atomic_write_json(stage_dir(recipe, stage) / "manifest.json", manifest)
+        from spa_lite.tracking import log_stage_summary
+
+        log_stage_summary(recipe, stage, summary)
     dist.barrier()
     return manifest
 

@@ -126,6 +126,9 @@ def save_adapter(model, name: str, out_dir: str | Path, state: dict[str, torch.T
             for f in sub.iterdir():
                 shutil.move(str(f), tmp / f.name)
             sub.rmdir()
+        from spa_lite.models import name_base_portably
+
+        name_base_portably(tmp)  # the hub id, not this machine's cache path of a bundled model
     return out_dir
 
 

@@ -113,3 +113,11 @@ def tiny_recipe(tiny_model_dir, tiny_data, tmp_path):
         return load_recipe(None, tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "runs", **extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """spa-lite's wheel built from a copy of the sources and installed into a fresh venv (tests/wheel_env.py)."""
+    from wheel_env import build_and_install
+
+    return build_and_install(tmp_path_factory.mktemp("wheel"))

@@ -137,6 +137,8 @@ def test_expand_writes_d_i(steps):
         for r in data:
             assert EXPAND_FIELDS <= set(r), EXPAND_FIELDS - set(r)
             assert r["chosen"] != r["rejected"]
+            # TRL's conversational preference format: one assistant message each
+            assert [m["role"] for m in r["chosen"]] == [m["role"] for m in r["rejected"]] == ["assistant"]
             assert 0.0 <= r["p_y1"] <= 1.0
             assert r["confidence"] == pytest.approx(max(r["p_y1"], 1 - r["p_y1"]))
             assert r["confidence"] >= 0.5
@@ -363,8 +365,8 @@ def test_judge_ref_prev(steps, cli_env):
     # at iteration 1 prev (pi_0 vs pi_{-1}... = pi_init) is the same reference as init
     assert (runs["init"] / "iter1/expand/data.jsonl").read_bytes() == (runs["prev"] / "iter1/expand/data.jsonl").read_bytes()
     a, b = rows(runs["init"] / "iter2/expand/data.jsonl"), rows(runs["prev"] / "iter2/expand/data.jsonl")
-    pa = {frozenset((r["chosen"], r["rejected"])): r["p_y1"] for r in a}
-    pb = {frozenset((r["chosen"], r["rejected"])): r["p_y1"] for r in b}
+    pa = {frozenset((r["chosen"][0]["content"], r["rejected"][0]["content"])): r["p_y1"] for r in a}
+    pb = {frozenset((r["chosen"][0]["content"], r["rejected"][0]["content"])): r["p_y1"] for r in b}
     assert pa.keys() == pb.keys() and pa
     assert any(abs(pa[k] - pb[k]) > 1e-6 for k in pa)
 

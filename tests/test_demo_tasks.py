@@ -282,3 +282,38 @@ def test_split_helpers_are_disjoint_and_deterministic():
     cands = build.expand_seed_candidates(s1, seed=0)
     assert {tasks.question_index(r) for r in cands} == qs[0]
     assert len({r["id"] for r in cands}) == len(cands) > len(s1)
+
+
+def test_grown_prompt_sets_match_the_builder(tmp_path):
+    """The shipped pool and eval prompts are what `build --prompts-only` writes (pure, no model): thousands
+    of pool prompts and 500+ held-out prompts, the earlier records kept, questions still disjoint."""
+    from spa_lite.demo import build
+
+    for name in ("prompts", "eval_prompts", "build_info"):
+        suffix = ".json" if name == "build_info" else ".jsonl"
+        (tmp_path / f"{name}{suffix}").write_bytes(demo_path(name).read_bytes())
+    assert build.main(["--out", str(tmp_path), "--seed", "0", "--prompts-only"]) == 0
+    for name in ("prompts", "eval_prompts"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == demo_path(name).read_bytes(), name
+    pool, evals = _load("prompts"), _load("eval_prompts")
+    assert len(pool) >= 2000 and len(evals) >= 500
+    records = tasks.make_prompt_records(0)
+    _, p0, e0 = build.split_records(records, seed=0)
+    assert {r["id"] for r in p0} <= {r["id"] for r in pool}
+    assert {r["id"] for r in e0} <= {r["id"] for r in evals}
+    # every question keeps distinct kinds (ids are question x kind)
+    assert {tasks.question_index(r) for r in pool} == {tasks.question_index(r) for r in p0}
+
+
+def test_grow_records_deterministic_and_bounded():
+    from spa_lite.demo import build
+
+    base = tasks.make_prompt_records(0)[:30]
+    a = build.grow_records(base, 5, seed=0, salt="x")
+    assert a == build.grow_records(base, 5, seed=0, salt="x")
+    assert a != build.grow_records(base, 5, seed=1, salt="x")
+    per_q = {}
+    for r in a:
+        per_q.setdefault(tasks.question_index(r), []).append(r["constraint"]["kind"])
+    assert all(len(k) == max(5, len(set(k))) and len(set(k)) == len(k) for k in per_q.values())
+    assert a[: len(base)] != [] and all(r in a for r in base)

@@ -69,3 +69,74 @@ def test_self_label_noise_counts():
     assert out["contradicted_frac_of_decided"] == pytest.approx(2 / 3)
     assert out["flagged_pairs"] == 1 and out["contradicted_rate_flagged"] == 1.0
     assert out["contradicted_rate_unflagged"] == pytest.approx(1 / 2)  # rows 0 (confirmed) and 3 (contradicted)
+
+
+def test_response_outcomes_restore_prompt_order(stack):
+    """Length-sorted batching returns outcomes in the records' order: greedy responses one by one in file order
+    give the same lengths and verdicts."""
+    from spa_lite.generation import sample_responses
+
+    words = ["a", "b c d e f g", "h i", "j k l m n o p q r s", "t"]
+    records = [{"id": f"r{i}", "prompt": [{"role": "user", "content": w}], "constraint": {}} for i, w in enumerate(words)]
+    verify = lambda text, c: len(text) % 2 == 0  # noqa: E731 - any deterministic function of the text
+    rows = evaluation.response_outcomes(stack, records, 0, verify, temperature=0.0, max_new_tokens=6, batch_size=1)
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    with stack.use(evaluation.policy_names(0)) as m:
+        ref = [sample_responses(m, stack.tokenizer, [r["prompt"]], num_samples=1, max_new_tokens=6, temperature=0.0,
+                                batch_size=1)[0][0] for r in records]
+    assert [r["tokens"] for r in rows] == [s.num_tokens for s in ref]
+    assert [r["passed"] for r in rows] == [verify(s.text, {}) for s in ref]
+    assert [r["truncated"] for r in rows] == [s.truncated for s in ref]
+    summ = evaluation.summarize_outcomes(rows)
+    assert summ["n"] == 5 and summ["pass_rate"] == pytest.approx(np.mean([r["passed"] for r in rows]))
+    assert summ["truncated_rate"] == pytest.approx(np.mean([s.truncated for s in ref]))
+
+
+def test_verifier_judge_labels_decided_pairs_and_drops_the_rest():
+    """The oracle-label control: the verifier's verdict orders a pair it separates; undecided pairs are dropped."""
+    from spa_lite.errors import DataError
+    from spa_lite.generation import Sample
+    from spa_lite.stages.expand import verifier_judge
+
+    c = {"kind": "include_word", "params": {"word": "cat"}}
+    s = lambda t: Sample(t, [1], 1, False)  # noqa: E731
+    keep = [({"id": "a", "constraint": c}, s("a cat"), s("a dog")),   # y1 passes
+            ({"id": "b", "constraint": c}, s("a dog"), s("the cat")),  # y2 passes
+            ({"id": "c", "constraint": c}, s("cat"), s("cat!")),       # both pass
+            ({"id": "d", "constraint": c}, s("dog"), s("bird"))]       # neither
+    counts = {"undecided": 0}
+    kept, judged = verifier_judge(keep, counts)
+    assert [r["id"] for r, _, _ in kept] == ["a", "b"]
+    assert [j["p"] for j in judged] == [1.0, 0.0]
+    assert counts["undecided"] == 2
+    with pytest.raises(DataError, match="constraint"):
+        verifier_judge([({"id": "x"}, s("a"), s("b"))], {"undecided": 0})
+
+
+def test_eval_stage_greedy_pass_rates_are_cached_and_paired(tiny_recipe):
+    """`eval` decodes each policy once per adapter and settings: a second eval reads every policy from the
+    cache and reports the same numbers; a changed adapter is decoded again. Differences are paired."""
+    from spa_lite.stages import evaluate, seed_dpo
+
+    r = tiny_recipe(**{"data.prompts": "demo:prompts", "data.eval_prompts": "demo:eval_prompts",
+                       "expand.max_new_tokens": 4, "seed_dpo.epochs": 1})
+    seed_dpo.run(r)
+    kw = dict(methods=["init"], flip=0.0, prompt_limit=6, tag="t")
+    first = evaluate.run(r, **kw)
+    assert set(first["pass_rate"]) == {"pi_init", "pi_0"} and first["pass_rate_settings"]["cached"] == []
+    assert first["pass_rate"]["pi_0"]["n"] == 6 and 0 <= first["pass_rate"]["pi_0"]["truncated_rate"] <= 1
+    (d,) = first["pass_rate_diff"]
+    assert (d["a"], d["b"], d["n"]) == ("pi_0", "pi_init", 6)
+    assert d["diff"] == pytest.approx(first["pass_rate"]["pi_0"]["pass_rate"] - first["pass_rate"]["pi_init"]["pass_rate"])
+    second = evaluate.run(r, **kw)
+    assert second["pass_rate_settings"]["cached"] == ["pi_init", "pi_0"]
+    assert second["pass_rate"] == first["pass_rate"]
+    from safetensors.torch import load_file, save_file
+
+    from spa_lite.runs import adapter_dir
+
+    f = adapter_dir(r, 0) / "adapter_model.safetensors"
+    w = load_file(f)
+    save_file({k: v * 2 for k, v in w.items()}, f)
+    third = evaluate.run(r, **kw)
+    assert third["pass_rate_settings"]["cached"] == ["pi_init"]

@@ -95,6 +95,29 @@ def expand_seed_candidates(seed_records: Sequence[dict], *, seed: int = 0, extra
     return out
 
 
+def grow_records(base: Sequence[dict], kinds_per_question: int, *, seed: int = 0, salt: str = "grow") -> List[dict]:
+    """More prompts for the same questions: each question of ``base`` keeps its records and gets further
+    constraint kinds (drawn with :data:`tasks.KIND_WEIGHTS`, distinct per question) up to
+    ``kinds_per_question`` records. Pure and deterministic in ``seed``; question sets are unchanged, so
+    splits stay disjoint by question."""
+    by_q: Dict[int, List[dict]] = defaultdict(list)
+    order: List[int] = []
+    for r in base:
+        qi = tasks.question_index(r)
+        if qi not in by_q:
+            order.append(qi)
+        by_q[qi].append(r)
+    out: List[dict] = []
+    for qi in order:
+        have = {r["constraint"]["kind"] for r in by_q[qi]}
+        rng = random.Random(f"spa-demo-{salt}:{seed}:{qi}")
+        weights = {k: w for k, w in tasks.KIND_WEIGHTS.items() if k not in have}
+        extra = tasks._weighted_kinds(rng, max(0, kinds_per_question - len(have)), weights)
+        out.extend(by_q[qi])
+        out.extend(tasks.records_for_question(qi, extra, seed=seed, salt=salt))
+    return out
+
+
 def prompt_row(rec: dict) -> dict:
     return {"id": rec["id"], "prompt": rec["prompt"], "constraint": rec["constraint"]}
 
@@ -129,6 +152,13 @@ def pair_row(rec: dict, chosen, rejected) -> dict:
 # --------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------
+
+
+def _kind_counts(rows: Sequence[dict]) -> Dict[str, int]:
+    c: Dict[str, int] = defaultdict(int)
+    for r in rows:
+        c[r["constraint"]["kind"]] += 1
+    return {k: c[k] for k in tasks.CONSTRAINT_KINDS if k in c}
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> int:
@@ -248,6 +278,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-eval-pairs", type=int, default=50, help="held-out gold pairs to collect")
     p.add_argument("--eval-size", type=int, default=100, help="held-out eval prompt records")
     p.add_argument("--pool-size", type=int, default=320, help="iteration pool prompt records")
+    p.add_argument("--pool-kinds", type=int, default=12,
+                   help="constraint kinds per pool question (grows the iteration pool to thousands of prompts)")
+    p.add_argument("--eval-kinds", type=int, default=8,
+                   help="constraint kinds per held-out question (500+ eval prompts for paired comparisons)")
+    p.add_argument("--prompts-only", action="store_true",
+                   help="rewrite prompts.jsonl and eval_prompts.jsonl only (no model, no sampling): the "
+                        "seed and eval pairs already in --out are kept")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -273,6 +310,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{len(records)} records from {len(tasks.QUESTIONS)} questions: {len(seed_recs)} seed-question records "
         f"({len(candidates)} candidates), {len(pool)} pool, {len(evals)} eval"
     )
+    pool_grown = grow_records(pool, args.pool_kinds, seed=args.seed, salt="grow-pool")
+    evals_grown = grow_records(evals, args.eval_kinds, seed=args.seed, salt="grow-eval")
+    if args.prompts_only:
+        info_path = out / "build_info.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        counts = {
+            "prompts.jsonl": write_jsonl(out / "prompts.jsonl", [prompt_row(r) for r in pool_grown]),
+            "eval_prompts.jsonl": write_jsonl(out / "eval_prompts.jsonl", [prompt_row(r) for r in evals_grown]),
+        }
+        info.setdefault("counts", {}).update(counts)
+        info["prompts_command"] = "python -m spa_lite.demo.build " + " ".join(sys.argv[1:] if argv is None else list(argv))
+        info["grow"] = {"pool_kinds": args.pool_kinds, "eval_kinds": args.eval_kinds}
+        info.setdefault("kinds", {}).update(prompts=_kind_counts(pool_grown), eval_prompts=_kind_counts(evals_grown))
+        atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+        _log(f"wrote {counts} to {out}")
+        return 0
 
     import torch
 
@@ -296,20 +349,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     counts = {
         "seed_pairs.jsonl": write_jsonl(out / "seed_pairs.jsonl", seed_pairs),
-        "prompts.jsonl": write_jsonl(out / "prompts.jsonl", [prompt_row(r) for r in pool]),
-        "eval_prompts.jsonl": write_jsonl(out / "eval_prompts.jsonl", [prompt_row(r) for r in evals]),
+        "prompts.jsonl": write_jsonl(out / "prompts.jsonl", [prompt_row(r) for r in pool_grown]),
+        "eval_prompts.jsonl": write_jsonl(out / "eval_prompts.jsonl", [prompt_row(r) for r in evals_grown]),
         "eval_pairs.jsonl": write_jsonl(out / "eval_pairs.jsonl", eval_pairs),
     }
 
     def qcount(rows):
         return len({tasks.question_index(r) for r in rows})
 
-    def kinds(rows):
-        c: Dict[str, int] = defaultdict(int)
-        for r in rows:
-            c[r["constraint"]["kind"]] += 1
-        return {k: c[k] for k in tasks.CONSTRAINT_KINDS if k in c}
-
+    kinds = _kind_counts
     try:
         import transformers
 
@@ -328,19 +376,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "batch_size": args.batch_size,
         },
         "limit": args.limit,
+        "grow": {"pool_kinds": args.pool_kinds, "eval_kinds": args.eval_kinds},
         "counts": counts,
         "questions": {
             "total": len(tasks.QUESTIONS),
             "seed": qcount(seed_recs),
             "seed_pairs": qcount(seed_pairs),
-            "pool": qcount(pool),
+            "pool": qcount(pool_grown),
             "eval": qcount(evals),
         },
         "prompts_sampled": {"seed": seed_used, "seed_candidates": len(candidates), "eval": eval_used},
         "kinds": {
             "seed_pairs": kinds(seed_pairs),
-            "prompts": kinds(pool),
-            "eval_prompts": kinds(evals),
+            "prompts": kinds(pool_grown),
+            "eval_prompts": kinds(evals_grown),
             "eval_pairs": kinds(eval_pairs),
         },
         "chosen_truncated": {

@@ -70,10 +70,15 @@ def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair],
                  stop_after: int | None = None) -> dict:
     """Run the training loop with a progress bar, then save the trainable adapter to out_dir/adapter."""
     from spa_lite.distributed import get_dist
+    from spa_lite.tracking import log_step
     from spa_lite.training import run_dpo_loop, total_steps
     from spa_lite.ui import progress
 
     dist = get_dist()
+    try:  # the tracker run of this stage: seed, iter1/train
+        stage_key = out_dir.resolve().relative_to(recipe.run_path.resolve()).as_posix()
+    except ValueError:
+        stage_key = out_dir.name
     with progress(enabled=dist.main) as p:
         task = p.add_task(title, total=total_steps(len(pairs), spec), info="")
 
@@ -82,6 +87,8 @@ def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair],
             if spec.refine:
                 info += f" flagged {row['flagged_frac']:.2f}"
             p.update(task, completed=step, info=info)
+            if dist.main:
+                log_step(recipe, stage_key, row)  # report_to trackers, live
 
         summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step, stop_after=stop_after)
     state = stack.trainable_state() if stack.sharded else None  # gathered on every process

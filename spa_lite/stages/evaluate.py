@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 from spa_lite.config import Recipe
-from spa_lite.data import load_pairs, load_prompts, shuffled
+from spa_lite.data import load_pairs, load_prompts, pair_texts, shuffled
 from spa_lite.errors import SpaError, StageOrderError
-from spa_lite.io import atomic_write_json, read_jsonl
+from spa_lite.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_obj
 from spa_lite.losses import lambda_for_iteration
-from spa_lite.runs import Stage, read_manifest, stage_dir
+from spa_lite.runs import Stage, adapter_dir, read_manifest, stage_dir
 from spa_lite.stages.common import load_stack
 from spa_lite.ui import console, progress
 
@@ -31,23 +31,29 @@ def complete_policies(recipe: Recipe) -> list[int]:
 def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200,
         methods: list[str] | None = None, flip: float = 0.2, lambdas: list[float] | None = None,
         do_pass_rate: bool = True, prompt_limit: int | None = 100, samples: int = 1, tag: str | None = None,
-        policies: list[int | None] | None = None) -> dict:
+        policies: list[int | None] | None = None, temperature: float = 0.0) -> dict:
     """Evaluate pi_init, pi_0, ..., pi_T of a run (or only ``policies``; None is pi_init);
-    writes runs/<name>/eval/<tag>.json and returns it."""
+    writes runs/<name>/eval/<tag>.json and returns it.
+
+    Pass rates decode greedily by default (``temperature`` 0, one response per prompt), so every policy's
+    answer is a function of the prompt and differences between policies are paired exactly; each policy's
+    per-prompt outcomes are cached under runs/<name>/eval/cache/, keyed by the hash of its adapters, the
+    prompts and the decoding settings, so a policy already evaluated is not decoded again.
+    """
     t0 = time.time()
     ks = complete_policies(recipe)
     if not ks:
         raise StageOrderError(f"{recipe.run_path} has no complete stage; run `spa-lite seed-dpo` first")
     chosen = [None, *ks] if policies is None else [k for k in [None, *ks] if k in policies]
-    methods = methods or ["init", "prev", "none", "llm"]
+    methods = methods or ["init", "prev", "none"]  # the LLM-as-judge (slow: reads both responses) on request
     unknown = set(methods) - {"init", "prev", "none", "llm"}
     if unknown:
         raise SpaError(f"--methods: unknown {sorted(unknown)} (choose from init, prev, none, llm)")
     lambdas = lambdas or [lambda_for_iteration(i, recipe.train.lambdas) for i in (1, 2, 3)]
     pairs_spec = pairs_spec or recipe.data.eval_pairs
     stack = load_stack(recipe, frozen_upto=max(ks))
-    from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, pass_rate,
-                                     policy_label, self_label_noise)
+    from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, policy_label,
+                                     response_outcomes, self_label_noise, summarize_outcomes)
 
     report: dict = {"run": str(recipe.run_path), "policies": [policy_label(None)] + [policy_label(k) for k in ks]}
     beta = recipe.expand.beta
@@ -76,7 +82,7 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             data = stage_dir(recipe, Stage("expand", i)) / "data.jsonl"
             if not data.exists():
                 break
-            d = [r for _, r in read_jsonl(data)]
+            d = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
             if not d or "constraint" not in d[0]:
                 break
             flags_path = stage_dir(recipe, Stage("train", i)) / "flags.jsonl"
@@ -84,24 +90,70 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             noise_rows[f"D_{i}"] = self_label_noise(d, verify, flags)
         report["self_label_noise"] = noise_rows
         if do_pass_rate and recipe.data.eval_prompts:
-            recs = [r for r in load_prompts(recipe.data.eval_prompts) if "constraint" in r][:prompt_limit]
-            pr = {}
+            recs = [r for r in load_prompts(recipe.data.eval_prompts) if "constraint" in r][:prompt_limit or None]
+            samples = 1 if temperature == 0 else samples
+            settings = {"prompts": sha256_obj([[r.get("id"), r["prompt"], r["constraint"]] for r in recs]),
+                        "max_new_tokens": recipe.expand.max_new_tokens, "temperature": temperature,
+                        "top_p": recipe.expand.top_p, "samples": samples, "seed": recipe.seed}
+            outcomes, cached = {}, []
             with progress() as p:
                 task = p.add_task("pass rate", total=len(chosen) * len(recs),
                                   info=f"{len(chosen)} policies x {len(recs)} prompts x {samples}")
                 for k in chosen:
-                    pr[policy_label(k)] = pass_rate(stack, recs, k, verify, samples=samples,
-                                                    max_new_tokens=recipe.expand.max_new_tokens,
-                                                    temperature=recipe.expand.temperature, seed=recipe.seed,
-                                                    batch_size=recipe.expand.batch_size,
-                                                    on_batch=lambda n: p.advance(task, n))
-            report["pass_rate"] = pr
+                    label = policy_label(k)
+                    path = recipe.run_path / "eval" / "cache" / f"outcomes_{label}_{_policy_key(recipe, k, settings)}.json"
+                    if path.exists():
+                        outcomes[label] = read_json(path)
+                        cached.append(label)
+                        p.advance(task, len(recs))
+                    else:
+                        outcomes[label] = response_outcomes(
+                            stack, recs, k, verify, samples=samples, max_new_tokens=recipe.expand.max_new_tokens,
+                            temperature=temperature, seed=recipe.seed, batch_size=recipe.expand.batch_size,
+                            on_batch=lambda n: p.advance(task, n))
+                        atomic_write_json(path, outcomes[label])
+            report["pass_rate"] = {lab: summarize_outcomes(rows) for lab, rows in outcomes.items()}
+            report["pass_rate_settings"] = {**settings, "n_prompts": len(recs), "cached": cached}
+            report["pass_rate_diff"] = paired_pass_rate_diffs(outcomes)
     report["wall_s"] = round(time.time() - t0, 1)
     tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
     out = recipe.run_path / "eval" / f"{tag}.json"
     atomic_write_json(out, report)
+    from spa_lite.tracking import log_eval
+
+    log_eval(recipe, tag, report)
     report["path"] = str(out)
     return report
+
+
+def _policy_key(recipe: Recipe, k: int | None, settings: dict) -> str:
+    """Hash of pi_k's adapter weights and the evaluation settings: the cache key of its outcomes."""
+    adapters = [sha256_file(adapter_dir(recipe, j) / "adapter_model.safetensors") for j in range(k + 1)] if k is not None else []
+    return sha256_obj({"adapters": adapters, "base": recipe.model.name_or_path, **settings})[:16]
+
+
+def paired_pass_rate_diffs(outcomes: dict[str, list[dict]]) -> list[dict]:
+    """Each policy against pi_0 and against the policy before it: the mean per-prompt difference in passing,
+    with a paired bootstrap interval that resamples whole demo questions (95%)."""
+    from spa_lite.demo.tasks import question_index
+    from spa_lite.metrics import paired_difference
+
+    labels = list(outcomes)
+    pairs = [(labels[i], labels[i - 1]) for i in range(1, len(labels))]
+    pairs += [(lab, "pi_0") for lab in labels if lab not in ("pi_0", "pi_init") and (lab, "pi_0") not in pairs
+              and "pi_0" in outcomes]
+    out = []
+    for a, b in pairs:
+        ra, rb = outcomes[a], outcomes[b]
+        if [(r["id"], r["sample"]) for r in ra] != [(r["id"], r["sample"]) for r in rb]:
+            continue
+        try:
+            clusters = [question_index(r["id"]) for r in ra]
+        except ValueError:  # not demo ids: each prompt is its own cluster
+            clusters = [r["id"] for r in ra]
+        d = paired_difference([r["passed"] for r in ra], [r["passed"] for r in rb], clusters=clusters)
+        out.append({"a": a, "b": b, **{k: d[k] for k in ("diff", "ci_low", "ci_high", "n", "n_clusters")}})
+    return out
 
 
 def _demo_verifier(recipe: Recipe):
@@ -146,10 +198,17 @@ def print_report(report: dict) -> None:
         console.print(t)
     if report.get("pass_rate"):
         t = Table(title="verifier pass rate on held-out prompts, 95% CI")
-        for c in ("policy", "n", "pass rate", "CI", "mean tokens"):
+        for c in ("policy", "n", "pass rate", "CI", "mean tokens", "truncated"):
             t.add_column(c)
         for pol, v in report["pass_rate"].items():
             t.add_row(pol, str(v["n"]), f"{v['pass_rate']:.3f}", f"[{v['ci_low']:.2f}, {v['ci_high']:.2f}]",
-                      f"{v['mean_tokens']:.1f}")
+                      f"{v['mean_tokens']:.1f}", f"{v.get('truncated_rate', float('nan')):.2f}")
+        console.print(t)
+    if report.get("pass_rate_diff"):
+        t = Table(title="pass-rate differences, paired over the same prompts (bootstrap over questions, 95%)")
+        for c in ("a - b", "diff", "CI", "prompts"):
+            t.add_column(c)
+        for d in report["pass_rate_diff"]:
+            t.add_row(f"{d['a']} - {d['b']}", f"{d['diff']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", str(d["n"]))
         console.print(t)
     console.print(f"written: {report.get('path')}")

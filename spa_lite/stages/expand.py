@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from spa_lite.config import Recipe
-from spa_lite.data import iteration_prompts, load_prompts
+from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
 from spa_lite.distributed import get_dist
+from spa_lite.errors import DataError
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob
@@ -50,6 +51,8 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
             batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}),
         )
     counts = {"prompts": len(prompts), "identical": 0, "truncated": 0, "empty": 0, "dropped_truncated": 0}
+    if c.judge == "verifier":
+        counts["undecided"] = 0
     keep = []
     for rec, ss in zip(prompts, samples):
         y1, y2 = ss[0], ss[1]
@@ -66,7 +69,9 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
             continue
         keep.append((rec, y1, y2))
     check: dict = {}
-    if c.judge == "llm":
+    if c.judge == "verifier":
+        keep, judged = verifier_judge(keep, counts, recipe.data.prompts)
+    elif c.judge == "llm":
         judged = judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
                            [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
     else:
@@ -96,6 +101,28 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     if check.get("checked"):
         out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked")}
     return out
+
+
+def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tuple[list, list[dict]]:
+    """The oracle-label control: label (rec, y1, y2) with the demo task's gold verifier instead of Eq. 7.
+
+    A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
+    preference and are dropped (counted as ``undecided``). Prompts must carry the demo ``constraint``.
+    """
+    from spa_lite.demo.tasks import verify
+
+    kept, judged = [], []
+    for rec, y1, y2 in keep:
+        if "constraint" not in rec:
+            raise DataError(source, None, "constraint", f"prompt {rec.get('id', '?')!r} has none; expand.judge: "
+                            "verifier labels with the demo task's verifier and needs demo prompts (data.prompts: demo:prompts)")
+        v1, v2 = verify(y1.text, rec["constraint"]), verify(y2.text, rec["constraint"])
+        if v1 == v2:
+            counts["undecided"] += 1
+            continue
+        kept.append((rec, y1, y2))
+        judged.append({"p": 1.0 if v1 else 0.0})
+    return kept, judged
 
 
 def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", fail_after_shards: int | None = None) -> dict:
@@ -150,8 +177,8 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
             counts[key] = counts.get(key, 0) + v
         if "sampler_logps" in sh:
             checks.append(sh["sampler_logps"])
-    if dist.main:
-        atomic_write_jsonl(out / "data.jsonl", rows)
+    if dist.main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
+        atomic_write_jsonl(out / "data.jsonl", [to_trl_conversational(r) for r in rows])
     summary = summarize_pairs(rows, counts)
     if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
         summary["sampler_logps"] = {"shards_reused": sum(bool(x["reused"]) for x in checks), "shards": len(checks),
@@ -172,7 +199,17 @@ def summarize_pairs(rows: list[dict], counts: dict) -> dict:
         "mean_len_chosen": mean([r["len_chosen"] for r in rows]),
         "mean_len_rejected": mean([r["len_rejected"] for r in rows]),
         "frac_chosen_longer": mean([float(r["len_chosen"] > r["len_rejected"]) for r in rows]),
+        "confidence_hist": confidence_histogram([r["confidence"] for r in rows]),
     }
+
+
+def confidence_histogram(conf: list[float], bins: int = 10) -> dict:
+    """Counts of judged confidences max(p, 1-p) in ``bins`` equal bins over [0.5, 1] (the last bin closed)."""
+    edges = [round(0.5 + 0.5 * k / bins, 4) for k in range(bins + 1)]
+    counts = [0] * bins
+    for c in conf:
+        counts[min(bins - 1, max(0, int((c - 0.5) * 2 * bins)))] += 1
+    return {"edges": edges, "counts": counts}
 
 
 def data_path(run_path: Path, iteration: int) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spa_lite.data import split_protocol
+from spa_lite.data import split_protocol, to_trl_conversational
 from spa_lite.io import atomic_write_json, atomic_write_jsonl
 
 
@@ -20,8 +20,8 @@ def run(data: str, out: Path, seed: int = 42, seed_size: int = 2000, iter_sizes:
         p.advance(t_read)
         t_write = p.add_task(f"split: write {out}", total=total, info="")
         counts = {}
-        for name, rows in parts.items():
-            counts[name] = atomic_write_jsonl(out / f"{name}.jsonl", rows)
+        for name, rows in parts.items():  # pair files in TRL's conversational format; prompt files as prompt records
+            counts[name] = atomic_write_jsonl(out / f"{name}.jsonl", [to_trl_conversational(r) for r in rows])
             p.advance(t_write, len(rows))
         # one pool for recipes: data.iter_prompts slices it into the same disjoint sizes
         pool = [r for i in range(1, len(iter_sizes) + 1) for r in parts[f"iter{i}_prompts"]]

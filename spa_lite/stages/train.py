@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from spa_lite.config import Recipe
+from spa_lite.data import pair_texts
 from spa_lite.errors import DataError
 from spa_lite.io import read_jsonl
 from spa_lite.losses import lambda_for_iteration
@@ -24,7 +25,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
         return done
     c = recipe.train
     data_path = stage_dir(recipe, Stage("expand", iteration)) / "data.jsonl"
-    rows = [r for _, r in read_jsonl(data_path)]
+    rows = [pair_texts(r, data_path, line) for line, r in read_jsonl(data_path)]
     if not rows:
         raise DataError(data_path, None, None, "D_i is empty: expand judged no usable pairs (see its summary)")
     stack = load_stack(recipe, frozen_upto=iteration - 1, trainable=adapter_name(iteration), shard=True)

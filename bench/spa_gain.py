@@ -1,0 +1,345 @@
+"""Does SPA beat its controls? The pre-registered comparison of bench/spa_gain_protocol.md (issue 9).
+
+Arms per training seed: pi_0 (seed DPO), SPA (2 iterations, Eq. 7 labels), same-compute DPO (seed DPO for
+as many optimizer steps as seed DPO + the SPA iterations), oracle labels (the same iterations with D_i
+labelled by the demo verifier), and optional ablations. Every policy answers the 528 held-out prompts
+greedily; per-prompt outcomes are kept, so differences are paired (same prompts, same decoding), with a
+bootstrap that resamples whole questions.
+
+Each (seed, arm) is a resumable piece: finished stages are skipped by the stages themselves, evaluated
+policies are cached by label, and the results file is rewritten after every piece.
+
+Run:
+    python bench/spa_gain.py --seeds 42 --arms spa,dpo_same,oracle          # one seed, ~80 min on 2 cores
+    python bench/spa_gain.py --seeds 43,44 --arms spa,dpo_same              # more seeds, later pieces
+    python bench/spa_gain.py --report                                       # recompute comparisons only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
+    "spa": {},
+    "dpo_same": None,
+    "oracle": {"expand.judge": "verifier"},
+    "spa_no_refine": {"train.refine": False},
+    "spa_no_dnd": {"train.dnd": False},
+    "judge_prev": {"expand.judge_ref": "prev"},
+    "judge_none": {"expand.judge_ref": "none"},
+}
+# (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
+COMPARISONS = [
+    ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
+    ("pi_0", "pi_init"), ("oracle_final", "spa_final"), ("dpo_same_compute", "pi_0"),
+    ("spa_no_refine_final", "spa_final"), ("spa_no_dnd_final", "spa_final"),
+    ("judge_prev_final", "spa_final"), ("judge_none_final", "spa_final"),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[spa_gain {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from spa_lite.config import parse_override
+
+        self.args = args
+        self.run_dir = Path(args.run_dir)
+        self.out = Path(args.out)
+        self.outcomes_path = Path(args.outcomes)
+        self.extra = {".".join(k): v for k, v in (parse_override(s) for s in args.set)}
+        self.res = json.loads(self.out.read_text()) if self.out.exists() else {}
+        self.res.setdefault("pieces", {})
+        self.outcomes = json.loads(self.outcomes_path.read_text()) if self.outcomes_path.exists() else {}
+
+    # ---------------------------------------------------------------- recipes and stages
+    def recipe(self, seed: int, arm: str, **over):
+        from spa_lite.config import load_recipe
+
+        return load_recipe(self.args.recipe, {"name": f"s{seed}-{arm}", "run_dir": str(self.run_dir), "seed": seed,
+                                              **self.extra, **over})
+
+    def eval_records(self, recipe):
+        from spa_lite.data import load_prompts
+
+        recs = [r for r in load_prompts(recipe.data.eval_prompts) if "constraint" in r]
+        return recs[: self.args.eval_prompts] if self.args.eval_prompts else recs
+
+    def run_iterations(self, recipe) -> None:
+        from spa_lite.stages import expand, train
+
+        for i in range(1, recipe.iterations + 1):
+            for name, fn in (("expand", expand.run), ("train", train.run)):
+                t = time.time()
+                fn(recipe, i)
+                log(f"{recipe.name}: {name} {i} done in {time.time() - t:.0f}s")
+
+    def seed_stage(self, seed: int):
+        from spa_lite.stages import seed_dpo
+
+        base = self.recipe(seed, "spa")
+        t = time.time()
+        seed_dpo.run(base)
+        log(f"{base.name}: seed DPO done in {time.time() - t:.0f}s")
+        return base
+
+    def piece(self, seed: int, arm: str) -> None:
+        key = f"s{seed}/{arm}"
+        t0 = time.time()
+        base = self.seed_stage(seed)
+        over = ARMS[arm]
+        if over is None:  # same-compute DPO: needs the SPA run's optimizer steps
+            if f"s{seed}/spa" not in self.res["pieces"]:
+                self.piece(seed, "spa")
+            from spa_lite.runs import Stage, read_manifest
+            from spa_lite.stages import seed_dpo
+
+            seed_steps = read_manifest(base, Stage("seed", 0))["summary"]["steps"]
+            spa_steps = sum(read_manifest(base, Stage("train", i))["summary"]["steps"]
+                            for i in range(1, base.iterations + 1))
+            epochs = base.seed_dpo.epochs * (seed_steps + spa_steps) / seed_steps
+            recipe = self.recipe(seed, arm, **{"seed_dpo.epochs": epochs})
+            seed_dpo.run(recipe)
+            steps = read_manifest(recipe, Stage("seed", 0))["summary"]["steps"]
+            info = {"target_steps": seed_steps + spa_steps, "steps": steps, "epochs": round(epochs, 4)}
+            labels = {0: "dpo_same_compute"}
+        else:
+            recipe = base if arm == "spa" else self.recipe(seed, arm, **over)
+            if arm != "spa" and not (recipe.run_path / "seed" / "manifest.json").exists():
+                shutil.copytree(base.run_path / "seed", recipe.run_path / "seed")
+            self.run_iterations(recipe)
+            info = {"overrides": over}
+            first = recipe.iterations if self.args.final_only else 1
+            labels = {i: f"{arm}_{i}" for i in range(first, recipe.iterations + 1)}
+            if arm == "spa":
+                labels[0] = "pi_0"
+        self.evaluate(seed, recipe, labels)
+        info["diagnostics"] = self.diagnostics(recipe) if over is not None else None
+        info["wall_s"] = round(time.time() - t0, 1)
+        info["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+        self.res["pieces"][key] = info
+        self.write()
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, seed: int | None, recipe, labels: dict[int | None, str]) -> None:
+        """Greedy held-out outcomes of pi_k (None: pi_init) under ``labels[k]``, cached by label."""
+        from spa_lite.demo.tasks import verify
+        from spa_lite.evaluation import response_outcomes
+        from spa_lite.stages.common import load_stack
+
+        todo = {k: lab for k, lab in labels.items() if self.key(seed, lab) not in self.outcomes}
+        if not todo:
+            return
+        recs = self.eval_records(recipe)
+        stack = load_stack(recipe, frozen_upto=max(k for k in todo if k is not None) if any(
+            k is not None for k in todo) else -1)
+        for k, lab in todo.items():
+            t = time.time()
+            rows = response_outcomes(stack, recs, k, verify, samples=1, max_new_tokens=recipe.expand.max_new_tokens,
+                                     temperature=0.0, seed=0, batch_size=self.args.eval_batch)
+            self.outcomes[self.key(seed, lab)] = {
+                "ids": [r["id"] for r in rows], "passed": "".join("1" if r["passed"] else "0" for r in rows),
+                "tokens": [r["tokens"] for r in rows], "truncated": "".join("1" if r["truncated"] else "0" for r in rows),
+                "wall_s": round(time.time() - t, 1),
+            }
+            log(f"eval {self.key(seed, lab)}: pass {self.outcomes[self.key(seed, lab)]['passed'].count('1')}/{len(rows)} "
+                f"in {time.time() - t:.0f}s")
+            self.write()
+        del stack
+        gc.collect()
+
+    @staticmethod
+    def key(seed: int | None, label: str) -> str:
+        return label if seed is None else f"s{seed}/{label}"
+
+    def diagnostics(self, recipe) -> dict:
+        """Per iteration: what the verifier says of D_i's labels, lengths, truncation; the expand summary."""
+        from spa_lite.demo.tasks import verify
+        from spa_lite.evaluation import self_label_noise
+        from spa_lite.io import read_jsonl
+        from spa_lite.runs import Stage, read_manifest, stage_dir
+
+        out = {}
+        for i in range(1, recipe.iterations + 1):
+            rows = [r for _, r in read_jsonl(stage_dir(recipe, Stage("expand", i)) / "data.jsonl")]
+            noise = self_label_noise(rows, verify)
+            summ = read_manifest(recipe, Stage("expand", i))["summary"]
+            decided = noise["confirmed"] + noise["contradicted"]
+            out[f"D_{i}"] = {
+                "pairs": len(rows), "confirmed": noise["confirmed"], "contradicted": noise["contradicted"],
+                "undecided": noise["undetermined"],
+                "undecided_frac": round(noise["undetermined"] / len(rows), 4) if rows else None,
+                "judge_acc_on_decided": round(noise["confirmed"] / decided, 4) if decided else None,
+                "frac_chosen_shorter": round(sum(r["len_chosen"] < r["len_rejected"] for r in rows) / len(rows), 4)
+                if rows else None,
+                "mean_len_chosen": summ.get("mean_len_chosen"), "mean_len_rejected": summ.get("mean_len_rejected"),
+                "truncated": summ.get("truncated"), "identical": summ.get("identical"),
+                "undecided_dropped": summ.get("undecided"),
+                "train": read_manifest(recipe, Stage("train", i))["summary"].get("last10"),
+            }
+        return out
+
+    # ---------------------------------------------------------------- comparisons
+    def policy_table(self) -> dict:
+        from spa_lite.metrics import pass_rate_with_ci
+
+        table = {}
+        for key, o in sorted(self.outcomes.items()):
+            passed = [c == "1" for c in o["passed"]]
+            r = pass_rate_with_ci(passed)
+            r["mean_tokens"] = round(sum(o["tokens"]) / len(o["tokens"]), 2)
+            r["truncated_rate"] = round(o["truncated"].count("1") / len(o["truncated"]), 4)
+            table[key] = r
+        return table
+
+    def arm_vector(self, seed: int, label: str):
+        """Per-prompt pass indicators of ``label`` for one seed (pi_init is shared), or None."""
+        import numpy as np
+
+        lab = label
+        if label.endswith("_final"):  # the arm's last evaluated iteration
+            arm = label[: -len("_final")]
+            its = [int(k.rsplit("_", 1)[1]) for k in self.outcomes
+                   if k.startswith(f"s{seed}/{arm}_") and k.rsplit("_", 1)[1].isdigit()]
+            if not its:
+                return None
+            lab = f"{arm}_{max(its)}"
+        o = self.outcomes.get("pi_init" if lab == "pi_init" else self.key(seed, lab))
+        return None if o is None else (np.array([c == "1" for c in o["passed"]], dtype=float), o["ids"])
+
+    def comparisons(self) -> list[dict]:
+        import numpy as np
+
+        from spa_lite.demo.tasks import question_index
+        from spa_lite.metrics import paired_difference
+
+        seeds = sorted({int(k.split("/")[0][1:]) for k in self.outcomes if k.startswith("s")})
+        out = []
+        for a, b in COMPARISONS:
+            diffs, used, ids = [], [], None
+            for s in seeds:
+                va, vb = self.arm_vector(s, a), self.arm_vector(s, b)
+                if va is None or vb is None:
+                    continue
+                assert va[1] == vb[1], f"{a} and {b} answered different prompts"
+                diffs.append(va[0] - vb[0])
+                used.append(s)
+                ids = va[1]
+            if not diffs:
+                continue
+            d = np.mean(diffs, axis=0)  # per prompt, averaged over seeds: a resample keeps questions across seeds
+            r = paired_difference(d, np.zeros_like(d), clusters=[question_index(i) for i in ids], n_boot=10000, seed=0)
+            out.append({"a": a, "b": b, "metric": "pass_rate", "diff": round(r["diff"], 4),
+                        "ci_low": round(r["ci_low"], 4), "ci_high": round(r["ci_high"], 4), "n_prompts": r["n"],
+                        "n_questions": r["n_clusters"], "samples": 1, "decoding": "greedy", "seeds": used,
+                        "test": "paired bootstrap over questions, 10000 resamples, 95% percentile interval",
+                        "command": "python bench/spa_gain.py " + " ".join(sys.argv[1:])})
+        return out
+
+    def write(self) -> None:
+        import torch
+
+        self.res.update(
+            protocol=f"bench/spa_gain_protocol.md (commit {git_commit()})",
+            recipe=self.args.recipe,
+            machine={"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg())},
+            policies=self.policy_table(),
+            comparisons=self.comparisons(),
+        )
+        from spa_lite.io import atomic_write_text
+
+        atomic_write_text(self.outcomes_path, json.dumps(self.outcomes, separators=(",", ":")) + "\n")
+        atomic_write_text(self.out, json.dumps(self.res, indent=1) + "\n")
+
+
+def markdown(res: dict) -> str:
+    """The tables of bench/RESULTS.md from a results file."""
+    lines = ["| policy | pass rate | 95% CI | mean tokens | truncated |", "|---|---|---|---|---|"]
+    for k, v in res.get("policies", {}).items():
+        lines.append(f"| {k} | {v['pass_rate']:.3f} | [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['mean_tokens']:.1f} | "
+                     f"{v['truncated_rate']:.3f} |")
+    lines += ["", "| a - b | diff | 95% CI (paired, questions resampled) | prompts | seeds |", "|---|---|---|---|---|"]
+    for c in res.get("comparisons", []):
+        lines.append(f"| {c['a']} - {c['b']} | {c['diff']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
+                     f"{c['n_prompts']} | {','.join(map(str, c['seeds']))} |")
+    diag = [(k, d) for k, p in res.get("pieces", {}).items() for d in [p.get("diagnostics")] if d]
+    if diag:
+        lines += ["", "| run | D_i | pairs | undecided | Eq. 7 acc. on decided | chosen shorter | len chosen / rejected | "
+                      "truncated |", "|---|---|---|---|---|---|---|---|"]
+        for k, d in diag:
+            for di, v in d.items():
+                acc = "-" if v["judge_acc_on_decided"] is None else f"{v['judge_acc_on_decided']:.3f}"
+                lines.append(f"| {k} | {di} | {v['pairs']} | {v['undecided']} ({v['undecided_frac']:.2f}) | {acc} "
+                             f"({v['confirmed']}/{v['confirmed'] + v['contradicted']}) | {v['frac_chosen_shorter']:.2f} | "
+                             f"{v['mean_len_chosen']} / {v['mean_len_rejected']} | {v['truncated']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="smollm2-ratio")
+    ap.add_argument("--seeds", default="42", help="training seeds (recipe seed), comma-separated")
+    ap.add_argument("--arms", default="spa,dpo_same,oracle", help=f"comma-separated, from {','.join(ARMS)}")
+    ap.add_argument("--eval-prompts", type=int, default=0, help="first N held-out prompts (0: all)")
+    ap.add_argument("--eval-batch", type=int, default=32, help="prompts per greedy generate() call")
+    ap.add_argument("--run-dir", default="runs/spa-gain")
+    ap.add_argument("--set", action="append", default=[], help="extra recipe override key=value (all arms)")
+    ap.add_argument("--out", default="bench/results/spa_gain.json")
+    ap.add_argument("--outcomes", default="bench/results/spa_gain_outcomes.json")
+    ap.add_argument("--final-only", action="store_true", help="evaluate only each arm's last iteration (and pi_0)")
+    ap.add_argument("--merge", action="append", default=[], help="results file of a parallel run to fold in (with "
+                    "its outcomes file next to it: RESULTS.json -> RESULTS_outcomes.json is not assumed; pass "
+                    "results=outcomes)")
+    ap.add_argument("--report", action="store_true", help="only recompute the tables from the cached outcomes")
+    args = ap.parse_args()
+    b = Bench(args)
+    for spec in args.merge:  # pieces and outcomes of runs made in parallel processes
+        res_path, out_path = spec.split("=")
+        b.res["pieces"].update(json.loads(Path(res_path).read_text()).get("pieces", {}))
+        b.outcomes.update(json.loads(Path(out_path).read_text()))
+    if args.report:
+        b.write()
+        print(markdown(b.res))
+        return
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"--arms: unknown {sorted(unknown)}; choose from {sorted(ARMS)}")
+    b.evaluate(None, b.recipe(seeds[0], "spa"), {None: "pi_init"})
+    for s in seeds:
+        for arm in arms:
+            if f"s{s}/{arm}" in b.res["pieces"]:
+                log(f"s{s}/{arm}: done before, skipped")
+                continue
+            log(f"s{s}/{arm}: start")
+            b.piece(s, arm)
+    for c in b.res["comparisons"]:
+        log(f"{c['a']} - {c['b']}: {c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] seeds {c['seeds']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The Python API, for notebooks and scripts: what the `spa-lite` command does, without a shell.
+
+    import spa_lite
+
+    recipe = spa_lite.load_recipe("smollm2-demo", {"iterations": 1, "train.lr": 1e-4}, name="demo")
+    spa_lite.run(recipe)                                 # every stage; complete ones are skipped
+    spa_lite.run_stage(recipe, "expand", iteration=1)    # or one stage
+    r = spa_lite.open_run(recipe)
+    r.status()                                           # {"seed": "complete", "iter1/expand": ..., ...}
+    r.summary("iter1/expand"), r.metrics("iter1/train")  # the manifest's summary, metrics.jsonl rows
+    pi = r.policy("last")                                # pi_T on the base, for generation
+    pi.generate(["Name a fast animal."], max_new_tokens=64)
+
+The command line calls these functions (recipe loading and policy selection), so both behave the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_description, shipped_recipes
+from spa_lite.errors import SpaError
+
+__all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
+           "resolve_policy", "plan", "size_for_gpu"]
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe name -> one-line description (what `spa-lite recipes` prints)."""
+    return {name: recipe_description(path) for name, path in shipped_recipes().items()}
+
+
+def load_recipe(recipe: str | Path | Recipe | None = "smollm2-demo", overrides: dict | Sequence[str] | None = None, *,
+                name: str | None = None, run_dir: str | Path | None = None,
+                report_to: str | Sequence[str] | None = None) -> Recipe:
+    """A recipe (a shipped name, a YAML path, or None for the defaults) with overrides applied.
+
+    Args:
+        overrides: ``{"train.lr": 1e-4}`` (dotted keys), nested mappings ``{"train": {"lr": 1e-4}}``, or the
+            command line's ``["train.lr=1e-4", ...]``.
+        name, run_dir, report_to: shorthands for the ``name``, ``run_dir`` and ``report_to`` keys.
+
+    Raises:
+        SpaError: naming every unknown key and bad value, and the file it came from.
+    """
+    from spa_lite.config import load_recipe as _load
+
+    items: dict[str, Any] = {}
+    if isinstance(recipe, Recipe):
+        if overrides is None and name is None and run_dir is None and report_to is None:
+            return recipe
+        items.update(recipe.to_dict())  # the recipe's values, then the overrides on top, checked as one
+        recipe = None
+    if isinstance(overrides, dict):
+        items.update(overrides)
+    else:
+        for text in overrides or []:
+            keys, value = parse_override(text)
+            items[".".join(keys)] = value
+    for key, value in (("name", name), ("run_dir", run_dir), ("report_to", report_to)):
+        if value is not None:
+            items[key] = str(value) if isinstance(value, Path) else value
+    return _load(recipe, items)
+
+
+def _as_recipe(recipe: str | Path | Recipe) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def _stage(stage: str, iteration: int | None):
+    from spa_lite.runs import Stage
+
+    s = stage.strip().replace("seed-dpo", "seed")
+    if s == "seed":
+        return Stage("seed", 0)
+    if "/" in s:  # iter2/train
+        it, kind = s.split("/", 1)
+        if not it.startswith("iter") or not it[4:].isdigit():
+            raise SpaError(f"stage '{stage}' is not seed, iter<i>/expand or iter<i>/train")
+        iteration, s = int(it[4:]), kind
+    if s not in {"expand", "train"}:
+        raise SpaError(f"stage '{stage}' is not seed-dpo, expand or train")
+    if not iteration or iteration < 1:
+        raise SpaError(f"stage '{stage}' needs an iteration >= 1")
+    return Stage(s, iteration)
+
+
+def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = None, *, force: bool = False) -> dict:
+    """Run one stage ("seed-dpo", "expand" or "train" with ``iteration``, or "iter2/train"); returns its manifest.
+
+    A complete stage made from the same config is not redone (``force=True`` redoes it); a stage whose upstream
+    is missing raises StageOrderError naming the command that makes it.
+    """
+    from spa_lite.stages import expand, seed_dpo, train
+
+    r = _as_recipe(recipe)
+    st = _stage(stage, iteration)
+    arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
+    if st.kind == "seed":
+        return seed_dpo.run(r, force=force)
+    if st.kind == "expand":
+        return expand.run(r, st.iteration, force=force, recipe_arg=str(arg))
+    return train.run(r, st.iteration, force=force, recipe_arg=str(arg))
+
+
+def run(recipe: str | Path | Recipe = "smollm2-demo", *, force: bool = False) -> list[tuple[str, dict]]:
+    """All stages: seed DPO, then expand and train for iterations 1..T; returns [(stage key, manifest), ...]."""
+    from spa_lite.stages import pipeline
+
+    arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
+    return pipeline.run(_as_recipe(recipe), force=force, recipe_arg=str(arg))
+
+
+def evaluate(recipe: str | Path | Recipe, **kwargs) -> dict:
+    """`spa-lite eval` (keyword arguments of ``spa_lite.stages.evaluate.run``); returns the report it writes."""
+    from spa_lite.stages import evaluate as ev
+
+    return ev.run(_as_recipe(recipe), **kwargs)
+
+
+def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = None, gpu_mem: float = 16.0,
+         quantization: str = "4bit", fsdp: int = 1) -> dict:
+    """`spa-lite plan`: estimated peak memory of each stage and the settings that fit ``gpu_mem`` GB.
+
+    Args:
+        model: a model folder, hub id, bundled alias or config.json (default: the recipe's model).
+
+    Returns:
+        ``spa_lite.plan.fit``'s result (fits, batch_size, grad_accum, gradient_checkpointing, seq_len,
+        gen_batch_size, judge_batch_size, changed, plan) and "source": the model it planned for.
+    """
+    from transformers import AutoConfig
+
+    from spa_lite.losses import lambda_for_iteration
+    from spa_lite.models import resolve_model_path
+    from spa_lite.plan import fit
+
+    r = _as_recipe(recipe)
+    if fsdp > 1 and quantization == "4bit":
+        raise SpaError("--fsdp shards full-precision bases only: add --quantization none (a 4-bit base trains "
+                       "data parallel, one copy per GPU)")
+    src = model or r.model.name_or_path
+    try:
+        cfg = AutoConfig.from_pretrained(src if str(src).endswith(".json") else resolve_model_path(src))
+    except (OSError, ValueError) as e:
+        raise SpaError(f"cannot read a model config from '{src}': {e}") from None
+    dtype_bytes = 4 if r.model.dtype in {"float32", "fp32"} else 2
+    res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
+              r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
+              gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
+              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp)
+    return {**res, "source": src}
+
+
+def size_for_gpu(recipe: str | Path | Recipe, gpu_mem: float, bf16: bool, *, model: str | None = None) -> dict:
+    """Overrides that make a recipe fit one GPU of ``gpu_mem`` GB in 4-bit, from ``plan``: micro-batch and
+    accumulation (the effective batch is kept, for seed DPO too), checkpointing, length, generation batches,
+    and the compute dtype (bf16 where the card has it; fp16 otherwise, e.g. a T4).
+
+    Raises:
+        SpaError: when the recipe does not fit even with the smallest settings.
+    """
+    r = _as_recipe(recipe)
+    res = plan(r, model=model, gpu_mem=gpu_mem, quantization="4bit")
+    if not res["fits"]:
+        raise SpaError(f"{res['source']} does not fit {gpu_mem:g} GB even with the smallest settings "
+                       "(`spa-lite plan` shows the stages' estimates)")
+    bs = res["batch_size"]
+    seed_eff = r.seed_dpo.batch_size * r.seed_dpo.grad_accum
+    out = {"model.quantization": "4bit", "model.dtype": "bfloat16" if bf16 else "float16",
+           "model.gradient_checkpointing": res["gradient_checkpointing"], "model.max_length": res["seq_len"],
+           "train.batch_size": bs, "train.grad_accum": res["grad_accum"],
+           "seed_dpo.batch_size": min(bs, seed_eff), "seed_dpo.grad_accum": max(1, seed_eff // min(bs, seed_eff)),
+           "expand.batch_size": res["gen_batch_size"], "expand.judge_batch_size": res["judge_batch_size"]}
+    if r.model.max_prompt_length >= res["seq_len"]:
+        out["model.max_prompt_length"] = res["seq_len"] // 2
+    return out
+
+
+def resolve_policy(recipe: Recipe, spec: str | int | None) -> int | None:
+    """``init``/None -> None (pi_init), ``last`` -> the last complete pi_k (pi_init when none is), ``k`` -> k.
+
+    Raises:
+        SpaError: for pi_k that is not complete in the run.
+    """
+    from spa_lite.stages.evaluate import complete_policies
+
+    ks = complete_policies(recipe)
+    if spec is None or spec == "init":
+        return None
+    if spec == "last":
+        return ks[-1] if ks else None
+    try:
+        k = int(spec)
+    except (TypeError, ValueError):
+        raise SpaError(f"policy '{spec}' must be init, last or an integer") from None
+    if k not in ks:
+        raise SpaError(f"pi_{k} is not complete in {recipe.run_path} (complete: {ks}); run its stages first")
+    return k
+
+
+class Policy:
+    """pi_k of a run, loaded as the base plus its adapters (one copy of the base), for generation.
+
+    ``policy.model()`` is a context manager yielding the peft model with pi_k's adapters active, for your own
+    forward passes; ``policy.tokenizer`` is the run's tokenizer (with its chat template).
+    """
+
+    def __init__(self, recipe: Recipe, k: int | None, stack=None):
+        from spa_lite.evaluation import policy_label, policy_names
+        from spa_lite.stages.common import load_stack
+
+        self.recipe, self.k = recipe, k
+        self.label = policy_label(k)
+        self.names = policy_names(k)
+        self.stack = stack if stack is not None else load_stack(recipe, frozen_upto=-1 if k is None else k)
+
+    @property
+    def tokenizer(self):
+        return self.stack.tokenizer
+
+    def model(self):
+        return self.stack.use(self.names)
+
+    def generate(self, prompts: Sequence[str | Sequence[dict]], *, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, batch_size: int | None = None, seed: int | None = None) -> list[str]:
+        """One response per prompt (a string is one user message; or a list of chat messages); temperature 0
+        is greedy."""
+        from spa_lite.export import generate_answers
+
+        msgs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+        c = self.recipe.expand
+        return generate_answers(self.stack, self.names, msgs, max_new_tokens or c.max_new_tokens, temperature,
+                                batch_size or c.batch_size, self.recipe.seed if seed is None else seed)
+
+    def __repr__(self) -> str:
+        return f"Policy({self.label} of {self.recipe.run_path}, adapters {self.names})"
+
+
+class Run:
+    """The artifacts of one run (runs/<name>): stage status, summaries, training metrics, D_i, eval results."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    @property
+    def path(self) -> Path:
+        return self.recipe.run_path
+
+    def stage_keys(self) -> list[str]:
+        return ["seed"] + [f"iter{i}/{k}" for i in range(1, self.recipe.iterations + 1) for k in ("expand", "train")]
+
+    def status(self) -> dict[str, str]:
+        """Stage key -> complete | partial | missing."""
+        from spa_lite.runs import read_manifest, stage_dir
+
+        out = {}
+        for key in self.stage_keys():
+            st = _stage(key, None)
+            m = read_manifest(self.recipe, st)
+            out[key] = ("complete" if m and m.get("status") == "complete"
+                        else "partial" if stage_dir(self.recipe, st).exists() else "missing")
+        return out
+
+    def manifest(self, stage: str, iteration: int | None = None) -> dict:
+        from spa_lite.runs import read_manifest, stage_dir
+
+        st = _stage(stage, iteration)
+        m = read_manifest(self.recipe, st)
+        if m is None:
+            raise SpaError(f"{stage_dir(self.recipe, st)} has no manifest: run `{st.command}` first")
+        return m
+
+    def summary(self, stage: str, iteration: int | None = None) -> dict:
+        """The stage's summary (D_i size and counts for expand; steps, losses, flagged fraction for training)."""
+        return self.manifest(stage, iteration).get("summary", {})
+
+    def metrics(self, stage: str, iteration: int | None = None) -> list[dict]:
+        """Per-step training metrics of seed-dpo or train (metrics.jsonl rows: step, loss, reward_margin, ...)."""
+        from spa_lite.io import read_jsonl
+        from spa_lite.runs import stage_dir
+
+        st = _stage(stage, iteration)
+        if st.kind == "expand":
+            raise SpaError("expand has no per-step metrics; its summary holds D_i's counts (Run.summary)")
+        return [row for _, row in read_jsonl(stage_dir(self.recipe, st) / "metrics.jsonl")]
+
+    def pairs(self, iteration: int) -> list[dict]:
+        """D_i normalised: {"prompt": messages, "chosen": str, "rejected": str, "confidence": ..., ...}."""
+        from spa_lite.data import load_pairs
+        from spa_lite.stages.expand import data_path
+
+        return load_pairs(str(data_path(self.path, iteration)))
+
+    def evals(self) -> dict[str, dict]:
+        """Eval reports under runs/<name>/eval, by tag."""
+        from spa_lite.io import read_json
+
+        d = self.path / "eval"
+        return {p.stem: read_json(p) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
+
+    def policies(self) -> list[int]:
+        """k of every complete pi_k (0 is the seed policy)."""
+        from spa_lite.stages.evaluate import complete_policies
+
+        return complete_policies(self.recipe)
+
+    def policy(self, which: str | int | None = "last") -> Policy:
+        """pi_k for generation: "last", "init", 0 (seed), 1, 2, ..."""
+        return Policy(self.recipe, resolve_policy(self.recipe, which))
+
+    def __repr__(self) -> str:
+        return f"Run({self.path})"
+
+
+def open_run(recipe: str | Path | Recipe, **overrides) -> Run:
+    """The run of a recipe (keyword arguments as in ``load_recipe``: name=, run_dir=, overrides=)."""
+    return Run(recipe if isinstance(recipe, Recipe) and not overrides else load_recipe(recipe, **overrides))
