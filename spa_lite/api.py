@@ -133,10 +133,14 @@ def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = No
     """
     from transformers import AutoConfig
 
+    from spa_lite.logps import chunked_kernel_available, head_is_affine
     from spa_lite.losses import lambda_for_iteration
     from spa_lite.models import resolve_model_path
-    from spa_lite.plan import fit
+    from spa_lite.plan import QUANTIZATIONS, fit
 
+    if quantization not in QUANTIZATIONS:
+        raise SpaError(f"--quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)} (spa-lite loads "
+                       "a base in NF4 4-bit or unquantised; 8-bit bases are not supported)")
     r = _as_recipe(recipe)
     if fsdp > 1 and quantization == "4bit":
         raise SpaError("--fsdp shards full-precision bases only: add --quantization none (a 4-bit base trains "
@@ -150,7 +154,8 @@ def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = No
     res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
               r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
               gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
-              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp)
+              max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp,
+              fused_logprobs=chunked_kernel_available() and head_is_affine(cfg))
     return {**res, "source": src}
 
 

@@ -35,23 +35,105 @@ ReportOpt = Annotated[Optional[str], typer.Option("--report-to", help="Trackers,
                                                   "trackio or none; overrides the recipe's report_to.")]
 
 
+def _expected(e: BaseException) -> str | None:
+    """The one line for a failure caused by the environment or the input rather than by spa-lite, or None.
+
+    Matched by class name along the MRO, so that no library is imported just to test for its errors.
+    """
+    import errno
+
+    names = {c.__name__ for c in type(e).__mro__}
+    cause = e.__cause__ or e.__context__
+    if "OutOfMemoryError" in names:
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        return f"out of memory: {first}; lower the batch sizes (`spa-lite plan` estimates them)"
+    if "HFValidationError" in names or "RepositoryNotFoundError" in names or "GatedRepoError" in names:
+        return f"cannot reach the model or data set on the hub: {str(e).splitlines()[0]} (a local path must exist; " \
+               f"set HF_HUB_OFFLINE=1 to work offline)"
+    if "SafetensorError" in names:
+        return f"damaged safetensors file: {e}"
+    if "DatasetGenerationError" in names:
+        return f"cannot read the data set: {cause or e}"
+    if "UnicodeDecodeError" in names:
+        return f"input is not UTF-8 text: {e}"
+    if "JSONDecodeError" in names:
+        return f"malformed JSON: {e}"
+    if "EOFError" in names:
+        return f"unexpected end of a file (a truncated download or compressed file?): {e or 'no more data'}"
+    if isinstance(e, OSError):
+        hint = {errno.ENOSPC: "free some space and rerun the same command to resume (nothing finished is lost)",
+                errno.EDQUOT: "free some space and rerun the same command to resume (nothing finished is lost)",
+                errno.EACCES: "check the permissions of that path (or choose another --run-dir)",
+                errno.EPERM: "check the permissions of that path (or choose another --run-dir)",
+                errno.EROFS: "the file system is read-only: choose another --run-dir"}.get(e.errno or -1)
+        return f"{e}" + (f"; {hint}" if hint else "")
+    return None
+
+
 def _user_errors(fn):
-    """Turn user errors into one red line and a non-zero exit, without a traceback."""
+    """The CLI's one error boundary. Expected failures (bad input, stage order, I/O, permissions, a full disk,
+    decoding, hub access) print one red line and exit with code 2; anything else is a bug: its traceback is
+    printed, then one line that says so, and the exit code is 1. Stage locks are released however a command ends.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import click
+
+        from spa_lite.runs import release_stage_locks
         from spa_lite.ui import console
+
+        def line(text: str, code: int):
+            console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(code=code) from None
 
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
         except SpaError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
+            line(_escape(str(e)), 2)
         except KeyboardInterrupt as e:
             console.print(f"[yellow]interrupted[/] ({e or 'Ctrl-C'}); rerun the same command to resume")
             raise typer.Exit(code=130) from None
+        except Exception as e:  # noqa: BLE001 - the boundary: every exception ends here, named or with its traceback
+            msg = _expected(e)
+            if msg is not None:
+                line(_escape(msg), 2)
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+            line(_escape(f"unexpected {type(e).__name__} (a bug in spa-lite or a library, not in your input): {e}; "
+                         f"the traceback above shows where"), 1)
+        finally:
+            release_stage_locks()
 
     return wrapper
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _recipe_arg(recipe: str, sets: list[str] | None, name: str | None, run_dir: str | None,
+                extra: dict | None = None) -> str:
+    """The recipe options of this command as a shell fragment, for the commands an error message suggests."""
+    import shlex
+
+    parts = [recipe]
+    if name:
+        parts += ["--name", name]
+    if run_dir:
+        parts += ["--run-dir", run_dir]
+    for s_ in sets or []:
+        parts += ["--set", s_]
+    for k, v in (extra or {}).items():
+        if v is not None:
+            parts += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _recipe(recipe: str, sets: list[str] | None, name: str | None, run_dir: str | None, extra: dict | None = None):
@@ -76,9 +158,9 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
-    # library deprecation notices say nothing actionable to a spa-lite user
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # peft reads transformers' deprecated `is_gradient_checkpointing` alias: nothing a spa-lite user can act on
+    # (the tests still show it). Every other warning stays visible.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -144,7 +226,9 @@ def expand_cmd(
     r = _recipe(recipe, set_, name, run_dir, {"expand.judge": judge, "expand.judge_ref": judge_ref,
                                                "expand.length_penalty": length_penalty,
                                                "expand.max_new_tokens": max_new_tokens, "report_to": report_to})
-    m = expand.run(r, iteration, force=force, recipe_arg=recipe)
+    m = expand.run(r, iteration, force=force, recipe_arg=_recipe_arg(recipe, set_, name, run_dir, {
+        "expand.judge": judge, "expand.judge_ref": judge_ref, "expand.length_penalty": length_penalty,
+        "expand.max_new_tokens": max_new_tokens}))
     summary_table(f"expand --iter {iteration}", stage_rows(f"iter{iteration}/expand", m))
 
 
@@ -177,7 +261,9 @@ def train_cmd(
     r = _recipe(recipe, set_, name, run_dir, {"train.refine": refine, "train.dnd": dnd, "train.loss": loss,
                                                "train.dro_epsilon": dro_epsilon, "train.dro_pieces": dro_pieces,
                                                "train.dro_xi_min": dro_xi_min, "report_to": report_to})
-    m = train.run(r, iteration, force=force, recipe_arg=recipe)
+    m = train.run(r, iteration, force=force, recipe_arg=_recipe_arg(recipe, set_, name, run_dir, {
+        "train.refine": refine, "train.dnd": dnd, "train.loss": loss, "train.dro_epsilon": dro_epsilon,
+        "train.dro_pieces": dro_pieces, "train.dro_xi_min": dro_xi_min}))
     summary_table(f"train --iter {iteration}", stage_rows(f"iter{iteration}/train", m))
 
 
@@ -199,7 +285,7 @@ def run_cmd(
 
     _setup_logging()
     r = _recipe(recipe, set_, name, run_dir, {"report_to": report_to})
-    pipeline.run(r, force=force, recipe_arg=recipe)
+    pipeline.run(r, force=force, recipe_arg=_recipe_arg(recipe, set_, name, run_dir))
 
 
 @app.command("split")
@@ -238,7 +324,8 @@ def eval_cmd(
     pairs: Annotated[Optional[str], typer.Option(help="Gold pairs to judge (default: the recipe's data.eval_pairs).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Format of --pairs (auto-detected).")] = None,
     limit: Annotated[int, typer.Option(help="Use at most this many pairs.")] = 200,
-    methods: Annotated[str, typer.Option(help="Judge methods: init,prev,none,llm (llm: the slow LLM-as-judge baseline).")] = "init,prev,none",
+    methods: Annotated[str, typer.Option(
+        help="Judge methods: init,prev,none,llm (llm: the slow LLM-as-judge baseline).")] = "init,prev,none",
     flip: Annotated[float, typer.Option(help="Fraction of gold labels flipped for noise detection (0 to skip).")] = 0.2,
     lambdas: Annotated[Optional[str], typer.Option(help="DND lambdas to compare, e.g. 0.5,0.25,0.125.")] = None,
     pass_rate: Annotated[bool, typer.Option("--pass-rate/--no-pass-rate", help="Verifier pass rate (demo task).")] = True,
@@ -257,6 +344,10 @@ def eval_cmd(
 
     _setup_logging()
     r = _recipe(recipe, set_, name, run_dir, {"report_to": report_to})
+    from spa_lite.config import plain_name_problem
+
+    if tag is not None and plain_name_problem(tag, "--tag"):
+        raise SpaError(plain_name_problem(tag, "--tag"))
     try:
         lam = [float(x) for x in lambdas.split(",")] if lambdas else None
     except ValueError:
@@ -334,7 +425,8 @@ def winrate_cmd(
                                metadata=[{"constraint": x.get("constraint")} for x in recs], on_batch=advance)
     label = lambda k: "pi_init" if k is None else f"pi_{k}"  # noqa: E731
     tag = f"winrate_{label(cand_k)}_vs_{label(ref_k)}_{judge}"
-    atomic_write_json(r.run_path / "eval" / f"{tag}.json", {k: v for k, v in res.items() if k != "items"} | {"items": res["items"]})
+    atomic_write_json(r.run_path / "eval" / f"{tag}.json",
+                      {k: v for k, v in res.items() if k != "items"} | {"items": res["items"]})
     console.print(f"{label(cand_k)} vs {label(ref_k)} ({judge} judge, n={res['n']}): win rate {res['win_rate']:.3f} "
                   f"[{res['ci_low']:.2f}, {res['ci_high']:.2f}], wins {res['wins']}, ties {res['ties']}, losses {res['losses']}")
 
@@ -369,7 +461,8 @@ def export_answers_cmd(
     name: NameOpt = None,
     run_dir: RunDirOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 1024,
-    temperature: Annotated[Optional[float], typer.Option(help="Default: 0 for AlpacaEval, FastChat's per category for MT-Bench.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="Default: 0 for AlpacaEval, FastChat's per category for MT-Bench.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Answer only the first N questions.")] = None,
     batch_size: Annotated[int, typer.Option(help="Questions per generation batch.")] = 8,
 ) -> None:
@@ -412,10 +505,12 @@ def export_answers_cmd(
 def plan_cmd(
     recipe: RecipeOpt = "smollm2-demo",
     set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Model folder, hub id, bundled alias or config.json (default: the recipe's).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Model folder, hub id, bundled alias or config.json (default: the recipe's).")] = None,
     gpu_mem: Annotated[float, typer.Option(help="GPU memory in GB to plan for.")] = 16.0,
     quantization: Annotated[str, typer.Option(help="4bit | none")] = "4bit",
-    fsdp: Annotated[int, typer.Option(min=1, help="Processes that seed-dpo and train shard over (FSDP2; full-precision bases only).")] = 1,
+    fsdp: Annotated[int, typer.Option(
+        min=1, help="Processes that seed-dpo and train shard over (FSDP2; full-precision bases only).")] = 1,
 ) -> None:
     """Estimated peak memory of each stage, and the batch / accumulation / checkpointing / length that fit.
 
@@ -425,6 +520,7 @@ def plan_cmd(
     from rich.table import Table
 
     from spa_lite.api import plan
+    from spa_lite.logps import chunked_kernel_available
     from spa_lite.ui import console
 
     r = _recipe(recipe, set_, None, None)
@@ -438,6 +534,8 @@ def plan_cmd(
         t.add_row(name, f"{st['peak_gb']:.2f}", "yes" if st["fits"] else "[red]no[/]",
                   ", ".join(f"{k} {v:.2f}" for k, v in parts))
     console.print(t)
+    if not chunked_kernel_available():
+        console.print("log-probs: full logits (the installed trl has no chunked log-prob kernel; trl>=1.15 has it)")
     verdict = "fits" if res["fits"] else "does NOT fit even with the smallest settings"
     console.print(f"{verdict}: batch_size {res['batch_size']} x grad_accum {res['grad_accum']} "
                   f"(effective {res['effective_batch']}), gradient_checkpointing {res['gradient_checkpointing']}, "
@@ -454,7 +552,8 @@ def export_cmd(
     set_: SetOpt = None,
     name: NameOpt = None,
     run_dir: RunDirOpt = None,
-    merged: Annotated[bool, typer.Option("--merged/--adapter", help="A merged bf16 model, or one LoRA adapter (ranks concatenated).")] = True,
+    merged: Annotated[bool, typer.Option(
+        "--merged/--adapter", help="A merged bf16 model, or one LoRA adapter (ranks concatenated).")] = True,
     dtype: Annotated[str, typer.Option(help="Merged weights dtype: bfloat16 | float16 | float32.")] = "bfloat16",
 ) -> None:
     """Export pi_i: a merged full model with a model card, or the adapter stack as one exact LoRA adapter (for vLLM).

@@ -7,6 +7,7 @@ Each field is documented once, here; README's recipe reference is generated from
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ class DataConfig:
 
 @dataclass
 class SeedDPOConfig:
+    """Stage 0, DPO on the gold pairs. Every field also belongs to ``train`` (TrainConfig extends this class),
+    and reaches the training loop by name (``spa_lite.training.LoopSpec.from_config``): a new loop setting is
+    one field here and the ``LoopSpec`` field the loop reads."""
+
     epochs: float = 3.0
     lr: float = 5e-5  # LoRA needs ~100x the full fine-tuning lr (paper: 5e-7 full FT)
     batch_size: int = 4  # pairs per micro-batch
@@ -61,6 +66,7 @@ class SeedDPOConfig:
     dro_epsilon: float = 0.01  # probability units: the first moves cost 1/xi_min per unit (docs/dro.md)
     dro_pieces: int = 8
     dro_xi_min: float = 1e-3
+    diverge_factor: float = 0.0  # stop when a step's loss exceeds k times the first step's (0: off; not in the config hash)
 
 
 @dataclass
@@ -71,10 +77,13 @@ class ExpandConfig:
     max_new_tokens: int = 300
     batch_size: int = 16  # prompts per generation batch
     shard_size: int = 64  # prompts per resumable shard
-    judge: str = "logprob"  # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control; undecided pairs dropped)
+    # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control;
+    # undecided pairs dropped)
+    judge: str = "logprob"
     judge_ref: str = "init"  # init | prev | none: the reference in Eq. 7's log-ratio
     judge_batch_size: int = 8  # pairs per judging forward pass
-    judge_logps: str = "sampler"  # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
+    # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
+    judge_logps: str = "sampler"
     beta: float = 0.1
     length_penalty: float = 0.0  # Eq. 13: reward - a * |y| tokens
     drop_truncated: bool = False  # drop pairs where a response hit max_new_tokens (counted either way)
@@ -82,16 +91,10 @@ class ExpandConfig:
 
 
 @dataclass
-class TrainConfig:
-    epochs: float = 1.0
-    lr: float = 5e-5
-    batch_size: int = 4
-    grad_accum: int = 8
-    beta: float = 0.1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_every: int = 20
+class TrainConfig(SeedDPOConfig):
+    """Iteration training: seed DPO's settings, plus self-refinement (Eq. 10) and de-coupled noise detection."""
+
+    epochs: float = 1.0  # one pass over D_i per iteration (paper)
     refine: bool = True  # self-refinement, Eq. 10
     alpha: float = 0.1  # label smoothing for flagged pairs
     k_percent: float = 10.0  # tau = K-th percentile of recent confidences
@@ -99,11 +102,6 @@ class TrainConfig:
     refine_start: float = 0.2  # fraction of optimizer steps before refinement starts
     dnd: bool = True  # de-coupled noise detection, Eq. 11-12
     lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # lambda for iter 1, 2, 3, then halving
-    loss: str = "dpo"  # dpo | dro
-    label_smoothing: float = 0.0
-    dro_epsilon: float = 0.01  # probability units: the first moves cost 1/xi_min per unit (docs/dro.md)
-    dro_pieces: int = 8
-    dro_xi_min: float = 1e-3
 
 
 @dataclass
@@ -208,8 +206,84 @@ def _fill(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
                 setattr(obj, key, coerced)
 
 
+def plain_name_problem(value: str, what: str) -> str | None:
+    """Why ``value`` is not a plain name (one path component that stays inside its parent folder), or None."""
+    if not value or value in {".", ".."} or any(c in value for c in "/\\\0") or value != value.strip():
+        return f"{what}: '{value}' must be a plain name (no path separators, not '.' or '..', not empty)"
+    return None
+
+
+# (section, key) -> (lowest, lowest allowed?, highest, highest allowed?): None is unbounded. Every float must
+# also be finite (YAML's .nan and .inf parse as floats).
+_RANGES = {
+    ("", "threads"): (1, True, None, None),
+    ("model", "lora_r"): (1, True, None, None),
+    ("model", "lora_alpha"): (0, False, None, None),
+    ("model", "lora_dropout"): (0, True, 1, False),
+    ("model", "max_length"): (2, True, None, None),
+    ("model", "max_prompt_length"): (1, True, None, None),
+    ("data", "seed_limit"): (1, True, None, None),
+    ("data", "iter_prompts"): (1, True, None, None),
+    ("expand", "temperature"): (0, True, None, None),
+    ("expand", "top_p"): (0, False, 1, True),
+    ("expand", "max_new_tokens"): (1, True, None, None),
+    ("expand", "batch_size"): (1, True, None, None),
+    ("expand", "shard_size"): (1, True, None, None),
+    ("expand", "judge_batch_size"): (1, True, None, None),
+    ("expand", "beta"): (0, False, None, None),
+    ("train", "window"): (1, True, None, None),
+    ("train", "refine_start"): (0, True, 1, True),
+    ("train", "lambdas"): (0, True, None, None),
+}
+for _s in ("seed_dpo", "train"):
+    _RANGES.update({
+        (_s, "warmup_ratio"): (0, True, 1, True),
+        (_s, "weight_decay"): (0, True, None, None),
+        (_s, "max_grad_norm"): (0, False, None, None),
+        (_s, "save_every"): (1, True, None, None),
+        (_s, "label_smoothing"): (0, True, 0.5, False),
+        (_s, "dro_pieces"): (1, True, None, None),
+        (_s, "dro_xi_min"): (0, False, 1, False),
+    })
+
+
+def _range_problems(recipe: Recipe) -> list[str]:
+    problems = []
+    for (section, key), (lo, lo_ok, hi, hi_ok) in _RANGES.items():
+        where = f"{section}.{key}" if section else key
+        v = getattr(getattr(recipe, section) if section else recipe, key)
+        for x in v if isinstance(v, list) else [v]:
+            if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue  # None means "not set" (threads, seed_limit); types were checked when filling
+            bad = (not math.isfinite(x) or (lo is not None and (x < lo or (x == lo and not lo_ok)))
+                   or (hi is not None and (x > hi or (x == hi and not hi_ok))))
+            if bad:
+                low = "" if lo is None else f"{'>=' if lo_ok else '>'} {lo}"
+                high = "" if hi is None else f"{'<=' if hi_ok else '<'} {hi}"
+                problems.append(f"{where}: {x!r} must be {' and '.join(b for b in (low, high) if b)}")
+                break
+    # the rest: every float setting is a finite number
+    for section in ("", "model", "data", "seed_dpo", "expand", "train"):
+        obj = getattr(recipe, section) if section else recipe
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            where = f"{section}.{f.name}" if section else f.name
+            if isinstance(v, float) and not math.isfinite(v) and (section, f.name) not in _RANGES:
+                problems.append(f"{where}: {v!r} must be a finite number")
+    for section in ("seed_dpo", "train"):
+        k = getattr(recipe, section).diverge_factor
+        if k != 0 and not k > 1:
+            problems.append(f"{section}.diverge_factor: {k!r} must be 0 (off) or > 1")
+    return problems
+
+
 def validate(recipe: Recipe) -> list[str]:
     problems = []
+    for what, value in (("name", recipe.name),):
+        p = plain_name_problem(value, what)
+        if p:
+            problems.append(p)
+    problems += _range_problems(recipe)
     for (section, key), allowed in _CHOICES.items():
         v = getattr(getattr(recipe, section), key)
         if v not in allowed:

@@ -16,6 +16,7 @@ Schemas recognised (``format: auto`` picks by the first record's fields):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from spa_lite.demo import demo_path
 from spa_lite.errors import DataError, SpaError
 from spa_lite.io import read_jsonl
 
@@ -34,8 +36,6 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 def resolve_data_path(spec: str) -> Path | str:
     """``demo:NAME`` is a file shipped with spa-lite; paths pass through; other strings are dataset names."""
     if spec.startswith("demo:"):
-        from spa_lite.demo import demo_path
-
         return demo_path(spec.split(":", 1)[1])
     p = Path(spec)
     return p if p.exists() or "/" not in spec or spec.startswith((".", "/")) else spec
@@ -48,31 +48,25 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
         if not src.exists():
             raise DataError(src, None, None, "file not found")
         if src.suffix in {".jsonl", ".gz"} or src.name.endswith(".jsonl.gz"):
-            if src.suffix == ".gz":
-                import gzip
-                import json
-
-                with gzip.open(src, "rt", encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, start=1):
-                        if line.strip():
-                            try:
-                                yield str(src), lineno, json.loads(line)
-                            except json.JSONDecodeError as e:
-                                raise DataError(src, lineno, None, f"malformed JSON ({e.msg})") from None
-                return
+            # read_jsonl names the line of bad JSON or non-UTF-8 bytes, and a truncated or non-gzip .gz
             for lineno, rec in read_jsonl(src):
                 yield str(src), lineno, rec
             return
-        import datasets
+        import datasets  # slow to import (seconds): only for .json, .parquet, dataset folders and hub names
 
         if src.is_dir():
             ds = datasets.load_from_disk(str(src))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split] if split in ds else ds[next(iter(ds))]
-        elif src.suffix == ".json":
-            ds = datasets.load_dataset("json", data_files=str(src), split="train")
-        elif src.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(src), split="train")
+        elif src.suffix in {".json", ".parquet"}:
+            try:
+                ds = datasets.load_dataset(src.suffix[1:], data_files=str(src), split="train")
+            except Exception as e:  # noqa: BLE001 - datasets wraps the reader's error; find the line ourselves
+                if src.suffix == ".json":
+                    _check_json_file(src)
+                cause = e.__cause__ or e
+                detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+                raise DataError(src, None, None, f"cannot read it as {src.suffix[1:]}: {detail}") from None
         else:
             raise DataError(src, None, None, "unknown file type (use .jsonl, .jsonl.gz, .json, .parquet or a dataset folder)")
     else:
@@ -84,6 +78,23 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
             raise SpaError(f"cannot load dataset '{src}' (split {split}): {e}") from None
     for i, rec in enumerate(ds, start=1):
         yield str(src), i, dict(rec)
+
+
+def _check_json_file(src: Path) -> None:
+    """Raise DataError naming the line of the first syntax error in a JSON (or JSON Lines) file."""
+    from spa_lite.io import read_lines
+
+    text = "".join(line for _, line in read_lines(src))
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as e:
+        whole = e
+    if text.lstrip().startswith("{"):  # maybe JSON Lines under a .json name
+        for _ in read_jsonl(src):
+            pass
+        return
+    raise DataError(src, whole.lineno, None, f"malformed JSON ({whole.msg} at column {whole.colno})")
 
 
 def detect_format(rec: dict) -> str:
@@ -102,6 +113,10 @@ def _msgs(value: Any, src: str, line: int, field: str) -> list[dict]:
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         raise DataError(src, line, field, "expected a string or a list of {role, content} messages")
+    for k, m in enumerate(value):
+        if not isinstance(m["content"], str) or not isinstance(m["role"], str):
+            bad = "content" if not isinstance(m["content"], str) else "role"
+            raise DataError(src, line, field, f"message {k + 1}: '{bad}' must be a string, got {type(m[bad]).__name__}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -152,17 +167,29 @@ def pair_texts(row: dict, src: str | Path = "?", line: int | None = None) -> dic
 
 
 class DegeneratePair(DataError):
-    """A well-formed record that makes no usable pair (an empty response, dialogues that diverge before the
-    last reply). Real data sets have a few (HH-RLHF harmless-base test: 9 of 2,312): loaders skip and count them."""
+    """A well-formed record that makes no usable pair (an empty response, identical responses, dialogues that
+    diverge before the last reply). Real data sets have a few (HH-RLHF harmless-base test: 9 of 2,312): loaders
+    skip and count them by ``reason``."""
+
+    reason = "unusable"
 
 
-def _skip(skipped: list[DegeneratePair], err: DegeneratePair) -> None:
+def _degenerate(src, line, field, message: str, reason: str) -> DegeneratePair:
+    e = DegeneratePair(src, line, field, message)
+    e.reason = reason
+    return e
+
+
+def _skip(skipped: list[DegeneratePair], err: DegeneratePair, counts: dict | None = None) -> None:
+    if counts is not None:
+        counts[err.reason] = counts.get(err.reason, 0) + 1
     skipped.append(err)
     if len(skipped) == 1:
         log.warning("skipping unusable pairs; first: %s", err)
 
 
-def normalize_pair(rec: dict, fmt: str, src: str, line: int) -> dict:
+def normalize_pair(rec: dict, fmt: str, src: str, line: int, distinct: bool = True) -> dict:
+    """One record as a normalised pair. ``distinct``: refuse identical responses (a prompt pool does not care)."""
     for key in ("chosen", "rejected"):
         if key not in rec or rec[key] is None:
             raise DataError(src, line, key, "missing")
@@ -172,7 +199,7 @@ def normalize_pair(rec: dict, fmt: str, src: str, line: int) -> dict:
         prompt, chosen = parse_hh(rec["chosen"], src, line, "chosen")
         prompt_r, rejected = parse_hh(rec["rejected"], src, line, "rejected")
         if prompt != prompt_r:
-            raise DegeneratePair(src, line, "rejected", "chosen and rejected dialogues do not share their turns")
+            raise _degenerate(src, line, "rejected", "chosen and rejected dialogues do not share their turns", "diverging")
     else:
         pre_c, chosen = _reply(rec["chosen"], src, line, "chosen")
         pre_r, rejected = _reply(rec["rejected"], src, line, "rejected")
@@ -191,14 +218,19 @@ def normalize_pair(rec: dict, fmt: str, src: str, line: int) -> dict:
     if not prompt or prompt[-1]["role"] != "user":
         raise DataError(src, line, "prompt", "must end with a user message")
     if not chosen.strip() or not rejected.strip():
-        raise DegeneratePair(src, line, "chosen" if not chosen.strip() else "rejected", "empty response")
+        raise _degenerate(src, line, "chosen" if not chosen.strip() else "rejected", "empty response", "empty")
+    if distinct and chosen == rejected:  # no preference to learn: DPO's loss is log 2 whatever the policy
+        raise _degenerate(src, line, "rejected", "identical to chosen", "identical")
     out = {k: v for k, v in rec.items() if k not in {"prompt", "chosen", "rejected", "messages"}}
     out.update(prompt=prompt, chosen=chosen, rejected=rejected, source=f"{src}:{line}")
     return out
 
 
-def load_pairs(spec: str, fmt: str = "auto", limit: int | None = None) -> list[dict]:
+def load_pairs(spec: str, fmt: str = "auto", limit: int | None = None, dropped: dict | None = None) -> list[dict]:
     """Load preference pairs, normalised.
+
+    Args:
+        dropped: filled with the count of skipped records per reason (identical, empty, diverging).
 
     Raises:
         DataError: naming file, line and field for the first bad record, or when there are none. Records that
@@ -215,7 +247,7 @@ def load_pairs(spec: str, fmt: str = "auto", limit: int | None = None) -> list[d
         try:
             pairs.append(normalize_pair(rec, f, src, line))
         except DegeneratePair as e:
-            _skip(skipped, e)
+            _skip(skipped, e, dropped)
             continue
         if limit is not None and len(pairs) >= limit:
             break
@@ -224,7 +256,11 @@ def load_pairs(spec: str, fmt: str = "auto", limit: int | None = None) -> list[d
             raise skipped[0]
         raise DataError(src_name, None, None, "no preference pairs found (empty data set)")
     if skipped:
-        log.warning("%s: skipped %d unusable pairs (empty response or diverging dialogues)", src_name, len(skipped))
+        by = {}
+        for e in skipped:
+            by[e.reason] = by.get(e.reason, 0) + 1
+        log.warning("%s: skipped %d unusable pairs (%s)", src_name, len(skipped),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(by.items())))
     return pairs
 
 
@@ -243,7 +279,7 @@ def load_prompts(spec: str, fmt: str = "auto") -> list[dict]:
             item["prompt"] = _msgs(rec["prompt"], src, line, "prompt")
         else:
             try:
-                pair = normalize_pair(rec, f, src, line)
+                pair = normalize_pair(rec, f, src, line, distinct=False)
             except DegeneratePair as e:
                 _skip(skipped, e)
                 continue
@@ -277,7 +313,8 @@ def iteration_prompts(pool: list[dict], sizes: list[int], iteration: int, seed: 
     return order[start:end]
 
 
-def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], test_size: int, fmt: str = "auto") -> dict[str, list[dict]]:
+def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], test_size: int,
+                   fmt: str = "auto") -> dict[str, list[dict]]:
     """The paper's data protocol: shuffle preference data with ``seed``; take ``seed_size`` gold pairs,
     then disjoint prompt sets for iterations 1..T, then a held-out test split of pairs."""
     pairs = shuffled(load_pairs(spec, fmt), seed)
@@ -287,7 +324,8 @@ def split_protocol(spec: str, seed: int, seed_size: int, iter_sizes: list[int], 
     out = {"seed_pairs": pairs[:seed_size]}
     start = seed_size
     for i, n in enumerate(iter_sizes, start=1):
-        out[f"iter{i}_prompts"] = [{k: v for k, v in p.items() if k not in {"chosen", "rejected"}} for p in pairs[start : start + n]]
+        out[f"iter{i}_prompts"] = [{k: v for k, v in p.items() if k not in {"chosen", "rejected"}}
+                                   for p in pairs[start : start + n]]
         start += n
     out["test_pairs"] = pairs[start : start + test_size]
     return out

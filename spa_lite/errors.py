@@ -22,3 +22,20 @@ class DataError(SpaError):
 
 class StageOrderError(SpaError):
     """A stage was asked to run before the stage it needs, or on artifacts made from another config."""
+
+
+class DivergedError(SpaError):
+    """Training produced a non-finite loss, gradient or weight, or a loss the divergence guard refuses; the
+    stage is left incomplete (no adapter, no manifest) with its last checkpoint."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+class StageLockedError(SpaError):
+    """Another live process holds the stage directory's lock."""
+
+
+class InputChangedError(SpaError):
+    """An input a stage was made from (base weights, an upstream adapter) is missing, damaged or changed."""

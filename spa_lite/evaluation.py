@@ -14,7 +14,7 @@ import torch
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.judge import judge_llm, judge_logprob
 from spa_lite.logps import (backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
-                            hidden_sequence_logps, sequence_logps)
+                            hidden_sequence_logps, sequence_logps, tokenize_pair)
 from spa_lite.losses import dpo_logits
 from spa_lite.metrics import accuracy_with_ci, auroc, flip_labels, pass_rate_with_ci, precision_at_k_percent, summarize
 from spa_lite.stack import PolicyStack, adapter_name
@@ -178,8 +178,6 @@ def self_label_noise(rows: Sequence[dict], verify, flags: Sequence[dict] | None 
 
 def encode_pairs_for_eval(tokenizer, rows: Sequence[dict], max_length: int) -> list:
     """Tokenised pairs that also keep their texts (the LLM judge reads text)."""
-    from spa_lite.logps import tokenize_pair
-
     out = []
     for r in rows:
         tp = tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"],

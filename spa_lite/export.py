@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spa_lite.errors import DataError
+from spa_lite.generation import sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
 GenerateFn = Callable[[Sequence[Sequence[dict]], float], list[str]]
@@ -37,8 +38,6 @@ def generate_answers(stack, names: Sequence[str], prompts_messages: Sequence[Seq
     """One answer per chat prompt from the policy of adapters ``names`` ([] is pi_init); temperature 0 is greedy.
 
     ``on_batch(n)`` is called after each batch of n answers (progress bars)."""
-    from spa_lite.generation import sample_responses
-
     if not prompts_messages:
         return []
     with stack.use(list(names)) as m:

@@ -7,8 +7,10 @@ never leaves a half-written file where a later stage (or a resume) would trust i
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,12 +38,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None: JSON has no NaN (Python's ``NaN`` token is not
+    JSON, and other readers refuse it). Readers take a null where a number belongs as NaN (the training summary
+    skips it, ``spa_lite.report`` plots it as a gap)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw) -> str:
+    """Strict JSON: non-finite floats become null (see ``finite_or_null``)."""
+    return json.dumps(finite_or_null(obj), allow_nan=False, **kw)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines = [dumps(r, ensure_ascii=False) for r in rows]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
@@ -78,22 +98,47 @@ def world_readable(root: str | os.PathLike) -> None:
         os.chmod(p, mode | (0o755 if p.is_dir() else 0o644))
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, record); a malformed line raises DataError naming file and line."""
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Yield (line_number, text) of a UTF-8 text file, gzip-compressed when its name ends in ``.gz``.
+
+    Raises:
+        DataError: naming the file and line of bytes that are not UTF-8, or a compressed file that is
+            truncated or not gzip.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, None, "file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+    lineno = 0
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(path, lineno, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                                        f"{len(raw[: e.start].decode('utf-8', 'replace')) + 1})") from None
+    except EOFError:
+        raise DataError(path, None, None, f"truncated gzip file (it ends inside line {lineno + 1}); "
+                                          f"download or compress it again") from None
+    except gzip.BadGzipFile as e:
+        raise DataError(path, None, None, f"not a gzip file ({e})") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, record); a malformed line raises DataError naming file and line (``.gz`` is read
+    decompressed)."""
+    path = Path(path)
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -102,8 +147,10 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(path, None, None, "file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, None, f"not UTF-8 text (byte offset {e.start})") from None
     except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, None, f"malformed JSON ({e.msg})") from None
+        raise DataError(path, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -111,16 +158,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
-
-
-def sha256_dir(path: str | os.PathLike) -> str:
-    """Hash of every file's relative name and content, in sorted order."""
-    h = hashlib.sha256()
-    root = Path(path)
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(sha256_file(p).encode())
     return h.hexdigest()
 
 

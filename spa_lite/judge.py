@@ -16,7 +16,8 @@ from spa_lite.stack import PolicyStack
 
 
 @torch.no_grad()
-def response_logps(stack: PolicyStack, names: Sequence[str], prompts: Sequence[list[int]], responses: Sequence[list[int]], batch_size: int = 8) -> torch.Tensor:
+def response_logps(stack: PolicyStack, names: Sequence[str], prompts: Sequence[list[int]],
+                   responses: Sequence[list[int]], batch_size: int = 8) -> torch.Tensor:
     """Sum of log pi_names(y | x) over response tokens, for each (prompt, response), in batches."""
     out = []
     pad = stack.tokenizer.pad_token_id

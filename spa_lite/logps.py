@@ -6,13 +6,22 @@ the rejected ones, each after its prompt. ``loss_mask`` marks response tokens, t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import trl
 from trl.trainer.utils import selective_log_softmax
 
 from spa_lite.generation import encode_prompt
+
+try:
+    from trl.kernels import ChunkedLogProbFunction
+except ImportError:  # trl < 1.15 has no chunked log-prob kernel: log-probs go through full logits
+    ChunkedLogProbFunction = None
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,7 +86,8 @@ def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torc
 
 
 @torch.no_grad()
-def extrapolated_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam: float, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def extrapolated_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, lam: float,
+                       batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Eq. 12: log-probs under softmax((1 + lambda) h_theta - lambda h_ref), token by token, summed per row.
 
     Computed row by row so that only one extra [L, V] buffer is alive, not a third [N, L, V] tensor.
@@ -90,13 +100,6 @@ def extrapolated_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, la
     return out
 
 
-def policy_logps(model, batch: dict[str, torch.Tensor], keep_logits: bool = False):
-    """Forward pass; returns per-row sequence log-probs (and the logits when asked)."""
-    logits = forward_logits(model, batch)
-    lp = sequence_logps(logits, batch)
-    return (lp, logits) if keep_logits else lp
-
-
 # --- Fused path: log-probabilities from hidden states, without [N, L, V] logits --------------------------------
 # The largest buffers of a DPO step on a small model are the full-vocabulary logits of policy and reference
 # (and, for DND, their mix). Here the backbone returns hidden states, and TRL's chunked log-prob kernel
@@ -105,19 +108,41 @@ def policy_logps(model, batch: dict[str, torch.Tensor], keep_logits: bool = Fals
 # applied to the mixed hidden states (1 + lam) h_theta - lam h_ref: Eq. 12 costs one more chunked pass.
 
 _VOCAB_TILE = 8192
+_HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_warned_no_kernel = False
+
+
+def chunked_kernel_available() -> bool:
+    """True when the installed TRL has its chunked log-prob kernel (``trl.kernels.ChunkedLogProbFunction``)."""
+    return ChunkedLogProbFunction is not None
+
+
+def head_is_affine(config) -> bool:
+    """True when the model's LM head is a plain affine map (no soft-capping or logit rescaling)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return all(getattr(cfg, attr, None) in (None, 1.0) for attr in _HEAD_SCALES)
+
+
+def _warn_no_kernel_once() -> None:
+    global _warned_no_kernel
+    if not _warned_no_kernel:
+        _warned_no_kernel = True
+        log.warning("trl %s has no chunked log-prob kernel (trl.kernels.ChunkedLogProbFunction, trl >= 1.15): "
+                    "log-probs go through full [N, L, V] logits, which needs more memory (install trl>=1.15,<1.17 "
+                    "for the fused path)", trl.__version__)
 
 
 def fused_head(model):
-    """(backbone, lm_head) when log-probs can be computed from hidden states, else None (use logits)."""
-    try:
-        from trl.kernels import ChunkedLogProbFunction  # noqa: F401
-    except ImportError:
+    """(backbone, lm_head) when log-probs can be computed from hidden states, else None (use logits).
+
+    Without TRL's chunked kernel this logs a warning once per process and returns None.
+    """
+    if ChunkedLogProbFunction is None:
+        _warn_no_kernel_once()
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        if getattr(cfg, attr, None) not in (None, 1.0):
-            return None  # a non-affine or rescaled head: keep the plain logits path
+    if not head_is_affine(base.config):
+        return None  # a non-affine or rescaled head: keep the plain logits path
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear:  # e.g. a LoRA-wrapped lm_head
         return None
@@ -138,8 +163,6 @@ def backbone_hidden(backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def hidden_sequence_logps(hidden: torch.Tensor, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of response-token log-probs per row from hidden states, [N], float32; differentiable in ``hidden``."""
-    from trl.kernels import ChunkedLogProbFunction
-
     mask = batch["loss_mask"][:, 1:].to(hidden.device)
     targets = batch["input_ids"][:, 1:].to(hidden.device)[mask]
     h = hidden[:, :-1][mask]

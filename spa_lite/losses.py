@@ -14,18 +14,22 @@ def dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
     return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
 
 
-def refined_dpo_loss(logits: torch.Tensor, flagged: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-pair Eq. 10: -[(1 - alpha z) log sigma(m) + alpha z log sigma(-m)], with z in {0, 1}.
+def label_smoothing_weights(flagged: torch.Tensor, alpha: float, floor: float = 0.0,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """s = alpha z per pair (Eq. 10, z = 1 for a flagged pair), at least ``floor`` (cDPO's constant smoothing)."""
+    return torch.clamp(alpha * flagged.to(dtype), min=floor)
+
+
+def refined_dpo_loss(logits: torch.Tensor, flagged: torch.Tensor, alpha: float,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair Eq. 10: -[(1 - s) log sigma(m) + s log sigma(-m)] with s = alpha z, z in {0, 1}.
 
     z = 0 is the plain DPO loss -log sigma(m) (TRL's ``sigmoid`` loss); z = 1 is label smoothing by alpha,
     which pulls a pair the model doubts toward "either order is possible" instead of trusting its label.
+    ``label_smoothing`` is a floor on s for every pair (cDPO), 0 in the paper.
     """
-    return smoothed_dpo_loss(logits, alpha * flagged.to(logits.dtype))
-
-
-def smoothed_dpo_loss(logits: torch.Tensor, smoothing: torch.Tensor | float) -> torch.Tensor:
-    """Per-pair -[(1 - s) log sigma(m) + s log sigma(-m)]: Eq. 10 with s = alpha z, cDPO with a constant s."""
-    return -(1.0 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
+    s = label_smoothing_weights(flagged, alpha, label_smoothing, logits.dtype)
+    return -(1.0 - s) * F.logsigmoid(logits) - s * F.logsigmoid(-logits)
 
 
 class ConfidenceWindow:

@@ -38,11 +38,17 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
 
 from spa_lite.config import Recipe
 from spa_lite.errors import SpaError
 from spa_lite.io import atomic_dir, read_json
-from spa_lite.stack import PolicyStack, adapter_name
+from spa_lite.loading import load_stack
+from spa_lite.models import load_base_model
+from spa_lite.runs import Stage, adapter_dir, read_manifest
+from spa_lite.stack import PolicyStack, adapter_name, build_stack
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +84,6 @@ def concatenated_lora_state(model, names: list[str]) -> tuple[dict[str, torch.Te
     Returns:
         (state dict in peft's saved naming, rank R, sorted leaf names of the targeted modules)
     """
-    from peft.tuners.lora import LoraLayer
-
     _check_supported(model, names)
     inner = model.base_model.model
     blocks: dict[str, tuple[str, list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -132,8 +136,6 @@ def _policy_stack_for(source: PolicyStack | Recipe, k: int) -> PolicyStack:
     if isinstance(source, PolicyStack):
         return source
     if isinstance(source, Recipe):
-        from spa_lite.stages.common import load_stack
-
         return load_stack(source, frozen_upto=k)
     raise SpaError(f"export needs a PolicyStack or a Recipe, got {type(source).__name__}")
 
@@ -152,9 +154,6 @@ def export_single_adapter(source: PolicyStack | Recipe, k: int, out_dir: str | P
     Returns:
         out_dir. The adapter's rank R = sum of the stacked ranks, lora_alpha = R (scaling 1).
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     stack = _policy_stack_for(source, k)
     names = stack_names(k)
     state, R, leaves = concatenated_lora_state(stack.model, names)
@@ -193,8 +192,6 @@ def _eval_results(recipe: Recipe) -> dict[str, dict]:
 
 
 def _stage_manifest(recipe: Recipe, k: int) -> dict | None:
-    from spa_lite.runs import Stage, read_manifest
-
     return read_manifest(recipe, Stage("seed", 0) if k == 0 else Stage("train", k))
 
 
@@ -272,10 +269,6 @@ def export_merged(recipe: Recipe, k: int, out_dir: str | Path, dtype: torch.dtyp
     Returns:
         out_dir (written atomically): config.json, model*.safetensors, tokenizer files, README.md.
     """
-    from spa_lite.models import load_base_model
-    from spa_lite.runs import adapter_dir
-    from spa_lite.stack import build_stack
-
     names = stack_names(k)
     frozen = [(adapter_name(j), adapter_dir(recipe, j)) for j in range(k + 1)]
     for n, p in frozen:

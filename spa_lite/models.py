@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from spa_lite.errors import SpaError
 from spa_lite.io import atomic_dir
@@ -133,8 +134,6 @@ def resolve_precision(device: str = "auto", dtype: str = "auto", quantization: s
     if quantization == "none":
         qcfg = None
     elif quantization == "4bit":
-        from transformers import BitsAndBytesConfig
-
         qcfg = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -164,8 +163,6 @@ def convert_bundled(alias: str, force: bool = False) -> Path:
     A GGUF-loaded model refuses ``save_pretrained``, so its (de-quantized) state dict is copied into a model
     built from its config and that one is saved.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     package, filename, folder = ALIASES[alias]
     out = cache_root() / folder
     if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists() and not force:
@@ -211,8 +208,6 @@ def ensure_chat_template(tokenizer) -> None:
 
 
 def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=False)
     ensure_chat_template(tok)
     return tok
@@ -237,8 +232,6 @@ def load_base_model(
     Returns:
         (model, tokenizer)
     """
-    from transformers import AutoModelForCausalLM
-
     prec = resolve_precision(device, dtype, quantization)
     path = resolve_model_path(name_or_path)
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 GIB = 1024 ** 3
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights, fp8 absmax per 64, fp32 absmax per 256 blocks
+#: Base-weight quantizations the planner (and spa_lite.models.resolve_precision) know.
+QUANTIZATIONS = ("4bit", "none")
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def plan_memory(
         {"stages": {"seed_dpo"|"train"|"expand": {"parts": {name: GiB}, "peak_gb", "fits"}},
          "peak_gb", "fits", "gpu_mem_gb", "inputs"}. Parts are estimates; see the module docstring.
     """
-    if quantization not in {"4bit", "none"}:
+    if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
     d = Dims.from_config(model_config)
     b = dtype_bytes

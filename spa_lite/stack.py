@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from spa_lite.errors import SpaError
+from spa_lite.fsdp import full_tensor
 from spa_lite.io import atomic_dir
 
 
@@ -32,8 +34,6 @@ class LoraSettings:
     target_modules: str | list[str] = "all-linear"
 
     def to_peft(self):
-        from peft import LoraConfig
-
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -42,6 +42,10 @@ class LoraSettings:
             bias="none",
             task_type="CAUSAL_LM",
         )
+
+
+#: The adapter of a stack with no policy adapter (pi_init only): never active in a policy, never trained.
+PLACEHOLDER_ADAPTER = "_unused"
 
 
 def adapter_name(stage_index: int) -> str:
@@ -99,8 +103,6 @@ class PolicyStack:
 
         With a sharded base this all-gathers: every process must call it.
         """
-        from spa_lite.fsdp import full_tensor
-
         return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self._trainable_named()}
 
     def save_trainable(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -141,10 +143,9 @@ def build_stack(
 ) -> PolicyStack:
     """Wrap the base with saved adapters (frozen, in order) and optionally a fresh trainable adapter.
 
-    The new adapter's B matrices start at zero, so pi_theta equals pi_{i-1} before the first step.
+    The new adapter's B matrices start at zero, so pi_theta equals pi_{i-1} before the first step. With
+    neither, the stack holds only pi_init (plus :data:`PLACEHOLDER_ADAPTER`, which no policy uses).
     """
-    from peft import PeftModel, get_peft_model
-
     model = None
     names: list[str] = []
     for name, path in frozen_adapters:
@@ -163,7 +164,9 @@ def build_stack(
         else:
             model.add_adapter(trainable, cfg)
     if model is None:
-        raise SpaError("a policy stack needs at least one adapter")
+        # pi_init alone (judging or sampling from the bare base): peft wraps a base only with an adapter, so
+        # the stack carries a zero one that no policy activates and nothing trains
+        model = get_peft_model(base, (lora or LoraSettings()).to_peft(), adapter_name=PLACEHOLDER_ADAPTER)
     # As TRL does: the base's own dropout would make pi_theta and pi_ref disagree at step 0 and make
     # judging stochastic; only LoRA's dropout (0 by default) stays.
     for mod_name, mod in model.named_modules():

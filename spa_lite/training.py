@@ -8,6 +8,7 @@ of (seed, step), and the checkpoint carries the adapter, optimizer, scheduler an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -20,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from spa_lite.errors import SpaError
-from spa_lite.io import atomic_dir, atomic_write_text
+from spa_lite.errors import DivergedError, SpaError
+from spa_lite.io import atomic_dir, atomic_write_text, dumps
 from spa_lite.logps import (TokenizedPair, backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
                             hidden_sequence_logps, sequence_logps)
-from spa_lite.losses import ConfidenceWindow, dpo_logits, smoothed_dpo_loss
+from spa_lite.losses import ConfidenceWindow, dpo_logits, label_smoothing_weights, refined_dpo_loss
 from spa_lite.stack import PolicyStack
 
 
@@ -53,6 +54,14 @@ class LoopSpec:
     dro_epsilon: float = 0.0
     dro_pieces: int = 8
     dro_xi_min: float = 1e-3
+    diverge_factor: float = 0.0  # stop when a step's loss exceeds this many times the first step's (0: off)
+
+    @classmethod
+    def from_config(cls, config, **settings) -> LoopSpec:
+        """The loop settings of a recipe section (``seed_dpo`` or ``train``): every LoopSpec field the section
+        has, by name, then ``settings`` (what the stage decides: seed, ref, lam, ...)."""
+        own = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+        return cls(**{**own, **settings})
 
 
 def total_steps(n_pairs: int, spec: LoopSpec) -> int:
@@ -158,7 +167,6 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         tau = window.push(all_conf)
         if refining:
             flagged = conf < tau
-    smoothing = torch.clamp(spec.alpha * flagged.float(), min=spec.label_smoothing)
     stats: dict[str, float] = {}
     if spec.loss == "dro":
         from spa_lite.dro import dro_dpo_loss
@@ -167,9 +175,10 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         # worst case over the Wasserstein ball, so epsilon = 0 is exactly the refined loss. With several
         # processes each solves the worst case over its own share of the micro-batch.
         worst, stats = dro_dpo_loss(logits, spec.dro_epsilon, spec.dro_pieces, spec.dro_xi_min)
+        smoothing = label_smoothing_weights(flagged, spec.alpha, spec.label_smoothing, logits.dtype)
         loss = (worst * n + (smoothing * (F.logsigmoid(logits) - F.logsigmoid(-logits))).sum()) / global_n
     else:
-        loss = smoothed_dpo_loss(logits, smoothing).sum() / global_n
+        loss = refined_dpo_loss(logits, flagged, spec.alpha, spec.label_smoothing).sum() / global_n
     chosen_r = (pol_lp[:n] - ref_lp[:n]).detach() * spec.beta
     rejected_r = (pol_lp[n:] - ref_lp[n:]).detach() * spec.beta
     stats.update(
@@ -253,6 +262,64 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
+def divergence(loss: float, grad_norm: float, first_loss: float | None, spec: LoopSpec) -> str | None:
+    """Why a step's numbers mean training has diverged, or None.
+
+    Non-finite loss or gradient norm; a gradient norm of exactly 0 at a loss that is not 0 (a saturated,
+    dead adapter: with lr 1e10 the weights reach ~1e10 and every logit is flat); or, with
+    ``spec.diverge_factor`` k > 0, a loss above k times the first step's.
+    """
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return f"loss {loss:.4g}, gradient norm {grad_norm:.4g}: not finite"
+    if grad_norm == 0.0 and loss > 1e-6:
+        return f"gradient norm 0 at loss {loss:.4g}: the adapter no longer learns"
+    if spec.diverge_factor > 0 and first_loss is not None and loss > spec.diverge_factor * first_loss:
+        return f"loss {loss:.4g} is above diverge_factor {spec.diverge_factor:g} x the first step's {first_loss:.4g}"
+    return None
+
+
+def _final_check(stack: PolicyStack, pairs: Sequence[TokenizedPair], spec: LoopSpec, dist) -> str | None:
+    """One more forward and backward of the first micro-batch with the trained adapter, not applied.
+
+    The last optimizer step's update is otherwise never evaluated: weights of ~1e30 are finite yet give NaN
+    logits, and a dead adapter only shows as a zero gradient. Returns ``divergence``'s reason or None.
+    """
+    from spa_lite.fsdp import full_tensor
+
+    params = stack.trainable_parameters()
+    pad = stack.tokenizer.pad_token_id
+    gidx = micro_batch_indices(len(pairs), spec, 0)
+    if stack.sharded:  # every process runs the same forward (its all-gathers must match)
+        out = pair_loss(stack, collate_pairs([pairs[i] for i in gidx], pad), spec, None, refining=False)
+        out.loss.backward()
+        loss = out.loss.item()
+    else:
+        idx = gidx[dist.rank :: dist.world]
+        batch = collate_pairs([pairs[i] for i in idx], pad) if idx else None
+        out = pair_loss(stack, batch, spec, None, refining=False, global_n=len(gidx))
+        out.loss.backward()
+        _all_reduce_grads(params, dist)
+        loss = sum(dist.all_gather_object(out.loss.item()))
+    gnorm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, float("inf"))))
+    for p in params:
+        p.grad = None
+    return divergence(loss, gnorm, None, spec)
+
+
+def _first_loss(metrics_path: Path) -> float | None:
+    """The first step's loss of a run being resumed (for the divergence guard)."""
+    if not metrics_path.exists():
+        return None
+    for line in metrics_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step") == 1 and isinstance(row.get("loss"), (int, float)):
+            return float(row["loss"])
+    return None
+
+
 def _all_reduce_grads(params: list[torch.Tensor], dist) -> None:
     """Sum gradients over processes with one flat all-reduce (each loss is already divided by the global count)."""
     if not dist.enabled:
@@ -305,6 +372,7 @@ def run_dpo_loop(
     if dist.main:
         _trim_metrics(metrics_path, start)
         _trim_metrics(flags_path, start)
+    first_loss = dist.broadcast_object(_first_loss(metrics_path) if dist.main and start else None)
     dist.barrier()
     pad = stack.tokenizer.pad_token_id
     refine_from = math.floor(spec.refine_start * steps)
@@ -344,8 +412,12 @@ def run_dpo_loop(
                 _all_reduce_grads(params, dist)
             gnorm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
             gnorm = float(full_tensor(gnorm))
-            opt.step()
-            sched.step()
+            first_loss = total if first_loss is None and step == 0 else first_loss
+            # finite or fail: a diverged step is logged (NaN as null) but never applied or checkpointed
+            diverged = divergence(total, gnorm, first_loss, spec)
+            if diverged is None:
+                opt.step()
+                sched.step()
             opt.zero_grad(set_to_none=True)
             row = {"step": step + 1, "loss": total, **{k: v / max(counted, 1) for k, v in sums.items()},
                    "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
@@ -353,14 +425,16 @@ def run_dpo_loop(
             if window is not None:
                 row["tau"] = window.tau
             # strict JSON: statistics that do not apply (tau without refinement) are null, not NaN
-            row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
             if dist.main:
-                ff.write("".join(json.dumps(r) + "\n" for r in flag_rows))
-                mf.write(json.dumps(row) + "\n")
+                ff.write("".join(dumps(r) + "\n" for r in flag_rows))
+                mf.write(dumps(row) + "\n")
                 mf.flush()
                 ff.flush()
             if on_step:
                 on_step(step + 1, steps, row)
+            if diverged is not None:
+                raise DivergedError(step + 1, f"step {step + 1}: {diverged}")
             done = step + 1
             stopping = stop_after is not None and done - start >= stop_after and done < steps
             if (done % spec.save_every == 0 and done < steps) or stopping:
@@ -369,6 +443,9 @@ def run_dpo_loop(
                 dist.barrier()
             if stopping:
                 raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
+        diverged = _final_check(stack, pairs, spec, dist)
+        if diverged is not None:
+            raise DivergedError(steps, f"after the last step ({steps}): {diverged}")
     finally:
         for f in (mf, ff):
             if f is not None:

@@ -63,8 +63,13 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+from transformers import GenerationConfig
+
 from spa_lite.errors import SpaError
 from spa_lite.generation import Sample, encode_prompt
+from spa_lite.merge import export_single_adapter
+from spa_lite.models import load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +131,6 @@ def prepare_adapter(stack_or_recipe, k: int, out_dir: str | Path, base_model_nam
         SpaError: from the export (DoRA, modules_to_save, ...), or if the adapter carries LoRA on modules
         vLLM does not serve (embeddings, lm_head).
     """
-    from spa_lite.merge import export_single_adapter
-
     out = export_single_adapter(stack_or_recipe, k, out_dir, base_model_name_or_path=base_model_name_or_path)
     cfg = json.loads((out / "adapter_config.json").read_text())
     targets = cfg.get("target_modules") or []
@@ -192,8 +195,6 @@ def _stop_ids_for(base_path: str, tokenizer) -> list[int]:
     """EOS of the tokenizer plus the model's generation_config eos ids (as ``generation.stop_token_ids``)."""
     ids = {tokenizer.eos_token_id}
     try:
-        from transformers import GenerationConfig
-
         gen_eos = GenerationConfig.from_pretrained(base_path).eos_token_id
     except Exception:  # no generation_config.json: the tokenizer's EOS alone
         gen_eos = None
@@ -207,8 +208,6 @@ def _stop_ids_for(base_path: str, tokenizer) -> list[int]:
 def _resolve_dtype(dtype: str) -> str:
     if dtype != "auto":
         return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
-    import torch
-
     # as spa_lite.models.resolve_precision on CUDA; vLLM's own "auto" would take a float32 checkpoint's dtype
     return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
 
@@ -235,7 +234,6 @@ class VLLMSampler:
                  gpu_memory_utilization: float = 0.45, seed: int = 0, *, quantization: str | None = "bitsandbytes",
                  max_model_len: int | None = None, tokenizer=None, llm=None, **llm_kwargs):
         vllm = import_vllm()  # lazily: spa-lite works without vLLM; the error says how to get it
-        from spa_lite.models import load_tokenizer, resolve_model_path
 
         self.base_path = resolve_model_path(base_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.base_path)
@@ -261,8 +259,6 @@ class VLLMSampler:
         m = recipe.model
         quant = m.quantization
         if quant == "auto":
-            import torch
-
             quant = "4bit" if torch.cuda.is_available() else "none"
         kwargs.setdefault("quantization", "bitsandbytes" if quant == "4bit" else None)
         kwargs.setdefault("dtype", m.dtype)
@@ -371,8 +367,6 @@ class VLLMSampler:
             log.debug("vLLM teardown: %s", e)
         gc.collect()
         try:
-            import torch
-
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         except Exception:

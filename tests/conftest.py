@@ -115,6 +115,18 @@ def tiny_recipe(tiny_model_dir, tiny_data, tmp_path):
     return make
 
 
+def pytest_configure(config):
+    """Warnings policy of the suite (added after pyproject's filterwarnings, so these take precedence):
+    library deprecations are shown in the summary, and a DeprecationWarning or FutureWarning raised from
+    spa-lite's own modules fails the test."""
+    for line in (
+        "default::DeprecationWarning",
+        "default::FutureWarning",
+        "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",  # torch's own import, not ours
+        "error::DeprecationWarning:spa_lite",
+        "error::FutureWarning:spa_lite",
+    ):
+        config.addinivalue_line("filterwarnings", line)
 @pytest.fixture(scope="session")
 def installed_wheel(tmp_path_factory):
     """spa-lite's wheel built from a copy of the sources and installed into a fresh venv (tests/wheel_env.py)."""

@@ -317,3 +317,18 @@ def test_grow_records_deterministic_and_bounded():
         per_q.setdefault(tasks.question_index(r), []).append(r["constraint"]["kind"])
     assert all(len(k) == max(5, len(set(k))) and len(set(k)) == len(k) for k in per_q.values())
     assert a[: len(base)] != [] and all(r in a for r in base)
+
+
+def test_each_kind_record_is_consistent():
+    """Each kind's template names exactly its parameters, and its verifier accepts or rejects a drawn instance."""
+    import random
+    import string
+
+    for name, kind in tasks.KINDS.items():
+        assert kind.name == name and kind.weight > 0
+        placeholders = {f for _, f, _, _ in string.Formatter().parse(kind.template) if f}
+        assert placeholders == set(kind.params), name
+        constraint = tasks.sample_constraint(name, "How do I boil fresh pasta?", random.Random(0))
+        assert set(constraint["params"]) == set(kind.params)
+        assert isinstance(verify("Some answer, here.", constraint), bool)
+    assert tasks.QUESTIONS_FILE.is_file() and tasks.QUESTIONS_FILE.parent == DATA_DIR

@@ -112,8 +112,9 @@ def test_fsdp_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path):
     assert m2["summary"]["resumed_from"] == 2 and m2["summary"]["processes"] == 2 and m2["summary"]["fsdp"] is True
     assert json.loads((a / "iter1/train/manifest.json").read_text())["summary"]["fsdp"] is False
     assert any(r["flagged_frac"] > 0 for r in _read_metrics(a / "iter1/train/metrics.jsonl")), "refinement exercised"
-    f1 = sorted((r["step"], r["pair"], r["flagged"]) for r in map(json.loads, (a / "iter1/train/flags.jsonl").read_text().splitlines()))
-    f2 = sorted((r["step"], r["pair"], r["flagged"]) for r in map(json.loads, (b / "iter1/train/flags.jsonl").read_text().splitlines()))
+    f1, f2 = (sorted((r["step"], r["pair"], r["flagged"])
+                     for r in map(json.loads, (d / "iter1/train/flags.jsonl").read_text().splitlines()))
+              for d in (a, b))
     assert f1 == f2
 
 

@@ -182,3 +182,33 @@ def test_fsdp_shards_training_state_not_expand():
     assert four["stages"]["expand"] == one["stages"]["expand"]
     with pytest.raises(ValueError):
         plan_memory(cfg, 24, "none", fsdp_shards=0)
+
+
+def test_plan_cli_quantization_and_missing_kernel(tmp_path, monkeypatch, caplog):
+    """`plan --quantization 8bit` is a one-line error; without TRL's chunked kernel, `plan` budgets full logits
+    and says so, and the log-prob code warns once instead of falling back silently."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from typer.testing import CliRunner
+
+    from spa_lite import logps
+    from spa_lite.cli import app
+
+    cfg_path = tmp_path / "config.json"
+    LlamaConfig(**SMOLLM2).to_json_file(cfg_path)
+    runner = CliRunner()
+    bad = runner.invoke(app, ["plan", "--model", str(cfg_path), "--quantization", "8bit"])
+    assert bad.exit_code == 2 and "--quantization '8bit' is not one of 4bit, none" in bad.output
+    assert bad.exception is None or isinstance(bad.exception, SystemExit)
+
+    with_kernel = runner.invoke(app, ["plan", "--model", str(cfg_path), "--gpu-mem", "80"])
+    assert with_kernel.exit_code == 0 and "full logits" not in with_kernel.output
+    monkeypatch.setattr(logps, "ChunkedLogProbFunction", None)
+    without = runner.invoke(app, ["plan", "--model", str(cfg_path), "--gpu-mem", "80"])
+    assert without.exit_code == 0 and "log-probs: full logits" in without.output
+
+    monkeypatch.setattr(logps, "_warned_no_kernel", False)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    with caplog.at_level("WARNING", logger="spa_lite.logps"):
+        assert logps.fused_head(model) is None and logps.fused_head(model) is None
+    warned = [r.getMessage() for r in caplog.records if r.name == "spa_lite.logps"]
+    assert len(warned) == 1 and "no chunked log-prob kernel" in warned[0]

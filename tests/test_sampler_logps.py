@@ -10,7 +10,6 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.judge import judge_logprob
@@ -75,7 +74,8 @@ def test_judge_reuses_recorded_logps_and_falls_back(tiny_model_dir, adapters, mo
 
     calls = []
     real = judge_mod.response_logps
-    monkeypatch.setattr(judge_mod, "response_logps", lambda st, names, *a, **k: calls.append(list(names)) or real(st, names, *a, **k))
+    monkeypatch.setattr(judge_mod, "response_logps",
+                        lambda st, names, *a, **k: calls.append(list(names)) or real(st, names, *a, **k))
     forward = judge_logprob(stack, ["seed"], [], x, y1, y2, batch_size=2)
     assert calls.count(["seed"]) == 2 and calls.count([]) == 2  # 2 batches x (judge, reference)
 

@@ -341,3 +341,38 @@ def test_local_llm_judge_wraps_judge_llm(tiny_model_dir):
     res = win_rate_eval([it.response_a for it in fwd], [it.response_b for it in fwd], [q, q], judge)
     assert [r["p"] for r in res["items"]] == pytest.approx(p, abs=1e-6)
     assert {"p_order_ab", "p_order_ba"} <= set(res["items"][0])
+
+
+def test_http_judge_parts_on_their_own(tmp_path):
+    from spa_lite.http_judge import AnswerCache, JudgePrompt, fetch_concurrently, score_both_orders
+
+    # scoring: named in both orders = win, named once = tie, an unclear answer counts one half
+    assert score_both_orders("[[A]]", "[[B]]")["p"] == 1.0
+    assert score_both_orders("[[B]]", "[[A]]")["p"] == 0.0
+    assert score_both_orders("[[A]]", "[[A]]")["p"] == 0.5
+    assert score_both_orders("A", "no idea") == {"p": 0.75, "verdict_ab": "A", "verdict_ba": None,
+                                                 "answer_ab": "A", "answer_ba": "no idea"}
+
+    prompt = JudgePrompt("m", "Q={question} A={a} B={b}", system="sys", max_tokens=None, extra_body={"seed": 1})
+    assert prompt.payload("q", "x", "y") == {
+        "model": "m", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "Q=q A=x B=y"}],
+        "temperature": 0.0, "seed": 1}
+
+    cache = AnswerCache(tmp_path / "c.jsonl", "m")
+    cache.store(AnswerCache.key({"a": 1}), "[[A]]")
+    assert AnswerCache(tmp_path / "c.jsonl", "m").answers() == {AnswerCache.key({"a": 1}): "[[A]]"}
+    memory = AnswerCache(None, "m")
+    memory.store("k", "v")
+    assert memory.answers() == {"k": "v"}
+
+    # a failing job: its round finishes (and is stored) before the error is raised; later rounds never start
+    done = []
+
+    def fetch(k, p):
+        if k == "bad":
+            raise JudgeError("no")
+        done.append(k)
+
+    with pytest.raises(JudgeError, match="no"):
+        fetch_concurrently([("a", {}), ("bad", {}), ("c", {}), ("d", {}), ("e", {})], fetch, workers=3)
+    assert sorted(done) == ["a", "c"]

@@ -483,7 +483,8 @@ def print_table(res: dict) -> None:
         print(f"generate: {g['status']} {f(g.get('tokens_per_s'))} tokens/s ({g['prompts']} prompts x 2, "
               f"{g['max_new_tokens']} new), peak {f(g['peak_allocated_gib'])} GiB (plan expand {g['plan_expand_model_gib']})")
     v = res["verdict"]
-    print(f"{v['question']} -> {v['answer']}" + (f"; fastest fitting: {v['fastest_fitting']}" if v.get("fastest_fitting") else ""))
+    fastest = f"; fastest fitting: {v['fastest_fitting']}" if v.get("fastest_fitting") else ""
+    print(f"{v['question']} -> {v['answer']}" + fastest)
 
 
 def parse_args(argv=None):

@@ -6,13 +6,19 @@ import json
 import time
 from pathlib import Path
 
+from rich.table import Table
+
 from spa_lite.config import Recipe
 from spa_lite.data import load_pairs, load_prompts, pair_texts, shuffled
+from spa_lite.demo.tasks import question_index, verify
 from spa_lite.errors import SpaError, StageOrderError
+from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, policy_label,
+                                 response_outcomes, self_label_noise, summarize_outcomes)
 from spa_lite.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_obj
+from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
+from spa_lite.metrics import paired_difference
 from spa_lite.runs import Stage, adapter_dir, read_manifest, stage_dir
-from spa_lite.stages.common import load_stack
 from spa_lite.ui import console, progress
 
 
@@ -52,8 +58,6 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     lambdas = lambdas or [lambda_for_iteration(i, recipe.train.lambdas) for i in (1, 2, 3)]
     pairs_spec = pairs_spec or recipe.data.eval_pairs
     stack = load_stack(recipe, frozen_upto=max(ks))
-    from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, policy_label,
-                                     response_outcomes, self_label_noise, summarize_outcomes)
 
     report: dict = {"run": str(recipe.run_path), "policies": [policy_label(None)] + [policy_label(k) for k in ks]}
     beta = recipe.expand.beta
@@ -135,9 +139,6 @@ def _policy_key(recipe: Recipe, k: int | None, settings: dict) -> str:
 def paired_pass_rate_diffs(outcomes: dict[str, list[dict]]) -> list[dict]:
     """Each policy against pi_0 and against the policy before it: the mean per-prompt difference in passing,
     with a paired bootstrap interval that resamples whole demo questions (95%)."""
-    from spa_lite.demo.tasks import question_index
-    from spa_lite.metrics import paired_difference
-
     labels = list(outcomes)
     pairs = [(labels[i], labels[i - 1]) for i in range(1, len(labels))]
     pairs += [(lab, "pi_0") for lab in labels if lab not in ("pi_0", "pi_init") and (lab, "pi_0") not in pairs
@@ -159,14 +160,10 @@ def paired_pass_rate_diffs(outcomes: dict[str, list[dict]]) -> list[dict]:
 def _demo_verifier(recipe: Recipe):
     if not (str(recipe.data.prompts).startswith("demo:") or str(recipe.data.eval_prompts or "").startswith("demo:")):
         return None
-    from spa_lite.demo.tasks import verify
-
     return verify
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
-
     if "judge_accuracy" in report:
         t = Table(title=f"judge accuracy on {report['pairs']['spec']} (n={report['pairs']['n']}), 95% CI")
         methods = sorted({m for v in report["judge_accuracy"].values() for m in v})

@@ -13,15 +13,17 @@ from pathlib import Path
 
 from spa_lite.config import Recipe
 from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
+from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DataError
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob
+from spa_lite.loading import load_stack
 from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream
 from spa_lite.stack import PolicyStack, adapter_name
-from spa_lite.stages.common import load_stack
 from spa_lite.ui import progress
+from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
 
 
 def judge_reference(stack_names: list[str], judge_ref: str) -> list[str] | None:
@@ -44,17 +46,26 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     names = stack.prev
     # Eq. 7's log pi_{i-1}(y|x) read off the sampling pass (transformers backend): judging runs only the reference
     record = c.judge == "logprob" and c.judge_logps == "sampler" and sample_fn is sample_responses
-    with stack.use(names) as m:
-        samples = sample_fn(
-            m, stack.tokenizer, [p["prompt"] for p in prompts], num_samples=c.num_samples,
-            max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
-            batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}),
-        )
-    counts = {"prompts": len(prompts), "identical": 0, "truncated": 0, "empty": 0, "dropped_truncated": 0}
+    # prompts over model.max_prompt_length are skipped and counted, as in training (a 100,000-character
+    # prompt would otherwise make generation allocate gigabytes)
+    fits = [len(encode_prompt(stack.tokenizer, p["prompt"])) <= recipe.model.max_prompt_length for p in prompts]
+    kept_prompts = [p for p, f in zip(prompts, fits) if f]
+    samples = []
+    if kept_prompts:
+        with stack.use(names) as m:
+            samples = sample_fn(
+                m, stack.tokenizer, [p["prompt"] for p in kept_prompts], num_samples=c.num_samples,
+                max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
+                batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}),
+            )
+    if on_gen is not None and len(kept_prompts) < len(prompts):
+        on_gen(len(prompts) - len(kept_prompts))
+    counts = {"prompts": len(prompts), "prompt_too_long": len(prompts) - len(kept_prompts), "identical": 0,
+              "truncated": 0, "empty": 0, "dropped_truncated": 0}
     if c.judge == "verifier":
         counts["undecided"] = 0
     keep = []
-    for rec, ss in zip(prompts, samples):
+    for rec, ss in zip(kept_prompts, samples):
         y1, y2 = ss[0], ss[1]
         trunc = y1.truncated or y2.truncated
         counts["truncated"] += int(trunc)
@@ -109,8 +120,6 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tupl
     A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
     preference and are dropped (counted as ``undecided``). Prompts must carry the demo ``constraint``.
     """
-    from spa_lite.demo.tasks import verify
-
     kept, judged = [], []
     for rec, y1, y2 in keep:
         if "constraint" not in rec:
@@ -125,7 +134,8 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tupl
     return kept, judged
 
 
-def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", fail_after_shards: int | None = None) -> dict:
+def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE",
+        fail_after_shards: int | None = None) -> dict:
     """Write D_i to runs/<name>/iter{i}/expand/data.jsonl.
 
     Args:
@@ -151,8 +161,6 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
         assert stack.prev == [adapter_name(k) for k in range(iteration)]
         sample_fn = sample_responses
         if c.backend == "vllm":
-            from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
-
             adapter = prepare_adapter(stack, iteration - 1, out / "vllm_adapter")
             sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
         n_todo = sum(len(shards[k]) for k in todo)

@@ -7,9 +7,15 @@ import time
 from spa_lite.config import Recipe
 from spa_lite.data import load_pairs, shuffled
 from spa_lite.errors import DataError
+from spa_lite.loading import load_stack
 from spa_lite.runs import Stage, begin_stage, finish_stage
-from spa_lite.stages.common import fit_and_save, load_stack, tokenize_pairs
+from spa_lite.stages.common import fit_and_save, tokenize_pairs
 from spa_lite.training import LoopSpec
+
+
+def loop_spec(recipe: Recipe) -> LoopSpec:
+    """Seed DPO's loop: the ``seed_dpo`` section, pi_ref = pi_init, no refinement."""
+    return LoopSpec.from_config(recipe.seed_dpo, seed=recipe.seed, ref=[])
 
 
 def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> dict:
@@ -19,20 +25,15 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
     out, done = begin_stage(recipe, stage, force)
     if done:
         return done
-    c = recipe.seed_dpo
-    rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
+    dropped: dict = {}  # identical / empty pairs, skipped and counted
+    rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format, dropped=dropped), recipe.data.shuffle_seed)
     if recipe.data.seed_limit:
         rows = rows[: recipe.data.seed_limit]
     stack = load_stack(recipe, frozen_upto=-1, trainable="seed", shard=True)
     pairs, skipped = tokenize_pairs(stack.tokenizer, rows, recipe.model.max_length, recipe.model.max_prompt_length)
     if not pairs:
         raise DataError(recipe.data.seed_pairs, None, None, f"all {len(rows)} pairs exceed model.max_length")
-    spec = LoopSpec(
-        lr=c.lr, epochs=c.epochs, batch_size=c.batch_size, grad_accum=c.grad_accum, beta=c.beta, seed=recipe.seed,
-        ref=[], warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
-        save_every=c.save_every, loss=c.loss, label_smoothing=c.label_smoothing, dro_epsilon=c.dro_epsilon,
-        dro_pieces=c.dro_pieces, dro_xi_min=c.dro_xi_min,
-    )
+    spec = loop_spec(recipe)
     summary = fit_and_save(recipe, stack, pairs, spec, out, "seed DPO", stop_after)
-    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped)
+    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_dropped=dropped)
     return finish_stage(recipe, stage, summary, {"seed_pairs": recipe.data.seed_pairs}, t0)

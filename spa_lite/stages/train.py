@@ -9,11 +9,20 @@ from spa_lite.config import Recipe
 from spa_lite.data import pair_texts
 from spa_lite.errors import DataError
 from spa_lite.io import read_jsonl
+from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream, stage_dir
 from spa_lite.stack import adapter_name
-from spa_lite.stages.common import fit_and_save, load_stack, tokenize_pairs
+from spa_lite.stages.common import fit_and_save, tokenize_pairs
 from spa_lite.training import LoopSpec
+
+
+def loop_spec(recipe: Recipe, iteration: int, ref: list[str]) -> LoopSpec:
+    """Iteration i's loop: the ``train`` section, pi_ref = pi_{i-1} (``ref``), lambda of iteration i; DND needs
+    refinement (its confidences only decide which pairs to refine)."""
+    c = recipe.train
+    return LoopSpec.from_config(c, seed=recipe.seed + iteration, ref=ref, dnd=c.dnd and c.refine,
+                                lam=lambda_for_iteration(iteration, c.lambdas))
 
 
 def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", stop_after: int | None = None) -> dict:
@@ -23,22 +32,13 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     out, done = begin_stage(recipe, stage, force)
     if done:
         return done
-    c = recipe.train
     data_path = stage_dir(recipe, Stage("expand", iteration)) / "data.jsonl"
     rows = [pair_texts(r, data_path, line) for line, r in read_jsonl(data_path)]
     if not rows:
         raise DataError(data_path, None, None, "D_i is empty: expand judged no usable pairs (see its summary)")
     stack = load_stack(recipe, frozen_upto=iteration - 1, trainable=adapter_name(iteration), shard=True)
     pairs, skipped = tokenize_pairs(stack.tokenizer, rows, recipe.model.max_length, recipe.model.max_prompt_length)
-    lam = lambda_for_iteration(iteration, c.lambdas)
-    spec = LoopSpec(
-        lr=c.lr, epochs=c.epochs, batch_size=c.batch_size, grad_accum=c.grad_accum, beta=c.beta,
-        seed=recipe.seed + iteration, ref=stack.prev, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay,
-        max_grad_norm=c.max_grad_norm, save_every=c.save_every, refine=c.refine, alpha=c.alpha,
-        k_percent=c.k_percent, window=c.window, refine_start=c.refine_start, dnd=c.dnd and c.refine, lam=lam,
-        loss=c.loss, label_smoothing=c.label_smoothing, dro_epsilon=c.dro_epsilon, dro_pieces=c.dro_pieces,
-        dro_xi_min=c.dro_xi_min,
-    )
+    spec = loop_spec(recipe, iteration, stack.prev)
     summary = fit_and_save(recipe, stack, pairs, spec, out, f"train iter {iteration}", stop_after)
-    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, dnd_lambda=lam if spec.dnd else None)
+    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, dnd_lambda=spec.lam if spec.dnd else None)
     return finish_stage(recipe, stage, summary, {"data": str(data_path)}, t0)
