@@ -1,17 +1,31 @@
-"""Tokens per second of batched sampling (spa_lite.generation.sample_responses, P prompts x S samples in one
-call) vs unbatched (the same function, one prompt and one sample per call: batch_size=1, num_samples=1).
+"""Tokens per second of spa-lite's sampling engines on the bundled SmolLM2, old vs new in one interleaved run.
 
-One process, one model (the base with the frozen 'seed' adapter active, as in SPA's expand stage); the two
-sides alternate batched, unbatched, batched, unbatched, ... after one untimed warm-up of each. By default
-every sequence is forced to exactly ``--max-new-tokens`` tokens (generation_config.min_new_tokens), so both
-sides do the same work whatever the model samples; tokens/s = generated response tokens / wall seconds.
+Two workloads, as the stages run them (natural stops at the end of turn, real prompts of mixed lengths):
 
-Target: batched / unbatched >= 5 (CPU).
+* **expand**: ``--prompts`` demo prompts (spa_lite/demo/data/prompts.jsonl) x 2 samples at temperature 0.7,
+  at most ``--expand-tokens`` new tokens, batches of ``--expand-batch`` prompts, with the sampler's log-probs
+  recorded (Eq. 7); policy pi_1 = base + two frozen LoRA adapters (``seed`` and ``iter1``), as in expand
+  --iter 2.
+* **export**: ``export-answers`` style, greedy, at most ``--export-tokens`` new tokens, batches of
+  ``--export-batch`` prompts, one answer per prompt, same policy.
+
+Sides: ``old`` = ``sample_responses(engine="hf")``, transformers' generate on the unmerged stack in file order
+(what spa-lite did before); ``new`` = ``sample_responses(engine="fast")``: adapters merged into a working copy,
+length-sorted batches, one prefill per prompt, finished rows leaving the batch. One process and model; one
+untimed warm-up of each side, then old, new, old, new, ... tokens/s = response tokens / wall seconds
+(including the merge of the working copy for the new side). Greedy outputs of the two sides are compared
+(same tokens, up to float rounding); the two engines' samples at temperature > 0 differ by design (per-row
+random streams), so the expand side's token counts differ between sides.
+
+Target: new / old >= 3 on each workload (CPU).
+
+``--mode batching`` keeps the earlier measurement: batched vs one-sequence-per-call sampling (forced lengths).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,18 +36,104 @@ import common  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, "generation", repeats=3)
-    p.add_argument("--prompts", type=int, default=12)
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=24, help="words in each prompt (random vocabulary words)")
-    p.add_argument("--batch-size", type=int, default=0, help="prompts per generate call when batched (0 = all)")
-    p.add_argument("--no-force-length", action="store_true", help="let sequences stop at EOS")
+    common.add_common_args(p, "generation", repeats=2)
+    p.add_argument("--mode", choices=["engines", "batching"], default="engines")
+    p.add_argument("--prompts", type=int, default=48, help="prompts of each workload")
+    p.add_argument("--expand-tokens", type=int, default=64, help="expand: max new tokens (smollm2-demo: 64)")
+    p.add_argument("--expand-batch", type=int, default=24, help="expand: prompts per batch (smollm2-demo: 24)")
+    p.add_argument("--export-tokens", type=int, default=192, help="export: max new tokens")
+    p.add_argument("--export-batch", type=int, default=25, help="export: prompts per batch")
+    # --mode batching
+    p.add_argument("--samples", type=int, default=4, help="batching: samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="batching: tokens per sequence")
+    p.add_argument("--prompt-len", type=int, default=24, help="batching: words in each prompt")
+    p.add_argument("--batch-size", type=int, default=0, help="batching: prompts per call (0 = all)")
+    p.add_argument("--no-force-length", action="store_true", help="batching: let sequences stop at EOS")
     args = p.parse_args(argv)
+    if args.mode == "batching":
+        return batching(args)
+    if args.quick:
+        args.prompts, args.expand_tokens, args.export_tokens = 6, 8, 12
+        args.expand_batch, args.export_batch = 4, 4
+        args.repeats = min(args.repeats, 1)
+    machine = common.machine_info(args.threads, args.device)
+    load0 = list(os.getloadavg())
+    import torch
+
+    from spa_lite.data import load_prompts
+    from spa_lite.generation import sample_responses
+    from spa_lite.models import load_base_model
+    from spa_lite.stack import build_stack
+
+    model_path = common.resolve_model(args.model)
+    adapters = [("seed", common.adapter_dir(model_path, args.lora_r, args.seed)),
+                ("iter1", common.adapter_dir(model_path, args.lora_r, args.seed + 1))]
+    base, tok = load_base_model(model_path, quantization="none", device=args.device, dtype="auto")
+    common.strip_stale_gguf(base)
+    stack = build_stack(base, tok, adapters)
+    names = [n for n, _ in adapters]
+    recs = load_prompts("demo:prompts")
+    prompts = [r["prompt"] for r in recs[: args.prompts]]
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    workloads = {
+        "expand": dict(num_samples=2, max_new_tokens=args.expand_tokens, temperature=0.7, top_p=1.0,
+                       batch_size=args.expand_batch, record_logps=True),
+        "export": dict(num_samples=1, max_new_tokens=args.export_tokens, temperature=0.0,
+                       batch_size=args.export_batch),
+    }
+    engines = {"old": "hf", "new": "fast"}
+    raw = {f"{w}_{s}": [] for w in workloads for s in engines}
+    greedy: dict[str, list] = {}
+    with stack.use(names) as m:
+        for w, kw in workloads.items():  # warm-up, untimed
+            for s, eng in engines.items():
+                sample_responses(m, tok, prompts[:2], seed=99, engine=eng, **{**kw, "max_new_tokens": 4})
+        for rep in range(args.repeats):
+            for w, kw in workloads.items():
+                for s, eng in engines.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    out = sample_responses(m, tok, prompts, seed=1000 * rep, engine=eng, **kw)
+                    sync()
+                    wall = time.perf_counter() - t0
+                    n = sum(x.num_tokens for g in out for x in g)
+                    la = os.getloadavg()[0]
+                    raw[f"{w}_{s}"].append({"tokens": n, "wall_s": wall, "tokens_per_s": n / wall, "loadavg_1m": la})
+                    if w == "export":
+                        greedy.setdefault(s, [x[0].token_ids for x in out])
+                    print(f"[{rep + 1}/{args.repeats}] {w:6s} {s}: {n:6d} tokens in {wall:7.2f} s = "
+                          f"{n / wall:7.1f} tok/s (load {la:.2f})", flush=True)
+    sides = {k: common.side("generated tokens per second", "tok/s", True, v, "tokens_per_s") for k, v in raw.items()}
+    ratios = [common.ratio(f"{w}: new / old throughput", f"{w}_new", f"{w}_old", sides, ">=", 3.0) for w in workloads]
+    same = sum(a == b for a, b in zip(greedy["old"], greedy["new"]))
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(greedy["old"], greedy["new"]) if a != b]
+    notes = [
+        "One process and model; interleaved old, new per workload after one warm-up of each; tokens/s per repeat, "
+        "median reported.",
+        f"{len(prompts)} demo prompts; policy base + seed + iter1 (two frozen rank-{args.lora_r} adapters); "
+        f"sequences stop at the end of turn.",
+        f"export (greedy): {same}/{len(prompts)} answers token-identical between old and new; the others agree for "
+        f"their first {sorted(prefix)} tokens (float rounding of merged vs unmerged weights flips a near-tie argmax).",
+        f"load average (1, 5, 15 min) at start {load0}; per-repeat 1-min load in raw.",
+        f"torch threads: {torch.get_num_threads()}.",
+    ]
+    settings = dict(model=model_path, device=args.device, threads=args.threads, prompts=len(prompts),
+                    workloads=workloads, seed=args.seed, policy="base + seed + iter1")
+    common.write_result(args, "generation", settings, sides, ratios, notes, machine)
+
+
+def batching(args):
+    """Batched (P prompts x S samples in one call) vs unbatched (one sequence per call), both on the new engine."""
     if args.quick:
         args.prompts, args.samples, args.max_new_tokens, args.prompt_len = 4, 2, 8, 8
         args.repeats = min(args.repeats, 2)
-
+    else:
+        args.prompts = min(args.prompts, 12)
     machine = common.machine_info(args.threads, args.device)
     import torch
 
@@ -52,10 +152,6 @@ def main(argv=None):
     prompts = [[{"role": "user", "content": r["prompt"].strip()}] for r in rows]
     bs = args.batch_size or args.prompts
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=1.0)
-
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
 
     def batched(m, seed):
         out = sample_responses(m, tok, prompts, num_samples=args.samples, batch_size=bs, seed=seed, **kw)
@@ -77,30 +173,19 @@ def main(argv=None):
             fn(m, 10_000)
         for rep in range(args.repeats):
             for name, fn in fns.items():
-                sync()
                 t0 = time.perf_counter()
                 n = fn(m, 1000 * rep)
-                sync()
                 wall = time.perf_counter() - t0
                 raw[name].append({"tokens": n, "wall_s": wall, "tokens_per_s": n / wall})
                 print(f"[{rep + 1}/{args.repeats}] {name:9s} {n:6d} tokens in {wall:7.2f} s = {n / wall:8.1f} tok/s",
                       flush=True)
-
     sides = {k: common.side("generated tokens per second", "tok/s", True, v, "tokens_per_s") for k, v in raw.items()}
     ratios = [common.ratio("batched / unbatched throughput", "batched", "unbatched", sides, ">=", 5.0)]
-    notes = [
-        "Same process and model for both sides; interleaved batched, unbatched, ... after one warm-up of each.",
-        f"{args.prompts} prompts x {args.samples} samples = {args.prompts * args.samples} sequences per repeat; "
-        f"batched = {-(-args.prompts // bs)} generate call(s) of {bs} prompts x {args.samples} samples, unbatched = "
-        f"{args.prompts * args.samples} calls of one sequence.",
-        "Lengths forced to max_new_tokens (min_new_tokens)" if not args.no_force_length
-        else "Sequences stop at EOS: the two sides may generate different token counts.",
-        f"torch threads: {torch.get_num_threads()}.",
-    ]
-    settings = dict(model=model_path, device=args.device, threads=args.threads, prompts=args.prompts,
-                    samples=args.samples, max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
-                    batch_size=bs, force_length=not args.no_force_length, seed=args.seed, policy="base + seed adapter")
-    common.write_result(args, "generation", settings, sides, ratios, notes, machine)
+    notes = [f"{args.prompts} prompts x {args.samples} samples; lengths forced to max_new_tokens"
+             if not args.no_force_length else "sequences stop at EOS", f"torch threads: {torch.get_num_threads()}."]
+    settings = dict(mode="batching", model=model_path, prompts=args.prompts, samples=args.samples,
+                    max_new_tokens=args.max_new_tokens, batch_size=bs, force_length=not args.no_force_length)
+    common.write_result(args, "generation_batching", settings, sides, ratios, notes, machine)
 
 
 if __name__ == "__main__":

@@ -398,11 +398,15 @@ def winrate_cmd(
     recs = load_prompts(spec)[:limit]
     stack = load_stack(r, frozen_upto=max(ks) if ks else -1)
     outs = {}
-    for k in (cand_k, ref_k):
-        with stack.use(policy_names(k)) as m:
-            outs[k] = [ss[0].text for ss in sample_responses(
-                m, stack.tokenizer, [x["prompt"] for x in recs], num_samples=1, max_new_tokens=r.expand.max_new_tokens,
-                temperature=r.expand.temperature, seed=r.seed, batch_size=r.expand.batch_size)]
+    from spa_lite.ui import task
+
+    with task("winrate: responses of both policies", 2 * len(recs)) as advance:
+        for k in (cand_k, ref_k):
+            with stack.use(policy_names(k)) as m:
+                outs[k] = [ss[0].text for ss in sample_responses(
+                    m, stack.tokenizer, [x["prompt"] for x in recs], num_samples=1,
+                    max_new_tokens=r.expand.max_new_tokens, temperature=r.expand.temperature, seed=r.seed,
+                    batch_size=r.expand.batch_size, on_batch=advance)]
     cache = r.run_path / "eval" / "winrate_cache"
     if judge == "verifier":
         if not all("constraint" in x for x in recs):
@@ -416,8 +420,9 @@ def winrate_cmd(
         j = wr.HTTPJudge(judge_url, judge_model, api_key_env=judge_key_env, cache_dir=cache)
     else:
         raise SpaError(f"--judge '{judge}' is not verifier, local or http")
-    res = wr.win_rate_eval(outs[cand_k], outs[ref_k], [x["prompt"] for x in recs], j,
-                           metadata=[{"constraint": x.get("constraint")} for x in recs])
+    with task(f"winrate: {judge} judge", len(recs)) as advance:
+        res = wr.win_rate_eval(outs[cand_k], outs[ref_k], [x["prompt"] for x in recs], j,
+                               metadata=[{"constraint": x.get("constraint")} for x in recs], on_batch=advance)
     label = lambda k: "pi_init" if k is None else f"pi_{k}"  # noqa: E731
     tag = f"winrate_{label(cand_k)}_vs_{label(ref_k)}_{judge}"
     atomic_write_json(r.run_path / "eval" / f"{tag}.json",
@@ -476,15 +481,22 @@ def export_answers_cmd(
     r = _recipe(recipe, set_, name, run_dir)
     ks = complete_policies(r)
     k = resolve_policy(r, policy)
-    stack = load_stack(r, frozen_upto=max(ks) if ks else -1)
-    gen = export.make_generate(stack, policy_names(k), max_new_tokens, batch_size, r.seed)
-    model_id = f"{r.name}-{'pi_init' if k is None else f'pi_{k}'}"
     if benchmark == "alpaca-eval":
-        rows = export.export_alpaca_eval(questions, out, gen, model_id, temperature=temperature or 0.0, limit=limit)
+        n_answers = len(export.read_alpaca_eval_questions(questions)[:limit])
     elif benchmark == "mt-bench":
-        rows = export.export_mt_bench(questions, out, gen, model_id, temperature=temperature, limit=limit)
+        n_answers = sum(len(q["turns"]) for q in export.read_mt_bench_questions(questions)[:limit])
     else:
         raise SpaError(f"--benchmark '{benchmark}' is not alpaca-eval or mt-bench")
+    stack = load_stack(r, frozen_upto=max(ks) if ks else -1)
+    model_id = f"{r.name}-{'pi_init' if k is None else f'pi_{k}'}"
+    from spa_lite.ui import task
+
+    with task(f"answers by {model_id}", n_answers, info=benchmark) as advance:
+        gen = export.make_generate(stack, policy_names(k), max_new_tokens, batch_size, r.seed, on_batch=advance)
+        if benchmark == "alpaca-eval":
+            rows = export.export_alpaca_eval(questions, out, gen, model_id, temperature=temperature or 0.0, limit=limit)
+        else:
+            rows = export.export_mt_bench(questions, out, gen, model_id, temperature=temperature, limit=limit)
     console.print(f"{len(rows)} answers by {model_id} written to {out}")
 
 
@@ -558,13 +570,17 @@ def export_cmd(
     r = _recipe(recipe, set_, name, run_dir)
     if iteration not in complete_policies(r):
         raise SpaError(f"pi_{iteration} is not complete in {r.run_path}; run its stages first")
-    if merged:
-        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
-        if dt is None:
-            raise SpaError(f"--dtype '{dtype}' is not bfloat16, float16 or float32")
-        path = export_merged(r, iteration, out, dtype=dt)
-    else:
-        path = export_single_adapter(r, iteration, out)
+    from spa_lite.ui import task
+
+    with task(f"export pi_{iteration} ({'merged' if merged else 'adapter'})", 1, info=str(out)) as advance:
+        if merged:
+            dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+            if dt is None:
+                raise SpaError(f"--dtype '{dtype}' is not bfloat16, float16 or float32")
+            path = export_merged(r, iteration, out, dtype=dt)
+        else:
+            path = export_single_adapter(r, iteration, out)
+        advance()
     console.print(f"exported pi_{iteration} to {path}")
 
 

@@ -113,19 +113,20 @@ def noise_detection(stack: PolicyStack, pairs: Sequence, k: int, flip: float, la
 @torch.no_grad()
 def response_outcomes(stack: PolicyStack, records: Sequence[dict], k: int | None, verify, samples: int = 1,
                       max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
-                      batch_size: int = 16) -> list[dict]:
+                      batch_size: int = 16, on_batch=None) -> list[dict]:
     """pi_k's responses to held-out demo prompts, one row per (prompt, sample) in prompt order:
     ``{"id", "sample", "passed", "tokens", "truncated"}``. ``temperature`` 0 is greedy decoding.
 
     Prompts are batched by tokenised length (longest first) so a batch pads little; the samples of a prompt
     depend on its batch, so with sampling the draws differ from file-order batching (greedy ones do not).
+    ``on_batch(n)`` is called as prompts finish (progress bars).
     """
     lengths = [len(encode_prompt(stack.tokenizer, r["prompt"])) for r in records]
     order = sorted(range(len(records)), key=lambda i: -lengths[i])
     with stack.use(policy_names(k)) as m:
         outs = sample_responses(m, stack.tokenizer, [records[i]["prompt"] for i in order], num_samples=samples,
                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                batch_size=batch_size)
+                                batch_size=batch_size, on_batch=on_batch)
     by_prompt = dict(zip(order, outs))
     rows = []
     for i, rec in enumerate(records):

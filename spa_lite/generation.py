@@ -1,8 +1,30 @@
-"""Batched sampling from whichever adapters are active on the model."""
+"""Batched sampling from whichever adapters are active on the model.
+
+Two engines give the same interface (``sample_responses``):
+
+* ``fast`` (default): spa-lite's own decoding loop. The frozen policy's active LoRA adapters are merged into
+  a working copy of the base's linear layers (the base itself is untouched and every other tensor is shared);
+  prompts enter longest first, each prefilled once for all of its samples; a row leaves the batch (and its KV
+  cache) as soon as it ends its turn, and waiting prompts take the freed rows (continuous batching), so no
+  step is spent on finished rows and the batch stays full. Each sequence draws from its own random stream,
+  seeded by (seed, prompt index, sample index): its sample does not depend on the batch size, the order of
+  the prompts or the other rows of its batch.
+* ``hf``: ``transformers.GenerationMixin.generate`` on the (unmerged) stack, batches in file order, one seed
+  per batch; the engine spa-lite used before, kept as the reference of bench/bench_generation.py and for
+  models whose generation_config asks for logits processors the fast loop does not apply.
+
+The two engines draw different (equally distributed) samples for the same seed; greedy decoding (temperature
+0) gives the same tokens up to float rounding (merged vs unmerged weights, other batch shapes), which can
+flip an argmax between two near-equal logits.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import copy
+import hashlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +40,7 @@ class Sample:
 
 
 class _TokenLogpRecorder:
-    """A logits processor that passes scores through and records log p(sampled token) under them.
+    """A logits processor that passes scores through and records log p(sampled token) under them (hf engine).
 
     It runs before temperature and top-p (which ``sample_responses`` applies after it, not ``generate``), so the
     distribution it sees is the policy's own: log pi(y_t | x, y_<t), what Eq. 7 needs. At each call the last
@@ -63,6 +85,132 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+# generation_config settings that add logits processors the fast loop does not implement: with any of them
+# set, sampling goes through transformers' generate (engine "hf") so that it still applies them
+_UNSUPPORTED = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+                "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+                "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+                "sequence_bias": (None,), "exponential_decay_length_penalty": (None,), "min_length": (None, 0),
+                "renormalize_logits": (None, False), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+                "eta_cutoff": (None, 0.0), "min_p": (None,)}
+
+
+def unsupported_settings(model) -> list[str]:
+    """generation_config settings of ``model`` that only the hf engine applies."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return []
+    return [k for k, ok in _UNSUPPORTED.items() if getattr(gc, k, None) not in ok]
+
+
+def _is_plain_lora_linear(mod) -> bool:
+    """A peft LoRA Linear over an ordinary nn.Linear, with no variant (DoRA) or bias among its adapters."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(mod, LoraLinear) or type(mod.get_base_layer()) is not torch.nn.Linear:
+        return False
+    return not getattr(mod, "lora_variant", None) and not any(getattr(mod, "lora_bias", {}).values())
+
+
+def _can_merge(model) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and all(_is_plain_lora_linear(m) for m in layers)
+
+
+def _clone_tree(mod: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree: new module objects, the very same parameter and buffer tensors."""
+    new = copy.copy(mod)  # a new instance whose __dict__ is a shallow copy: _parameters, _buffers shared
+    new._modules = {k: None if v is None else _clone_tree(v) for k, v in mod._modules.items()}
+    return new
+
+
+def _active_lora_state(model) -> tuple:
+    """What a merged copy depends on: each LoRA layer's active adapters and their weights' identity and version."""
+    from peft.tuners.lora import LoraLayer
+
+    key = []
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer):
+            active = () if mod.disable_adapters else tuple(a for a in mod.active_adapters if a in mod.lora_A)
+            key.append(active)
+            for a in active:
+                for w in (mod.lora_A[a].weight, mod.lora_B[a].weight):
+                    key.append((w.data_ptr(), w._version))
+            key.append(tuple(mod.scaling.get(a) for a in active))
+    return tuple(key)
+
+
+@torch.no_grad()
+def merged_copy(model):
+    """A plain transformers model computing what the peft ``model`` computes with its active adapters.
+
+    Every LoRA-wrapped linear layer of the copy holds W + sum_a scaling_a B_a A_a over the active adapters
+    (W alone where adapters are disabled); every other tensor (embeddings, norms, rotary buffers, the
+    linear layers no adapter targets) is shared with ``model``, not copied. The base is not modified.
+    Returns None where merging does not apply (no LoRA layers, quantized or non-Linear bases, DoRA).
+    """
+    if not _can_merge(model):
+        return None
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    work = _clone_tree(inner)
+    for name, mod in list(work.named_modules()):
+        if not isinstance(mod, LoraLayer):
+            continue
+        base = mod.get_base_layer()
+        lin = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        weight = base.weight
+        active = [] if mod.disable_adapters else [a for a in mod.active_adapters if a in mod.lora_A]
+        if active:
+            weight = weight.detach().clone()
+            for a in active:  # the same delta, in the same order, that peft's merge adds
+                weight += mod.get_delta_weight(a).to(weight.dtype)
+        lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if base.bias is not None:
+            lin.bias = base.bias
+        parent_name, _, attr = name.rpartition(".")
+        setattr(work.get_submodule(parent_name) if parent_name else work, attr, lin)
+    work.eval()
+    return work
+
+
+@contextlib.contextmanager
+def sampling_model(model, merge: bool = True) -> Iterator[object]:
+    """The model to decode with: ``merged_copy(model)`` when possible (and ``merge``), else ``model`` itself.
+
+    The merged copy of the last policy is kept on ``model`` (one slot) and reused while the active adapters and
+    their weights are unchanged (checked by tensor identity and version), so a stage that samples shard after
+    shard from one frozen policy merges once. ``release_sampling_copy(model)`` drops it.
+    """
+    if not merge or not _can_merge(model):
+        yield model
+        return
+    key = _active_lora_state(model)
+    slot = getattr(model, "_spa_sampling_copy", None)
+    if slot is None or slot[0] != key:
+        release_sampling_copy(model)
+        slot = (key, merged_copy(model))
+        object.__setattr__(model, "_spa_sampling_copy", slot)  # not a submodule: no parameters registered
+    yield slot[1]
+
+
+def release_sampling_copy(model) -> None:
+    """Drop the merged working copy ``sampling_model`` keeps on ``model`` (its merged weights' memory)."""
+    if getattr(model, "_spa_sampling_copy", None) is not None:
+        object.__setattr__(model, "_spa_sampling_copy", None)
+
+
+CPU_MIN_ROWS = 64  # see sample_responses(max_rows=...)
+
+
+def _row_seed(seed: int, prompt: int, sample: int) -> int:
+    h = hashlib.blake2b(f"{seed}/{prompt}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
 @torch.no_grad()
 def sample_responses(
     model,
@@ -77,19 +225,257 @@ def sample_responses(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     record_logps: bool = False,
+    engine: str = "fast",
+    merge: bool = True,
+    max_rows: int | None = None,
 ) -> list[list[Sample]]:
-    """Sample ``num_samples`` responses per chat prompt, batched with left padding.
+    """Sample ``num_samples`` responses per chat prompt (temperature 0: greedy), batched with left padding.
 
-    Each batch b is seeded with ``seed + b``, so the samples of a batch do not depend on the batches before
-    it: a resumed expand (which skips finished shards) draws exactly what an uninterrupted one would.
-    ``record_logps``: also return each sample's log-probability under the sampling policy at temperature 1
-    (``Sample.logp``), read off the sampling pass itself, so Eq. 7 needs no second forward of pi_{i-1}.
-    Temperature and top-p are applied as logits processors after the recorder; the draws are the same as
-    without recording.
+    Args:
+        seed: fast engine: sequence j of prompt k draws from a stream seeded by (seed, k, j), so a resumed
+            expand (which skips finished shards, each with its own seed) draws what an uninterrupted one would,
+            whatever the batch size. hf engine: batch b is seeded with ``seed + b``.
+        batch_size: prompts decoded at once (each with its ``num_samples`` sequences); the fast engine keeps
+            up to ``batch_size * num_samples`` rows in flight.
+        on_batch: called with a number of finished prompts, every ``batch_size`` prompts and at the end
+            (progress bars).
+        record_logps: also return each sample's log-probability under the sampling policy at temperature 1
+            (``Sample.logp``), read off the sampling pass itself, so Eq. 7 needs no second forward of pi_{i-1}.
+            Temperature and top-p are applied after it; the draws are the same as without recording.
+        engine: "fast" (spa-lite's loop, merged adapters) or "hf" (transformers' generate); see the module
+            docstring. "fast" falls back to "hf" when the model's generation_config asks for a logits
+            processor it does not apply (``unsupported_settings``).
+        merge: fast engine: decode with the active adapters merged into a working copy (``merged_copy``).
+        max_rows: fast engine: sequences in flight at once. Default ``batch_size * num_samples``, and at least
+            ``CPU_MIN_ROWS`` on a CPU, where a decoding step streams every weight once whatever the row count, so
+            more rows cost little more per step (bench/bench_generation.py); the KV cache of a row is small next
+            to the weights on the models one samples on a CPU.
 
     Returns:
         one list of ``num_samples`` samples per prompt, in prompt order.
     """
+    if engine not in ("fast", "hf"):
+        raise ValueError(f"engine '{engine}' is not fast or hf")
+    if max_new_tokens < 1 or batch_size < 1 or num_samples < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}), batch_size ({batch_size}) and num_samples "
+                         f"({num_samples}) must be >= 1")
+    if engine == "hf" or unsupported_settings(model):
+        return _sample_hf(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, on_batch=on_batch,
+                          record_logps=record_logps)
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    min_new = int(getattr(getattr(model, "generation_config", None), "min_new_tokens", None) or 0)
+    results: list[list[Sample] | None] = [None] * len(encoded)
+    # longest first: a batch pads to prompts of similar length, and the largest batch comes first
+    order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k]))
+    was_training = model.training
+    model.eval()
+    try:
+        with sampling_model(model, merge) as work:
+            device = next(work.parameters()).device
+            finished = 0
+
+            def on_done(k: int, rows: list) -> None:
+                nonlocal finished
+                results[k] = [_to_sample(tokenizer, toks, trunc, lp) for toks, trunc, lp in rows]
+                finished += 1
+                if on_batch is not None and (finished % batch_size == 0 or finished == len(encoded)):
+                    on_batch(batch_size if finished % batch_size == 0 else finished % batch_size)
+
+            capacity = max_rows or batch_size * num_samples
+            if max_rows is None and device.type == "cpu":
+                capacity = max(capacity, CPU_MIN_ROWS)
+            _decode(work, encoded, order, capacity=capacity, device=device, pad=pad, stops=stops,
+                    num_samples=num_samples, max_new_tokens=max_new_tokens, min_new_tokens=min_new,
+                    temperature=temperature, top_p=top_p, seed=seed, record_logps=record_logps, on_done=on_done)
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _to_sample(tokenizer, toks: list[int], truncated: bool, logp: float | None) -> Sample:
+    return Sample(tokenizer.decode(toks, skip_special_tokens=True).strip(), toks, len(toks), truncated, logp)
+
+
+class _Rows:
+    """The rows being decoded: their KV cache, attention mask, positions, last logits and bookkeeping."""
+
+    def __init__(self) -> None:
+        self.cache = None
+        self.mask = self.pos = self.logits = None
+        self.meta: list[tuple[int, int]] = []  # (prompt, sample) of each row
+        self.step: list[int] = []  # tokens generated so far by each row
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def add(self, cache, mask, pos, logits, meta) -> None:
+        """Append rows (their own prefill): both caches are left-padded to the same length, then stacked."""
+        if self.cache is None:
+            self.cache, self.mask, self.pos, self.logits = cache, mask, pos, logits
+        else:
+            t_old, t_new = self.mask.shape[1], mask.shape[1]
+            width = max(t_old, t_new)
+            for old, new in zip(self.cache.layers, cache.layers):
+                old.keys, old.values = (torch.cat([_left_pad(a, width), _left_pad(b, width)], 0)
+                                        for a, b in ((old.keys, new.keys), (old.values, new.values)))
+            self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
+            self.pos = torch.cat([self.pos, pos], 0)
+            self.logits = torch.cat([self.logits, logits], 0)
+        self.meta += meta
+        self.step += [0] * len(meta)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices); columns that are padding in every remaining row are dropped."""
+        self.cache.batch_select_indices(rows)
+        self.mask, self.pos, self.logits = self.mask[rows], self.pos[rows], self.logits[rows]
+        keep = rows.tolist()
+        self.meta = [self.meta[r] for r in keep]
+        self.step = [self.step[r] for r in keep]
+        used = self.mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+def _out_cache(out):
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    short = width - x.shape[dim]
+    if short <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = short
+    return torch.cat([x.new_zeros(shape), x], dim)
+
+
+def _decode(model, encoded: list[list[int]], order: list[int], *, capacity: int, device, pad: int,
+            stops: list[int], num_samples: int, max_new_tokens: int, min_new_tokens: int, temperature: float,
+            top_p: float, seed: int, record_logps: bool, on_done: Callable[[int, list], None]) -> None:
+    """Decode every prompt of ``order`` with at most ``capacity`` rows at once (continuous batching).
+
+    Prompts enter in ``order`` (prefilled together, once for all of their samples) whenever a quarter of the
+    rows are free; a row leaves as soon as it ends its turn or reaches ``max_new_tokens``. ``on_done(k,
+    [(tokens, truncated, logp)] * num_samples)`` receives each prompt as its last sample ends.
+    """
+    from transformers import TopPLogitsWarper
+
+    sampling = temperature > 0
+    top_p_warper = TopPLogitsWarper(top_p) if sampling and top_p < 1.0 else None
+    stop_t = torch.tensor(stops, device=device)
+    # transformers >= 5.2x names the KV cache argument `cache` (past_key_values still works, with a warning)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    rows = _Rows()
+    uniform: dict[tuple[int, int], torch.Tensor] = {}
+    out_tokens: dict[tuple[int, int], list[int]] = {}
+    out_logp: dict[tuple[int, int], float] = {}
+    pending: dict[int, list] = {}
+    queue = list(order)
+    per_prompt = max(1, capacity // num_samples)
+    while queue or len(rows):
+        free = (capacity - len(rows)) // num_samples
+        if queue and (not len(rows) or free >= max(1, per_prompt // 4)):
+            take, queue = queue[:free], queue[free:]
+            chunk = [encoded[k] for k in take]
+            width = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, x in enumerate(chunk):
+                ids[r, width - len(x) :] = torch.tensor(x)
+                mask[r, width - len(x) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            cache, logits = _out_cache(out), out.logits[:, -1, :]
+            if num_samples > 1:  # each sample starts from a copy of its prompt's cache
+                cache.batch_repeat_interleave(num_samples)
+                logits, mask, pos = (x.repeat_interleave(num_samples, 0) for x in (logits, mask, pos))
+            meta = [(k, j) for k in take for j in range(num_samples)]
+            for key in meta:
+                out_tokens[key] = []
+                out_logp[key] = 0.0
+                if sampling:
+                    g = torch.Generator().manual_seed(_row_seed(seed, *key))
+                    uniform[key] = torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
+            rows.add(cache, mask, pos[:, -1], logits, meta)
+        scores = rows.logits.float()
+        steps = torch.tensor(rows.step, device=device)
+        if min_new_tokens:
+            early = steps < min_new_tokens
+            if early.any():
+                blocked = scores.index_fill(1, stop_t, float("-inf"))
+                scores = torch.where(early[:, None], blocked, scores)
+        if sampling:
+            s = scores / temperature if temperature != 1.0 else scores
+            if top_p_warper is not None:
+                s = top_p_warper(None, s)
+            probs = torch.softmax(s, dim=-1)
+            cdf = probs.cumsum(-1)
+            u = torch.tensor([float(uniform[key][t]) for key, t in zip(rows.meta, rows.step)],
+                             dtype=cdf.dtype, device=device)[:, None] * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+            zero = probs.gather(1, nxt[:, None]).squeeze(1) <= 0  # never a token top-p removed, even at a float edge
+            if zero.any():
+                nxt[zero] = probs[zero].argmax(-1)
+        else:
+            nxt = scores.argmax(-1)
+        if record_logps:  # the policy's own log-prob at temperature 1, before min-length, temperature and top-p
+            lp = torch.log_softmax(rows.logits.float(), dim=-1).gather(1, nxt[:, None]).squeeze(1).double().cpu()
+        stop = torch.isin(nxt, stop_t) & (steps >= min_new_tokens)
+        full = steps + 1 >= max_new_tokens
+        ended = (stop | full).cpu()
+        stop_cpu = stop.cpu()
+        nxt_cpu = nxt.cpu().tolist()
+        for r, key in enumerate(rows.meta):
+            out_tokens[key].append(nxt_cpu[r])
+            if record_logps:
+                out_logp[key] += float(lp[r])
+            rows.step[r] += 1
+            if ended[r]:
+                k = key[0]
+                done = pending.setdefault(k, {})
+                done[key[1]] = (out_tokens.pop(key), not bool(stop_cpu[r]),  # truncated: no end of turn
+                                out_logp.pop(key) if record_logps else None)
+                uniform.pop(key, None)
+                if len(done) == num_samples:
+                    on_done(k, [done[j] for j in range(num_samples)])
+                    del pending[k]
+        if ended.all():
+            rows = _Rows()
+            continue
+        if ended.any():
+            rows.keep((~ended).nonzero().squeeze(1).to(device))
+            nxt = nxt[~ended.to(device)]
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], 1)
+        rows.pos = rows.pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=rows.mask, position_ids=rows.pos[:, None],
+                    use_cache=True, **{cache_arg: rows.cache})
+        rows.cache, rows.logits = _out_cache(out), out.logits[:, -1, :]
+
+
+@torch.no_grad()
+def _sample_hf(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[dict]],
+    *,
+    num_samples: int = 2,
+    max_new_tokens: int = 300,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+    record_logps: bool = False,
+) -> list[list[Sample]]:
+    """The hf engine: transformers' generate on the stack, batches in prompt order, batch b seeded with seed + b."""
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]

@@ -466,6 +466,9 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
         if prev != h:
             _unlock(d, dist)
             raise StageOrderError(f"{d} holds a partial run from another config; add --force to start it over")
+    from spa_lite.memory import StagePeak
+
+    _STAGE_PEAKS[stage.key] = StagePeak()  # this stage's peak resident memory, for its manifest
     dist.barrier()  # every process has read the old state before the main one changes it
     if dist.main:
         if (force or not _has_work(d)) and d.exists():
@@ -477,10 +480,16 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
     return d, None
 
 
+_STAGE_PEAKS: dict = {}
+
+
 def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_start: float) -> dict:
     from spa_lite.distributed import get_dist
 
     main = get_dist().main
+    from spa_lite.memory import peak_rss_gb
+
+    peak = _STAGE_PEAKS.pop(stage.key, None)
     manifest = {
         "stage": stage.key,
         "status": "complete",
@@ -492,6 +501,8 @@ def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_st
         "versions": versions(),
         "timings": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.time() - t_start, 2)},
         "summary": summary,
+        # this process's peak resident memory during the stage (GB); peak_is_stage False: the process's peak so far
+        "memory": peak.read() if peak else {"peak_rss_gb": peak_rss_gb(), "peak_is_stage": False},
     }
     from spa_lite.distributed import get_dist
 

@@ -35,9 +35,13 @@ def test_recorded_logps_are_the_policys_own(tiny_model_dir, adapters, temperatur
     with stack.use(["seed"]) as m:
         # a random tiny model rarely ends a turn: make its most frequent token a stop token as well, so that
         # the rows of a batch stop at different steps (the recorder must ignore what follows a stop)
-        first = sample_responses(m, stack.tokenizer, prompts, **{**kw, "temperature": 1.0})
-        counts = Counter(t for ss in first for s in ss for t in s.token_ids[1:])
-        m.generation_config.eos_token_id = [stack.tokenizer.eos_token_id, counts.most_common(1)[0][0]]
+        first = sample_responses(m, stack.tokenizer, prompts, **kw)
+        seqs = [s.token_ids for ss in first for s in ss]
+        counts = Counter(t for x in seqs for t in x[1:])
+        # the most frequent token that first occurs at different steps of different sequences
+        spread = [t for t, _ in counts.most_common()
+                  if len({x.index(t) if t in x else len(x) for x in seqs}) > 1]
+        m.generation_config.eos_token_id = [stack.tokenizer.eos_token_id, spread[0]]
         plain = sample_responses(m, stack.tokenizer, prompts, **kw)
         rec = sample_responses(m, stack.tokenizer, prompts, record_logps=True, **kw)
     # recording changes nothing that is drawn

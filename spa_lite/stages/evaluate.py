@@ -101,19 +101,21 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
                         "top_p": recipe.expand.top_p, "samples": samples, "seed": recipe.seed}
             outcomes, cached = {}, []
             with progress() as p:
-                task = p.add_task("pass rate", total=len(chosen), info=f"{len(recs)} prompts x {samples}")
+                task = p.add_task("pass rate", total=len(chosen) * len(recs),
+                                  info=f"{len(chosen)} policies x {len(recs)} prompts x {samples}")
                 for k in chosen:
                     label = policy_label(k)
                     path = recipe.run_path / "eval" / "cache" / f"outcomes_{label}_{_policy_key(recipe, k, settings)}.json"
                     if path.exists():
                         outcomes[label] = read_json(path)
                         cached.append(label)
+                        p.advance(task, len(recs))
                     else:
                         outcomes[label] = response_outcomes(
                             stack, recs, k, verify, samples=samples, max_new_tokens=recipe.expand.max_new_tokens,
-                            temperature=temperature, seed=recipe.seed, batch_size=recipe.expand.batch_size)
+                            temperature=temperature, seed=recipe.seed, batch_size=recipe.expand.batch_size,
+                            on_batch=lambda n: p.advance(task, n))
                         atomic_write_json(path, outcomes[label])
-                    p.advance(task)
             report["pass_rate"] = {lab: summarize_outcomes(rows) for lab, rows in outcomes.items()}
             report["pass_rate_settings"] = {**settings, "n_prompts": len(recs), "cached": cached}
             report["pass_rate_diff"] = paired_pass_rate_diffs(outcomes)

@@ -1,19 +1,27 @@
-"""`spa-lite run`: seed DPO, then expand and train for iterations 1..T; complete stages are skipped."""
+"""`spa-lite run`: seed DPO, then expand and train for iterations 1..T; complete stages are skipped.
+
+Each stage loads its own stack and drops it when it returns; between stages the dropped model is collected
+and its memory handed back to the OS (``release_memory``), so the run's peak is one stage's peak, not the sum
+of the stages'. Each manifest records its stage's peak resident memory ("memory").
+"""
 
 from __future__ import annotations
 
+import os
 import time
 
 from spa_lite.config import Recipe
 from spa_lite.runs import dump_recipe
 from spa_lite.stages import expand, seed_dpo, train
 from spa_lite.distributed import get_dist
-from spa_lite.ui import console, summary_table
+from spa_lite.memory import release_memory
+from spa_lite.ui import console, interactive, summary_table
 
 
 def stage_rows(key: str, manifest: dict) -> dict:
     s = manifest.get("summary", {})
-    rows = {"stage": key, "wall s": manifest.get("timings", {}).get("wall_s")}
+    rows = {"stage": key, "wall s": manifest.get("timings", {}).get("wall_s"),
+            "peak RSS GB": manifest.get("memory", {}).get("peak_rss_gb")}
     if "pairs" in s and "steps" not in s:
         rows.update({k: s.get(k) for k in ("pairs", "identical", "truncated", "mean_confidence",
                                            "mean_len_chosen", "mean_len_rejected")})
@@ -28,18 +36,28 @@ def stage_rows(key: str, manifest: dict) -> dict:
 
 def run(recipe: Recipe, force: bool = False, recipe_arg: str = "RECIPE") -> list[tuple[str, dict]]:
     t0 = time.time()
-    show = summary_table if get_dist().main else (lambda *a: None)
+    dist = get_dist()
+    show = summary_table if dist.main else (lambda *a: None)
     dump_recipe(recipe)
     done = []
-    m = seed_dpo.run(recipe, force=force)
-    done.append(("seed", m))
-    show("seed-dpo", stage_rows("seed", m))
+    # a log line per stage where no live bar is drawn (output to a file)
+    log_lines = dist.main and not interactive() and not os.environ.get("SPA_LITE_QUIET")
+    steps = [("seed", "seed-dpo", lambda: seed_dpo.run(recipe, force=force))]
     for i in range(1, recipe.iterations + 1):
-        m = expand.run(recipe, i, force=force, recipe_arg=recipe_arg)
-        done.append((f"iter{i}/expand", m))
-        show(f"expand --iter {i}", stage_rows(f"iter{i}/expand", m))
-        m = train.run(recipe, i, force=force, recipe_arg=recipe_arg)
-        done.append((f"iter{i}/train", m))
-        show(f"train --iter {i}", stage_rows(f"iter{i}/train", m))
+        steps.append((f"iter{i}/expand", f"expand --iter {i}",
+                      lambda i=i: expand.run(recipe, i, force=force, recipe_arg=recipe_arg)))
+        steps.append((f"iter{i}/train", f"train --iter {i}",
+                      lambda i=i: train.run(recipe, i, force=force, recipe_arg=recipe_arg)))
+    for n, (key, title, fn) in enumerate(steps, 1):
+        release_memory()  # the previous stage's model, before this stage loads its own
+        if log_lines:
+            console.log(f"stage {n}/{len(steps)} {title}: start")
+        m = fn()
+        done.append((key, m))
+        if log_lines:
+            console.log(f"stage {n}/{len(steps)} {title}: {m.get('status')} in {m.get('timings', {}).get('wall_s')} s, "
+                f"peak RSS {m.get('memory', {}).get('peak_rss_gb')} GB")
+        show(title, stage_rows(key, m))
+    release_memory()
     console.print(f"[bold green]run complete[/] in {time.time() - t0:.0f} s: {recipe.run_path}")
     return done

@@ -1,0 +1,95 @@
+"""Process memory: peak resident memory per stage, and handing freed memory back to the operating system.
+
+Linux keeps a process's peak resident set (VmHWM in /proc/self/status) and lets the process reset it
+(writing 5 to /proc/self/clear_refs), so each stage can report its own peak even when several stages run in
+one process (``spa-lite run``). glibc keeps freed heap memory in its arenas instead of unmapping it; after a
+stage's model is dropped, ``release_memory`` collects cyclic garbage (peft models hold reference cycles, so
+they are not freed when the last name goes) and asks glibc to return free pages (``malloc_trim``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import resource
+import sys
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def rss_gb() -> float | None:
+    """Current resident memory of this process in GB (Linux), else None."""
+    kb = _status_kb("VmRSS")
+    return None if kb is None else round(kb / 1e6, 3)
+
+
+def peak_rss_gb() -> float | None:
+    """Peak resident memory in GB since the process started or since the last ``reset_peak``."""
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: the lifetime peak (ru_maxrss is KiB on Linux, bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kb = peak / 1024 if sys.platform == "darwin" else peak
+    return round(kb / 1e6, 3)
+
+
+def reset_peak() -> bool:
+    """Start a new peak-RSS window (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> bool:
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return False
+
+
+def release_memory() -> dict:
+    """Free what no one references any more and give it back to the OS. Returns RSS before and after (GB)."""
+    before = rss_gb()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    trimmed = _malloc_trim()
+    return {"rss_before_gb": before, "rss_after_gb": rss_gb(), "malloc_trim": trimmed}
+
+
+class StagePeak:
+    """Peak RSS of one stage: started by ``begin`` (which resets the kernel's high-water mark), read by ``read``.
+
+    Where the mark cannot be reset, the reported peak is the process's peak so far (``peak_is_stage`` False).
+    """
+
+    def __init__(self) -> None:
+        self.reset = reset_peak()
+        self.start_rss = rss_gb()
+
+    def read(self) -> dict:
+        return {"peak_rss_gb": peak_rss_gb(), "start_rss_gb": self.start_rss, "end_rss_gb": rss_gb(),
+                "peak_is_stage": self.reset}
