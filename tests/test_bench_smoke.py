@@ -43,8 +43,10 @@ def test_bench_memory_runs_every_side_with_checkpointing(tmp_path):
 
 
 def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
-    """bench/spa_gain.py on the tiny model with demo prompts: every arm runs, same-compute DPO takes as many
-    optimizer steps as seed DPO + the SPA iterations, and each comparison is paired over the same prompts."""
+    """bench/spa_gain.py on the tiny model with demo prompts: the SPA and same-compute arms run, same-compute DPO
+    takes as many optimizer steps as seed DPO + the SPA iterations, and each comparison is paired over the same
+    prompts. (The oracle arm is not run here: whether the verifier can separate any of a random tiny model's
+    samples is chance; its labelling is unit-tested in test_evaluation.py.)"""
     from conftest import write_recipe
 
     rec = write_recipe(tmp_path / "r.yaml", {
@@ -60,23 +62,22 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     out, outcomes = tmp_path / "gain.json", tmp_path / "outcomes.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPA_LITE_QUIET": "1"}
     res = subprocess.run([sys.executable, str(BENCH / "spa_gain.py"), "--recipe", str(rec), "--seeds", "1",
-                          "--arms", "spa,dpo_same,oracle", "--eval-prompts", "5", "--eval-batch", "5",
+                          "--arms", "spa,dpo_same", "--eval-prompts", "5", "--eval-batch", "5",
                           "--run-dir", str(tmp_path / "runs"), "--out", str(out), "--outcomes", str(outcomes)],
                          env=env, capture_output=True, text=True, timeout=900, cwd=BENCH.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     d = json.loads(out.read_text())
-    assert set(d["pieces"]) == {"s1/spa", "s1/dpo_same", "s1/oracle"}
+    assert set(d["pieces"]) == {"s1/spa", "s1/dpo_same"}
     same = d["pieces"]["s1/dpo_same"]
     assert same["steps"] == same["target_steps"]
-    assert set(d["policies"]) == {"pi_init", "s1/pi_0", "s1/spa_1", "s1/dpo_same_compute", "s1/oracle_1"}
+    assert set(d["policies"]) == {"pi_init", "s1/pi_0", "s1/spa_1", "s1/dpo_same_compute"}
     comps = {(c["a"], c["b"]): c for c in d["comparisons"]}
-    assert {("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0")} <= set(comps)
+    assert {("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("pi_0", "pi_init")} <= set(comps)
     o = json.loads(outcomes.read_text())
     a, b = o["s1/spa_1"]["passed"], o["s1/pi_0"]["passed"]
     diff = (a.count("1") - b.count("1")) / len(a)
     c = comps[("spa_final", "pi_0")]
     assert c["diff"] == pytest.approx(diff, abs=1e-4) and c["ci_low"] <= c["diff"] <= c["ci_high"]
     assert c["n_prompts"] == 5 and c["seeds"] == [1]
-    for k in ("D_1",):  # oracle D_i: every kept pair is one the verifier separates, in its order
-        assert d["pieces"]["s1/oracle"]["diagnostics"][k]["contradicted"] == 0
-        assert d["pieces"]["s1/oracle"]["diagnostics"][k]["undecided"] == 0
+    d1 = d["pieces"]["s1/spa"]["diagnostics"]["D_1"]
+    assert d1["confirmed"] + d1["contradicted"] + d1["undecided"] == d1["pairs"]
