@@ -17,6 +17,15 @@ from conftest import tiny_overrides, write_recipe
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+def _free_port() -> str:
+    """A port no one listens on now: fixed ports collide with a concurrent run (EADDRINUSE seen in CI)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
 def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path):
     from spa_lite.config import load_recipe
     from spa_lite.stages import expand, seed_dpo, train
@@ -33,7 +42,7 @@ def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path):
     train.run(one, 1)
 
     env = {**os.environ, "SPA_LITE_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
            str(Path(__file__).parent / "dist_worker.py"), str(path), "two"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -90,7 +99,7 @@ def test_fsdp_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path):
     shutil.copytree(tmp_path / "runs" / "one" / "iter1" / "expand", tmp_path / "runs" / "two" / "iter1" / "expand")
 
     env = {**os.environ, "SPA_LITE_QUIET": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
            str(Path(__file__).parent / "dist_worker.py"), str(path), "two", "seed", "train-resume"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)
     assert res.returncode == 0, res.stderr[-3000:]
