@@ -73,18 +73,20 @@ def split_records(
     return seed_c, pool, evals
 
 
+def _group_by_question(records: Sequence[dict]) -> Dict[int, List[dict]]:
+    """Records grouped by question index, questions in order of first appearance."""
+    by_q: Dict[int, List[dict]] = {}
+    for r in records:
+        by_q.setdefault(tasks.question_index(r), []).append(r)
+    return by_q
+
+
 def expand_seed_candidates(seed_records: Sequence[dict], *, seed: int = 0, extra_kinds: int = 2) -> List[dict]:
     """Seed candidates: each seed question's records plus ``extra_kinds`` more kinds (separating kinds
     preferred), ordered question by question. Low-separation kinds are kept for one question in four."""
-    by_q: Dict[int, List[dict]] = defaultdict(list)
-    order: List[int] = []
-    for r in seed_records:
-        qi = tasks.question_index(r)
-        if qi not in by_q:
-            order.append(qi)
-        by_q[qi].append(r)
+    by_q = _group_by_question(seed_records)
     out: List[dict] = []
-    for qi in order:
+    for qi in by_q:
         rng = random.Random(f"spa-demo-seedextra:{seed}:{qi}")
         have = {r["constraint"]["kind"] for r in by_q[qi]}
         weights = {k: w for k, w in SEED_EXTRA_WEIGHTS.items() if k not in have}
@@ -100,15 +102,9 @@ def grow_records(base: Sequence[dict], kinds_per_question: int, *, seed: int = 0
     constraint kinds (drawn with :data:`tasks.KIND_WEIGHTS`, distinct per question) up to
     ``kinds_per_question`` records. Pure and deterministic in ``seed``; question sets are unchanged, so
     splits stay disjoint by question."""
-    by_q: Dict[int, List[dict]] = defaultdict(list)
-    order: List[int] = []
-    for r in base:
-        qi = tasks.question_index(r)
-        if qi not in by_q:
-            order.append(qi)
-        by_q[qi].append(r)
+    by_q = _group_by_question(base)
     out: List[dict] = []
-    for qi in order:
+    for qi in by_q:
         have = {r["constraint"]["kind"] for r in by_q[qi]}
         rng = random.Random(f"spa-demo-{salt}:{seed}:{qi}")
         weights = {k: w for k, w in tasks.KIND_WEIGHTS.items() if k not in have}
