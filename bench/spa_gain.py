@@ -201,6 +201,61 @@ class Bench:
             }
         return out
 
+    def judge_diag(self, seed: int) -> None:
+        """Is the self-judge a judge? Accuracy of the implicit reward of pi_0 and pi_1 on verifier-labelled pairs.
+
+        Two sets of gold pairs (verifier-labelled samples of pi_init): the D0 pairs seed DPO was trained on
+        (fit), and held-out gold pairs (the seed pairs the recipe did not use plus the eval pairs). Judges:
+        ``init`` (Eq. 7: sum of log pi_k/pi_init), ``init_per_token`` (the same, divided by response length),
+        ``prev`` (Eq. 7 with pi_{k-1} as reference), ``none`` (log pi_k alone) and ``shorter`` (no model).
+        A logprob judge is symmetric in the order of y1, y2, so accuracy is the share of pairs whose gold
+        chosen response gets the higher score (ties count as wrong). The on-policy counterpart is each D_i's
+        ``judge_acc_on_decided``.
+        """
+        import torch
+
+        from spa_lite.data import load_pairs, shuffled
+        from spa_lite.evaluation import policy_names
+        from spa_lite.judge import response_logps
+        from spa_lite.loading import load_stack
+        from spa_lite.metrics import accuracy_with_ci
+        from spa_lite.stages.common import tokenize_pairs
+
+        recipe = self.recipe(seed, "spa")
+        rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
+        n = recipe.data.seed_limit
+        sets = {"D0 (trained on)": rows[:n],
+                "held-out gold": rows[n:] + load_pairs(recipe.data.eval_pairs, recipe.data.format)}
+        t = time.time()
+        stack = load_stack(recipe, frozen_upto=1)
+        out = {}
+        for name, rs in sets.items():
+            pairs, _ = tokenize_pairs(stack.tokenizer, rs, recipe.model.max_length, recipe.model.max_prompt_length)
+            prompts = [p.prompt_ids for p in pairs]
+            lc = [len(p.chosen_ids) for p in pairs]
+            lr = [len(p.rejected_ids) for p in pairs]
+            lp = {k: (response_logps(stack, policy_names(k), prompts, [p.chosen_ids for p in pairs]),
+                      response_logps(stack, policy_names(k), prompts, [p.rejected_ids for p in pairs]))
+                  for k in (None, 0, 1)}
+
+            def acc(score_c, score_r):
+                return accuracy_with_ci([float(c) > float(r) for c, r in zip(score_c, score_r)])
+
+            res = {"shorter": accuracy_with_ci([c < r for c, r in zip(lc, lr)])}
+            for k in (0, 1):
+                rc, rr = lp[k][0] - lp[None][0], lp[k][1] - lp[None][1]
+                res[f"pi_{k} init"] = acc(rc, rr)
+                res[f"pi_{k} init_per_token"] = acc(rc / torch.tensor(lc), rr / torch.tensor(lr))
+                res[f"pi_{k} none"] = acc(lp[k][0], lp[k][1])
+            res["pi_1 prev"] = acc(lp[1][0] - lp[0][0], lp[1][1] - lp[0][1])
+            out[name] = res
+        del stack
+        gc.collect()
+        self.res.setdefault("judge_diagnostics", {})[f"s{seed}"] = out
+        log(f"judge diagnostics s{seed} in {time.time() - t:.0f}s: " + "; ".join(
+            f"{name} {k} {v['accuracy']:.3f}" for name, r in out.items() for k, v in r.items()))
+        self.write()
+
     # ---------------------------------------------------------------- comparisons
     def policy_table(self) -> dict:
         from spa_lite.metrics import pass_rate_with_ci
@@ -313,6 +368,8 @@ def main() -> None:
     ap.add_argument("--merge", action="append", default=[], help="results file of a parallel run to fold in (with "
                     "its outcomes file next to it: RESULTS.json -> RESULTS_outcomes.json is not assumed; pass "
                     "results=outcomes)")
+    ap.add_argument("--judge-diag", action="store_true", help="only measure the self-judge's accuracy on gold pairs "
+                    "for --seeds (needs their spa runs)")
     ap.add_argument("--report", action="store_true", help="only recompute the tables from the cached outcomes")
     args = ap.parse_args()
     b = Bench(args)
@@ -325,6 +382,11 @@ def main() -> None:
         print(markdown(b.res))
         return
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.judge_diag:
+        for s in seeds:
+            b.judge_diag(s)
+        print(markdown(b.res))
+        return
     arms = [a for a in args.arms.split(",") if a]
     unknown = set(arms) - set(ARMS)
     if unknown:
