@@ -224,10 +224,11 @@ class Bench:
         recipe = self.recipe(seed, "spa")
         rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
         n = recipe.data.seed_limit
-        sets = {"D0 (trained on)": rows[:n],
-                "held-out gold": rows[n:] + load_pairs(recipe.data.eval_pairs, recipe.data.format)}
+        held = rows[n:] + (load_pairs(recipe.data.eval_pairs, recipe.data.format) if recipe.data.eval_pairs else [])
+        sets = {"D0 (trained on)": rows[:n], "held-out gold": held}
+        last = min(recipe.iterations, 1)
         t = time.time()
-        stack = load_stack(recipe, frozen_upto=1)
+        stack = load_stack(recipe, frozen_upto=last)
         out = {}
         for name, rs in sets.items():
             pairs, _ = tokenize_pairs(stack.tokenizer, rs, recipe.model.max_length, recipe.model.max_prompt_length)
@@ -236,24 +237,26 @@ class Bench:
             lr = [len(p.rejected_ids) for p in pairs]
             lp = {k: (response_logps(stack, policy_names(k), prompts, [p.chosen_ids for p in pairs]),
                       response_logps(stack, policy_names(k), prompts, [p.rejected_ids for p in pairs]))
-                  for k in (None, 0, 1)}
+                  for k in (None, *range(last + 1))}
 
             def acc(score_c, score_r):
                 return accuracy_with_ci([float(c) > float(r) for c, r in zip(score_c, score_r)])
 
             res = {"shorter": accuracy_with_ci([c < r for c, r in zip(lc, lr)])}
-            for k in (0, 1):
+            for k in range(last + 1):
                 rc, rr = lp[k][0] - lp[None][0], lp[k][1] - lp[None][1]
                 res[f"pi_{k} init"] = acc(rc, rr)
                 res[f"pi_{k} init_per_token"] = acc(rc / torch.tensor(lc), rr / torch.tensor(lr))
                 res[f"pi_{k} none"] = acc(lp[k][0], lp[k][1])
-            res["pi_1 prev"] = acc(lp[1][0] - lp[0][0], lp[1][1] - lp[0][1])
+            if last:
+                res["pi_1 prev"] = acc(lp[1][0] - lp[0][0], lp[1][1] - lp[0][1])
+            res["n_pairs"] = len(pairs)
             out[name] = res
         del stack
         gc.collect()
         self.res.setdefault("judge_diagnostics", {})[f"s{seed}"] = out
         log(f"judge diagnostics s{seed} in {time.time() - t:.0f}s: " + "; ".join(
-            f"{name} {k} {v['accuracy']:.3f}" for name, r in out.items() for k, v in r.items()))
+            f"{name} {k} {v['accuracy']:.3f}" for name, r in out.items() for k, v in r.items() if k != "n_pairs"))
         self.write()
 
     # ---------------------------------------------------------------- comparisons
@@ -350,6 +353,16 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {k} | {di} | {v['pairs']} | {v['undecided']} ({v['undecided_frac']:.2f}) | {acc} "
                              f"({v['confirmed']}/{v['confirmed'] + v['contradicted']}) | {v['frac_chosen_shorter']:.2f} | "
                              f"{v['mean_len_chosen']} / {v['mean_len_rejected']} | {v['truncated']} |")
+    jd = res.get("judge_diagnostics") or {}
+    if jd:
+        cols = ["pi_0 init", "pi_0 init_per_token", "pi_0 none", "pi_1 init", "pi_1 prev", "shorter"]
+        lines += ["", "| seed | gold pairs | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+        for seed, sets in jd.items():
+            for name, r in sets.items():
+                n = next(v["n"] for k, v in r.items() if isinstance(v, dict))
+                cells = [f"{r[c]['accuracy']:.2f} [{r[c]['ci_low']:.2f}, {r[c]['ci_high']:.2f}]" if c in r else "-"
+                         for c in cols]
+                lines.append(f"| {seed} | {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -81,3 +81,28 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     assert c["n_prompts"] == 5 and c["seeds"] == [1]
     d1 = d["pieces"]["s1/spa"]["diagnostics"]["D_1"]
     assert d1["confirmed"] + d1["contradicted"] + d1["undecided"] == d1["pairs"]
+    # the exploratory judge diagnostic: Eq. 7 accuracy on gold pairs agrees with evaluation.judge_accuracy,
+    # an independent implementation (position-balanced, through judge_logprob) on the same pairs
+    res = subprocess.run([sys.executable, str(BENCH / "spa_gain.py"), "--recipe", str(rec), "--seeds", "1",
+                          "--judge-diag", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
+                          "--outcomes", str(outcomes)], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=BENCH.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jd = json.loads(out.read_text())["judge_diagnostics"]["s1"]
+    assert jd["D0 (trained on)"]["n_pairs"] == 8
+    from spa_lite.config import load_recipe
+    from spa_lite.data import load_pairs, shuffled
+    from spa_lite.evaluation import judge_accuracy
+    from spa_lite.loading import load_stack
+    from spa_lite.stages.common import tokenize_pairs
+
+    r = load_recipe(str(rec), {"name": "s1-spa", "run_dir": str(tmp_path / "runs"), "seed": 1})
+    rows = shuffled(load_pairs(r.data.seed_pairs, r.data.format), r.data.shuffle_seed)[8:]
+    stack = load_stack(r, frozen_upto=1)
+    pairs, _ = tokenize_pairs(stack.tokenizer, rows, r.model.max_length, r.model.max_prompt_length)
+    assert jd["held-out gold"]["n_pairs"] == len(pairs) > 100
+    ref = judge_accuracy(stack, pairs, 0, ["init", "none"])
+    assert jd["held-out gold"]["pi_0 init"]["accuracy"] == pytest.approx(ref["init"]["accuracy"], abs=1 / len(pairs) + 1e-9)
+    assert jd["held-out gold"]["pi_0 none"]["accuracy"] == pytest.approx(ref["none"]["accuracy"], abs=1 / len(pairs) + 1e-9)
+    ref1 = judge_accuracy(stack, pairs, 1, ["prev"])
+    assert jd["held-out gold"]["pi_1 prev"]["accuracy"] == pytest.approx(ref1["prev"]["accuracy"], abs=1 / len(pairs) + 1e-9)
