@@ -259,6 +259,74 @@ class Bench:
             f"{name} {k} {v['accuracy']:.3f}" for name, r in out.items() for k, v in r.items() if k != "n_pairs"))
         self.write()
 
+    def judge_shift(self, seed: int) -> None:
+        """Same prompts X_1, two samplers: does Eq. 7, judged by pi_0, rank pi_init's samples but not pi_0's own?
+
+        Samples two responses per X_1 prompt from pi_init (the distribution the gold pairs D0 come from) with the
+        recipe's expand settings, keeps the pairs the verifier separates, and scores Eq. 7 (log pi_0/pi_init,
+        summed and per token) and log pi_0 alone on them. The pi_0 side is D_1 itself (its decided pairs,
+        from the log-ratios expand recorded). Exploratory (protocol note of 2026-12-01 18:20).
+        """
+        import numpy as np
+
+        from spa_lite.data import iteration_prompts, load_prompts, pair_texts
+        from spa_lite.demo.tasks import verify
+        from spa_lite.generation import encode_prompt, sample_responses
+        from spa_lite.io import read_jsonl
+        from spa_lite.judge import response_logps
+        from spa_lite.loading import load_stack
+        from spa_lite.metrics import accuracy_with_ci
+        from spa_lite.runs import Stage, stage_dir
+
+        recipe = self.recipe(seed, "spa")
+        c = recipe.expand
+        x1 = iteration_prompts(load_prompts(recipe.data.prompts), recipe.data.iter_prompts, 1, recipe.data.shuffle_seed)
+        t = time.time()
+        stack = load_stack(recipe, frozen_upto=0)
+        with stack.use([]) as m:  # pi_init samples
+            outs = sample_responses(m, stack.tokenizer, [r["prompt"] for r in x1], num_samples=2,
+                                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                    seed=seed + 1000, batch_size=c.batch_size)
+        dec = []  # (prompt ids, good sample, bad sample)
+        for r, (a, b) in zip(x1, outs):
+            pa, pb = verify(a.text, r["constraint"]), verify(b.text, r["constraint"])
+            if pa != pb:
+                dec.append((encode_prompt(stack.tokenizer, r["prompt"]), *((a, b) if pa else (b, a))))
+        prompts = [d[0] for d in dec]
+        lp = {k: (response_logps(stack, names, prompts, [d[1].token_ids for d in dec]),
+                  response_logps(stack, names, prompts, [d[2].token_ids for d in dec]))
+              for k, names in (("init", []), ("pi_0", ["seed"]))}
+        lg = np.array([d[1].num_tokens for d in dec], float)
+        lb = np.array([d[2].num_tokens for d in dec], float)
+        rg, rb = (lp["pi_0"][0] - lp["init"][0]).numpy(), (lp["pi_0"][1] - lp["init"][1]).numpy()
+        init_side = {"pairs": len(outs), "decided": len(dec),
+                     "eq7": accuracy_with_ci(rg > rb), "eq7_per_token": accuracy_with_ci(rg / lg > rb / lb),
+                     "none": accuracy_with_ci(lp["pi_0"][0].numpy() > lp["pi_0"][1].numpy()),
+                     "shorter": accuracy_with_ci(lg < lb), "pass_rate": float(np.mean(
+                         [verify(s.text, r["constraint"]) for r, o in zip(x1, outs) for s in o]))}
+        del stack
+        gc.collect()
+        rows = [r for _, r in read_jsonl(stage_dir(recipe, Stage("expand", 1)) / "data.jsonl")]
+        good, bad = [], []
+        passes = []
+        for r in rows:
+            tx = pair_texts(r)
+            pc, pr = verify(tx["chosen"], r["constraint"]), verify(tx["rejected"], r["constraint"])
+            passes += [pc, pr]
+            if pc != pr:
+                side = [(r["logratio_chosen"], r["len_chosen"]), (r["logratio_rejected"], r["len_rejected"])]
+                good.append(side[0] if pc else side[1])
+                bad.append(side[1] if pc else side[0])
+        g, b = np.array(good, float).reshape(-1, 2), np.array(bad, float).reshape(-1, 2)
+        own_side = {"pairs": len(rows), "decided": len(good), "eq7": accuracy_with_ci(g[:, 0] > b[:, 0]),
+                    "eq7_per_token": accuracy_with_ci(g[:, 0] / np.maximum(g[:, 1], 1) > b[:, 0] / np.maximum(b[:, 1], 1)),
+                    "shorter": accuracy_with_ci(g[:, 1] < b[:, 1]), "pass_rate": float(np.mean(passes))}
+        self.res.setdefault("judge_shift", {})[f"s{seed}"] = {"pi_init samples on X_1": init_side,
+                                                             "pi_0 samples on X_1 (D_1)": own_side}
+        log(f"judge shift s{seed} in {time.time() - t:.0f}s: pi_init samples eq7 {init_side['eq7']['accuracy']:.3f} "
+            f"({len(dec)} decided); own samples eq7 {own_side['eq7']['accuracy']:.3f} ({len(good)} decided)")
+        self.write()
+
     # ---------------------------------------------------------------- comparisons
     def policy_table(self) -> dict:
         from spa_lite.metrics import pass_rate_with_ci
@@ -383,6 +451,8 @@ def main() -> None:
                     "results=outcomes)")
     ap.add_argument("--judge-diag", action="store_true", help="only measure the self-judge's accuracy on gold pairs "
                     "for --seeds (needs their spa runs)")
+    ap.add_argument("--judge-shift", action="store_true", help="only measure Eq. 7 (judged by pi_0) on pi_init's "
+                    "samples of X_1 against pi_0's own (D_1), for --seeds (needs their spa runs)")
     ap.add_argument("--report", action="store_true", help="only recompute the tables from the cached outcomes")
     args = ap.parse_args()
     b = Bench(args)
@@ -395,9 +465,12 @@ def main() -> None:
         print(markdown(b.res))
         return
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    if args.judge_diag:
+    if args.judge_diag or args.judge_shift:
         for s in seeds:
-            b.judge_diag(s)
+            if args.judge_shift:
+                b.judge_shift(s)
+            if args.judge_diag:
+                b.judge_diag(s)
         print(markdown(b.res))
         return
     arms = [a for a in args.arms.split(",") if a]
