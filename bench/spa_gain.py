@@ -375,11 +375,13 @@ class Bench:
                 ids = va[1]
             if not diffs:
                 continue
+            per_seed = {str(s): round(float(np.mean(x)), 4) for s, x in zip(used, diffs)}
             d = np.mean(diffs, axis=0)  # per prompt, averaged over seeds: a resample keeps questions across seeds
             r = paired_difference(d, np.zeros_like(d), clusters=[question_index(i) for i in ids], n_boot=10000, seed=0)
             out.append({"a": a, "b": b, "metric": "pass_rate", "diff": round(r["diff"], 4),
                         "ci_low": round(r["ci_low"], 4), "ci_high": round(r["ci_high"], 4), "n_prompts": r["n"],
                         "n_questions": r["n_clusters"], "samples": 1, "decoding": "greedy", "seeds": used,
+                        "per_seed_diff": per_seed,
                         "test": "paired bootstrap over questions, 10000 resamples, 95% percentile interval",
                         "command": "python bench/spa_gain.py " + " ".join(sys.argv[1:])})
         return out
@@ -401,16 +403,22 @@ class Bench:
         atomic_write_text(self.out, json.dumps(self.res, indent=1) + "\n")
 
 
+def fmt1(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def markdown(res: dict) -> str:
     """The tables of bench/RESULTS.md from a results file."""
     lines = ["| policy | pass rate | 95% CI | mean tokens | truncated |", "|---|---|---|---|---|"]
     for k, v in res.get("policies", {}).items():
         lines.append(f"| {k} | {v['pass_rate']:.3f} | [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['mean_tokens']:.1f} | "
                      f"{v['truncated_rate']:.3f} |")
-    lines += ["", "| a - b | diff | 95% CI (paired, questions resampled) | prompts | seeds |", "|---|---|---|---|---|"]
+    lines += ["", "| a - b | diff (mean over seeds) | 95% CI (paired, questions resampled) | prompts | per seed |",
+              "|---|---|---|---|---|"]
     for c in res.get("comparisons", []):
+        per = ", ".join(f"{k}: {v:+.3f}" for k, v in (c.get("per_seed_diff") or {}).items())
         lines.append(f"| {c['a']} - {c['b']} | {c['diff']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
-                     f"{c['n_prompts']} | {','.join(map(str, c['seeds']))} |")
+                     f"{c['n_prompts']} | {per or ','.join(map(str, c['seeds']))} |")
     diag = [(k, d) for k, p in res.get("pieces", {}).items() for d in [p.get("diagnostics")] if d]
     if diag:
         lines += ["", "| run | D_i | pairs | undecided | Eq. 7 acc. on decided | chosen shorter | len chosen / rejected | "
@@ -420,7 +428,7 @@ def markdown(res: dict) -> str:
                 acc = "-" if v["judge_acc_on_decided"] is None else f"{v['judge_acc_on_decided']:.3f}"
                 lines.append(f"| {k} | {di} | {v['pairs']} | {v['undecided']} ({v['undecided_frac']:.2f}) | {acc} "
                              f"({v['confirmed']}/{v['confirmed'] + v['contradicted']}) | {v['frac_chosen_shorter']:.2f} | "
-                             f"{v['mean_len_chosen']} / {v['mean_len_rejected']} | {v['truncated']} |")
+                             f"{fmt1(v['mean_len_chosen'])} / {fmt1(v['mean_len_rejected'])} | {v['truncated']} |")
     jd = res.get("judge_diagnostics") or {}
     if jd:
         cols = ["pi_0 init", "pi_0 init_per_token", "pi_0 none", "pi_1 init", "pi_1 prev", "shorter"]
@@ -431,6 +439,16 @@ def markdown(res: dict) -> str:
                 cells = [f"{r[c]['accuracy']:.2f} [{r[c]['ci_low']:.2f}, {r[c]['ci_high']:.2f}]" if c in r else "-"
                          for c in cols]
                 lines.append(f"| {seed} | {name} | {n} | " + " | ".join(cells) + " |")
+    js = res.get("judge_shift") or {}
+    if js:
+        lines += ["", "| seed | pairs judged by pi_0 | decided / pairs | pass rate of samples | Eq. 7 | Eq. 7 per token | "
+                      "log pi_0 alone | shorter |", "|---|---|---|---|---|---|---|---|"]
+        for seed, sides in js.items():
+            for name, v in sides.items():
+                cells = [f"{v[c]['accuracy']:.2f} [{v[c]['ci_low']:.2f}, {v[c]['ci_high']:.2f}]" if c in v else "-"
+                         for c in ("eq7", "eq7_per_token", "none", "shorter")]
+                lines.append(f"| {seed} | {name} | {v['decided']} / {v['pairs']} | {v['pass_rate']:.3f} | "
+                             + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
