@@ -106,3 +106,23 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     assert jd["held-out gold"]["pi_0 none"]["accuracy"] == pytest.approx(ref["none"]["accuracy"], abs=1 / len(pairs) + 1e-9)
     ref1 = judge_accuracy(stack, pairs, 1, ["prev"])
     assert jd["held-out gold"]["pi_1 prev"]["accuracy"] == pytest.approx(ref1["prev"]["accuracy"], abs=1 / len(pairs) + 1e-9)
+    # judge shift: pi_init's samples of X_1 judged by pi_0, next to D_1's own pairs (counts and pass rates
+    # recomputed here from D_1 as written)
+    res = subprocess.run([sys.executable, str(BENCH / "spa_gain.py"), "--recipe", str(rec), "--seeds", "1",
+                          "--judge-shift", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
+                          "--outcomes", str(outcomes)], env=env, capture_output=True, text=True, timeout=900,
+                         cwd=BENCH.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    js = json.loads(out.read_text())["judge_shift"]["s1"]
+    from spa_lite.data import pair_texts
+    from spa_lite.demo.tasks import verify
+
+    d1 = [json.loads(line) for line in (tmp_path / "runs" / "s1-spa" / "iter1" / "expand" / "data.jsonl").open()]
+    own = js["pi_0 samples on X_1 (D_1)"]
+    assert own["pairs"] == len(d1)
+    passes = [verify(pair_texts(r)[k], r["constraint"]) for r in d1 for k in ("chosen", "rejected")]
+    assert own["pass_rate"] == pytest.approx(sum(passes) / len(passes))
+    assert own["decided"] == sum(verify(pair_texts(r)["chosen"], r["constraint"]) != verify(pair_texts(r)["rejected"],
+                                 r["constraint"]) for r in d1)
+    init = js["pi_init samples on X_1"]
+    assert init["pairs"] == 16 and 0 <= init["decided"] <= 16 and 0.0 <= init["pass_rate"] <= 1.0
