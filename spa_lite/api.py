@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_description, shipped_recipes
+from spa_lite.config import load_recipe as _load
+from spa_lite.data import load_pairs
 from spa_lite.errors import SpaError
+from spa_lite.io import read_json, read_jsonl
+from spa_lite.layout import (Stage, complete_policies, data_path, policy_label, policy_names, read_manifest,
+                             resolve_policy, stage_dir, stage_keys)
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
            "resolve_policy", "plan", "size_for_gpu"]
@@ -45,8 +50,6 @@ def load_recipe(recipe: str | Path | Recipe | None = "smollm2-demo", overrides: 
     Raises:
         SpaError: naming every unknown key and bad value, and the file it came from.
     """
-    from spa_lite.config import load_recipe as _load
-
     items: dict[str, Any] = {}
     if isinstance(recipe, Recipe):
         if overrides is None and name is None and run_dir is None and report_to is None:
@@ -69,9 +72,7 @@ def _as_recipe(recipe: str | Path | Recipe) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def _stage(stage: str, iteration: int | None):
-    from spa_lite.runs import Stage
-
+def _stage(stage: str, iteration: int | None) -> Stage:
     s = stage.strip().replace("seed-dpo", "seed")
     if s == "seed":
         return Stage("seed", 0)
@@ -184,28 +185,6 @@ def size_for_gpu(recipe: str | Path | Recipe, gpu_mem: float, bf16: bool, *, mod
     return out
 
 
-def resolve_policy(recipe: Recipe, spec: str | int | None) -> int | None:
-    """``init``/None -> None (pi_init), ``last`` -> the last complete pi_k (pi_init when none is), ``k`` -> k.
-
-    Raises:
-        SpaError: for pi_k that is not complete in the run.
-    """
-    from spa_lite.stages.evaluate import complete_policies
-
-    ks = complete_policies(recipe)
-    if spec is None or spec == "init":
-        return None
-    if spec == "last":
-        return ks[-1] if ks else None
-    try:
-        k = int(spec)
-    except (TypeError, ValueError):
-        raise SpaError(f"policy '{spec}' must be init, last or an integer") from None
-    if k not in ks:
-        raise SpaError(f"pi_{k} is not complete in {recipe.run_path} (complete: {ks}); run its stages first")
-    return k
-
-
 class Policy:
     """pi_k of a run, loaded as the base plus its adapters (one copy of the base), for generation.
 
@@ -214,8 +193,7 @@ class Policy:
     """
 
     def __init__(self, recipe: Recipe, k: int | None, stack=None):
-        from spa_lite.evaluation import policy_label, policy_names
-        from spa_lite.stages.common import load_stack
+        from spa_lite.loading import load_stack  # torch and transformers load on first use
 
         self.recipe, self.k = recipe, k
         self.label = policy_label(k)
@@ -255,12 +233,10 @@ class Run:
         return self.recipe.run_path
 
     def stage_keys(self) -> list[str]:
-        return ["seed"] + [f"iter{i}/{k}" for i in range(1, self.recipe.iterations + 1) for k in ("expand", "train")]
+        return stage_keys(self.recipe.iterations)
 
     def status(self) -> dict[str, str]:
         """Stage key -> complete | partial | missing."""
-        from spa_lite.runs import read_manifest, stage_dir
-
         out = {}
         for key in self.stage_keys():
             st = _stage(key, None)
@@ -270,8 +246,6 @@ class Run:
         return out
 
     def manifest(self, stage: str, iteration: int | None = None) -> dict:
-        from spa_lite.runs import read_manifest, stage_dir
-
         st = _stage(stage, iteration)
         m = read_manifest(self.recipe, st)
         if m is None:
@@ -284,9 +258,6 @@ class Run:
 
     def metrics(self, stage: str, iteration: int | None = None) -> list[dict]:
         """Per-step training metrics of seed-dpo or train (metrics.jsonl rows: step, loss, reward_margin, ...)."""
-        from spa_lite.io import read_jsonl
-        from spa_lite.runs import stage_dir
-
         st = _stage(stage, iteration)
         if st.kind == "expand":
             raise SpaError("expand has no per-step metrics; its summary holds D_i's counts (Run.summary)")
@@ -294,22 +265,15 @@ class Run:
 
     def pairs(self, iteration: int) -> list[dict]:
         """D_i normalised: {"prompt": messages, "chosen": str, "rejected": str, "confidence": ..., ...}."""
-        from spa_lite.data import load_pairs
-        from spa_lite.stages.expand import data_path
-
         return load_pairs(str(data_path(self.path, iteration)))
 
     def evals(self) -> dict[str, dict]:
         """Eval reports under runs/<name>/eval, by tag."""
-        from spa_lite.io import read_json
-
         d = self.path / "eval"
         return {p.stem: read_json(p) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
 
     def policies(self) -> list[int]:
         """k of every complete pi_k (0 is the seed policy)."""
-        from spa_lite.stages.evaluate import complete_policies
-
         return complete_policies(self.recipe)
 
     def policy(self, which: str | int | None = "last") -> Policy:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from spa_lite.errors import SpaError
+from spa_lite.io import atomic_write_text
 
 
 @dataclass
@@ -428,7 +429,5 @@ def copy_recipe(name: str, dest: str | Path | None = None, force: bool = False) 
         out = out / src.name
     if out.exists() and not force:
         raise SpaError(f"{out} exists; give another destination or add --force to overwrite it")
-    from spa_lite.io import atomic_write_text
-
     atomic_write_text(out, src.read_text(encoding="utf-8"))
     return out

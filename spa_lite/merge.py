@@ -46,8 +46,8 @@ from spa_lite.config import Recipe
 from spa_lite.errors import SpaError
 from spa_lite.io import atomic_dir, read_json
 from spa_lite.loading import load_stack
-from spa_lite.models import load_base_model
-from spa_lite.runs import Stage, adapter_dir, read_manifest
+from spa_lite.layout import Stage, adapter_dir, policy_names, read_manifest
+from spa_lite.models import load_base_model, name_base_portably, portable_base_id
 from spa_lite.stack import PolicyStack, adapter_name, build_stack
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def stack_names(k: int) -> list[str]:
     """Adapters of pi_k: seed, iter1, ..., iter{k}."""
     if k < 0:
         raise SpaError(f"policy index k must be >= 0 (0 is pi_0 = base + seed), got {k}")
-    return [adapter_name(j) for j in range(k + 1)]
+    return policy_names(k)
 
 
 def _check_supported(model, names: list[str]) -> None:
@@ -167,8 +167,6 @@ def export_single_adapter(source: PolicyStack | Recipe, k: int, out_dir: str | P
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         cfg.save_pretrained(str(tmp))
-        from spa_lite.models import name_base_portably
-
         name_base_portably(tmp)
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "spa_export.json").write_text(json.dumps({
@@ -197,8 +195,6 @@ def _stage_manifest(recipe: Recipe, k: int) -> dict | None:
 
 def model_card(recipe: Recipe, k: int, dtype: torch.dtype) -> str:
     """README.md for a merged pi_k: the SPA configuration of the run and any eval results under runs/<name>/eval."""
-    from spa_lite.models import portable_base_id
-
     man = _stage_manifest(recipe, k) or {}
     rec = man.get("recipe") or recipe.to_dict()
     base, note = portable_base_id(str(rec.get("model", {}).get("name_or_path")))

@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from spa_lite.errors import SpaError
 from spa_lite.fsdp import full_tensor
 from spa_lite.io import atomic_dir
+from spa_lite.layout import adapter_name  # noqa: F401 - the stack's adapter names are the run layout's
 
 
 @dataclass
@@ -46,11 +47,6 @@ class LoraSettings:
 
 #: The adapter of a stack with no policy adapter (pi_init only): never active in a policy, never trained.
 PLACEHOLDER_ADAPTER = "_unused"
-
-
-def adapter_name(stage_index: int) -> str:
-    """0 -> 'seed', i -> 'iter{i}'."""
-    return "seed" if stage_index == 0 else f"iter{stage_index}"
 
 
 @dataclass

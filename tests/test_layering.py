@@ -12,7 +12,7 @@ ROOT = Path(spa_lite.__file__).parent
 # front ends sit above the stages: the CLI, the Python API, and the package's lazy re-export of the API
 ABOVE_LIBRARY = ("spa_lite.stages", "spa_lite.cli", "spa_lite.api")
 # cycles through function-local imports that are known and still to be removed (each one names its modules)
-KNOWN_CYCLES = [{"spa_lite.runs", "spa_lite.tracking"}]  # run bookkeeping <-> experiment trackers (issue 10)
+KNOWN_CYCLES: list[set[str]] = []  # none left (runs <-> tracking went when spa_lite.layout took the paths)
 
 
 def _module_name(path: Path) -> str:
