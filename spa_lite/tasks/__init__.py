@@ -1,0 +1,84 @@
+"""What each `spa-lite` command does once its options are parsed: one function per command.
+
+``spa_lite.cli`` parses and calls one function here; these call the stages (``spa_lite.stages``) and the
+library, and print the results. This package is light to import (no torch): the submodules that need
+torch import it at their top, and the CLI imports a submodule only when its command runs.
+
+    tasks.stages      seed-dpo, expand, train, run, eval, split
+    tasks.winrate     winrate
+    tasks.answers     export-answers
+    tasks.export      export
+    tasks.plan        plan
+    tasks.info        recipes, recipes copy, report, doctor
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import warnings
+from dataclasses import dataclass, field
+
+from spa_lite.api import load_recipe
+from spa_lite.config import Recipe, parse_override
+
+__all__ = ["RecipeArgs", "setup_logging"]
+
+
+@dataclass
+class RecipeArgs:
+    """The recipe options every command shares, as given on the command line.
+
+    Args:
+        recipe: a YAML path or a shipped recipe name.
+        sets: ``section.key=value`` overrides (``--set``), in order.
+        name, run_dir: ``--name`` and ``--run-dir`` (None: the recipe's).
+        shorthands: ``section.key`` -> value of a command's dedicated flags (``--loss``, ``--judge-ref``, ...);
+            None means the flag was not given.
+    """
+
+    recipe: str
+    sets: list[str] | None = None
+    name: str | None = None
+    run_dir: str | None = None
+    shorthands: dict = field(default_factory=dict)
+
+    def load(self) -> Recipe:
+        """The recipe with ``--set`` overrides, then the shorthands, then ``--name`` and ``--run-dir`` applied."""
+        overrides = {}
+        for text in self.sets or []:
+            keys, value = parse_override(text)
+            overrides[".".join(keys)] = value
+        overrides.update({k: v for k, v in self.shorthands.items() if v is not None})
+        return load_recipe(self.recipe, overrides, name=self.name or None, run_dir=self.run_dir or None)
+
+    def shell(self) -> str:
+        """These options as a shell fragment (``report_to`` left out), for the commands an error message suggests."""
+        parts = [self.recipe]
+        if self.name:
+            parts += ["--name", self.name]
+        if self.run_dir:
+            parts += ["--run-dir", self.run_dir]
+        for s in self.sets or []:
+            parts += ["--set", s]
+        for k, v in self.shorthands.items():
+            if v is not None and k != "report_to":
+                parts += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+        return " ".join(shlex.quote(p) for p in parts)
+
+
+def setup_logging() -> None:
+    """Log level from ``SPA_LITE_LOG`` (default WARNING); the libraries' chatter and progress bars off."""
+    logging.basicConfig(level=os.environ.get("SPA_LITE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "peft", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft reads transformers' deprecated `is_gradient_checkpointing` alias: nothing a spa-lite user can act on
+    # (the tests still show it). Every other warning stays visible.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging  # seconds to import: only for commands that run
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; spa-lite shows its own progress
