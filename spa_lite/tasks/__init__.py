@@ -1,8 +1,8 @@
 """What each `spa-lite` command does once its options are parsed: one function per command.
 
 ``spa_lite.cli`` parses and calls one function here; these call the stages (``spa_lite.stages``) and the
-library, and print the results. This package is light to import (no torch): the submodules that need
-torch import it at their top, and the CLI imports a submodule only when its command runs.
+library, and print the results. This package is light to import (no torch): the submodules import what
+they need at their top, and ``tasks.<submodule>`` imports a submodule on first use (the command that runs).
 
     tasks.stages      seed-dpo, expand, train, run, eval, split
     tasks.winrate     winrate
@@ -14,16 +14,35 @@ torch import it at their top, and the CLI imports a submodule only when its comm
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 import shlex
+import sys
+import traceback
 import warnings
 from dataclasses import dataclass, field
 
+import click
+import typer
+from rich.markup import escape
+
 from spa_lite.api import load_recipe
 from spa_lite.config import Recipe, parse_override
+from spa_lite.errors import SpaError, expected_failure
+from spa_lite.locks import release_stage_locks
+from spa_lite.ui import console
 
-__all__ = ["RecipeArgs", "setup_logging"]
+__all__ = ["RecipeArgs", "setup_logging", "user_errors"]
+
+_SUBMODULES = ("stages", "winrate", "answers", "export", "plan", "info")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -82,3 +101,39 @@ def setup_logging() -> None:
     except ImportError:
         return
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; spa-lite shows its own progress
+
+
+def user_errors(fn):
+    """The one error boundary of every command. Expected failures (bad input, stage order, I/O, permissions, a
+    full disk, decoding, hub access) print one red line and exit with code 2; anything else is a bug: its
+    traceback is printed, then one line that says so, and the exit code is 1. Stage locks are released however
+    a command ends.
+    """
+
+    def line(text: str, code: int):
+        console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(code=code) from None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except SpaError as e:
+            line(str(e), 2)
+        except KeyboardInterrupt as e:
+            console.print(f"[yellow]interrupted[/] ({e or 'Ctrl-C'}); rerun the same command to resume")
+            raise typer.Exit(code=130) from None
+        except Exception as e:  # noqa: BLE001 - the boundary: every exception ends here, named or with its traceback
+            msg = expected_failure(e)
+            if msg is not None:
+                line(msg, 2)
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+            line(f"unexpected {type(e).__name__} (a bug in spa-lite or a library, not in your input): {e}; "
+                 f"the traceback above shows where", 1)
+        finally:
+            release_stage_locks()
+
+    return wrapper
