@@ -6,6 +6,7 @@ Each field is documented once, here (its help text); README's recipe reference i
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import typing
@@ -453,3 +454,67 @@ def copy_recipe(name: str, dest: str | Path | None = None, force: bool = False) 
         raise SpaError(f"{out} exists; give another destination or add --force to overwrite it")
     atomic_write_text(out, src.read_text(encoding="utf-8"))
     return out
+
+
+# ------------------------------------------------------------------------------------ the recipe reference
+
+REFERENCE_BEGIN = "<!-- recipe-reference: generated from spa_lite/config.py by `python -m spa_lite.config --write README.md` -->"
+REFERENCE_END = "<!-- /recipe-reference -->"
+
+
+def _yaml_value(v: Any) -> str:
+    if dataclasses.is_dataclass(v):
+        return "(section)"
+    return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
+
+
+def recipe_reference() -> str:
+    """README's recipe reference: every key, its default and its help text, as one markdown table.
+
+    ``train`` lists only what it adds to ``seed_dpo`` or sets differently (its other keys are seed_dpo's).
+    """
+    rows = ["| key | default | what |", "|---|---|---|"]
+
+    def add(key: str, value: Any, f: dataclasses.Field) -> None:
+        what = f.metadata.get("help", "").replace("|", "\\|")
+        rows.append(f"| `{key}` | `{_yaml_value(value)}` | {what} |")
+
+    recipe, seed_keys = Recipe(), {f.name: f for f in dataclasses.fields(SeedDPOConfig)}
+    for f in dataclasses.fields(Recipe):
+        value = getattr(recipe, f.name)
+        if not dataclasses.is_dataclass(value):
+            add(f.name, value, f)
+            continue
+        rows.append(f"| **`{f.name}`** | | {f.metadata.get('help', '')} |")
+        if f.name == "train":
+            rows.append("| `train.*` | as `seed_dpo` | every `seed_dpo` key, with seed_dpo's default unless listed here |")
+        for g in dataclasses.fields(value):
+            v = getattr(value, g.name)
+            if f.name == "train" and g.name in seed_keys and v == getattr(recipe.seed_dpo, g.name):
+                continue
+            add(f"{f.name}.{g.name}", v, g)
+    return "\n".join(rows) + "\n"
+
+
+def replace_reference(text: str) -> str:
+    """``text`` (README.md) with the part between the reference markers regenerated.
+
+    Raises:
+        SpaError: when the markers are missing.
+    """
+    start, end = text.find(REFERENCE_BEGIN), text.find(REFERENCE_END)
+    if start < 0 or end < start:
+        raise SpaError(f"no recipe reference markers ({REFERENCE_BEGIN} ... {REFERENCE_END}) in the file")
+    return text[: start + len(REFERENCE_BEGIN)] + "\n" + recipe_reference() + text[end:]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(prog="python -m spa_lite.config", description="The recipe reference (README.md).")
+    ap.add_argument("--write", metavar="FILE", help="regenerate the reference between the markers of FILE")
+    args = ap.parse_args()
+    if args.write:
+        path = Path(args.write)
+        atomic_write_text(path, replace_reference(path.read_text(encoding="utf-8")))
+        print(f"wrote the recipe reference into {path}")
+    else:
+        print(recipe_reference(), end="")
