@@ -283,7 +283,7 @@ def doctor_cmd(run_dir: RunDirOpt = None) -> None:
 
     Example: spa-lite doctor
     """
-    tasks.info.doctor(run_dir)
+    tasks.doctor.doctor(run_dir)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from spa_lite.errors import SpaError
 from spa_lite.fsdp import full_tensor
 from spa_lite.io import atomic_dir
 from spa_lite.layout import adapter_name  # noqa: F401 - the stack's adapter names are the run layout's
+from spa_lite.models import name_base_portably
 
 
 @dataclass
@@ -124,8 +125,6 @@ def save_adapter(model, name: str, out_dir: str | Path, state: dict[str, torch.T
             for f in sub.iterdir():
                 shutil.move(str(f), tmp / f.name)
             sub.rmdir()
-        from spa_lite.models import name_base_portably
-
         name_base_portably(tmp)  # the hub id, not this machine's cache path of a bundled model
     return out_dir
 

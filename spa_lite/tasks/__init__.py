@@ -9,7 +9,8 @@ they need at their top, and ``tasks.<submodule>`` imports a submodule on first u
     tasks.answers     export-answers
     tasks.export      export
     tasks.plan        plan
-    tasks.info        recipes, recipes copy, report, doctor
+    tasks.info        recipes, recipes copy, report
+    tasks.doctor      doctor
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from spa_lite.ui import console
 
 __all__ = ["RecipeArgs", "setup_logging", "user_errors"]
 
-_SUBMODULES = ("stages", "winrate", "answers", "export", "plan", "info")
+_SUBMODULES = ("stages", "winrate", "answers", "export", "plan", "info", "doctor")
 
 
 def __getattr__(name: str):

@@ -1,13 +1,10 @@
-"""`spa-lite recipes | recipes copy | report | doctor`: what is shipped, what a run holds, what this machine runs."""
+"""`spa-lite recipes | recipes copy | report`: the shipped recipes, and the report of a run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rich.table import Table
-
 from spa_lite.config import copy_recipe, recipe_description, shipped_recipes
-from spa_lite.doctor import checks
 from spa_lite.report import write_report
 from spa_lite.ui import console
 
@@ -30,13 +27,3 @@ def report(run: Path, out: Path | None) -> Path:
     path = write_report(run, out)
     console.print(f"report: {path}")
     return path
-
-
-def doctor(run_dir: str | None) -> None:
-    t = Table(title="spa-lite doctor")
-    for c in ("item", "status", "detail"):
-        t.add_column(c)
-    colors = {"ok": "green", "warn": "yellow", "missing": "red"}
-    for item, status, detail in checks(run_dir or "runs"):
-        t.add_row(item, f"[{colors[status]}]{status}[/]", detail)
-    console.print(t)
