@@ -11,7 +11,9 @@
     pi = r.policy("last")                                # pi_T on the base, for generation
     pi.generate(["Name a fast animal."], max_new_tokens=64)
 
-The command line calls these functions (recipe loading and policy selection), so both behave the same.
+The command line shares recipe loading (``spa_lite.config``) and policy selection (``spa_lite.layout``) with
+these functions, so both behave the same. ``import spa_lite`` stays light: this module (and torch with it)
+loads on the first use of ``spa_lite.<name>``.
 """
 
 from __future__ import annotations
@@ -20,13 +22,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_description, shipped_recipes
 from spa_lite.config import load_recipe as _load
 from spa_lite.data import load_pairs
 from spa_lite.errors import SpaError
+from spa_lite.export import generate_answers
 from spa_lite.io import read_json, read_jsonl
 from spa_lite.layout import (Stage, complete_policies, data_path, policy_label, policy_names, read_manifest,
                              resolve_policy, stage_dir, stage_keys)
+from spa_lite.loading import load_stack
+from spa_lite.logps import chunked_kernel_available, head_is_affine
+from spa_lite.losses import lambda_for_iteration
+from spa_lite.models import resolve_model_path
+from spa_lite.plan import QUANTIZATIONS, fit
+from spa_lite.stages import evaluate as evaluate_stage
+from spa_lite.stages import expand, pipeline, seed_dpo, train
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
            "resolve_policy", "plan", "size_for_gpu"]
@@ -94,8 +106,6 @@ def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = N
     A complete stage made from the same config is not redone (``force=True`` redoes it); a stage whose upstream
     is missing raises StageOrderError naming the command that makes it.
     """
-    from spa_lite.stages import expand, seed_dpo, train
-
     r = _as_recipe(recipe)
     st = _stage(stage, iteration)
     arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
@@ -108,17 +118,13 @@ def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = N
 
 def run(recipe: str | Path | Recipe = "smollm2-demo", *, force: bool = False) -> list[tuple[str, dict]]:
     """All stages: seed DPO, then expand and train for iterations 1..T; returns [(stage key, manifest), ...]."""
-    from spa_lite.stages import pipeline
-
     arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
     return pipeline.run(_as_recipe(recipe), force=force, recipe_arg=str(arg))
 
 
 def evaluate(recipe: str | Path | Recipe, **kwargs) -> dict:
     """`spa-lite eval` (keyword arguments of ``spa_lite.stages.evaluate.run``); returns the report it writes."""
-    from spa_lite.stages import evaluate as ev
-
-    return ev.run(_as_recipe(recipe), **kwargs)
+    return evaluate_stage.run(_as_recipe(recipe), **kwargs)
 
 
 def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = None, gpu_mem: float = 16.0,
@@ -132,13 +138,6 @@ def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = No
         ``spa_lite.plan.fit``'s result (fits, batch_size, grad_accum, gradient_checkpointing, seq_len,
         gen_batch_size, judge_batch_size, changed, plan) and "source": the model it planned for.
     """
-    from transformers import AutoConfig
-
-    from spa_lite.logps import chunked_kernel_available, head_is_affine
-    from spa_lite.losses import lambda_for_iteration
-    from spa_lite.models import resolve_model_path
-    from spa_lite.plan import QUANTIZATIONS, fit
-
     if quantization not in QUANTIZATIONS:
         raise SpaError(f"--quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)} (spa-lite loads "
                        "a base in NF4 4-bit or unquantised; 8-bit bases are not supported)")
@@ -193,8 +192,6 @@ class Policy:
     """
 
     def __init__(self, recipe: Recipe, k: int | None, stack=None):
-        from spa_lite.loading import load_stack  # torch and transformers load on first use
-
         self.recipe, self.k = recipe, k
         self.label = policy_label(k)
         self.names = policy_names(k)
@@ -211,8 +208,6 @@ class Policy:
                  temperature: float = 0.0, batch_size: int | None = None, seed: int | None = None) -> list[str]:
         """One response per prompt (a string is one user message; or a list of chat messages); temperature 0
         is greedy."""
-        from spa_lite.export import generate_answers
-
         msgs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
         c = self.recipe.expand
         return generate_answers(self.stack, self.names, msgs, max_new_tokens or c.max_new_tokens, temperature,

@@ -29,8 +29,7 @@ import click
 import typer
 from rich.markup import escape
 
-from spa_lite.api import load_recipe
-from spa_lite.config import Recipe, parse_override
+from spa_lite.config import Recipe, load_recipe, parse_override
 from spa_lite.errors import SpaError, expected_failure
 from spa_lite.locks import release_stage_locks
 from spa_lite.ui import console
@@ -71,7 +70,8 @@ class RecipeArgs:
             keys, value = parse_override(text)
             overrides[".".join(keys)] = value
         overrides.update({k: v for k, v in self.shorthands.items() if v is not None})
-        return load_recipe(self.recipe, overrides, name=self.name or None, run_dir=self.run_dir or None)
+        overrides.update({k: v for k, v in (("name", self.name), ("run_dir", self.run_dir)) if v})
+        return load_recipe(self.recipe, overrides)
 
     def shell(self) -> str:
         """These options as a shell fragment (``report_to`` left out), for the commands an error message suggests."""
