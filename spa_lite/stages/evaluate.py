@@ -23,7 +23,7 @@ from spa_lite.layout import Stage, adapter_dir, complete_policies, data_path, ev
 from spa_lite.ui import console, progress
 
 
-def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200,
+def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200, *,
         methods: list[str] | None = None, flip: float = 0.2, lambdas: list[float] | None = None,
         do_pass_rate: bool = True, prompt_limit: int | None = 100, samples: int = 1, tag: str | None = None,
         policies: list[int | None] | None = None, temperature: float = 0.0) -> dict:
