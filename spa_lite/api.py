@@ -18,6 +18,7 @@ loads on the first use of ``spa_lite.<name>``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,8 @@ class Run:
 def open_run(recipe: str | Path | Recipe, **overrides) -> Run:
     """The run of a recipe (keyword arguments as in ``load_recipe``: name=, run_dir=, overrides=)."""
     return Run(recipe if isinstance(recipe, Recipe) and not overrides else load_recipe(recipe, **overrides))
+
+
+# The package's lazy `spa_lite.plan` is this module's function; importing the planner module spa_lite/plan.py
+# (above) bound the package attribute of that name to the module, so bind it back.
+sys.modules[__package__].plan = plan

@@ -97,3 +97,15 @@ def test_recipe_args_load_and_shell(tmp_path):
     # report_to and flags not given stay out of the commands an error message suggests
     assert args.shell() == (f"smollm2-demo --name 'my run' --run-dir {tmp_path} --set train.lr=0.001 "
                             "--set expand.judge_ref=prev --set train.refine=false")
+
+
+def test_spa_lite_plan_stays_the_api_function():
+    """`spa_lite.plan` is the API's planner function, though importing the API loads the module spa_lite/plan.py
+    (a submodule import binds the package attribute of its name)."""
+    import importlib
+
+    import spa_lite
+    import spa_lite.api
+
+    importlib.import_module("spa_lite.plan")
+    assert spa_lite.plan is spa_lite.api.plan and callable(spa_lite.plan)
