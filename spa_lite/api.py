@@ -11,17 +11,35 @@
     pi = r.policy("last")                                # pi_T on the base, for generation
     pi.generate(["Name a fast animal."], max_new_tokens=64)
 
-The command line calls these functions (recipe loading and policy selection), so both behave the same.
+The command line shares recipe loading (``spa_lite.config``) and policy selection (``spa_lite.layout``) with
+these functions, so both behave the same. ``import spa_lite`` stays light: this module (and torch with it)
+loads on the first use of ``spa_lite.<name>``.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_description, shipped_recipes
+from spa_lite.config import load_recipe as _load
+from spa_lite.data import load_pairs
 from spa_lite.errors import SpaError
+from spa_lite.export import generate_answers
+from spa_lite.io import read_json, read_jsonl
+from spa_lite.layout import (Stage, complete_policies, data_path, policy_label, policy_names, read_manifest,
+                             resolve_policy, stage_dir, stage_keys)
+from spa_lite.loading import load_stack
+from spa_lite.logps import chunked_kernel_available, head_is_affine
+from spa_lite.losses import lambda_for_iteration
+from spa_lite.models import resolve_model_path
+from spa_lite.plan import QUANTIZATIONS, fit
+from spa_lite.stages import evaluate as evaluate_stage
+from spa_lite.stages import expand, pipeline, seed_dpo, train
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
            "resolve_policy", "plan", "size_for_gpu"]
@@ -45,8 +63,6 @@ def load_recipe(recipe: str | Path | Recipe | None = "smollm2-demo", overrides: 
     Raises:
         SpaError: naming every unknown key and bad value, and the file it came from.
     """
-    from spa_lite.config import load_recipe as _load
-
     items: dict[str, Any] = {}
     if isinstance(recipe, Recipe):
         if overrides is None and name is None and run_dir is None and report_to is None:
@@ -69,9 +85,7 @@ def _as_recipe(recipe: str | Path | Recipe) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def _stage(stage: str, iteration: int | None):
-    from spa_lite.runs import Stage
-
+def _stage(stage: str, iteration: int | None) -> Stage:
     s = stage.strip().replace("seed-dpo", "seed")
     if s == "seed":
         return Stage("seed", 0)
@@ -93,8 +107,6 @@ def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = N
     A complete stage made from the same config is not redone (``force=True`` redoes it); a stage whose upstream
     is missing raises StageOrderError naming the command that makes it.
     """
-    from spa_lite.stages import expand, seed_dpo, train
-
     r = _as_recipe(recipe)
     st = _stage(stage, iteration)
     arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
@@ -107,17 +119,13 @@ def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = N
 
 def run(recipe: str | Path | Recipe = "smollm2-demo", *, force: bool = False) -> list[tuple[str, dict]]:
     """All stages: seed DPO, then expand and train for iterations 1..T; returns [(stage key, manifest), ...]."""
-    from spa_lite.stages import pipeline
-
     arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
     return pipeline.run(_as_recipe(recipe), force=force, recipe_arg=str(arg))
 
 
 def evaluate(recipe: str | Path | Recipe, **kwargs) -> dict:
     """`spa-lite eval` (keyword arguments of ``spa_lite.stages.evaluate.run``); returns the report it writes."""
-    from spa_lite.stages import evaluate as ev
-
-    return ev.run(_as_recipe(recipe), **kwargs)
+    return evaluate_stage.run(_as_recipe(recipe), **kwargs)
 
 
 def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = None, gpu_mem: float = 16.0,
@@ -131,13 +139,6 @@ def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = No
         ``spa_lite.plan.fit``'s result (fits, batch_size, grad_accum, gradient_checkpointing, seq_len,
         gen_batch_size, judge_batch_size, changed, plan) and "source": the model it planned for.
     """
-    from transformers import AutoConfig
-
-    from spa_lite.logps import chunked_kernel_available, head_is_affine
-    from spa_lite.losses import lambda_for_iteration
-    from spa_lite.models import resolve_model_path
-    from spa_lite.plan import QUANTIZATIONS, fit
-
     if quantization not in QUANTIZATIONS:
         raise SpaError(f"--quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)} (spa-lite loads "
                        "a base in NF4 4-bit or unquantised; 8-bit bases are not supported)")
@@ -184,28 +185,6 @@ def size_for_gpu(recipe: str | Path | Recipe, gpu_mem: float, bf16: bool, *, mod
     return out
 
 
-def resolve_policy(recipe: Recipe, spec: str | int | None) -> int | None:
-    """``init``/None -> None (pi_init), ``last`` -> the last complete pi_k (pi_init when none is), ``k`` -> k.
-
-    Raises:
-        SpaError: for pi_k that is not complete in the run.
-    """
-    from spa_lite.stages.evaluate import complete_policies
-
-    ks = complete_policies(recipe)
-    if spec is None or spec == "init":
-        return None
-    if spec == "last":
-        return ks[-1] if ks else None
-    try:
-        k = int(spec)
-    except (TypeError, ValueError):
-        raise SpaError(f"policy '{spec}' must be init, last or an integer") from None
-    if k not in ks:
-        raise SpaError(f"pi_{k} is not complete in {recipe.run_path} (complete: {ks}); run its stages first")
-    return k
-
-
 class Policy:
     """pi_k of a run, loaded as the base plus its adapters (one copy of the base), for generation.
 
@@ -214,9 +193,6 @@ class Policy:
     """
 
     def __init__(self, recipe: Recipe, k: int | None, stack=None):
-        from spa_lite.evaluation import policy_label, policy_names
-        from spa_lite.stages.common import load_stack
-
         self.recipe, self.k = recipe, k
         self.label = policy_label(k)
         self.names = policy_names(k)
@@ -233,8 +209,6 @@ class Policy:
                  temperature: float = 0.0, batch_size: int | None = None, seed: int | None = None) -> list[str]:
         """One response per prompt (a string is one user message; or a list of chat messages); temperature 0
         is greedy."""
-        from spa_lite.export import generate_answers
-
         msgs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
         c = self.recipe.expand
         return generate_answers(self.stack, self.names, msgs, max_new_tokens or c.max_new_tokens, temperature,
@@ -255,12 +229,10 @@ class Run:
         return self.recipe.run_path
 
     def stage_keys(self) -> list[str]:
-        return ["seed"] + [f"iter{i}/{k}" for i in range(1, self.recipe.iterations + 1) for k in ("expand", "train")]
+        return stage_keys(self.recipe.iterations)
 
     def status(self) -> dict[str, str]:
         """Stage key -> complete | partial | missing."""
-        from spa_lite.runs import read_manifest, stage_dir
-
         out = {}
         for key in self.stage_keys():
             st = _stage(key, None)
@@ -270,8 +242,6 @@ class Run:
         return out
 
     def manifest(self, stage: str, iteration: int | None = None) -> dict:
-        from spa_lite.runs import read_manifest, stage_dir
-
         st = _stage(stage, iteration)
         m = read_manifest(self.recipe, st)
         if m is None:
@@ -284,9 +254,6 @@ class Run:
 
     def metrics(self, stage: str, iteration: int | None = None) -> list[dict]:
         """Per-step training metrics of seed-dpo or train (metrics.jsonl rows: step, loss, reward_margin, ...)."""
-        from spa_lite.io import read_jsonl
-        from spa_lite.runs import stage_dir
-
         st = _stage(stage, iteration)
         if st.kind == "expand":
             raise SpaError("expand has no per-step metrics; its summary holds D_i's counts (Run.summary)")
@@ -294,22 +261,15 @@ class Run:
 
     def pairs(self, iteration: int) -> list[dict]:
         """D_i normalised: {"prompt": messages, "chosen": str, "rejected": str, "confidence": ..., ...}."""
-        from spa_lite.data import load_pairs
-        from spa_lite.stages.expand import data_path
-
         return load_pairs(str(data_path(self.path, iteration)))
 
     def evals(self) -> dict[str, dict]:
         """Eval reports under runs/<name>/eval, by tag."""
-        from spa_lite.io import read_json
-
         d = self.path / "eval"
         return {p.stem: read_json(p) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
 
     def policies(self) -> list[int]:
         """k of every complete pi_k (0 is the seed policy)."""
-        from spa_lite.stages.evaluate import complete_policies
-
         return complete_policies(self.recipe)
 
     def policy(self, which: str | int | None = "last") -> Policy:
@@ -323,3 +283,8 @@ class Run:
 def open_run(recipe: str | Path | Recipe, **overrides) -> Run:
     """The run of a recipe (keyword arguments as in ``load_recipe``: name=, run_dir=, overrides=)."""
     return Run(recipe if isinstance(recipe, Recipe) and not overrides else load_recipe(recipe, **overrides))
+
+
+# The package's lazy `spa_lite.plan` is this module's function; importing the planner module spa_lite/plan.py
+# (above) bound the package attribute of that name to the module, so bind it back.
+sys.modules[__package__].plan = plan

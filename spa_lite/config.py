@@ -1,11 +1,12 @@
 """Recipes: typed dataclasses filled from YAML (safe_load), then from command-line overrides.
 
 Unknown keys and bad values are collected and reported together, naming the recipe file and the key.
-Each field is documented once, here; README's recipe reference is generated from these comments.
+Each field is documented once, here (its help text); README's recipe reference is generated from it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import typing
@@ -16,34 +17,51 @@ from typing import Any
 import yaml
 
 from spa_lite.errors import SpaError
+from spa_lite.io import atomic_write_text
+# the shipped recipe files, importable from here as before
+from spa_lite.recipe_files import (copy_recipe, recipe_description, recipes_dir,  # noqa: F401
+                                   resolve_recipe_path, shipped_recipes)
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A recipe field: its default (or ``factory`` for a list), its help text and, for a string, its choices.
+
+    The help text is the one documentation of the field: the CLI's flags, ``--set`` and README's recipe
+    reference (``python -m spa_lite.config --reference``) all show it.
+    """
+    meta = {"help": help} | ({"choices": tuple(choices)} if choices else {})
+    return field(default=default, default_factory=factory, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "smollm2"  # bundled alias, local folder or hub id: this is pi_init
-    quantization: str = "auto"  # auto (4bit on CUDA, none on CPU) | 4bit | none
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda
-    gradient_checkpointing: bool = False  # lowers activation memory ~L-fold for ~30% more compute
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0  # 0 keeps training deterministic and pi_theta == pi_{i-1} at step 0
-    lora_target_modules: Any = "all-linear"
-    max_length: int = 512  # prompt + response tokens; longer pairs are skipped and counted
-    max_prompt_length: int = 256
-    fsdp: str = "auto"  # auto (on under `accelerate launch` with an FSDP config) | on | off: shard training (FSDP2)
+    name_or_path: str = setting("smollm2", "bundled alias, local folder or hub id: this is pi_init")
+    quantization: str = setting("auto", "auto (4bit on CUDA, none on CPU) | 4bit | none", choices=("auto", "4bit", "none"))
+    dtype: str = setting("auto", "auto | float32 | bfloat16 | float16")
+    device: str = setting("auto", "auto | cpu | cuda")
+    gradient_checkpointing: bool = setting(False, "lowers activation memory ~L-fold for ~30% more compute")
+    lora_r: int = setting(16, "LoRA rank of every adapter")
+    lora_alpha: int = setting(32, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = setting(0.0, "0 keeps training deterministic and pi_theta == pi_{i-1} at step 0")
+    lora_target_modules: Any = setting("all-linear", "modules with LoRA: all-linear or a list of module names")
+    max_length: int = setting(512, "prompt + response tokens; longer pairs are skipped and counted")
+    max_prompt_length: int = setting(256, "prompt tokens; longer prompts are skipped and counted (training and expand)")
+    fsdp: str = setting("auto", "auto (on under `accelerate launch` with an FSDP config) | on | off: shard training "
+                        "(FSDP2)", choices=("auto", "on", "off"))
 
 
 @dataclass
 class DataConfig:
-    seed_pairs: str = "demo:seed_pairs"  # gold pairs D0: file, folder or demo:NAME
-    prompts: str = "demo:prompts"  # prompt pool for iterations (prompt file or preference data)
-    eval_pairs: str | None = "demo:eval_pairs"  # held-out gold pairs for `spa-lite eval`
-    eval_prompts: str | None = "demo:eval_prompts"
-    format: str = "auto"  # auto | conversational | standard | ultrafeedback | hh | prompts
-    seed_limit: int | None = None  # use the first N seed pairs (after shuffling)
-    iter_prompts: list[int] = field(default_factory=lambda: [8000, 20000, 30000])  # |X_i|, disjoint
-    shuffle_seed: int = 42
+    seed_pairs: str = setting("demo:seed_pairs", "gold pairs D0: file, folder or demo:NAME")
+    prompts: str = setting("demo:prompts", "prompt pool for iterations (prompt file or preference data)")
+    eval_pairs: str | None = setting("demo:eval_pairs", "held-out gold pairs for `spa-lite eval`")
+    eval_prompts: str | None = setting("demo:eval_prompts", "held-out prompts for pass rates and `spa-lite winrate`")
+    format: str = setting("auto", "auto | conversational | standard | ultrafeedback | hh | prompts",
+                          choices=("auto", "conversational", "standard", "ultrafeedback", "hh", "prompts"))
+    seed_limit: int | None = setting(None, "use the first N seed pairs (after shuffling)")
+    iter_prompts: list[int] = setting(factory=lambda: [8000, 20000, 30000], help="|X_i| per iteration, disjoint")
+    shuffle_seed: int = setting(42, "seed of the shuffle before the split into D0 and X_1, X_2, ...")
 
 
 @dataclass
@@ -52,71 +70,79 @@ class SeedDPOConfig:
     and reaches the training loop by name (``spa_lite.training.LoopSpec.from_config``): a new loop setting is
     one field here and the ``LoopSpec`` field the loop reads."""
 
-    epochs: float = 3.0
-    lr: float = 5e-5  # LoRA needs ~100x the full fine-tuning lr (paper: 5e-7 full FT)
-    batch_size: int = 4  # pairs per micro-batch
-    grad_accum: int = 8  # effective batch = batch_size * grad_accum pairs (paper: 32)
-    beta: float = 0.1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_every: int = 20  # optimizer steps between resumable checkpoints
-    loss: str = "dpo"  # dpo | dro (Wasserstein-DRO, docs/dro.md)
-    label_smoothing: float = 0.0  # cDPO's constant smoothing, for robustness comparisons
-    dro_epsilon: float = 0.01  # probability units: the first moves cost 1/xi_min per unit (docs/dro.md)
-    dro_pieces: int = 8
-    dro_xi_min: float = 1e-3
-    diverge_factor: float = 0.0  # stop when a step's loss exceeds k times the first step's (0: off; not in the config hash)
+    epochs: float = setting(3.0, "passes over the pairs")
+    lr: float = setting(5e-5, "AdamW learning rate; LoRA needs ~100x the full fine-tuning lr (paper: 5e-7 full FT)")
+    batch_size: int = setting(4, "pairs per micro-batch")
+    grad_accum: int = setting(8, "micro-batches per optimizer step: effective batch = batch_size * grad_accum "
+                              "(paper: 32)")
+    beta: float = setting(0.1, "DPO's beta (KL strength)")
+    warmup_ratio: float = setting(0.1, "fraction of optimizer steps of linear warmup")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+    save_every: int = setting(20, "optimizer steps between resumable checkpoints")
+    loss: str = setting("dpo", "dpo | dro (Wasserstein-DRO, docs/dro.md)", choices=("dpo", "dro"))
+    label_smoothing: float = setting(0.0, "cDPO's constant smoothing, for robustness comparisons")
+    dro_epsilon: float = setting(0.01, "Wasserstein radius for loss dro, in probability units: the first moves "
+                                 "cost 1/xi_min per unit (docs/dro.md)")
+    dro_pieces: int = setting(8, "linear pieces approximating -log (loss dro)")
+    dro_xi_min: float = setting(1e-3, "lower end of the support of xi (loss dro)")
+    diverge_factor: float = setting(0.0, "stop when a step's loss exceeds k times the first step's (0: off; not in "
+                                    "the config hash)")
 
 
 @dataclass
 class ExpandConfig:
-    num_samples: int = 2  # responses per prompt; a pair is (y1, y2)
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 300
-    batch_size: int = 16  # prompts per generation batch
-    shard_size: int = 64  # prompts per resumable shard
-    # logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control;
-    # undecided pairs dropped)
-    judge: str = "logprob"
-    judge_ref: str = "init"  # init | prev | none: the reference in Eq. 7's log-ratio
-    judge_batch_size: int = 8  # pairs per judging forward pass
-    # sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward saved, self-checked) | forward
-    judge_logps: str = "sampler"
-    beta: float = 0.1
-    length_penalty: float = 0.0  # Eq. 13: reward - a * |y| tokens
-    drop_truncated: bool = False  # drop pairs where a response hit max_new_tokens (counted either way)
-    backend: str = "hf"  # hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', CUDA)
+    num_samples: int = setting(2, "responses per prompt; a pair is (y1, y2)")
+    temperature: float = setting(0.7, "sampling temperature")
+    top_p: float = setting(1.0, "nucleus sampling")
+    max_new_tokens: int = setting(300, "response length limit in tokens")
+    batch_size: int = setting(16, "prompts per generation batch")
+    shard_size: int = setting(64, "prompts per resumable shard")
+    judge: str = setting("logprob", "logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold "
+                         "verifier: the oracle-label control; undecided pairs dropped)",
+                         choices=("logprob", "llm", "verifier"))
+    judge_ref: str = setting("init", "init | prev | none: the reference in Eq. 7's log-ratio",
+                             choices=("init", "prev", "none"))
+    judge_batch_size: int = setting(8, "pairs per judging forward pass")
+    judge_logps: str = setting("sampler", "sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward "
+                               "saved, self-checked) | forward", choices=("sampler", "forward"))
+    beta: float = setting(0.1, "beta of Eq. 7's implicit reward")
+    length_penalty: float = setting(0.0, "a in Eq. 13: reward - a * |y| tokens")
+    drop_truncated: bool = setting(False, "drop pairs where a response hit max_new_tokens (counted either way)")
+    backend: str = setting("hf", "hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', "
+                           "CUDA)", choices=("hf", "vllm"))
 
 
 @dataclass
 class TrainConfig(SeedDPOConfig):
     """Iteration training: seed DPO's settings, plus self-refinement (Eq. 10) and de-coupled noise detection."""
 
-    epochs: float = 1.0  # one pass over D_i per iteration (paper)
-    refine: bool = True  # self-refinement, Eq. 10
-    alpha: float = 0.1  # label smoothing for flagged pairs
-    k_percent: float = 10.0  # tau = K-th percentile of recent confidences
-    window: int = 50  # confidences kept for tau
-    refine_start: float = 0.2  # fraction of optimizer steps before refinement starts
-    dnd: bool = True  # de-coupled noise detection, Eq. 11-12
-    lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # lambda for iter 1, 2, 3, then halving
+    epochs: float = setting(1.0, "passes over D_i per iteration (paper: one)")
+    refine: bool = setting(True, "self-refinement, Eq. 10")
+    alpha: float = setting(0.1, "label smoothing for flagged pairs")
+    k_percent: float = setting(10.0, "tau = K-th percentile of recent confidences")
+    window: int = setting(50, "confidences kept for tau")
+    refine_start: float = setting(0.2, "fraction of optimizer steps before refinement starts")
+    dnd: bool = setting(True, "de-coupled noise detection, Eq. 11-12")
+    lambdas: list[float] = setting(factory=lambda: [0.5, 0.25, 0.125],
+                                   help="DND's lambda for iterations 1, 2, 3, then halving")
 
 
 @dataclass
 class Recipe:
-    name: str = "spa-run"
-    run_dir: str = "runs"  # the run lives in run_dir/name
-    seed: int = 42
-    iterations: int = 2  # T
-    threads: int | None = None  # torch CPU threads (None: torch's default)
-    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, trackio (none: the default)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    seed_dpo: SeedDPOConfig = field(default_factory=SeedDPOConfig)
-    expand: ExpandConfig = field(default_factory=ExpandConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = setting("spa-run", "run name: the run lives in run_dir/name")
+    run_dir: str = setting("runs", "parent folder of runs")
+    seed: int = setting(42, "random seed of the run (sampling, training order)")
+    iterations: int = setting(2, "T, the SPA iterations after seed DPO")
+    threads: int | None = setting(None, "torch CPU threads (None: torch's default)")
+    report_to: list[str] = setting(factory=list, help="experiment trackers: tensorboard, wandb, trackio (none: "
+                                   "the default)")
+    model: ModelConfig = setting(factory=ModelConfig, help="the base model (pi_init) and the LoRA adapters")
+    data: DataConfig = setting(factory=DataConfig, help="seed pairs, prompt pool and held-out data")
+    seed_dpo: SeedDPOConfig = setting(factory=SeedDPOConfig, help="stage 0: DPO on the gold seed pairs")
+    expand: ExpandConfig = setting(factory=ExpandConfig, help="sampling and judging (Eq. 7) per iteration")
+    train: TrainConfig = setting(factory=TrainConfig, help="iteration training: seed_dpo's keys plus refinement "
+                                 "and DND")
 
     @property
     def run_path(self) -> Path:
@@ -126,17 +152,18 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    ("model", "quantization"): {"auto", "4bit", "none"},
-    ("model", "fsdp"): {"auto", "on", "off"},
-    ("seed_dpo", "loss"): {"dpo", "dro"},
-    ("train", "loss"): {"dpo", "dro"},
-    ("expand", "judge"): {"logprob", "llm", "verifier"},
-    ("expand", "judge_ref"): {"init", "prev", "none"},
-    ("expand", "judge_logps"): {"sampler", "forward"},
-    ("expand", "backend"): {"hf", "vllm"},
-    ("data", "format"): {"auto", "conversational", "standard", "ultrafeedback", "hh", "prompts"},
-}
+SECTIONS = ("model", "data", "seed_dpo", "expand", "train")
+
+
+def field_help(section: str, key: str) -> str:
+    """The help text of recipe key ``section.key`` (section "" for a top-level key)."""
+    cls = typing.get_type_hints(Recipe)[section] if section else Recipe
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == key)
+
+
+# (section, key) -> allowed values, from the fields' ``choices``
+_CHOICES = {(section, f.name): set(f.metadata["choices"]) for section in SECTIONS
+            for f in dataclasses.fields(typing.get_type_hints(Recipe)[section]) if "choices" in f.metadata}
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
@@ -363,72 +390,65 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
     return recipe
 
 
-def recipes_dir() -> Path:
-    """The folder of shipped recipes: ``spa_lite/recipes`` in an installed wheel (pyproject maps the top-level
-    ``recipes/`` folder there), the checkout's ``recipes/`` when spa-lite runs from its source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "recipes", here.parent / "recipes"):
-        if candidate.is_dir() and any(candidate.glob("*.yaml")):
-            return candidate
-    raise SpaError(f"no shipped recipes found next to {here} (a broken install: reinstall spa-lite)")
+# ------------------------------------------------------------------------------------ the recipe reference
+
+REFERENCE_BEGIN = "<!-- recipe-reference: generated from spa_lite/config.py by `python -m spa_lite.config --write README.md` -->"
+REFERENCE_END = "<!-- /recipe-reference -->"
 
 
-def shipped_recipes() -> dict[str, Path]:
-    """Name -> path of every shipped recipe: ``smollm2-demo``, ..., and ``accelerate/fsdp`` for launcher configs."""
-    root = recipes_dir()
-    paths = sorted(root.rglob("*.yaml"), key=lambda p: (len(p.relative_to(root).parts), p.as_posix()))  # recipes first
-    return {p.relative_to(root).with_suffix("").as_posix(): p for p in paths}
+def _yaml_value(v: Any) -> str:
+    if dataclasses.is_dataclass(v):
+        return "(section)"
+    return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
 
 
-def recipe_description(path: Path) -> str:
-    """The first comment line of a recipe file (its one-line description), without the '#'."""
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("#").strip()
-        if line.strip():
-            break
-    return ""
+def recipe_reference() -> str:
+    """README's recipe reference: every key, its default and its help text, as one markdown table.
+
+    ``train`` lists only what it adds to ``seed_dpo`` or sets differently (its other keys are seed_dpo's).
+    """
+    rows = ["| key | default | what |", "|---|---|---|"]
+
+    def add(key: str, value: Any, f: dataclasses.Field) -> None:
+        what = f.metadata.get("help", "").replace("|", "\\|")
+        rows.append(f"| `{key}` | `{_yaml_value(value)}` | {what} |")
+
+    recipe, seed_keys = Recipe(), {f.name: f for f in dataclasses.fields(SeedDPOConfig)}
+    for f in dataclasses.fields(Recipe):
+        value = getattr(recipe, f.name)
+        if not dataclasses.is_dataclass(value):
+            add(f.name, value, f)
+            continue
+        rows.append(f"| **`{f.name}`** | | {f.metadata.get('help', '')} |")
+        if f.name == "train":
+            rows.append("| `train.*` | as `seed_dpo` | every `seed_dpo` key, with seed_dpo's default unless listed here |")
+        for g in dataclasses.fields(value):
+            v = getattr(value, g.name)
+            if f.name == "train" and g.name in seed_keys and v == getattr(recipe.seed_dpo, g.name):
+                continue
+            add(f"{f.name}.{g.name}", v, g)
+    return "\n".join(rows) + "\n"
 
 
-def resolve_recipe_path(path: str | Path) -> Path:
-    """A file path, or the name of a shipped recipe (``smollm2-demo``, ``smollm2-demo.yaml``)."""
-    p = Path(path)
-    if p.exists():
-        return p
-    # "recipes/zephyr-7b-qlora.yaml" as the README writes it also works outside a checkout
-    name = p.as_posix().removesuffix(".yaml").removeprefix("recipes/")
-    try:
-        found = shipped_recipes().get(name)
-    except SpaError:
-        found = None
-    if found is not None:
-        return found
-    try:
-        names = ", ".join(n for n in shipped_recipes() if "/" not in n)
-    except SpaError:
-        names = "none found"
-    raise SpaError(f"recipe '{path}' not found: give a YAML path or a shipped recipe name ({names}; "
-                   "`spa-lite recipes` lists them)")
-
-
-def copy_recipe(name: str, dest: str | Path | None = None, force: bool = False) -> Path:
-    """Write shipped recipe ``name`` to ``dest`` (a file, or a folder to put NAME.yaml in; default ./NAME.yaml)
-    to edit it: torchtune's ``tune cp`` habit.
+def replace_reference(text: str) -> str:
+    """``text`` (README.md) with the part between the reference markers regenerated.
 
     Raises:
-        SpaError: for an unknown name, or a destination that exists (unless ``force``).
+        SpaError: when the markers are missing.
     """
-    recipes = shipped_recipes()
-    key = str(name).removesuffix(".yaml").removeprefix("recipes/")
-    if key not in recipes:
-        raise SpaError(f"no shipped recipe '{name}' (shipped: {', '.join(recipes)})")
-    src = recipes[key]
-    out = Path(dest) if dest is not None else Path(src.name)
-    if out.is_dir():
-        out = out / src.name
-    if out.exists() and not force:
-        raise SpaError(f"{out} exists; give another destination or add --force to overwrite it")
-    from spa_lite.io import atomic_write_text
+    start, end = text.find(REFERENCE_BEGIN), text.find(REFERENCE_END)
+    if start < 0 or end < start:
+        raise SpaError(f"no recipe reference markers ({REFERENCE_BEGIN} ... {REFERENCE_END}) in the file")
+    return text[: start + len(REFERENCE_BEGIN)] + "\n" + recipe_reference() + text[end:]
 
-    atomic_write_text(out, src.read_text(encoding="utf-8"))
-    return out
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(prog="python -m spa_lite.config", description="The recipe reference (README.md).")
+    ap.add_argument("--write", metavar="FILE", help="regenerate the reference between the markers of FILE")
+    args = ap.parse_args()
+    if args.write:
+        path = Path(args.write)
+        atomic_write_text(path, replace_reference(path.read_text(encoding="utf-8")))
+        print(f"wrote the recipe reference into {path}")
+    else:
+        print(recipe_reference(), end="")

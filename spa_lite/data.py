@@ -26,7 +26,7 @@ from typing import Any
 
 from spa_lite.demo import demo_path
 from spa_lite.errors import DataError, SpaError
-from spa_lite.io import read_jsonl
+from spa_lite.io import read_jsonl, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,6 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
 
 def _check_json_file(src: Path) -> None:
     """Raise DataError naming the line of the first syntax error in a JSON (or JSON Lines) file."""
-    from spa_lite.io import read_lines
-
     text = "".join(line for _, line in read_lines(src))
     try:
         json.loads(text)

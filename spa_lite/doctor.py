@@ -8,6 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
+from spa_lite.fsdp import fully_shard_fn
+from spa_lite.models import ALIASES, bundled_install_command, cache_root
+
 
 def _version(pkg: str) -> str | None:
     try:
@@ -46,10 +51,6 @@ def _bnb_cpu_kernel_row() -> tuple[str, str, str]:
 
 def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     """(item, status ok|warn|missing, detail) rows."""
-    import torch
-
-    from spa_lite.models import ALIASES, bundled_install_command, cache_root
-
     rows = [("torch", "ok", f"{torch.__version__}, {torch.get_num_threads()} CPU threads")]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -74,8 +75,6 @@ def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     else:
         rows.append(("bitsandbytes", "missing", "pip install bitsandbytes (needed for quantization: 4bit)"))
     try:
-        from spa_lite.fsdp import fully_shard_fn
-
         fully_shard_fn()
         n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
         rows.append(("fsdp", "ok", "FSDP2 fully_shard available"

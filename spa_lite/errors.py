@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class SpaError(Exception):
     """An error caused by user input or stage order, with a message that says what to do next."""
@@ -39,3 +41,37 @@ class StageLockedError(SpaError):
 
 class InputChangedError(SpaError):
     """An input a stage was made from (base weights, an upstream adapter) is missing, damaged or changed."""
+
+
+def expected_failure(e: BaseException) -> str | None:
+    """The one line for a failure caused by the environment or the input rather than by spa-lite, or None
+    (a bug: the caller shows the traceback).
+
+    Matched by class name along the MRO, so that no library is imported just to test for its errors.
+    """
+    names = {c.__name__ for c in type(e).__mro__}
+    cause = e.__cause__ or e.__context__
+    if "OutOfMemoryError" in names:
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        return f"out of memory: {first}; lower the batch sizes (`spa-lite plan` estimates them)"
+    if "HFValidationError" in names or "RepositoryNotFoundError" in names or "GatedRepoError" in names:
+        return f"cannot reach the model or data set on the hub: {str(e).splitlines()[0]} (a local path must exist; " \
+               f"set HF_HUB_OFFLINE=1 to work offline)"
+    if "SafetensorError" in names:
+        return f"damaged safetensors file: {e}"
+    if "DatasetGenerationError" in names:
+        return f"cannot read the data set: {cause or e}"
+    if "UnicodeDecodeError" in names:
+        return f"input is not UTF-8 text: {e}"
+    if "JSONDecodeError" in names:
+        return f"malformed JSON: {e}"
+    if "EOFError" in names:
+        return f"unexpected end of a file (a truncated download or compressed file?): {e or 'no more data'}"
+    if isinstance(e, OSError):
+        hint = {errno.ENOSPC: "free some space and rerun the same command to resume (nothing finished is lost)",
+                errno.EDQUOT: "free some space and rerun the same command to resume (nothing finished is lost)",
+                errno.EACCES: "check the permissions of that path (or choose another --run-dir)",
+                errno.EPERM: "check the permissions of that path (or choose another --run-dir)",
+                errno.EROFS: "the file system is read-only: choose another --run-dir"}.get(e.errno or -1)
+        return f"{e}" + (f"; {hint}" if hint else "")
+    return None

@@ -11,22 +11,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from spa_lite.data import pair_texts
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.judge import judge_llm, judge_logprob
 from spa_lite.logps import (backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
                             hidden_sequence_logps, sequence_logps, tokenize_pair)
 from spa_lite.losses import dpo_logits
 from spa_lite.metrics import accuracy_with_ci, auroc, flip_labels, pass_rate_with_ci, precision_at_k_percent, summarize
-from spa_lite.stack import PolicyStack, adapter_name
-
-
-def policy_names(k: int | None) -> list[str]:
-    """Adapters of pi_k; None is pi_init."""
-    return [] if k is None else [adapter_name(j) for j in range(k + 1)]
-
-
-def policy_label(k: int | None) -> str:
-    return "pi_init" if k is None else f"pi_{k}"
+from spa_lite.layout import policy_label, policy_names
+from spa_lite.stack import PolicyStack
 
 
 @torch.no_grad()
@@ -151,8 +144,6 @@ def self_label_noise(rows: Sequence[dict], verify, flags: Sequence[dict] | None 
     'confirmed' in the opposite case, and undetermined when both pass or both fail. Rows are D_i's records as
     written (TRL conversational) or with text responses.
     """
-    from spa_lite.data import pair_texts
-
     status = []
     for r in map(pair_texts, rows):
         c, rj = verify(r["chosen"], r["constraint"]), verify(r["rejected"], r["constraint"])

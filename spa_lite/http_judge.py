@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spa_lite.pairwise import JudgeError, JudgeItem, format_question, parse_verdict
+from spa_lite.pairwise import LLM_JUDGE_PROMPT, JudgeError, JudgeItem, format_question, parse_verdict
 
 __all__ = [
     "CACHE_FILE",
@@ -351,8 +351,7 @@ class HTTPJudge:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if template is None:
-            # spa_lite.judge imports torch, which an HTTP judge does not otherwise need
-            from spa_lite.judge import LLM_JUDGE_PROMPT as template
+            template = LLM_JUDGE_PROMPT
         self.model = model
         self.batch_size = batch_size
         self.cache_path = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None

@@ -12,6 +12,7 @@ import torch
 
 from spa_lite.generation import encode_prompt
 from spa_lite.logps import backbone_hidden, collate_sequences, forward_logits, fused_head, hidden_sequence_logps, sequence_logps
+from spa_lite.pairwise import LLM_JUDGE_PROMPT
 from spa_lite.stack import PolicyStack
 
 
@@ -108,17 +109,6 @@ def judge_logprob(
         if on_batch:
             on_batch(n)
     return rows
-
-
-LLM_JUDGE_PROMPT = (
-    "Review the user's question and the two responses below, then decide which response is more helpful, "
-    "accurate, relevant and follows the user's instructions better. Do not let the order or the length of "
-    "the responses influence you.\n\n"
-    "[User Question]\n{question}\n\n"
-    "[The Start of Response (A)]\n{a}\n[The End of Response (A)]\n\n"
-    "[The Start of Response (B)]\n{b}\n[The End of Response (B)]\n\n"
-    "Which response is better? Answer with \"(A)\" or \"(B)\" only."
-)
 
 
 def _option_token(tokenizer, letter: str) -> int:

@@ -46,8 +46,8 @@ from spa_lite.config import Recipe
 from spa_lite.errors import SpaError
 from spa_lite.io import atomic_dir, read_json
 from spa_lite.loading import load_stack
-from spa_lite.models import load_base_model
-from spa_lite.runs import Stage, adapter_dir, read_manifest
+from spa_lite.layout import Stage, adapter_dir, policy_label, policy_names, read_manifest
+from spa_lite.models import load_base_model, name_base_portably, portable_base_id
 from spa_lite.stack import PolicyStack, adapter_name, build_stack
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def stack_names(k: int) -> list[str]:
     """Adapters of pi_k: seed, iter1, ..., iter{k}."""
     if k < 0:
         raise SpaError(f"policy index k must be >= 0 (0 is pi_0 = base + seed), got {k}")
-    return [adapter_name(j) for j in range(k + 1)]
+    return policy_names(k)
 
 
 def _check_supported(model, names: list[str]) -> None:
@@ -167,12 +167,10 @@ def export_single_adapter(source: PolicyStack | Recipe, k: int, out_dir: str | P
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         cfg.save_pretrained(str(tmp))
-        from spa_lite.models import name_base_portably
-
         name_base_portably(tmp)
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "spa_export.json").write_text(json.dumps({
-            "policy": f"pi_{k}", "adapters": names, "rank": R, "combination": "cat (exact: scalings folded into B)",
+            "policy": policy_label(k), "adapters": names, "rank": R, "combination": "cat (exact: scalings folded into B)",
             "ranks": {n: stack.model.peft_config[n].r for n in names},
             "lora_alpha": {n: stack.model.peft_config[n].lora_alpha for n in names},
         }, indent=2) + "\n")
@@ -197,8 +195,6 @@ def _stage_manifest(recipe: Recipe, k: int) -> dict | None:
 
 def model_card(recipe: Recipe, k: int, dtype: torch.dtype) -> str:
     """README.md for a merged pi_k: the SPA configuration of the run and any eval results under runs/<name>/eval."""
-    from spa_lite.models import portable_base_id
-
     man = _stage_manifest(recipe, k) or {}
     rec = man.get("recipe") or recipe.to_dict()
     base, note = portable_base_id(str(rec.get("model", {}).get("name_or_path")))
@@ -210,7 +206,7 @@ def model_card(recipe: Recipe, k: int, dtype: torch.dtype) -> str:
         "tags: [spa-lite, dpo, spa]",
         "---",
         "",
-        f"# {recipe.name}: SPA policy pi_{k} (merged)",
+        f"# {recipe.name}: SPA policy {policy_label(k)} (merged)",
         "",
         f"Base model `{base}`" + (f" ({note})" if note else "") + " with the LoRA adapters "
         f"{', '.join(stack_names(k))} merged into its weights (exported {time.strftime('%Y-%m-%d')}, dtype "
@@ -273,7 +269,7 @@ def export_merged(recipe: Recipe, k: int, out_dir: str | Path, dtype: torch.dtyp
     frozen = [(adapter_name(j), adapter_dir(recipe, j)) for j in range(k + 1)]
     for n, p in frozen:
         if not (Path(p) / "adapter_config.json").exists():
-            raise SpaError(f"pi_{k} needs adapter {n} at {p}; it is missing (finish the run's stages first)")
+            raise SpaError(f"{policy_label(k)} needs adapter {n} at {p}; it is missing (finish the run's stages first)")
     base, tok = load_base_model(recipe.model.name_or_path, quantization="none", dtype="float32", device=device)
     stack = build_stack(base, tok, frozen)
     _check_supported(stack.model, names)

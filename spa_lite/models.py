@@ -7,6 +7,7 @@ plus a set of active LoRA adapters (see ``spa_lite.stack``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -56,8 +57,6 @@ def portable_base_id(name_or_path: str) -> tuple[str, str | None]:
 def name_base_portably(folder: str | Path) -> str | None:
     """Rewrite a saved adapter folder (adapter_config.json, peft's README.md) to name its base by
     ``portable_base_id`` instead of this machine's cache path; returns the note, if any."""
-    import json
-
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))

@@ -89,3 +89,15 @@ def parse_verdict(text: str | None) -> str | None:
     if m:
         return m.group(1)
     return None
+
+
+# The LLM-as-judge prompt: the local judge (spa_lite.judge) and the HTTP judge ask the same question.
+LLM_JUDGE_PROMPT = (
+    "Review the user's question and the two responses below, then decide which response is more helpful, "
+    "accurate, relevant and follows the user's instructions better. Do not let the order or the length of "
+    "the responses influence you.\n\n"
+    "[User Question]\n{question}\n\n"
+    "[The Start of Response (A)]\n{a}\n[The End of Response (A)]\n\n"
+    "[The Start of Response (B)]\n{b}\n[The End of Response (B)]\n\n"
+    "Which response is better? Answer with \"(A)\" or \"(B)\" only."
+)

@@ -23,6 +23,7 @@ import numpy as np
 
 from spa_lite.errors import SpaError
 from spa_lite.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from spa_lite.layout import Stage, data_path
 
 CONF_BINS = [0.5 + 0.05 * k for k in range(11)]  # confidence = max(p, 1 - p) lies in [0.5, 1]
 TRAIN_KEYS = ("loss", "reward_margin", "reward_acc", "confidence", "flagged_frac", "tau")
@@ -50,7 +51,7 @@ def _iterations(run_path: Path) -> list[int]:
 def _stages(run_path: Path) -> list[tuple[str, Path]]:
     """(label, training dir) of seed and each iteration, in order."""
     its = _iterations(run_path)
-    return [("seed", run_path / "seed")] + [(f"iter{i}", run_path / f"iter{i}" / "train") for i in its]
+    return [("seed", run_path / Stage("seed", 0).key)] + [(f"iter{i}", run_path / Stage("train", i).key) for i in its]
 
 
 def training_series(metrics_path: Path) -> dict:
@@ -141,7 +142,7 @@ def collect(run_path: Path) -> dict:
         if (d / "flags.jsonl").exists():
             data["flags"][label] = flags_summary(d / "flags.jsonl")
     for i in _iterations(run_path):
-        p = run_path / f"iter{i}" / "expand" / "data.jsonl"
+        p = data_path(run_path, i)
         if p.exists():
             data["expand"][f"iter{i}"] = expand_summary(p)
     evals = sorted((run_path / "eval").glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name))

@@ -1,63 +1,39 @@
-"""Run-directory layout, stage lineage and manifests.
+"""Stage lineage and manifests: what a stage's output depends on, checks of its inputs, begin and finish.
 
-runs/<name>/seed/                 adapter/, metrics.jsonl, manifest.json          (pi_0)
-runs/<name>/iter{i}/expand/       shards/, data.jsonl, manifest.json              (D_i)
-runs/<name>/iter{i}/train/        adapter/, metrics.jsonl, manifest.json          (pi_i)
-
+The paths of a run are ``spa_lite.layout``'s (re-exported here), the stage locks ``spa_lite.locks``'s.
 Each stage's ``config_hash`` covers its own settings and the hashes of the stages it reads, so a stage made
 from another config is refused instead of silently mixed into a run.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import dataclasses
+import hashlib
+import importlib.metadata as md
 import json
-import os
 import platform
-import socket
-import sys
-import tempfile
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+
 from spa_lite.config import Recipe
-from spa_lite.errors import InputChangedError, StageLockedError, StageOrderError
-from spa_lite.io import atomic_write_json, read_json, sha256_file, sha256_obj
+from spa_lite.data import resolve_data_path
+from spa_lite.distributed import get_dist
+from spa_lite.errors import InputChangedError, StageOrderError
+from spa_lite.io import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_obj
+from spa_lite.layout import Stage, adapter_dir, policy_stage, read_manifest, stage_dir
+from spa_lite.locks import LOCK_NAME, StageLock, lock_stage, release_stage_locks, unlock_stage
+from spa_lite.memory import StagePeak, peak_rss_gb
+from spa_lite.models import ALIASES, cache_root
+from spa_lite.tracking import log_stage_summary, require
 
-LOCK_NAME = "LOCK"  # visible on purpose: `ls` shows a stage being written
-
-
-@dataclass(frozen=True)
-class Stage:
-    kind: str  # seed | expand | train
-    iteration: int  # 0 for seed
-
-    @property
-    def key(self) -> str:
-        return "seed" if self.kind == "seed" else f"iter{self.iteration}/{self.kind}"
-
-    @property
-    def command(self) -> str:
-        return "spa-lite seed-dpo" if self.kind == "seed" else f"spa-lite {self.kind} --iter {self.iteration}"
-
-    def upstream(self) -> Stage | None:
-        if self.kind == "seed":
-            return None
-        if self.kind == "train":
-            return Stage("expand", self.iteration)
-        return Stage("seed", 0) if self.iteration == 1 else Stage("train", self.iteration - 1)
-
-
-def stage_dir(recipe: Recipe, stage: Stage) -> Path:
-    return recipe.run_path / stage.key
-
-
-def adapter_dir(recipe: Recipe, iteration: int) -> Path:
-    """Adapter of pi_iteration: 0 is the seed adapter."""
-    return stage_dir(recipe, Stage("seed", 0) if iteration == 0 else Stage("train", iteration)) / "adapter"
+__all__ = ["Stage", "stage_dir", "adapter_dir", "read_manifest", "StageLock", "release_stage_locks", "stage_config",
+           "stage_hash", "base_fingerprint", "adapter_files_hash", "stage_identity", "verify_inputs",
+           "require_upstream", "versions", "begin_stage", "finish_stage", "dump_recipe"]
 
 
 def _model_key(recipe: Recipe) -> dict:
@@ -68,8 +44,6 @@ def _model_key(recipe: Recipe) -> dict:
 
 
 def _data_key(spec: str | None) -> dict:
-    from spa_lite.data import resolve_data_path
-
     if not spec:
         return {"spec": None}
     try:
@@ -108,11 +82,6 @@ def stage_hash(recipe: Recipe, stage: Stage) -> str:
     return sha256_obj(stage_config(recipe, stage))[:16]
 
 
-def read_manifest(recipe: Recipe, stage: Stage) -> dict | None:
-    path = stage_dir(recipe, stage) / "manifest.json"
-    return read_json(path) if path.exists() else None
-
-
 # ------------------------------------------------------------------------------------ identity of inputs
 
 FULL_HASH_LIMIT = 256 << 20  # base weights up to this size are hashed whole; larger ones are sampled
@@ -122,8 +91,6 @@ _HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns, how) -> hash: each file
 
 def _file_hash(path: Path, sampled: bool = False) -> str:
     """sha256 of a file, or of its safetensors header plus three 1 MiB samples (start, middle, end of the data)."""
-    import hashlib
-
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, sampled)
     if key in _HASHES:
@@ -151,18 +118,12 @@ def base_fingerprint(name_or_path: str) -> dict | None:
 
     None when the weights are not in a local folder (a hub id not yet downloaded): nothing to compare.
     """
-    import hashlib
-
-    from spa_lite.models import ALIASES, cache_root
-
     if name_or_path.lower() in ALIASES:  # the converted cache folder, without converting here
         path = cache_root() / ALIASES[name_or_path.lower()][2]
     else:
         path = Path(name_or_path)
         if not path.is_dir():
             try:
-                from huggingface_hub import snapshot_download
-
                 path = Path(snapshot_download(name_or_path, local_files_only=True))
             except Exception:  # noqa: BLE001 - not in the local cache (or not a hub id): nothing to compare
                 return None
@@ -194,10 +155,6 @@ def stage_identity(recipe: Recipe, stage: Stage) -> dict:
     return out
 
 
-def _policy_stage(k: int) -> Stage:
-    return Stage("seed", 0) if k == 0 else Stage("train", k)
-
-
 def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, recipe_arg: str = "RECIPE") -> None:
     """Check the base weights and the adapters pi_0..pi_{frozen_upto} (and D_{data_of}) are the ones their
     stages recorded.
@@ -207,7 +164,7 @@ def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, 
     """
     base_now = None
     for k in range(frozen_upto + 1):
-        st = _policy_stage(k)
+        st = policy_stage(k)
         m = read_manifest(recipe, st) or {}
         ident = m.get("identity") or {}
         adir = stage_dir(recipe, st) / "adapter"
@@ -223,8 +180,6 @@ def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, 
                     raise InputChangedError(f"{adir / name} {state}; {redo}")
         else:  # a manifest from before adapter hashes: at least the file must parse
             try:
-                from safetensors import safe_open
-
                 with safe_open(str(weights), "pt") as f:
                     f.keys()
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -276,8 +231,6 @@ def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str = "RECIPE") -
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for pkg in ("spa-lite", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets"):
         try:
@@ -287,130 +240,6 @@ def versions() -> dict:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-class StageLock:
-    """The exclusive lock of one stage directory: ``<stage>/LOCK`` holds the holder's pid, host and command.
-
-    The file is made with a hard link of a complete temporary file, so it exists only with its content and
-    only one process can create it. A lock whose holder is on this host and no longer alive (a crash, kill -9)
-    is stale and taken over; a lock held from another host cannot be checked and is refused. The process that
-    holds a lock may take it again (a stage rerun in the same process after a failure).
-    """
-
-    def __init__(self, directory: str | os.PathLike, pid: int | None = None):
-        self.dir = Path(directory)
-        self.path = self.dir / LOCK_NAME
-        self.pid = pid or os.getpid()
-        self.host = socket.gethostname()
-
-    def _holder(self) -> dict | None:
-        try:
-            info = json.loads(self.path.read_text(encoding="utf-8"))
-            return info if isinstance(info, dict) else {}
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-
-    def _refuse(self, holder: dict) -> StageLockedError:
-        who = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "an unreadable lock"
-        since = f" since {holder['since']}" if holder.get("since") else ""
-        cmd = f" ({holder['command']})" if holder.get("command") else ""
-        return StageLockedError(
-            f"{self.dir} is in use by {who}{since}{cmd}: one process writes a stage at a time; wait for it to "
-            f"finish, or if no such process is running delete {self.path}")
-
-    def acquire(self) -> StageLock:
-        """Take the lock. Raises StageLockedError when another live process holds it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        info = {"pid": self.pid, "host": self.host, "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}
-        for _ in range(3):
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lock.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(info, f)
-                try:
-                    os.link(tmp, self.path)
-                    return self
-                except FileExistsError:
-                    pass
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            holder = self._holder()
-            if holder is None:  # released meanwhile
-                continue
-            mine = holder.get("host") == self.host and isinstance(holder.get("pid"), int)
-            if mine and holder["pid"] == self.pid:
-                return self
-            if not (mine and not _pid_alive(holder["pid"])):
-                raise self._refuse(holder)
-            # stale: move it aside, and delete it only if it is still the dead holder's (not a new one)
-            aside = self.dir / f".lock.stale.{self.pid}"
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self.path, aside)
-                if json.loads(aside.read_text(encoding="utf-8")).get("pid") != holder["pid"]:
-                    with contextlib.suppress(FileExistsError):
-                        os.link(aside, self.path)
-                aside.unlink()
-        raise self._refuse(self._holder() or {})
-
-    def release(self) -> None:
-        holder = self._holder()
-        if holder and holder.get("pid") == self.pid and holder.get("host") == self.host:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-
-    def __enter__(self) -> StageLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-_HELD: dict[Path, StageLock] = {}
-
-
-def release_stage_locks() -> None:
-    """Release every stage lock this process holds (the CLI calls it when a command ends, however it ends)."""
-    while _HELD:
-        _, lock = _HELD.popitem()
-        with contextlib.suppress(OSError):
-            lock.release()
-
-
-atexit.register(release_stage_locks)
-
-
-def _lock(d: Path, dist) -> None:
-    """Take ``d``'s lock on the main process; every process raises if it is refused."""
-    err = None
-    if dist.main:
-        try:
-            _HELD[d] = StageLock(d).acquire()
-        except StageLockedError as e:
-            err = str(e)
-    err = dist.broadcast_object(err)
-    if err:
-        raise StageLockedError(err)
-
-
-def _unlock(d: Path, dist) -> None:
-    lock = _HELD.pop(d, None)
-    if lock is not None and dist.main:
-        lock.release()
-
-
 def _has_work(d: Path) -> bool:
     """Whether a partial stage holds anything worth protecting (a shard, a checkpoint, metrics)."""
     return d.is_dir() and any(p.name not in {"started.json", LOCK_NAME} and not p.name.startswith(".lock.")
@@ -418,8 +247,6 @@ def _has_work(d: Path) -> bool:
 
 
 def _clear(d: Path) -> None:
-    import shutil
-
     for p in d.iterdir():
         if p.name == LOCK_NAME:
             continue
@@ -440,23 +267,19 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
         StageLockedError: another process is writing this stage.
         StageOrderError: the stage was made from another config.
     """
-    from spa_lite.distributed import get_dist
-
-    from spa_lite.tracking import require
-
     require(recipe)  # a tracker in report_to that is not installed fails here, before any work
     dist = get_dist()
     d = stage_dir(recipe, stage)
-    _lock(d, dist)
+    lock_stage(d, dist)
     h = stage_hash(recipe, stage)
     m = read_manifest(recipe, stage)
     started = d / "started.json"
     if m is not None and m.get("status") == "complete":
         if m.get("config_hash") == h and not force:
-            _unlock(d, dist)
+            unlock_stage(d, dist)
             return d, m
         if not force:
-            _unlock(d, dist)
+            unlock_stage(d, dist)
             raise StageOrderError(
                 f"{d} is complete but was made from another config (hash {m.get('config_hash')} vs {h}); "
                 f"add --force to redo it (later stages will then need redoing) or use a new run name"
@@ -464,10 +287,8 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
     if started.exists() and not force and _has_work(d):
         prev = read_json(started).get("config_hash")
         if prev != h:
-            _unlock(d, dist)
+            unlock_stage(d, dist)
             raise StageOrderError(f"{d} holds a partial run from another config; add --force to start it over")
-    from spa_lite.memory import StagePeak
-
     _STAGE_PEAKS[stage.key] = StagePeak()  # this stage's peak resident memory, for its manifest
     dist.barrier()  # every process has read the old state before the main one changes it
     if dist.main:
@@ -484,11 +305,8 @@ _STAGE_PEAKS: dict = {}
 
 
 def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_start: float) -> dict:
-    from spa_lite.distributed import get_dist
-
-    main = get_dist().main
-    from spa_lite.memory import peak_rss_gb
-
+    dist = get_dist()
+    main = dist.main
     peak = _STAGE_PEAKS.pop(stage.key, None)
     manifest = {
         "stage": stage.key,
@@ -504,26 +322,15 @@ def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_st
         # this process's peak resident memory during the stage (GB); peak_is_stage False: the process's peak so far
         "memory": peak.read() if peak else {"peak_rss_gb": peak_rss_gb(), "peak_is_stage": False},
     }
-    from spa_lite.distributed import get_dist
-
-    dist = get_dist()
     if dist.main:
         atomic_write_json(stage_dir(recipe, stage) / "manifest.json", manifest)
-        from spa_lite.tracking import log_stage_summary
-
         log_stage_summary(recipe, stage, summary)
     dist.barrier()
-    _unlock(stage_dir(recipe, stage), dist)
+    unlock_stage(stage_dir(recipe, stage), dist)
     return manifest
 
 
 def dump_recipe(recipe: Recipe) -> None:
-    import yaml
-
-    from spa_lite.distributed import get_dist
-
     if not get_dist().main:
         return
-    from spa_lite.io import atomic_write_text
-
     atomic_write_text(recipe.run_path / "recipe.yaml", yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False))

@@ -24,6 +24,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from spa_lite.errors import SpaError
 from spa_lite.fsdp import full_tensor
 from spa_lite.io import atomic_dir
+from spa_lite.layout import adapter_name  # noqa: F401 - the stack's adapter names are the run layout's
+from spa_lite.models import name_base_portably
 
 
 @dataclass
@@ -46,11 +48,6 @@ class LoraSettings:
 
 #: The adapter of a stack with no policy adapter (pi_init only): never active in a policy, never trained.
 PLACEHOLDER_ADAPTER = "_unused"
-
-
-def adapter_name(stage_index: int) -> str:
-    """0 -> 'seed', i -> 'iter{i}'."""
-    return "seed" if stage_index == 0 else f"iter{stage_index}"
 
 
 @dataclass
@@ -128,8 +125,6 @@ def save_adapter(model, name: str, out_dir: str | Path, state: dict[str, torch.T
             for f in sub.iterdir():
                 shutil.move(str(f), tmp / f.name)
             sub.rmdir()
-        from spa_lite.models import name_base_portably
-
         name_base_portably(tmp)  # the hub id, not this machine's cache path of a bundled model
     return out_dir
 

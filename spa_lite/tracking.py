@@ -20,13 +20,19 @@ pip install. W&B honours WANDB_MODE (``offline`` writes runs/<name>/wandb/ and u
 from __future__ import annotations
 
 import atexit
+import importlib
 import importlib.util
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from spa_lite.distributed import get_dist
 from spa_lite.errors import SpaError
+from spa_lite.io import read_jsonl
+from spa_lite.layout import data_path
 
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"),
             "wandb": ("wandb", "pip install wandb"),
@@ -77,8 +83,6 @@ class _TensorBoard:
             self.w.add_scalar(k, v, global_step=step)
 
     def histogram(self, name: str, values: list[float], step: int) -> None:
-        import numpy as np
-
         self.w.add_histogram(name, np.asarray(values, dtype=float), global_step=step)
 
     def summary(self, metrics: dict[str, float], step: int) -> None:
@@ -92,8 +96,6 @@ class _WandB:
     module = "wandb"
 
     def __init__(self, recipe, stage_key: str):
-        import importlib
-
         self.m = importlib.import_module(self.module)
         self.run = self._init(recipe, stage_key)
 
@@ -137,8 +139,6 @@ class StageTracker:
     """The trackers of one stage; a no-op with an empty report_to or off the main process."""
 
     def __init__(self, recipe, stage_key: str):
-        from spa_lite.distributed import get_dist
-
         self.stage_key = stage_key
         names = requested(recipe) if get_dist().main else []
         if names:
@@ -211,10 +211,7 @@ def log_stage_summary(recipe, stage, summary: dict) -> None:
         return
     confidences = None
     if stage.kind == "expand":
-        from spa_lite.io import read_jsonl
-        from spa_lite.runs import stage_dir
-
-        data = stage_dir(recipe, stage) / "data.jsonl"
+        data = data_path(recipe.run_path, stage.iteration)
         confidences = [r["confidence"] for _, r in read_jsonl(data) if _num(r.get("confidence"))] if data.exists() else None
     stage_tracker(recipe, stage.key).log_summary(summary, stage.iteration, confidences)
     close_stage(recipe, stage.key)

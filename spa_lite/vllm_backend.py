@@ -67,6 +67,7 @@ import torch
 from transformers import GenerationConfig
 
 from spa_lite.errors import SpaError
+from spa_lite.layout import policy_label
 from spa_lite.generation import Sample, encode_prompt
 from spa_lite.merge import export_single_adapter
 from spa_lite.models import load_tokenizer, resolve_model_path
@@ -137,7 +138,7 @@ def prepare_adapter(stack_or_recipe, k: int, out_dir: str | Path, base_model_nam
     targets = [targets] if isinstance(targets, str) else list(targets)
     foreign = sorted(set(targets) - VLLM_LORA_MODULES)
     if foreign:
-        raise SpaError(f"pi_{k}'s adapter has LoRA on {foreign}; vLLM serves LoRA on {sorted(VLLM_LORA_MODULES)} "
+        raise SpaError(f"{policy_label(k)}'s adapter has LoRA on {foreign}; vLLM serves LoRA on {sorted(VLLM_LORA_MODULES)} "
                        "only (use the transformers backend, or train with lora_target_modules: all-linear)")
     return out
 

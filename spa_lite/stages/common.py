@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections.abc import Sequence
 
 import torch
@@ -45,8 +46,6 @@ def progress_info(row: dict, refine: bool) -> str:
 
 
 def _diverged_message(title: str, out_dir, detail: str) -> str:
-    from pathlib import Path
-
     ck = Path(out_dir) / "checkpoint" / "state.json"
     kept = ""
     if ck.exists():

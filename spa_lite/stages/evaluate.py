@@ -18,23 +18,12 @@ from spa_lite.io import atomic_write_json, read_json, read_jsonl, sha256_file, s
 from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.metrics import paired_difference
-from spa_lite.runs import Stage, adapter_dir, read_manifest, stage_dir
+from spa_lite.tracking import log_eval
+from spa_lite.layout import Stage, adapter_dir, complete_policies, data_path, eval_dir, stage_dir
 from spa_lite.ui import console, progress
 
 
-def complete_policies(recipe: Recipe) -> list[int]:
-    """k for each pi_k whose adapter is complete: 0 (seed), 1, 2, ... in order, stopping at the first gap."""
-    ks = []
-    for k in range(recipe.iterations + 1):
-        st = Stage("seed", 0) if k == 0 else Stage("train", k)
-        m = read_manifest(recipe, st)
-        if m is None or m.get("status") != "complete":
-            break
-        ks.append(k)
-    return ks
-
-
-def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200,
+def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200, *,
         methods: list[str] | None = None, flip: float = 0.2, lambdas: list[float] | None = None,
         do_pass_rate: bool = True, prompt_limit: int | None = 100, samples: int = 1, tag: str | None = None,
         policies: list[int | None] | None = None, temperature: float = 0.0) -> dict:
@@ -83,7 +72,7 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     if verify is not None:
         noise_rows = {}
         for i in range(1, recipe.iterations + 1):
-            data = stage_dir(recipe, Stage("expand", i)) / "data.jsonl"
+            data = data_path(recipe.run_path, i)
             if not data.exists():
                 break
             d = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
@@ -105,7 +94,7 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
                                   info=f"{len(chosen)} policies x {len(recs)} prompts x {samples}")
                 for k in chosen:
                     label = policy_label(k)
-                    path = recipe.run_path / "eval" / "cache" / f"outcomes_{label}_{_policy_key(recipe, k, settings)}.json"
+                    path = eval_dir(recipe) / "cache" / f"outcomes_{label}_{_policy_key(recipe, k, settings)}.json"
                     if path.exists():
                         outcomes[label] = read_json(path)
                         cached.append(label)
@@ -121,10 +110,8 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             report["pass_rate_diff"] = paired_pass_rate_diffs(outcomes)
     report["wall_s"] = round(time.time() - t0, 1)
     tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
-    out = recipe.run_path / "eval" / f"{tag}.json"
+    out = eval_dir(recipe) / f"{tag}.json"
     atomic_write_json(out, report)
-    from spa_lite.tracking import log_eval
-
     log_eval(recipe, tag, report)
     report["path"] = str(out)
     return report

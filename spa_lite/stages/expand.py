@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 from spa_lite.config import Recipe
 from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
@@ -218,7 +217,3 @@ def confidence_histogram(conf: list[float], bins: int = 10) -> dict:
     for c in conf:
         counts[min(bins - 1, max(0, int((c - 0.5) * 2 * bins)))] += 1
     return {"edges": edges, "counts": counts}
-
-
-def data_path(run_path: Path, iteration: int) -> Path:
-    return run_path / f"iter{iteration}" / "expand" / "data.jsonl"

@@ -6,12 +6,11 @@ from pathlib import Path
 
 from spa_lite.data import split_protocol, to_trl_conversational
 from spa_lite.io import atomic_write_json, atomic_write_jsonl
+from spa_lite.ui import progress
 
 
 def run(data: str, out: Path, seed: int = 42, seed_size: int = 2000, iter_sizes: list[int] | None = None,
         test_size: int = 0, fmt: str = "auto") -> dict:
-    from spa_lite.ui import progress
-
     iter_sizes = iter_sizes or [8000, 20000, 30000]
     total = seed_size + 2 * sum(iter_sizes) + test_size  # rows written, the prompt pool included
     with progress() as p:

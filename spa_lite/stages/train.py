@@ -11,7 +11,8 @@ from spa_lite.errors import DataError
 from spa_lite.io import read_jsonl
 from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
-from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream, stage_dir
+from spa_lite.layout import data_path
+from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream
 from spa_lite.stack import adapter_name
 from spa_lite.stages.common import fit_and_save, tokenize_pairs
 from spa_lite.training import LoopSpec
@@ -32,13 +33,13 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     out, done = begin_stage(recipe, stage, force)
     if done:
         return done
-    data_path = stage_dir(recipe, Stage("expand", iteration)) / "data.jsonl"
-    rows = [pair_texts(r, data_path, line) for line, r in read_jsonl(data_path)]
+    data = data_path(recipe.run_path, iteration)
+    rows = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
     if not rows:
-        raise DataError(data_path, None, None, "D_i is empty: expand judged no usable pairs (see its summary)")
+        raise DataError(data, None, None, "D_i is empty: expand judged no usable pairs (see its summary)")
     stack = load_stack(recipe, frozen_upto=iteration - 1, trainable=adapter_name(iteration), shard=True)
     pairs, skipped = tokenize_pairs(stack.tokenizer, rows, recipe.model.max_length, recipe.model.max_prompt_length)
     spec = loop_spec(recipe, iteration, stack.prev)
     summary = fit_and_save(recipe, stack, pairs, spec, out, f"train iter {iteration}", stop_after)
     summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, dnd_lambda=spec.lam if spec.dnd else None)
-    return finish_stage(recipe, stage, summary, {"data": str(data_path)}, t0)
+    return finish_stage(recipe, stage, summary, {"data": str(data)}, t0)
