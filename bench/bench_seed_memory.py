@@ -119,6 +119,63 @@ def run_side(cfg: dict, timeout: float) -> dict:
     return out
 
 
+def head_bench(args) -> None:
+    """The LM head alone, in one process, interleaved: seconds of forward + backward (to the hidden states) of the
+    log-probs of ``--head-rows`` rows through full logits, spa_lite's torch kernel and TRL's kernel (when
+    installed), with SmolLM2's head shape. The same rows on every side, so this is the chunked kernels' recompute
+    cost; in a DPO step the logits path also projects prompt and padding positions, which the fused path skips."""
+    import torch
+    from transformers import AutoConfig
+    from trl.trainer.utils import selective_log_softmax
+
+    from spa_lite import logps
+
+    cfg = AutoConfig.from_pretrained(common.resolve_model("smollm2"))
+    V, H, R = cfg.vocab_size, cfg.hidden_size, args.head_rows
+    machine = common.machine_info(args.threads, "cpu")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(V, H, generator=g) * 0.02  # frozen, as the LM head is in LoRA training
+    hidden = torch.randn(R, H, generator=g)
+    targets = torch.randint(0, V, (R,), generator=g)
+
+    def full(h):
+        return selective_log_softmax(torch.nn.functional.linear(h, weight).float(), targets)
+
+    def torch_kernel(h):
+        return logps.chunked_target_logps(h, weight, None, targets)
+
+    def trl_kernel(h):
+        return logps.ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, logps._VOCAB_TILE, None, 1.0, ())[0]
+
+    fns = {"head_logits": full, "head_torch": torch_kernel}
+    if logps.ChunkedLogProbFunction is not None:
+        fns["head_trl"] = trl_kernel
+    raw: dict[str, list[dict]] = {k: [] for k in fns}
+    want = None
+    for rep in range(args.repeats + 1):  # the first round warms up and is not kept
+        for name, fn in fns.items():
+            h = hidden.clone().requires_grad_()
+            t0 = time.perf_counter()
+            lp = fn(h)
+            lp.sum().backward()
+            dt = time.perf_counter() - t0
+            if want is None:
+                want = (lp.detach(), h.grad)
+            err = max(float((lp.detach() - want[0]).abs().max()), float((h.grad - want[1]).abs().max()))
+            if rep:
+                raw[name].append({"seconds": dt, "max_abs_diff_vs_logits": err, "loadavg_1min": os.getloadavg()[0]})
+                print(f"[{rep}/{args.repeats}] {name:12s} {dt:.2f} s (max |diff| vs logits {err:.1e})", flush=True)
+    sides = {k: common.side(f"seconds of forward + backward of {R} rows' log-probs", "s", False, v, "seconds")
+             for k, v in raw.items()}
+    ratios = [{**common.ratio(f"{k} / head_logits seconds (head only, same rows)", k, "head_logits", sides, "<=", 1.6),
+               "informational": True} for k in fns if k != "head_logits"]
+    notes = [f"SmolLM2's head shape ({V} x {H}), random weights, {R} rows, fp32; the first round is a warm-up.",
+             "Full logits: F.linear then trl's selective_log_softmax, as spa_lite.logps.token_logps. The kernels "
+             "recompute the projection in backward: one more [rows, H] x [H, V] matmul."]
+    common.write_result(args, "seed_memory_head", {"model": common.resolve_model("smollm2"), "rows": R,
+                        "repeats": args.repeats, "threads": args.threads}, sides, ratios, notes, machine)
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--worker":
         import logging
@@ -139,7 +196,17 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds per side")
     p.add_argument("--quick", action="store_true", help="2 steps of 1 micro-batch, 1 repeat: a smoke run")
     p.add_argument("--out", default=str(common.RESULTS / "seed_memory.json"))
+    p.add_argument("--mode", choices=["stage", "head"], default="stage",
+                   help="stage: the seed-dpo stage per side (default); head: the LM head's log-probs alone, timed")
+    p.add_argument("--head-rows", type=int, default=1024, help="--mode head: scored rows (positions)")
     args = p.parse_args(argv)
+    if args.mode == "head":
+        if args.out == str(common.RESULTS / "seed_memory.json"):
+            args.out = str(common.RESULTS / "seed_memory_head.json")
+        if args.quick:
+            args.head_rows, args.repeats = 64, 1
+        head_bench(args)
+        return
     if args.quick:
         args.steps, args.repeats, args.grad_accum = 2, 1, 1  # 2 steps: one is timed after the warm-up step
     from spa_lite import logps
