@@ -6,22 +6,19 @@ the rejected ones, each after its prompt. ``loss_mask`` marks response tokens, t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import trl
+import torch.nn.functional as F
 from trl.trainer.utils import selective_log_softmax
 
 from spa_lite.generation import encode_prompt
 
 try:
     from trl.kernels import ChunkedLogProbFunction
-except ImportError:  # trl < 1.15 has no chunked log-prob kernel: log-probs go through full logits
+except ImportError:  # trl < 1.15 has no chunked log-prob kernel: spa_lite's own (chunked_target_logps) serves
     ChunkedLogProbFunction = None
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,19 +99,28 @@ def extrapolated_logps(policy_logits: torch.Tensor, ref_logits: torch.Tensor, la
 
 # --- Fused path: log-probabilities from hidden states, without [N, L, V] logits --------------------------------
 # The largest buffers of a DPO step on a small model are the full-vocabulary logits of policy and reference
-# (and, for DND, their mix). Here the backbone returns hidden states, and TRL's chunked log-prob kernel
-# projects only the response positions through the LM head, tile by tile, recomputing tiles in backward.
+# (and, for DND, their mix). Here the backbone returns hidden states, and a chunked log-prob kernel projects
+# only the response positions through the LM head, a chunk at a time, recomputing each chunk in backward: TRL's
+# (trl >= 1.15) when installed, else spa_lite's pure-torch ``chunked_target_logps``.
 # Because the head is affine, the DND mix of logits (1 + lam) W h_theta - lam W h_ref (+ b) equals the head
 # applied to the mixed hidden states (1 + lam) h_theta - lam h_ref: Eq. 12 costs one more chunked pass.
 
 _VOCAB_TILE = 8192
+# Logits per chunk of the torch kernel: 2^24 fp32 values (64 MiB), e.g. 341 rows of SmolLM2's 49,152 tokens.
+_CHUNK_ELEMENTS = 1 << 24
 _HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-_warned_no_kernel = False
 
 
 def chunked_kernel_available() -> bool:
-    """True when the installed TRL has its chunked log-prob kernel (``trl.kernels.ChunkedLogProbFunction``)."""
-    return ChunkedLogProbFunction is not None
+    """True: log-probs of an affine LM head are computed in chunks from hidden states, with TRL's kernel when the
+    installed trl has it (``trl.kernels.ChunkedLogProbFunction``, trl >= 1.15), else with spa_lite's pure-torch
+    ``chunked_target_logps``. ``logprob_kernel()`` says which."""
+    return True
+
+
+def logprob_kernel() -> str:
+    """Which chunked log-prob kernel ``hidden_sequence_logps`` uses: "trl" or "torch" (spa_lite's own)."""
+    return "trl" if ChunkedLogProbFunction is not None else "torch"
 
 
 def head_is_affine(config) -> bool:
@@ -123,23 +129,77 @@ def head_is_affine(config) -> bool:
     return all(getattr(cfg, attr, None) in (None, 1.0) for attr in _HEAD_SCALES)
 
 
-def _warn_no_kernel_once() -> None:
-    global _warned_no_kernel
-    if not _warned_no_kernel:
-        _warned_no_kernel = True
-        log.warning("trl %s has no chunked log-prob kernel (trl.kernels.ChunkedLogProbFunction, trl >= 1.15): "
-                    "log-probs go through full [N, L, V] logits, which needs more memory (install trl>=1.15,<1.17 "
-                    "for the fused path)", trl.__version__)
+class _ChunkedTargetLogProbs(torch.autograd.Function):
+    """log_softmax(hidden @ W^T + b)[target] per row, in row chunks; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are scored in fp32
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk_rows):
+            z = F.linear(hidden[s : s + chunk_rows], weight, bias).to(acc)
+            t = targets[s : s + chunk_rows].unsqueeze(-1)
+            out[s : s + chunk_rows] = z.gather(-1, t).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = grad_out.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # weight and bias gradients accumulate over chunks in the scoring dtype (fp32 at least), not per chunk in bf16
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk_rows):
+            h = hidden[s : s + ctx.chunk_rows]
+            g_out = grad_out[s : s + ctx.chunk_rows]
+            z = F.linear(h, weight, bias).to(acc)
+            # d log p_t / dz_j = 1[j = t] - p_j; the chunk's softmax and gradient overwrite its logits in place
+            g = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_()
+            g.mul_(-g_out.unsqueeze(-1))
+            g.scatter_add_(-1, targets[s : s + ctx.chunk_rows].unsqueeze(-1), g_out.unsqueeze(-1))
+            if need_h:
+                grad_h[s : s + ctx.chunk_rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(g.t(), h.to(acc))
+            if need_b:
+                grad_b.add_(g.sum(0))
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def chunked_target_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """log softmax(hidden @ weight^T + bias)[targets] per row, [N], without an [N, V] logits tensor.
+
+    The result is float32 (float64 for float64 inputs) whatever the dtype of ``hidden``.
+
+    Pure torch, differentiable in ``hidden``, ``weight`` and ``bias``: the rows go through the head
+    ``chunk_rows`` at a time (by default as many as fit 2^24 logits) and backward recomputes each chunk's
+    logits, so no [rows, V] buffer outlives its chunk.
+
+    Args:
+        hidden: [N, H] hidden states (the scored positions only).
+        weight: [V, H] LM head weight; bias: [V] or None.
+        targets: [N] token ids (long).
+        chunk_rows: rows per chunk (>= 1); None: ``_CHUNK_ELEMENTS // V``.
+    """
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return _ChunkedTargetLogProbs.apply(hidden, weight, bias, targets.long(), int(chunk_rows))
 
 
 def fused_head(model):
     """(backbone, lm_head) when log-probs can be computed from hidden states, else None (use logits).
 
-    Without TRL's chunked kernel this logs a warning once per process and returns None.
+    None for a head that is not a plain ``nn.Linear`` (e.g. LoRA-wrapped) or rescales its logits, and for a
+    model without a separate decoder.
     """
-    if ChunkedLogProbFunction is None:
-        _warn_no_kernel_once()
-        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not head_is_affine(base.config):
         return None  # a non-affine or rescaled head: keep the plain logits path
@@ -166,6 +226,9 @@ def hidden_sequence_logps(hidden: torch.Tensor, head: torch.nn.Linear, batch: di
     mask = batch["loss_mask"][:, 1:].to(hidden.device)
     targets = batch["input_ids"][:, 1:].to(hidden.device)[mask]
     h = hidden[:, :-1][mask]
-    lp = ChunkedLogProbFunction.apply(h, head.weight, head.bias, targets, 1.0, _VOCAB_TILE, None, 1.0, ())[0]
+    if ChunkedLogProbFunction is not None:
+        lp = ChunkedLogProbFunction.apply(h, head.weight, head.bias, targets, 1.0, _VOCAB_TILE, None, 1.0, ())[0]
+    else:
+        lp = chunked_target_logps(h, head.weight, head.bias, targets)
     rows = mask.nonzero()[:, 0]
     return torch.zeros(hidden.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp.float())

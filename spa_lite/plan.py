@@ -142,8 +142,9 @@ def plan_memory(
         attention: "flash" (fused SDPA kernels, no s^2 buffer) or "math" (scores materialised).
         runtime_overhead_gb: CUDA context, kernels and allocator slack, added to every stage.
         fused_logprobs: spa-lite's default path for models with an affine LM head (``logps.fused_head``):
-            log-probs come from hidden states through TRL's chunked kernel, so instead of [T, V] logits only
-            one [min(R, 4096), 8192] tile set and three [R, H] fp32 hidden-state copies of the R scored
+            log-probs come from hidden states through a chunked kernel (TRL's when installed, else spa_lite's
+            pure-torch one, whose chunk holds at most 2^24 logits), so instead of [T, V] logits only
+            one [min(R, 4096), 8192] tile set (TRL's sizes) and three [R, H] fp32 hidden-state copies of the R scored
             (response) positions are alive; R per row is ``seq_len - prompt_len`` (the length budget left
             after the prompt; ``seq_len // 2`` when ``prompt_len >= seq_len``).
         fsdp_shards: processes the training stages shard over (FSDP2, ``spa_lite.fsdp``): base weights,
