@@ -133,3 +133,21 @@ def installed_wheel(tmp_path_factory):
     from wheel_env import build_and_install
 
     return build_and_install(tmp_path_factory.mktemp("wheel"))
+
+
+# --- CLI helpers shared by test_cli, test_faults and test_tasks ------------------------------------------------
+CLI_ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "SPA_LITE_QUIET": "1"}
+
+
+def invoke(*args):
+    """Run the spa-lite CLI in-process on ``args`` (stringified), wide and quiet."""
+    from typer.testing import CliRunner
+
+    from spa_lite.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=CLI_ENV)
+
+
+def ok(result):
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result

@@ -61,11 +61,14 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     })
     out, outcomes = tmp_path / "gain.json", tmp_path / "outcomes.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPA_LITE_QUIET": "1"}
-    res = subprocess.run([sys.executable, str(BENCH / "spa_gain.py"), "--recipe", str(rec), "--seeds", "1",
-                          "--arms", "spa,dpo_same", "--eval-prompts", "5", "--eval-batch", "5",
-                          "--run-dir", str(tmp_path / "runs"), "--out", str(out), "--outcomes", str(outcomes)],
-                         env=env, capture_output=True, text=True, timeout=900, cwd=BENCH.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
+
+    def spa_gain(*extra: str) -> None:
+        res = subprocess.run([sys.executable, str(BENCH / "spa_gain.py"), "--recipe", str(rec), "--seeds", "1",
+                              "--run-dir", str(tmp_path / "runs"), "--out", str(out), "--outcomes", str(outcomes),
+                              *extra], env=env, capture_output=True, text=True, timeout=900, cwd=BENCH.parent)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    spa_gain("--arms", "spa,dpo_same", "--eval-prompts", "5", "--eval-batch", "5")
     d = json.loads(out.read_text())
     assert set(d["pieces"]) == {"s1/spa", "s1/dpo_same"}
     same = d["pieces"]["s1/dpo_same"]
@@ -83,11 +86,7 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     assert d1["confirmed"] + d1["contradicted"] + d1["undecided"] == d1["pairs"]
     # the exploratory judge diagnostic: Eq. 7 accuracy on gold pairs agrees with evaluation.judge_accuracy,
     # an independent implementation (position-balanced, through judge_logprob) on the same pairs
-    res = subprocess.run([sys.executable, str(BENCH / "spa_gain.py"), "--recipe", str(rec), "--seeds", "1",
-                          "--judge-diag", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
-                          "--outcomes", str(outcomes)], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=BENCH.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
+    spa_gain("--judge-diag")
     jd = json.loads(out.read_text())["judge_diagnostics"]["s1"]
     assert jd["D0 (trained on)"]["n_pairs"] == 8
     from spa_lite.config import load_recipe
@@ -108,11 +107,7 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     assert jd["held-out gold"]["pi_1 prev"]["accuracy"] == pytest.approx(ref1["prev"]["accuracy"], abs=1 / len(pairs) + 1e-9)
     # judge shift: pi_init's samples of X_1 judged by pi_0, next to D_1's own pairs (counts and pass rates
     # recomputed here from D_1 as written)
-    res = subprocess.run([sys.executable, str(BENCH / "spa_gain.py"), "--recipe", str(rec), "--seeds", "1",
-                          "--judge-shift", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
-                          "--outcomes", str(outcomes)], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=BENCH.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
+    spa_gain("--judge-shift")
     js = json.loads(out.read_text())["judge_shift"]["s1"]
     from spa_lite.data import pair_texts
     from spa_lite.demo.tasks import verify

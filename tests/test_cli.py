@@ -16,25 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from conftest import tiny_overrides, write_recipe
+from conftest import invoke, ok, tiny_overrides, write_recipe
 from spa_lite.cli import app
 
-ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "SPA_LITE_QUIET": "1"}
 EXPAND_FIELDS = {"prompt", "chosen", "rejected", "p_y1", "confidence", "logratio_chosen", "logratio_rejected",
                  "len_chosen", "len_rejected"}
 
 
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def lines(result) -> list[str]:

@@ -18,21 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import build_tiny_model_dir, tiny_overrides, write_pairs, write_recipe
-from spa_lite.cli import app
-
-ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "SPA_LITE_QUIET": "1"}
+from conftest import invoke, ok, build_tiny_model_dir, tiny_overrides, write_pairs, write_recipe
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
 
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def refused(result, *needles: str) -> str:

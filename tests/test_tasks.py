@@ -9,22 +9,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import tiny_overrides, write_recipe
-from spa_lite.cli import app
+from conftest import invoke, ok, tiny_overrides, write_recipe
 from spa_lite.tasks import RecipeArgs
 
-ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "SPA_LITE_QUIET": "1"}
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def flat(result) -> str:
