@@ -86,10 +86,11 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     MiB (activations, logit chunks, gradients) come from the heap arenas, which fragment and keep their peak.
     A CPU training stage of the quick start then peaked at 3.1 GB resident against 1.4 GB with a fixed
     threshold (bench/RESULTS.md, malloc). Setting the threshold turns glibc's adjustment off; blocks at or above
-    it go back to the OS when freed. A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone.
+    it go back to the OS when freed. A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone, and
+    ``SPA_LITE_GLIBC_MALLOC=1`` keeps glibc's own behaviour (the benchmark's "before" side).
     Returns whether it was set (False off glibc/Linux).
     """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or os.environ.get("SPA_LITE_GLIBC_MALLOC") == "1":
         return False
     if _TUNED and _TUNED[-1] == threshold:
         return True

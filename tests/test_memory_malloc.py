@@ -50,3 +50,6 @@ def test_large_blocks_leave_the_heap_arena():
 def test_a_threshold_the_user_set_is_left_alone(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert memory.fix_mmap_threshold() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("SPA_LITE_GLIBC_MALLOC", "1")
+    assert memory.fix_mmap_threshold() is False
