@@ -138,3 +138,17 @@ def test_expand_in_bf16_scores_eq7_by_a_forward_and_records_the_dtype(tiny_recip
     assert m_low["summary"]["sample_dtype"] == ["bfloat16"]
     assert "sampler_logps" not in m_low["summary"]
     assert m_low["summary"]["pairs"] + m_low["summary"]["identical"] + m_low["summary"]["empty"] == 4
+
+    # auto on a CPU with bf16 units: expand keeps full precision while it records Eq. 7's log-probs ...
+    monkeypatch.setattr(generation, "fast_bf16_cpu", lambda: True)
+    seen.clear()
+    auto = tiny_recipe(**{"iterations": 1, "data.iter_prompts": [4], "expand.shard_size": 4,
+                          "expand.sample_dtype": "auto"})
+    assert expand.run(auto, 1, force=True)["summary"]["sample_dtype"] == ["model"]
+    assert seen == [(None, True)]
+    # ... and decodes in bf16 where Eq. 7 scores pi_{i-1} by a forward anyway
+    seen.clear()
+    fwd = tiny_recipe(**{"iterations": 1, "data.iter_prompts": [4], "expand.shard_size": 4,
+                         "expand.sample_dtype": "auto", "expand.judge_logps": "forward"})
+    assert expand.run(fwd, 1, force=True)["summary"]["sample_dtype"] == ["bfloat16"]
+    assert seen == [(torch.bfloat16, False)]

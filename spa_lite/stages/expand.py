@@ -53,9 +53,11 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     if kept_prompts:
         with stack.use(names) as m:
             extra = {}
-            if sample_fn is sample_responses:
+            if sample_fn is sample_responses and not (record and c.sample_dtype == "auto"):
+                # auto keeps full precision where Eq. 7 reads pi_{i-1}'s log-probs off the sampling pass: a bf16
+                # copy's log-probs are not pi_{i-1}'s, and the forward pass that then scores pi_{i-1} costs more
+                # than bf16 decoding saves (bench/RESULTS.md, generation: 0.97x vs 1.65x the old engine)
                 dtype = sampling_dtype(c.sample_dtype, m)
-                # a reduced-precision copy's log-probs are not pi_{i-1}'s: Eq. 7 then scores pi_{i-1} by a forward
                 record = record and dtype is None
                 extra = {"dtype": dtype} if dtype is not None else {}
             samples = sample_fn(
