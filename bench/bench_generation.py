@@ -11,13 +11,18 @@ Two workloads, as the stages run them (natural stops at the end of turn, real pr
 
 Sides: ``old`` = ``sample_responses(engine="hf")``, transformers' generate on the unmerged stack in file order
 (what spa-lite did before); ``new`` = ``sample_responses(engine="fast")``: adapters merged into a working copy,
-length-sorted batches, one prefill per prompt, finished rows leaving the batch. One process and model; one
+length-sorted batches, one prefill per prompt, finished rows leaving the batch; ``bf16`` = the fast engine
+decoding with a bfloat16 merged copy (``expand.sample_dtype: auto`` on a CPU with bf16 matrix units). A bf16
+copy's log-probs are not pi_{i-1}'s, so the bf16 expand side also pays what expand then runs: a float32 forward of
+pi_{i-1} over every sample (``judge.response_logps``), inside its timed wall. One process and model; one
 untimed warm-up of each side, then old, new, old, new, ... tokens/s = response tokens / wall seconds
 (including the merge of the working copy for the new side). Greedy outputs of the two sides are compared
 (same tokens, up to float rounding); the two engines' samples at temperature > 0 differ by design (per-row
 random streams), so the expand side's token counts differ between sides.
 
-Target: new / old >= 3 on each workload (CPU).
+Target: new / old >= 3 on each workload (CPU); reported for ``new`` and ``bf16``. Fidelity of bf16: greedy
+answers token-identical to the float32 fast engine's, and per-token |log-prob of the bf16 copy - float32
+forward| on the expand samples.
 
 ``--mode batching`` keeps the earlier measurement: batched vs one-sequence-per-call sampling (forced lengths).
 """
@@ -25,6 +30,7 @@ Target: new / old >= 3 on each workload (CPU).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -43,6 +49,7 @@ def main(argv=None):
     p.add_argument("--expand-batch", type=int, default=24, help="expand: prompts per batch (smollm2-demo: 24)")
     p.add_argument("--export-tokens", type=int, default=192, help="export: max new tokens")
     p.add_argument("--export-batch", type=int, default=25, help="export: prompts per batch")
+    p.add_argument("--sides", default="", help="comma list of old,new,bf16 (default: all)")
     # --mode batching
     p.add_argument("--samples", type=int, default=4, help="batching: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="batching: tokens per sequence")
@@ -61,7 +68,8 @@ def main(argv=None):
     import torch
 
     from spa_lite.data import load_prompts
-    from spa_lite.generation import sample_responses
+    from spa_lite.generation import encode_prompt, fast_bf16_cpu, sample_responses
+    from spa_lite.judge import response_logps
     from spa_lite.models import load_base_model
     from spa_lite.stack import build_stack
 
@@ -85,21 +93,33 @@ def main(argv=None):
         "export": dict(num_samples=1, max_new_tokens=args.export_tokens, temperature=0.0,
                        batch_size=args.export_batch),
     }
-    engines = {"old": "hf", "new": "fast"}
+    engines = {"old": dict(engine="hf"), "new": dict(engine="fast"), "bf16": dict(engine="fast", dtype=torch.bfloat16)}
+    if args.sides:
+        engines = {k: v for k, v in engines.items() if k in args.sides.split(",")}
+    prompt_ids = [encode_prompt(tok, p) for p in prompts]
+    fidelity: dict[str, list] = {"expand_abs_dev_per_token": [], "expand_seq_abs_dev": []}
     raw = {f"{w}_{s}": [] for w in workloads for s in engines}
     greedy: dict[str, list] = {}
     with stack.use(names) as m:
         for w, kw in workloads.items():  # warm-up, untimed
             for s, eng in engines.items():
-                sample_responses(m, tok, prompts[:2], seed=99, engine=eng, **{**kw, "max_new_tokens": 4})
+                sample_responses(m, tok, prompts[:2], seed=99, **eng, **{**kw, "max_new_tokens": 4})
         for rep in range(args.repeats):
             for w, kw in workloads.items():
                 for s, eng in engines.items():
                     sync()
                     t0 = time.perf_counter()
-                    out = sample_responses(m, tok, prompts, seed=1000 * rep, engine=eng, **kw)
+                    out = sample_responses(m, tok, prompts, seed=1000 * rep, **eng, **kw)
+                    if w == "expand" and "dtype" in eng:  # Eq. 7 needs pi_{i-1}'s own log-probs: a float32 forward
+                        seqs = [(prompt_ids[i], smp) for i, g in enumerate(out) for smp in g]
+                        fwd = response_logps(stack, names, [x for x, _ in seqs], [y.token_ids for _, y in seqs],
+                                             batch_size=16)  # expand: 2 x judge_batch_size 8
                     sync()
                     wall = time.perf_counter() - t0
+                    if w == "expand" and "dtype" in eng:
+                        for (_, smp), f in zip(seqs, fwd.tolist()):
+                            fidelity["expand_seq_abs_dev"].append(abs(smp.logp - f))
+                            fidelity["expand_abs_dev_per_token"].append(abs(smp.logp - f) / max(1, smp.num_tokens))
                     n = sum(x.num_tokens for g in out for x in g)
                     la = os.getloadavg()[0]
                     raw[f"{w}_{s}"].append({"tokens": n, "wall_s": wall, "tokens_per_s": n / wall, "loadavg_1m": la})
@@ -108,10 +128,27 @@ def main(argv=None):
                     print(f"[{rep + 1}/{args.repeats}] {w:6s} {s}: {n:6d} tokens in {wall:7.2f} s = "
                           f"{n / wall:7.1f} tok/s (load {la:.2f})", flush=True)
     sides = {k: common.side("generated tokens per second", "tok/s", True, v, "tokens_per_s") for k, v in raw.items()}
-    ratios = [common.ratio(f"{w}: new / old throughput", f"{w}_new", f"{w}_old", sides, ">=", 3.0) for w in workloads]
-    same = sum(a == b for a, b in zip(greedy["old"], greedy["new"]))
-    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-              for a, b in zip(greedy["old"], greedy["new"]) if a != b]
+    ratios = [common.ratio(f"{w}: {s} / old throughput", f"{w}_{s}", f"{w}_old", sides, ">=", 3.0)
+              for w in workloads for s in engines if s != "old" and "old" in engines]
+
+    def agree(a_side, b_side):
+        a, b = greedy.get(a_side), greedy.get(b_side)
+        if a is None or b is None:
+            return None, []
+        pre = [next((i for i, (x, y) in enumerate(zip(u, v)) if x != y), min(len(u), len(v)))
+               for u, v in zip(a, b) if u != v]
+        return sum(u == v for u, v in zip(a, b)), sorted(pre)
+
+    same, prefix = agree("old", "new")
+    same_bf16, prefix_bf16 = agree("new", "bf16")
+    dev_tok = sorted(fidelity["expand_abs_dev_per_token"])
+    dev_seq = sorted(fidelity["expand_seq_abs_dev"])
+    fid = {"greedy_identical_bf16_vs_new": same_bf16, "greedy_first_difference_bf16_vs_new": prefix_bf16,
+           "expand_logp_abs_dev_per_token_median": common.median(dev_tok) if dev_tok else None,
+           "expand_logp_abs_dev_per_token_max": dev_tok[-1] if dev_tok else None,
+           "expand_logp_abs_dev_per_sequence_median": common.median(dev_seq) if dev_seq else None,
+           "expand_logp_abs_dev_per_sequence_max": dev_seq[-1] if dev_seq else None,
+           "cpu_has_fast_bf16": fast_bf16_cpu()}
     notes = [
         "One process and model; interleaved old, new per workload after one warm-up of each; tokens/s per repeat, "
         "median reported.",
@@ -119,11 +156,14 @@ def main(argv=None):
         f"sequences stop at the end of turn.",
         f"export (greedy): {same}/{len(prompts)} answers token-identical between old and new; the others agree for "
         f"their first {sorted(prefix)} tokens (float rounding of merged vs unmerged weights flips a near-tie argmax).",
+        f"bf16 fidelity: {json.dumps(fid)} (greedy bf16 vs new float32; expand: log-prob of each bf16 sample under "
+        f"the bf16 copy vs a float32 forward of pi_1, per token and per sequence, nats).",
         f"load average (1, 5, 15 min) at start {load0}; per-repeat 1-min load in raw.",
         f"torch threads: {torch.get_num_threads()}.",
     ]
     settings = dict(model=model_path, device=args.device, threads=args.threads, prompts=len(prompts),
-                    workloads=workloads, seed=args.seed, policy="base + seed + iter1")
+                    workloads=workloads, seed=args.seed, policy="base + seed + iter1", sides=list(engines),
+                    bf16_fidelity=fid)
     common.write_result(args, "generation", settings, sides, ratios, notes, machine)
 
 

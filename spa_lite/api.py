@@ -212,7 +212,8 @@ class Policy:
         msgs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
         c = self.recipe.expand
         return generate_answers(self.stack, self.names, msgs, max_new_tokens or c.max_new_tokens, temperature,
-                                batch_size or c.batch_size, self.recipe.seed if seed is None else seed)
+                                batch_size or c.batch_size, self.recipe.seed if seed is None else seed,
+                                sample_dtype=c.sample_dtype)
 
     def __repr__(self) -> str:
         return f"Policy({self.label} of {self.recipe.run_path}, adapters {self.names})"

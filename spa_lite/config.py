@@ -142,6 +142,11 @@ class ExpandConfig:
     drop_truncated: bool = setting(False, "drop pairs where a response hit max_new_tokens (counted either way)")
     backend: str = setting("hf", "hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', "
                            "CUDA)", choices=("hf", "vllm"))
+    sample_dtype: str = setting("auto", "precision of decoding in expand, eval, export-answers, winrate: auto "
+                                "(bfloat16 on a CPU with bf16 matrix units, except where expand records Eq. 7's "
+                                "log-probs while sampling; else the model's) | model | bfloat16 | float16 | float32; "
+                                "judging stays in the model's dtype",
+                                choices=("auto", "model", "bfloat16", "float16", "float32"))
 
 
 @dataclass

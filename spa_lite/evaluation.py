@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from spa_lite.data import pair_texts
-from spa_lite.generation import encode_prompt, sample_responses
+from spa_lite.generation import encode_prompt, sample_responses, sampling_dtype
 from spa_lite.judge import judge_llm, judge_logprob
 from spa_lite.logps import (backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
                             hidden_sequence_logps, sequence_logps, tokenize_pair)
@@ -106,20 +106,20 @@ def noise_detection(stack: PolicyStack, pairs: Sequence, k: int, flip: float, la
 @torch.no_grad()
 def response_outcomes(stack: PolicyStack, records: Sequence[dict], k: int | None, verify, samples: int = 1,
                       max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
-                      batch_size: int = 16, on_batch=None) -> list[dict]:
+                      batch_size: int = 16, on_batch=None, sample_dtype: str = "model") -> list[dict]:
     """pi_k's responses to held-out demo prompts, one row per (prompt, sample) in prompt order:
     ``{"id", "sample", "passed", "tokens", "truncated"}``. ``temperature`` 0 is greedy decoding.
 
     Prompts are batched by tokenised length (longest first) so a batch pads little; the samples of a prompt
     depend on its batch, so with sampling the draws differ from file-order batching (greedy ones do not).
-    ``on_batch(n)`` is called as prompts finish (progress bars).
+    ``on_batch(n)`` is called as prompts finish (progress bars). ``sample_dtype``: as ``expand.sample_dtype``.
     """
     lengths = [len(encode_prompt(stack.tokenizer, r["prompt"])) for r in records]
     order = sorted(range(len(records)), key=lambda i: -lengths[i])
     with stack.use(policy_names(k)) as m:
         outs = sample_responses(m, stack.tokenizer, [records[i]["prompt"] for i in order], num_samples=samples,
                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                batch_size=batch_size, on_batch=on_batch)
+                                batch_size=batch_size, on_batch=on_batch, dtype=sampling_dtype(sample_dtype, m))
     by_prompt = dict(zip(order, outs))
     rows = []
     for i, rec in enumerate(records):

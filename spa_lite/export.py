@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spa_lite.errors import DataError
-from spa_lite.generation import sample_responses
+from spa_lite.generation import sample_responses, sampling_dtype
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
 GenerateFn = Callable[[Sequence[Sequence[dict]], float], list[str]]
@@ -34,25 +34,28 @@ MT_BENCH_DEFAULT_TEMPERATURE = 0.7
 # ----------------------------------------------------------------------------------------------- generation
 
 def generate_answers(stack, names: Sequence[str], prompts_messages: Sequence[Sequence[dict]], max_new_tokens: int,
-                     temperature: float, batch_size: int, seed: int = 0, on_batch=None) -> list[str]:
+                     temperature: float, batch_size: int, seed: int = 0, on_batch=None,
+                     sample_dtype: str = "model") -> list[str]:
     """One answer per chat prompt from the policy of adapters ``names`` ([] is pi_init); temperature 0 is greedy.
 
-    ``on_batch(n)`` is called after each batch of n answers (progress bars)."""
+    ``on_batch(n)`` is called after each batch of n answers (progress bars); ``sample_dtype`` as
+    ``expand.sample_dtype``."""
     if not prompts_messages:
         return []
     with stack.use(list(names)) as m:
         outs = sample_responses(m, stack.tokenizer, [list(p) for p in prompts_messages], num_samples=1,
                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                batch_size=batch_size, on_batch=on_batch)
+                                batch_size=batch_size, on_batch=on_batch, dtype=sampling_dtype(sample_dtype, m))
     return [s[0].text for s in outs]
 
 
 def make_generate(stack, names: Sequence[str], max_new_tokens: int = 1024, batch_size: int = 8,
-                  seed: int = 0, on_batch=None) -> GenerateFn:
+                  seed: int = 0, on_batch=None, sample_dtype: str = "model") -> GenerateFn:
     """A ``generate(prompts, temperature)`` callable over ``generate_answers`` for the writers below."""
 
     def generate(prompts: Sequence[Sequence[dict]], temperature: float) -> list[str]:
-        return generate_answers(stack, names, prompts, max_new_tokens, temperature, batch_size, seed, on_batch)
+        return generate_answers(stack, names, prompts, max_new_tokens, temperature, batch_size, seed, on_batch,
+                                sample_dtype)
 
     return generate
 

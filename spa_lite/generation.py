@@ -117,13 +117,35 @@ def _active_lora_state(model) -> tuple:
     return tuple(key)
 
 
+def _cast_params(work: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give every module of the cloned tree ``work`` its own floating-point parameters in ``dtype``.
+
+    The tree's modules share their ``_parameters`` dicts with the original (``_clone_tree``), so each dict is
+    replaced, never mutated; a parameter used twice (tied embeddings and LM head) is converted once and stays
+    tied. Buffers (rotary frequencies) keep their dtype: the model computes positions from them in float32.
+    """
+    seen: dict[int, torch.nn.Parameter] = {}
+    for mod in work.modules():
+        new = {}
+        for k, p in mod._parameters.items():
+            if p is None or not p.is_floating_point() or p.dtype == dtype:
+                new[k] = p
+                continue
+            if id(p) not in seen:
+                seen[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            new[k] = seen[id(p)]
+        mod._parameters = new
+
+
 @torch.no_grad()
-def merged_copy(model):
+def merged_copy(model, dtype: torch.dtype | None = None):
     """A plain transformers model computing what the peft ``model`` computes with its active adapters.
 
     Every LoRA-wrapped linear layer of the copy holds W + sum_a scaling_a B_a A_a over the active adapters
     (W alone where adapters are disabled); every other tensor (embeddings, norms, rotary buffers, the
     linear layers no adapter targets) is shared with ``model``, not copied. The base is not modified.
+    ``dtype`` (e.g. bfloat16 for sampling on a CPU with bf16 matrix units): the copy's weights in that dtype
+    (merged in the model's own dtype first, then rounded once); then no parameter is shared.
     Returns None where merging does not apply (no LoRA layers, quantized or non-Linear bases, DoRA).
     """
     if not _can_merge(model):
@@ -148,13 +170,15 @@ def merged_copy(model):
             lin.bias = base.bias
         parent_name, _, attr = name.rpartition(".")
         setattr(work.get_submodule(parent_name) if parent_name else work, attr, lin)
+    if dtype is not None:
+        _cast_params(work, dtype)
     work.eval()
     return work
 
 
 @contextlib.contextmanager
-def sampling_model(model, merge: bool = True) -> Iterator[object]:
-    """The model to decode with: ``merged_copy(model)`` when possible (and ``merge``), else ``model`` itself.
+def sampling_model(model, merge: bool = True, dtype: torch.dtype | None = None) -> Iterator[object]:
+    """The model to decode with: ``merged_copy(model, dtype)`` when possible (and ``merge``), else ``model`` itself.
 
     The merged copy of the last policy is kept on ``model`` (one slot) and reused while the active adapters and
     their weights are unchanged (checked by tensor identity and version), so a stage that samples shard after
@@ -163,11 +187,11 @@ def sampling_model(model, merge: bool = True) -> Iterator[object]:
     if not merge or not _can_merge(model):
         yield model
         return
-    key = _active_lora_state(model)
+    key = (_active_lora_state(model), dtype)
     slot = getattr(model, "_spa_sampling_copy", None)
     if slot is None or slot[0] != key:
         release_sampling_copy(model)
-        slot = (key, merged_copy(model))
+        slot = (key, merged_copy(model, dtype))
         object.__setattr__(model, "_spa_sampling_copy", slot)  # not a submodule: no parameters registered
     yield slot[1]
 
@@ -179,6 +203,48 @@ def release_sampling_copy(model) -> None:
 
 
 CPU_MIN_ROWS = 64  # see sample_responses(max_rows=...)
+SAMPLE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def fast_bf16_cpu() -> bool:
+    """True where this CPU multiplies bfloat16 matrices in hardware (AMX tiles and AVX512-BF16, oneDNN)."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_amx_tile_supported() and cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch without the probes
+        return False
+
+
+def resolve_sample_dtype(setting: str, device_type: str, model_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype to decode in for ``expand.sample_dtype`` on a model computing in ``model_dtype`` on
+    ``device_type`` (None: the model's own).
+
+    "auto" is bfloat16 for a float32 model on a CPU with bf16 matrix units (decoding is 2-3x faster there:
+    bench/RESULTS.md, generation), else the model's own dtype; "model" is always the model's own.
+    """
+    if setting == "model":
+        return None
+    if setting == "auto":
+        fast = device_type == "cpu" and model_dtype == torch.float32 and fast_bf16_cpu()
+        return torch.bfloat16 if fast else None
+    if setting not in SAMPLE_DTYPES:
+        raise ValueError(f"sample dtype '{setting}' is not auto, model or one of {', '.join(SAMPLE_DTYPES)}")
+    dt = SAMPLE_DTYPES[setting]
+    return None if dt == model_dtype else dt
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """How manifests name a sampling dtype: "bfloat16", ... or "model" (None: the model's own)."""
+    return "model" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def sampling_dtype(setting: str, model) -> torch.dtype | None:
+    """``resolve_sample_dtype`` for a loaded model (its first parameter's device and dtype)."""
+    try:
+        param = next(model.parameters())
+    except StopIteration:
+        return None
+    return resolve_sample_dtype(setting, param.device.type, param.dtype)
 
 
 def _row_seed(seed: int, prompt: int, sample: int) -> int:
@@ -203,6 +269,7 @@ def sample_responses(
     engine: str = "fast",
     merge: bool = True,
     max_rows: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[list[Sample]]:
     """Sample ``num_samples`` responses per chat prompt (temperature 0: greedy), batched with left padding.
 
@@ -225,6 +292,9 @@ def sample_responses(
             ``CPU_MIN_ROWS`` on a CPU, where a decoding step streams every weight once whatever the row count, so
             more rows cost little more per step (bench/bench_generation.py); the KV cache of a row is small next
             to the weights on the models one samples on a CPU.
+        dtype: fast engine: decode with the merged copy's weights in this dtype (``sampling_dtype`` picks
+            bfloat16 on CPUs with bf16 matrix units). The samples then come from the policy rounded to that
+            dtype, and recorded log-probs are that copy's, not the full-precision policy's.
 
     Returns:
         one list of ``num_samples`` samples per prompt, in prompt order.
@@ -248,7 +318,7 @@ def sample_responses(
     was_training = model.training
     model.eval()
     try:
-        with sampling_model(model, merge) as work:
+        with sampling_model(model, merge, dtype) as work:
             device = next(work.parameters()).device
             finished = 0
 

@@ -15,6 +15,7 @@ from spa_lite.config import Recipe
 from spa_lite.distributed import get_dist, local_device
 from spa_lite.errors import SpaError
 from spa_lite.fsdp import fsdp_requested, shard_stack
+from spa_lite.memory import fix_mmap_threshold
 from spa_lite.models import ALIASES, load_base_model
 from spa_lite.runs import adapter_dir, verify_inputs
 from spa_lite.stack import LoraSettings, PolicyStack, adapter_name, build_stack
@@ -25,6 +26,7 @@ __all__ = ["load_stack", "setup_torch"]
 def setup_torch(recipe: Recipe) -> None:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    fix_mmap_threshold()  # large CPU tensors outside glibc's arenas: a stage's peak follows what it holds
 
 
 def _check_model_path(name: str) -> None:

@@ -4,7 +4,8 @@ Linux keeps a process's peak resident set (VmHWM in /proc/self/status) and lets 
 (writing 5 to /proc/self/clear_refs), so each stage can report its own peak even when several stages run in
 one process (``spa-lite run``). glibc keeps freed heap memory in its arenas instead of unmapping it; after a
 stage's model is dropped, ``release_memory`` collects cyclic garbage (peft models hold reference cycles, so
-they are not freed when the last name goes) and asks glibc to return free pages (``malloc_trim``).
+they are not freed when the last name goes) and asks glibc to return free pages (``malloc_trim``). Before a
+model is loaded, ``fix_mmap_threshold`` keeps large tensors out of the heap arenas altogether.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import resource
 import sys
 from pathlib import Path
@@ -55,14 +57,51 @@ def reset_peak() -> bool:
 
 
 def _malloc_trim() -> bool:
+    libc = _libc()
+    try:
+        return libc is not None and bool(libc.malloc_trim(0))
+    except AttributeError:  # not glibc (musl has no malloc_trim)
+        return False
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter numbers (glibc malloc.h)
+MMAP_THRESHOLD = 1 << 20
+_TUNED: list[int] = []
+
+
+def _libc():
     name = ctypes.util.find_library("c")
     if not name or not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve every heap block of ``threshold`` bytes or more by its own mmap, for the rest of the process.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB): from then on, tensors of several
+    MiB (activations, logit chunks, gradients) come from the heap arenas, which fragment and keep their peak.
+    A CPU training stage of the quick start then peaked at 3.1 GB resident against 1.4 GB with a fixed
+    threshold (bench/RESULTS.md, malloc). Setting the threshold turns glibc's adjustment off; blocks at or above
+    it go back to the OS when freed. A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone, and
+    ``SPA_LITE_GLIBC_MALLOC=1`` keeps glibc's own behaviour (the benchmark's "before" side).
+    Returns whether it was set (False off glibc/Linux).
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or os.environ.get("SPA_LITE_GLIBC_MALLOC") == "1":
         return False
+    if _TUNED and _TUNED[-1] == threshold:
+        return True
+    libc = _libc()
+    try:
+        ok = libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except AttributeError:  # not glibc
+        return False
+    if ok:
+        _TUNED.append(threshold)
+    return ok
 
 
 def release_memory() -> dict:

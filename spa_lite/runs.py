@@ -55,6 +55,14 @@ def _data_key(spec: str | None) -> dict:
     return {"spec": spec}
 
 
+def _expand_key(recipe: Recipe) -> dict:
+    d = dataclasses.asdict(recipe.expand)
+    # the precision of decoding is, like the device, how pi_{i-1} is sampled rather than what: left out, so a
+    # run keeps its hash across machines and versions; expand's manifest records the dtype used
+    d.pop("sample_dtype")
+    return d
+
+
 def _loop_key(section) -> dict:
     d = dataclasses.asdict(section)
     d.pop("diverge_factor", None)  # stops a diverging run; a run that finishes is the same with or without it
@@ -70,7 +78,7 @@ def stage_config(recipe: Recipe, stage: Stage) -> dict:
     up = stage.upstream()
     base = {"upstream": stage_hash(recipe, up), "seed": recipe.seed}
     if stage.kind == "expand":
-        base.update(expand=dataclasses.asdict(recipe.expand),
+        base.update(expand=_expand_key(recipe),
                     data={"prompts": _data_key(recipe.data.prompts), "format": recipe.data.format,
                           "sizes": recipe.data.iter_prompts[: stage.iteration], "shuffle_seed": recipe.data.shuffle_seed})
     else:

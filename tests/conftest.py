@@ -98,6 +98,9 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], run_dir: Path, **extr
         "seed_dpo.epochs": 2, "seed_dpo.batch_size": 2, "seed_dpo.grad_accum": 2, "seed_dpo.lr": 5e-3,
         "seed_dpo.save_every": 2,
         "expand.max_new_tokens": 12, "expand.batch_size": 4, "expand.shard_size": 3, "expand.judge_batch_size": 4,
+        # full-precision decoding on every machine (auto is bf16 only on CPUs with bf16 units): test_sample_dtype
+        # covers the bf16 path
+        "expand.sample_dtype": "model",
         "train.batch_size": 2, "train.grad_accum": 2, "train.lr": 5e-3, "train.save_every": 1,
         "train.window": 8,
     }

@@ -121,3 +121,30 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
                                  r["constraint"]) for r in d1)
     init = js["pi_init samples on X_1"]
     assert init["pairs"] == 16 and 0 <= init["decided"] <= 16 and 0.0 <= init["pass_rate"] <= 1.0
+
+
+def test_bench_generation_sides_and_bf16_fidelity(tmp_path):
+    d = run_bench("bench_generation.py", tmp_path / "generation.json")
+    assert set(d["sides"]) == {f"{w}_{s}" for w in ("expand", "export") for s in ("old", "new", "bf16")}
+    assert {r["name"] for r in d["ratios"]} == {f"{w}: {s} / old throughput" for w in ("expand", "export")
+                                               for s in ("new", "bf16")}
+    fid = d["settings"]["bf16_fidelity"]
+    assert 0 <= fid["greedy_identical_bf16_vs_new"] <= d["settings"]["prompts"]
+    # the bf16 expand side scored its samples with a float32 forward: a deviation was measured for each sample
+    assert fid["expand_logp_abs_dev_per_sequence_max"] >= fid["expand_logp_abs_dev_per_sequence_median"] >= 0
+    for side in d["sides"].values():
+        assert side["median"] > 0
+
+
+def test_bench_quickstart_reads_every_stage_peak(tmp_path, tiny_model_dir, tiny_data):
+    from conftest import tiny_overrides, write_recipe
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_overrides(tiny_model_dir, tiny_data, tmp_path / "runs"))
+    d = run_bench("bench_quickstart.py", tmp_path / "quickstart.json", "--recipe", str(recipe), "--no-eval",
+                  "--run-dir", str(tmp_path / "runs"))
+    stages = ["seed", "iter1_expand", "iter1_train", "iter2_expand", "iter2_train"]
+    for st in stages:
+        assert 0 < d["sides"][st]["median"] < 100, st
+    assert d["sides"]["run_peak"]["median"] == max(d["sides"][st]["median"] for st in stages)
+    assert d["ratios"][0]["pass"] is (d["sides"]["run_peak"]["median"] <= 2.5)
+    assert d["sides"]["iter1_expand"]["raw"][0]["summary_sample_dtype"] == ["model"]  # the tiny recipe pins it

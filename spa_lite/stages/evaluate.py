@@ -15,6 +15,7 @@ from spa_lite.errors import SpaError, StageOrderError
 from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, policy_label,
                                  response_outcomes, self_label_noise, summarize_outcomes)
 from spa_lite.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_obj
+from spa_lite.generation import dtype_name, sampling_dtype
 from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.metrics import paired_difference
@@ -88,6 +89,9 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             settings = {"prompts": sha256_obj([[r.get("id"), r["prompt"], r["constraint"]] for r in recs]),
                         "max_new_tokens": recipe.expand.max_new_tokens, "temperature": temperature,
                         "top_p": recipe.expand.top_p, "samples": samples, "seed": recipe.seed}
+            low = sampling_dtype(recipe.expand.sample_dtype, stack.model)
+            if low is not None:  # full-precision settings keep the cache keys they had before the setting existed
+                settings["sample_dtype"] = dtype_name(low)
             outcomes, cached = {}, []
             with progress() as p:
                 task = p.add_task("pass rate", total=len(chosen) * len(recs),
@@ -103,7 +107,7 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
                         outcomes[label] = response_outcomes(
                             stack, recs, k, verify, samples=samples, max_new_tokens=recipe.expand.max_new_tokens,
                             temperature=temperature, seed=recipe.seed, batch_size=recipe.expand.batch_size,
-                            on_batch=lambda n: p.advance(task, n))
+                            on_batch=lambda n: p.advance(task, n), sample_dtype=recipe.expand.sample_dtype)
                         atomic_write_json(path, outcomes[label])
             report["pass_rate"] = {lab: summarize_outcomes(rows) for lab, rows in outcomes.items()}
             report["pass_rate_settings"] = {**settings, "n_prompts": len(recs), "cached": cached}

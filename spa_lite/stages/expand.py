@@ -15,7 +15,7 @@ from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
 from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DataError
-from spa_lite.generation import encode_prompt, sample_responses
+from spa_lite.generation import dtype_name, encode_prompt, sample_responses, sampling_dtype
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob
 from spa_lite.loading import load_stack
@@ -49,13 +49,21 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     # prompt would otherwise make generation allocate gigabytes)
     fits = [len(encode_prompt(stack.tokenizer, p["prompt"])) <= recipe.model.max_prompt_length for p in prompts]
     kept_prompts = [p for p, f in zip(prompts, fits) if f]
-    samples = []
+    samples, dtype = [], None
     if kept_prompts:
         with stack.use(names) as m:
+            extra = {}
+            if sample_fn is sample_responses and not (record and c.sample_dtype == "auto"):
+                # auto keeps full precision where Eq. 7 reads pi_{i-1}'s log-probs off the sampling pass: a bf16
+                # copy's log-probs are not pi_{i-1}'s, and the forward pass that then scores pi_{i-1} costs more
+                # than bf16 decoding saves (bench/RESULTS.md, generation: 0.97x vs 1.65x the old engine)
+                dtype = sampling_dtype(c.sample_dtype, m)
+                record = record and dtype is None
+                extra = {"dtype": dtype} if dtype is not None else {}
             samples = sample_fn(
                 m, stack.tokenizer, [p["prompt"] for p in kept_prompts], num_samples=c.num_samples,
                 max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
-                batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}),
+                batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}), **extra,
             )
     if on_gen is not None and len(kept_prompts) < len(prompts):
         on_gen(len(prompts) - len(kept_prompts))
@@ -107,7 +115,7 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
             row.update(logratio_chosen=j["logratio_1"] if first else j["logratio_2"],
                        logratio_rejected=j["logratio_2"] if first else j["logratio_1"])
         rows.append(row)
-    out = {"rows": rows, "counts": counts}
+    out = {"rows": rows, "counts": counts, "sample_dtype": dtype_name(dtype)}
     if check.get("checked"):
         out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked")}
     return out
@@ -176,10 +184,11 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
                 if fail_after_shards is not None and written >= fail_after_shards and k != todo[-1]:
                     raise KeyboardInterrupt(f"injected failure after shard {k}")
     dist.barrier()
-    rows, counts, checks = [], {}, []
+    rows, counts, checks, dtypes = [], {}, [], set()
     for k in range(len(shards)):
         sh = read_json(shard_dir / f"{k:05d}.json")
         rows += sh["rows"]
+        dtypes.add(sh.get("sample_dtype", "model"))
         for key, v in sh["counts"].items():
             counts[key] = counts.get(key, 0) + v
         if "sampler_logps" in sh:
@@ -187,6 +196,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     if dist.main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
         atomic_write_jsonl(out / "data.jsonl", [to_trl_conversational(r) for r in rows])
     summary = summarize_pairs(rows, counts)
+    summary["sample_dtype"] = sorted(dtypes)
     if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
         summary["sampler_logps"] = {"shards_reused": sum(bool(x["reused"]) for x in checks), "shards": len(checks),
                                     "max_abs_dev": max(x["max_abs_dev"] for x in checks),

@@ -33,7 +33,8 @@ def run_export_answers(args: RecipeArgs, questions: Path, out: Path, *, benchmar
     stack = load_stack(r, frozen_upto=max(ks) if ks else -1)
     model_id = f"{r.name}-{policy_label(k)}"
     with task(f"answers by {model_id}", n_answers, info=benchmark) as advance:
-        gen = export.make_generate(stack, policy_names(k), max_new_tokens, batch_size, r.seed, on_batch=advance)
+        gen = export.make_generate(stack, policy_names(k), max_new_tokens, batch_size, r.seed, on_batch=advance,
+                                   sample_dtype=r.expand.sample_dtype)
         if benchmark == "alpaca-eval":
             rows = export.export_alpaca_eval(questions, out, gen, model_id, temperature=temperature or 0.0, limit=limit)
         else:

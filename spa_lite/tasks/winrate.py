@@ -6,7 +6,7 @@ from spa_lite import winrate as wr
 from spa_lite.config import Recipe
 from spa_lite.data import load_prompts
 from spa_lite.errors import SpaError
-from spa_lite.generation import sample_responses
+from spa_lite.generation import sample_responses, sampling_dtype
 from spa_lite.io import atomic_write_json
 from spa_lite.layout import complete_policies, eval_dir, policy_label, policy_names, resolve_policy
 from spa_lite.loading import load_stack
@@ -44,7 +44,8 @@ def responses(stack: PolicyStack, recipe: Recipe, ks: list[int | None], prompts:
         with stack.use(policy_names(k)) as m:
             out[k] = [ss[0].text for ss in sample_responses(
                 m, stack.tokenizer, prompts, num_samples=1, max_new_tokens=c.max_new_tokens,
-                temperature=c.temperature, seed=recipe.seed, batch_size=c.batch_size, on_batch=on_batch)]
+                temperature=c.temperature, seed=recipe.seed, batch_size=c.batch_size, on_batch=on_batch,
+                dtype=sampling_dtype(c.sample_dtype, m))]
     return out
 
 
