@@ -57,6 +57,8 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any 
     ``why`` the reason given), and the reference shows them.
     """
     meta = {"help": help} | ({"choices": tuple(choices)} if choices else {})
+    if (ge is not None and gt is not None) or (le is not None and lt is not None):
+        raise ValueError("a setting takes one lower bound (ge or gt) and one upper bound (le or lt)")
     if (ge, gt, le, lt) != (None, None, None, None):
         meta["bounds"] = Bounds(gt if ge is None else ge, ge is not None or gt is None,
                                 lt if le is None else le, le is not None or lt is None, off, why)

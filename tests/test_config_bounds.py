@@ -122,6 +122,8 @@ def test_a_new_bounded_field_is_validated_with_no_other_edit():
     assert validate(recipe) == ["expand.new_rate: 0.0 must be > 0 and <= 1 (it is a rate)",
                                 "expand.new_count: 1 must be >= 2", "expand.new_free: inf must be a finite number"]
     assert str(dataclasses.fields(Knobs)[-3].metadata["bounds"]) == "> 0 and <= 1"
+    with pytest.raises(ValueError, match="one lower bound"):
+        setting(1, "two lower bounds", ge=0, gt=0)
 
 
 def test_reference_shows_the_bounds():
