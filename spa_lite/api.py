@@ -34,7 +34,7 @@ from spa_lite.io import read_json, read_jsonl
 from spa_lite.layout import (Stage, complete_policies, data_path, policy_label, policy_names, read_manifest,
                              resolve_policy, stage_dir, stage_keys)
 from spa_lite.loading import load_stack
-from spa_lite.logps import chunked_kernel_available, head_is_affine
+from spa_lite.logps import head_is_affine, logprob_kernel
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.models import resolve_model_path
 from spa_lite.plan import QUANTIZATIONS, fit
@@ -156,7 +156,7 @@ def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = No
               r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
               gen_batch_size=r.expand.batch_size, num_samples=r.expand.num_samples, prompt_len=r.model.max_prompt_length,
               max_new_tokens=r.expand.max_new_tokens, judge_batch_size=r.expand.judge_batch_size, fsdp_shards=fsdp,
-              fused_logprobs=chunked_kernel_available() and head_is_affine(cfg))
+              logprob_kernel=logprob_kernel() if head_is_affine(cfg) else None)
     return {**res, "source": src}
 
 

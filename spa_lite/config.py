@@ -23,14 +23,45 @@ from spa_lite.recipe_files import (copy_recipe, recipe_description, recipes_dir,
                                    resolve_recipe_path, shipped_recipes)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a recipe field allows (each item, for a list field): finite and between ``lo`` and ``hi``
+    (None: unbounded; ``lo_ok``/``hi_ok``: the end itself allowed), or exactly ``off``."""
+
+    lo: float | None = None
+    lo_ok: bool = True
+    hi: float | None = None
+    hi_ok: bool = True
+    off: float | None = None
+    why: str = ""  # said after the bounds in the error
+
+    def allows(self, x: float) -> bool:
+        return (self.off is not None and x == self.off) or (
+            math.isfinite(x) and (self.lo is None or x > self.lo or (x == self.lo and self.lo_ok))
+            and (self.hi is None or x < self.hi or (x == self.hi and self.hi_ok)))
+
+    def __str__(self) -> str:
+        low = "" if self.lo is None else f"{'>=' if self.lo_ok else '>'} {self.lo}"
+        high = "" if self.hi is None else f"{'<=' if self.hi_ok else '<'} {self.hi}"
+        return ("" if self.off is None else f"{self.off} (off) or ") + " and ".join(b for b in (low, high) if b)
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
-            choices: tuple[str, ...] | None = None) -> Any:
+            choices: tuple[str, ...] | None = None, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, off: float | None = None, why: str = "") -> Any:
     """A recipe field: its default (or ``factory`` for a list), its help text and, for a string, its choices.
 
     The help text is the one documentation of the field: the CLI's flags, ``--set`` and README's recipe
-    reference (``python -m spa_lite.config --reference``) all show it.
+    reference (``python -m spa_lite.config --reference``) all show it. ``ge``/``gt``/``le``/``lt`` bound a
+    number (each item of a list): ``validate`` refuses a value outside them (``off`` is one more value allowed,
+    ``why`` the reason given), and the reference shows them.
     """
     meta = {"help": help} | ({"choices": tuple(choices)} if choices else {})
+    if (ge is not None and gt is not None) or (le is not None and lt is not None):
+        raise ValueError("a setting takes one lower bound (ge or gt) and one upper bound (le or lt)")
+    if (ge, gt, le, lt) != (None, None, None, None):
+        meta["bounds"] = Bounds(gt if ge is None else ge, ge is not None or gt is None,
+                                lt if le is None else le, le is not None or lt is None, off, why)
     return field(default=default, default_factory=factory, metadata=meta)
 
 
@@ -41,12 +72,13 @@ class ModelConfig:
     dtype: str = setting("auto", "auto | float32 | bfloat16 | float16")
     device: str = setting("auto", "auto | cpu | cuda")
     gradient_checkpointing: bool = setting(False, "lowers activation memory ~L-fold for ~30% more compute")
-    lora_r: int = setting(16, "LoRA rank of every adapter")
-    lora_alpha: int = setting(32, "LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = setting(0.0, "0 keeps training deterministic and pi_theta == pi_{i-1} at step 0")
+    lora_r: int = setting(16, "LoRA rank of every adapter", ge=1)
+    lora_alpha: int = setting(32, "LoRA scaling numerator (scale = alpha / r)", gt=0)
+    lora_dropout: float = setting(0.0, "0 keeps training deterministic and pi_theta == pi_{i-1} at step 0", ge=0, lt=1)
     lora_target_modules: Any = setting("all-linear", "modules with LoRA: all-linear or a list of module names")
-    max_length: int = setting(512, "prompt + response tokens; longer pairs are skipped and counted")
-    max_prompt_length: int = setting(256, "prompt tokens; longer prompts are skipped and counted (training and expand)")
+    max_length: int = setting(512, "prompt + response tokens; longer pairs are skipped and counted", ge=2)
+    max_prompt_length: int = setting(256, "prompt tokens; longer prompts are skipped and counted (training and "
+                                     "expand)", ge=1)
     fsdp: str = setting("auto", "auto (on under `accelerate launch` with an FSDP config) | on | off: shard training "
                         "(FSDP2)", choices=("auto", "on", "off"))
 
@@ -59,8 +91,8 @@ class DataConfig:
     eval_prompts: str | None = setting("demo:eval_prompts", "held-out prompts for pass rates and `spa-lite winrate`")
     format: str = setting("auto", "auto | conversational | standard | ultrafeedback | hh | prompts",
                           choices=("auto", "conversational", "standard", "ultrafeedback", "hh", "prompts"))
-    seed_limit: int | None = setting(None, "use the first N seed pairs (after shuffling)")
-    iter_prompts: list[int] = setting(factory=lambda: [8000, 20000, 30000], help="|X_i| per iteration, disjoint")
+    seed_limit: int | None = setting(None, "use the first N seed pairs (after shuffling)", ge=1)
+    iter_prompts: list[int] = setting(factory=lambda: [8000, 20000, 30000], help="|X_i| per iteration, disjoint", ge=1)
     shuffle_seed: int = setting(42, "seed of the shuffle before the split into D0 and X_1, X_2, ...")
 
 
@@ -70,43 +102,44 @@ class SeedDPOConfig:
     and reaches the training loop by name (``spa_lite.training.LoopSpec.from_config``): a new loop setting is
     one field here and the ``LoopSpec`` field the loop reads."""
 
-    epochs: float = setting(3.0, "passes over the pairs")
-    lr: float = setting(5e-5, "AdamW learning rate; LoRA needs ~100x the full fine-tuning lr (paper: 5e-7 full FT)")
-    batch_size: int = setting(4, "pairs per micro-batch")
+    epochs: float = setting(3.0, "passes over the pairs", gt=0)
+    lr: float = setting(5e-5, "AdamW learning rate; LoRA needs ~100x the full fine-tuning lr (paper: 5e-7 full "
+                        "FT)", gt=0)
+    batch_size: int = setting(4, "pairs per micro-batch", ge=1)
     grad_accum: int = setting(8, "micro-batches per optimizer step: effective batch = batch_size * grad_accum "
-                              "(paper: 32)")
-    beta: float = setting(0.1, "DPO's beta (KL strength)")
-    warmup_ratio: float = setting(0.1, "fraction of optimizer steps of linear warmup")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    max_grad_norm: float = setting(1.0, "gradient clipping norm")
-    save_every: int = setting(20, "optimizer steps between resumable checkpoints")
+                              "(paper: 32)", ge=1)
+    beta: float = setting(0.1, "DPO's beta (KL strength)", gt=0)
+    warmup_ratio: float = setting(0.1, "fraction of optimizer steps of linear warmup", ge=0, le=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
+    save_every: int = setting(20, "optimizer steps between resumable checkpoints", ge=1)
     loss: str = setting("dpo", "dpo | dro (Wasserstein-DRO, docs/dro.md)", choices=("dpo", "dro"))
-    label_smoothing: float = setting(0.0, "cDPO's constant smoothing, for robustness comparisons")
+    label_smoothing: float = setting(0.0, "cDPO's constant smoothing, for robustness comparisons", ge=0, lt=0.5)
     dro_epsilon: float = setting(0.01, "Wasserstein radius for loss dro, in probability units: the first moves "
-                                 "cost 1/xi_min per unit (docs/dro.md)")
-    dro_pieces: int = setting(8, "linear pieces approximating -log (loss dro)")
-    dro_xi_min: float = setting(1e-3, "lower end of the support of xi (loss dro)")
+                                 "cost 1/xi_min per unit (docs/dro.md)", ge=0)
+    dro_pieces: int = setting(8, "linear pieces approximating -log (loss dro)", ge=1)
+    dro_xi_min: float = setting(1e-3, "lower end of the support of xi (loss dro)", gt=0, lt=1)
     diverge_factor: float = setting(0.0, "stop when a step's loss exceeds k times the first step's (0: off; not in "
-                                    "the config hash)")
+                                    "the config hash)", gt=1, off=0)
 
 
 @dataclass
 class ExpandConfig:
-    num_samples: int = setting(2, "responses per prompt; a pair is (y1, y2)")
-    temperature: float = setting(0.7, "sampling temperature")
-    top_p: float = setting(1.0, "nucleus sampling")
-    max_new_tokens: int = setting(300, "response length limit in tokens")
-    batch_size: int = setting(16, "prompts per generation batch")
-    shard_size: int = setting(64, "prompts per resumable shard")
+    num_samples: int = setting(2, "responses per prompt; a pair is (y1, y2)", ge=2, why="a pair needs two responses")
+    temperature: float = setting(0.7, "sampling temperature", ge=0)
+    top_p: float = setting(1.0, "nucleus sampling", gt=0, le=1)
+    max_new_tokens: int = setting(300, "response length limit in tokens", ge=1)
+    batch_size: int = setting(16, "prompts per generation batch", ge=1)
+    shard_size: int = setting(64, "prompts per resumable shard", ge=1)
     judge: str = setting("logprob", "logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold "
                          "verifier: the oracle-label control; undecided pairs dropped)",
                          choices=("logprob", "llm", "verifier"))
     judge_ref: str = setting("init", "init | prev | none: the reference in Eq. 7's log-ratio",
                              choices=("init", "prev", "none"))
-    judge_batch_size: int = setting(8, "pairs per judging forward pass")
+    judge_batch_size: int = setting(8, "pairs per judging forward pass", ge=1)
     judge_logps: str = setting("sampler", "sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward "
                                "saved, self-checked) | forward", choices=("sampler", "forward"))
-    beta: float = setting(0.1, "beta of Eq. 7's implicit reward")
+    beta: float = setting(0.1, "beta of Eq. 7's implicit reward", gt=0)
     length_penalty: float = setting(0.0, "a in Eq. 13: reward - a * |y| tokens")
     drop_truncated: bool = setting(False, "drop pairs where a response hit max_new_tokens (counted either way)")
     backend: str = setting("hf", "hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', "
@@ -122,15 +155,15 @@ class ExpandConfig:
 class TrainConfig(SeedDPOConfig):
     """Iteration training: seed DPO's settings, plus self-refinement (Eq. 10) and de-coupled noise detection."""
 
-    epochs: float = setting(1.0, "passes over D_i per iteration (paper: one)")
+    epochs: float = setting(1.0, "passes over D_i per iteration (paper: one)", gt=0)
     refine: bool = setting(True, "self-refinement, Eq. 10")
-    alpha: float = setting(0.1, "label smoothing for flagged pairs")
-    k_percent: float = setting(10.0, "tau = K-th percentile of recent confidences")
-    window: int = setting(50, "confidences kept for tau")
-    refine_start: float = setting(0.2, "fraction of optimizer steps before refinement starts")
+    alpha: float = setting(0.1, "label smoothing for flagged pairs", ge=0, lt=0.5, why="0.5 would erase the label")
+    k_percent: float = setting(10.0, "tau = K-th percentile of recent confidences", gt=0, lt=100)
+    window: int = setting(50, "confidences kept for tau", ge=1)
+    refine_start: float = setting(0.2, "fraction of optimizer steps before refinement starts", ge=0, le=1)
     dnd: bool = setting(True, "de-coupled noise detection, Eq. 11-12")
     lambdas: list[float] = setting(factory=lambda: [0.5, 0.25, 0.125],
-                                   help="DND's lambda for iterations 1, 2, 3, then halving")
+                                   help="DND's lambda for iterations 1, 2, 3, then halving", ge=0)
 
 
 @dataclass
@@ -138,8 +171,8 @@ class Recipe:
     name: str = setting("spa-run", "run name: the run lives in run_dir/name")
     run_dir: str = setting("runs", "parent folder of runs")
     seed: int = setting(42, "random seed of the run (sampling, training order)")
-    iterations: int = setting(2, "T, the SPA iterations after seed DPO")
-    threads: int | None = setting(None, "torch CPU threads (None: torch's default)")
+    iterations: int = setting(2, "T, the SPA iterations after seed DPO", ge=0)
+    threads: int | None = setting(None, "torch CPU threads (None: torch's default)", ge=1)
     report_to: list[str] = setting(factory=list, help="experiment trackers: tensorboard, wandb, trackio (none: "
                                    "the default)")
     model: ModelConfig = setting(factory=ModelConfig, help="the base model (pi_init) and the LoRA adapters")
@@ -245,67 +278,23 @@ def plain_name_problem(value: str, what: str) -> str | None:
     return None
 
 
-# (section, key) -> (lowest, lowest allowed?, highest, highest allowed?): None is unbounded. Every float must
-# also be finite (YAML's .nan and .inf parse as floats).
-_RANGES = {
-    ("", "threads"): (1, True, None, None),
-    ("model", "lora_r"): (1, True, None, None),
-    ("model", "lora_alpha"): (0, False, None, None),
-    ("model", "lora_dropout"): (0, True, 1, False),
-    ("model", "max_length"): (2, True, None, None),
-    ("model", "max_prompt_length"): (1, True, None, None),
-    ("data", "seed_limit"): (1, True, None, None),
-    ("data", "iter_prompts"): (1, True, None, None),
-    ("expand", "temperature"): (0, True, None, None),
-    ("expand", "top_p"): (0, False, 1, True),
-    ("expand", "max_new_tokens"): (1, True, None, None),
-    ("expand", "batch_size"): (1, True, None, None),
-    ("expand", "shard_size"): (1, True, None, None),
-    ("expand", "judge_batch_size"): (1, True, None, None),
-    ("expand", "beta"): (0, False, None, None),
-    ("train", "window"): (1, True, None, None),
-    ("train", "refine_start"): (0, True, 1, True),
-    ("train", "lambdas"): (0, True, None, None),
-}
-for _s in ("seed_dpo", "train"):
-    _RANGES.update({
-        (_s, "warmup_ratio"): (0, True, 1, True),
-        (_s, "weight_decay"): (0, True, None, None),
-        (_s, "max_grad_norm"): (0, False, None, None),
-        (_s, "save_every"): (1, True, None, None),
-        (_s, "label_smoothing"): (0, True, 0.5, False),
-        (_s, "dro_pieces"): (1, True, None, None),
-        (_s, "dro_xi_min"): (0, False, 1, False),
-    })
-
-
-def _range_problems(recipe: Recipe) -> list[str]:
+def _bounds_problems(obj: Any, section: str) -> list[str]:
+    """The fields of ``obj`` (recipe section ``section``, "" for the top level) outside their ``Bounds``;
+    a float field without bounds must still be finite (YAML's .nan and .inf parse as floats)."""
     problems = []
-    for (section, key), (lo, lo_ok, hi, hi_ok) in _RANGES.items():
-        where = f"{section}.{key}" if section else key
-        v = getattr(getattr(recipe, section) if section else recipe, key)
+    for f in dataclasses.fields(obj):
+        v, bounds = getattr(obj, f.name), f.metadata.get("bounds")
+        where = f"{section}.{f.name}" if section else f.name
+        if bounds is None:
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{where}: {v!r} must be a finite number")
+            continue
         for x in v if isinstance(v, list) else [v]:
             if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
                 continue  # None means "not set" (threads, seed_limit); types were checked when filling
-            bad = (not math.isfinite(x) or (lo is not None and (x < lo or (x == lo and not lo_ok)))
-                   or (hi is not None and (x > hi or (x == hi and not hi_ok))))
-            if bad:
-                low = "" if lo is None else f"{'>=' if lo_ok else '>'} {lo}"
-                high = "" if hi is None else f"{'<=' if hi_ok else '<'} {hi}"
-                problems.append(f"{where}: {x!r} must be {' and '.join(b for b in (low, high) if b)}")
+            if not bounds.allows(x):
+                problems.append(f"{where}: {x!r} must be {bounds}" + (f" ({bounds.why})" if bounds.why else ""))
                 break
-    # the rest: every float setting is a finite number
-    for section in ("", "model", "data", "seed_dpo", "expand", "train"):
-        obj = getattr(recipe, section) if section else recipe
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            where = f"{section}.{f.name}" if section else f.name
-            if isinstance(v, float) and not math.isfinite(v) and (section, f.name) not in _RANGES:
-                problems.append(f"{where}: {v!r} must be a finite number")
-    for section in ("seed_dpo", "train"):
-        k = getattr(recipe, section).diverge_factor
-        if k != 0 and not k > 1:
-            problems.append(f"{section}.diverge_factor: {k!r} must be 0 (off) or > 1")
     return problems
 
 
@@ -315,28 +304,12 @@ def validate(recipe: Recipe) -> list[str]:
         p = plain_name_problem(value, what)
         if p:
             problems.append(p)
-    problems += _range_problems(recipe)
+    for section in ("",) + SECTIONS:  # numbers within their fields' bounds
+        problems += _bounds_problems(getattr(recipe, section) if section else recipe, section)
     for (section, key), allowed in _CHOICES.items():
         v = getattr(getattr(recipe, section), key)
         if v not in allowed:
             problems.append(f"{section}.{key}: '{v}' is not one of {', '.join(sorted(allowed))}")
-    for section in ("seed_dpo", "train"):
-        c = getattr(recipe, section)
-        for key in ("lr", "epochs", "beta"):
-            if getattr(c, key) <= 0:
-                problems.append(f"{section}.{key}: must be > 0")
-        if c.batch_size < 1 or c.grad_accum < 1:
-            problems.append(f"{section}: batch_size and grad_accum must be >= 1")
-        if c.dro_epsilon < 0:
-            problems.append(f"{section}.dro_epsilon: must be >= 0")
-    if not 0 <= recipe.train.alpha < 0.5:
-        problems.append("train.alpha: must be in [0, 0.5) (0.5 would erase the label)")
-    if not 0 < recipe.train.k_percent < 100:
-        problems.append("train.k_percent: must be in (0, 100)")
-    if recipe.expand.num_samples < 2:
-        problems.append("expand.num_samples: must be >= 2 (a pair needs two responses)")
-    if recipe.iterations < 0:
-        problems.append("iterations: must be >= 0")
     if len(recipe.data.iter_prompts) < recipe.iterations:
         problems.append(f"data.iter_prompts: has {len(recipe.data.iter_prompts)} sizes for {recipe.iterations} iterations")
     trackers = {"tensorboard", "wandb", "trackio", "none"}
@@ -408,15 +381,16 @@ def _yaml_value(v: Any) -> str:
 
 
 def recipe_reference() -> str:
-    """README's recipe reference: every key, its default and its help text, as one markdown table.
+    """README's recipe reference: every key, its default, its bounds and its help text, as one markdown table.
 
     ``train`` lists only what it adds to ``seed_dpo`` or sets differently (its other keys are seed_dpo's).
     """
-    rows = ["| key | default | what |", "|---|---|---|"]
+    rows = ["| key | default | allowed | what |", "|---|---|---|---|"]
 
     def add(key: str, value: Any, f: dataclasses.Field) -> None:
         what = f.metadata.get("help", "").replace("|", "\\|")
-        rows.append(f"| `{key}` | `{_yaml_value(value)}` | {what} |")
+        bounds = f.metadata.get("bounds")
+        rows.append(f"| `{key}` | `{_yaml_value(value)}` | {'' if bounds is None else bounds} | {what} |")
 
     recipe, seed_keys = Recipe(), {f.name: f for f in dataclasses.fields(SeedDPOConfig)}
     for f in dataclasses.fields(Recipe):
@@ -424,9 +398,10 @@ def recipe_reference() -> str:
         if not dataclasses.is_dataclass(value):
             add(f.name, value, f)
             continue
-        rows.append(f"| **`{f.name}`** | | {f.metadata.get('help', '')} |")
+        rows.append(f"| **`{f.name}`** | | | {f.metadata.get('help', '')} |")
         if f.name == "train":
-            rows.append("| `train.*` | as `seed_dpo` | every `seed_dpo` key, with seed_dpo's default unless listed here |")
+            rows.append("| `train.*` | as `seed_dpo` | | every `seed_dpo` key, with seed_dpo's default unless listed "
+                        "here |")
         for g in dataclasses.fields(value):
             v = getattr(value, g.name)
             if f.name == "train" and g.name in seed_keys and v == getattr(recipe.seed_dpo, g.name):

@@ -9,9 +9,10 @@ Two engines give the same interface (``sample_responses``):
   step is spent on finished rows and the batch stays full. Each sequence draws from its own random stream,
   seeded by (seed, prompt index, sample index): its sample does not depend on the batch size, the order of
   the prompts or the other rows of its batch.
-* ``hf``: ``transformers.GenerationMixin.generate`` on the (unmerged) stack, batches in file order, one seed
-  per batch; the engine spa-lite used before, kept as the reference of bench/bench_generation.py and for
-  models whose generation_config asks for logits processors the fast loop does not apply.
+* ``hf`` (spa_lite/generation_hf.py): ``transformers.GenerationMixin.generate`` on the (unmerged) stack,
+  batches in file order, one seed per batch; the engine spa-lite used before, kept as the reference of
+  bench/bench_generation.py and for models whose generation_config asks for logits processors the fast loop
+  does not apply.
 
 The two engines draw different (equally distributed) samples for the same seed; greedy decoding (temperature
 0) gives the same tokens up to float rounding (merged vs unmerged weights, other batch shapes), which can
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spa_lite.generation_hf import generate_hf
+
 
 @dataclass
 class Sample:
@@ -37,34 +40,6 @@ class Sample:
     num_tokens: int
     truncated: bool  # hit max_new_tokens before an end-of-turn token
     logp: float | None = None  # log pi(token_ids | prompt) of the sampling policy at temperature 1 (record_logps)
-
-
-class _TokenLogpRecorder:
-    """A logits processor that passes scores through and records log p(sampled token) under them (hf engine).
-
-    It runs before temperature and top-p (which ``sample_responses`` applies after it, not ``generate``), so the
-    distribution it sees is the policy's own: log pi(y_t | x, y_<t), what Eq. 7 needs. At each call the last
-    column of ``input_ids`` is the token drawn from the previous call's distribution; the final token is
-    gathered by ``finish``. One [rows, V] log-softmax is alive at a time.
-    """
-
-    def __init__(self) -> None:
-        self.prev: torch.Tensor | None = None
-        self.steps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.prev is not None:
-            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """[rows, generated tokens] log-probs of the generated tokens (positions after a stop are meaningless)."""
-        if self.prev is not None:
-            self.steps.append(self.prev.gather(1, sequences[:, -1:].to(self.prev.device)).squeeze(1))
-        out = torch.stack(self.steps, 1).float().cpu() if self.steps else torch.empty(sequences.shape[0], 0)
-        self.prev, self.steps = None, []
-        return out
 
 
 def encode_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
@@ -530,80 +505,9 @@ def _decode(model, encoded: list[list[int]], order: list[int], *, capacity: int,
         rows.cache, rows.logits = _out_cache(out), out.logits[:, -1, :]
 
 
-@torch.no_grad()
-def _sample_hf(
-    model,
-    tokenizer,
-    prompts: Sequence[Sequence[dict]],
-    *,
-    num_samples: int = 2,
-    max_new_tokens: int = 300,
-    temperature: float = 0.7,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
-    record_logps: bool = False,
-) -> list[list[Sample]]:
-    """The hf engine: transformers' generate on the stack, batches in prompt order, batch b seeded with seed + b."""
-    device = next(model.parameters()).device
+def _sample_hf(model, tokenizer, prompts: Sequence[Sequence[dict]], **kw) -> list[list[Sample]]:
+    """The hf engine (``spa_lite.generation_hf.generate_hf``) on chat prompts; ``kw`` as ``sample_responses``."""
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    results: list[list[Sample]] = []
-    was_training = model.training
-    model.eval()
-    for b, start in enumerate(range(0, len(encoded), batch_size)):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(x) for x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, x in enumerate(chunk):
-            ids[r, width - len(x) :] = torch.tensor(x)
-            mask[r, width - len(x) :] = 1
-        torch.manual_seed(seed + b)
-        sampling = temperature > 0
-        recorder = None
-        if record_logps:
-            from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-            recorder = _TokenLogpRecorder()
-            procs = [recorder]
-            if sampling and temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(temperature))
-            if sampling and top_p < 1.0:
-                procs.append(TopPLogitsWarper(top_p))
-            # neutral values, so that generate builds no warper of its own ahead of the recorder
-            extra = dict(logits_processor=LogitsProcessorList(procs), temperature=1.0 if sampling else None,
-                         top_p=1.0 if sampling else None)
-        else:
-            extra = dict(temperature=temperature if sampling else None, top_p=top_p if sampling else None)
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=sampling,
-            top_k=0 if sampling else None,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
-            eos_token_id=stops,
-            pad_token_id=pad,
-            use_cache=True,
-            **extra,
-        )
-        token_lp = recorder.finish(out) if recorder is not None else None
-        gen = out[:, width:].cpu().tolist()
-        for r in range(len(chunk)):
-            samples = []
-            for s in range(num_samples):
-                row = r * num_samples + s
-                toks = gen[row]
-                end = next((k for k, t in enumerate(toks) if t in stops), None)
-                resp = toks if end is None else toks[: end + 1]
-                text = tokenizer.decode(resp, skip_special_tokens=True).strip()
-                lp = float(token_lp[row, : len(resp)].sum()) if token_lp is not None else None
-                samples.append(Sample(text, resp, len(resp), end is None, lp))
-            results.append(samples)
-        if on_batch is not None:
-            on_batch(len(chunk))
-    model.train(was_training)
-    return results
+    rows = generate_hf(model, [encode_prompt(tokenizer, p) for p in prompts], stops=stops, pad=pad, **kw)
+    return [[_to_sample(tokenizer, *row) for row in per_prompt] for per_prompt in rows]

@@ -36,6 +36,10 @@ I intermediate, a heads, s seq_len, V vocab, n LoRA targets per layer, r rank):
       reference forward: (b + c + 4) V (logits, fp32 copy, log-softmax temporaries).
   Measured on CPU in float32 (b = 4, c = 0) the logits cost 3.0 x 4 T V bytes, which is 12 T V: the backward
   term; the half-precision terms are derived, not measured.
+  With an affine LM head (the default path) no [T, V] logits exist: the chunked log-prob kernel that runs holds
+  one tile of the R scored positions (``kernel_tile_bytes``): TRL's, up to 4096 rows x 8192 vocabulary entries
+  x (b + 16) bytes; spa_lite's torch kernel, up to 2^24 logits in whole rows x 12 bytes (measured for float32
+  in tests/test_plan.py).
 * generation (expand): KV cache 2 x layers x kv_heads x head_dim x b per token for
   batch x num_samples rows of (prompt + new tokens), the prefill's transient activations of one layer and
   last-token logits; judging (Eq. 7) is a no-grad forward over 2 x judge_batch rows with (b + c + 4) V per
@@ -93,6 +97,26 @@ class Dims:
         return self.layers * sum(r * (i + o) for i, o in self.linear_shapes())
 
 
+#: The chunked log-prob kernels ``spa_lite.logps.logprob_kernel()`` names; None is the full-logits path.
+LOGPROB_KERNELS = ("trl", "torch")
+
+
+def kernel_tile_bytes(kernel: str, rows: int, vocab: int, dtype_bytes: int) -> int:
+    """Peak bytes of a chunked log-prob kernel's tile when it scores ``rows`` positions over ``vocab`` tokens.
+
+    "trl" (``trl.kernels.ChunkedLogProbFunction``): up to 4096 rows x 8192 vocabulary entries, the matmul tile and
+    four fp32 temporaries. "torch" (``spa_lite.logps.chunked_target_logps``): whole vocabulary rows, as many as
+    fit 2^24 logits, three fp32 buffers of them at the backward's peak: the previous chunk's gradient (still
+    referenced while the next chunk is computed), the chunk's fp32 logits and logsumexp's temporary (a half-
+    precision chunk's own logits, b bytes, are freed once copied to fp32).
+    """
+    if kernel == "trl":
+        return min(rows, 4096) * min(8192, vocab) * (dtype_bytes + 16)
+    if kernel == "torch":
+        return min(rows, max(1, 2**24 // vocab)) * vocab * 12
+    raise ValueError(f"logprob_kernel must be one of {', '.join(LOGPROB_KERNELS)} or None, got {kernel!r}")
+
+
 def activation_bytes_per_token_layer(d: Dims, dtype_bytes: int, lora_r: int, seq_len: int,
                                      attention: str = "flash") -> float:
     """Bytes autograd keeps per token and decoder layer for LoRA training (see the module docstring)."""
@@ -127,7 +151,7 @@ def plan_memory(
     max_new_tokens: int = 300,
     judge_batch_size: int = 8,
     runtime_overhead_gb: float = 0.75,
-    fused_logprobs: bool = True,
+    logprob_kernel: str | None = "trl",
     fsdp_shards: int = 1,
 ) -> dict:
     """Estimate the peak memory of each stage (GiB) and whether it fits in ``gpu_mem_gb``.
@@ -141,12 +165,13 @@ def plan_memory(
         iteration: SPA iteration i for the ``train`` stage (i frozen adapters below the trainable one).
         attention: "flash" (fused SDPA kernels, no s^2 buffer) or "math" (scores materialised).
         runtime_overhead_gb: CUDA context, kernels and allocator slack, added to every stage.
-        fused_logprobs: spa-lite's default path for models with an affine LM head (``logps.fused_head``):
-            log-probs come from hidden states through a chunked kernel (TRL's when installed, else spa_lite's
-            pure-torch one, whose chunk holds at most 2^24 logits), so instead of [T, V] logits only
-            one [min(R, 4096), 8192] tile set (TRL's sizes) and three [R, H] fp32 hidden-state copies of the R scored
-            (response) positions are alive; R per row is ``seq_len - prompt_len`` (the length budget left
-            after the prompt; ``seq_len // 2`` when ``prompt_len >= seq_len``).
+        logprob_kernel: the chunked log-prob kernel that runs (``spa_lite.logps.logprob_kernel()``: "trl" or
+            "torch") on spa-lite's default path for models with an affine LM head (``logps.fused_head``):
+            log-probs come from hidden states, so instead of [T, V] logits only the kernel's tile
+            (``kernel_tile_bytes``) and three [R, H] fp32 hidden-state copies of the R scored (response)
+            positions are alive; R per row is ``seq_len - prompt_len`` (the length budget left after the
+            prompt; ``seq_len // 2`` when ``prompt_len >= seq_len``). None: the full-logits path (a head that
+            is not affine).
         fsdp_shards: processes the training stages shard over (FSDP2, ``spa_lite.fsdp``): base weights,
             adapters and optimizer state per process are 1/N, plus two gathered decoder layers (the one
             computing and the next being all-gathered); sharded training uses the logits path.
@@ -158,6 +183,8 @@ def plan_memory(
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
+    if logprob_kernel is not None and logprob_kernel not in LOGPROB_KERNELS:
+        raise ValueError(f"logprob_kernel must be one of {', '.join(LOGPROB_KERNELS)} or None, got {logprob_kernel!r}")
     d = Dims.from_config(model_config)
     b = dtype_bytes
     c = 4 if b < 4 else 0
@@ -173,7 +200,7 @@ def plan_memory(
     layer_gathered = 2 * (d.decoder_linear_params() / max(d.layers, 1)) * wbytes * g if fsdp_shards > 1 else 0.0
 
     def train_stage(n_frozen: int, with_dnd: bool) -> dict:
-        fused = fused_logprobs and fsdp_shards == 1
+        fused = logprob_kernel is not None and fsdp_shards == 1
         rows = 2 * batch_size
         T = rows * seq_len
         # the fused kernel projects only scored (response) positions: the length budget left after the prompt
@@ -187,7 +214,7 @@ def plan_memory(
         acts += rows * seq_len * seq_len * b  # 4-D attention mask shared by the layers
         V = d.vocab
         if fused:
-            tile = min(R, 4096) * min(8192, V) * (b + 16)  # the matmul tile and four fp32 temporaries of the kernel
+            tile = kernel_tile_bytes(logprob_kernel, R, V, b)
             forward_end = backward_start = ref_phase = tile + R * d.hidden * 4 * (3 if with_dnd else 2)
         else:
             forward_end = T * V * (b + b + c) + ((2 * 4 + c) * seq_len * V if with_dnd else 0)
@@ -211,7 +238,7 @@ def plan_memory(
                                        + (b * d.heads * prompt_len if attention == "math" else 0))
         gen_peak = kv + prefill + rows * d.vocab * 4 * 3
         jT = 2 * judge_batch_size * total
-        head = min(jT, 4096) * min(8192, d.vocab) * (b + 16) if fused_logprobs else jT * d.vocab * (b + c + 4)
+        head = kernel_tile_bytes(logprob_kernel, jT, d.vocab, b) if logprob_kernel else jT * d.vocab * (b + c + 4)
         judge_peak = head + jT * b * (2 * d.hidden + d.intermediate)
         return {
             "base_weights": weights,
@@ -237,7 +264,7 @@ def plan_memory(
                        batch_size=batch_size, gradient_checkpointing=gradient_checkpointing, dnd=dnd,
                        iteration=iteration, attention=attention, gen_batch_size=gen_batch_size,
                        num_samples=num_samples, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                       judge_batch_size=judge_batch_size, fsdp_shards=fsdp_shards),
+                       judge_batch_size=judge_batch_size, fsdp_shards=fsdp_shards, logprob_kernel=logprob_kernel),
         "params": {"base": d.decoder_linear_params() + d.other_params(), "lora_per_adapter": lora},
     }
 

@@ -3,7 +3,8 @@
 Seed DPO runs it with pi_ref = pi_init (adapters off) on gold pairs; SPA iterations run it with
 pi_ref = pi_{i-1}, self-refinement (Eq. 10) and de-coupled noise detection (Eq. 11-12) on self-labelled pairs.
 It checkpoints every ``save_every`` optimizer steps and resumes exactly: the data order is a pure function
-of (seed, step), and the checkpoint carries the adapter, optimizer, scheduler and confidence window.
+of (seed, step), and the checkpoint (spa_lite/checkpoint.py) carries the adapter, optimizer, scheduler and
+confidence window.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from transformers import get_cosine_schedule_with_warmup
 
-from spa_lite.errors import DivergedError, SpaError
-from spa_lite.io import atomic_dir, atomic_write_text, dumps
+from spa_lite.checkpoint import first_logged_loss, load_checkpoint, save_checkpoint, trim_metrics
+from spa_lite.distributed import get_dist
+from spa_lite.dro import dro_dpo_loss
+from spa_lite.errors import DivergedError
+from spa_lite.fsdp import full_tensor
+from spa_lite.io import dumps
 from spa_lite.logps import (TokenizedPair, backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
                             hidden_sequence_logps, sequence_logps)
 from spa_lite.losses import ConfidenceWindow, dpo_logits, label_smoothing_weights, refined_dpo_loss
@@ -169,8 +174,6 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
             flagged = conf < tau
     stats: dict[str, float] = {}
     if spec.loss == "dro":
-        from spa_lite.dro import dro_dpo_loss
-
         # Eq. 10 = -log sigma(m) + s * [log sigma(m) - log sigma(-m)]; the first term becomes its
         # worst case over the Wasserstein ball, so epsilon = 0 is exactly the refined loss. With several
         # processes each solves the worst case over its own share of the micro-batch.
@@ -191,75 +194,6 @@ def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: Co
         flagged_frac=flagged.float().mean().item(),
     )
     return StepOutput(loss, stats, conf, flagged)
-
-
-def _checkpoint_paths(out_dir: Path) -> Path:
-    return out_dir / "checkpoint"
-
-
-def _optimizer_state(stack: PolicyStack, opt) -> dict:
-    """The optimizer's state; for a sharded stack the whole (unsharded) state, gathered on every process."""
-    if not stack.sharded:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(stack.model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, step: int, window: ConfidenceWindow | None,
-                    *, write: bool = True) -> None:
-    """Write the resumable state. With a sharded stack every process calls it (the state is gathered) and
-    only the one with ``write`` writes."""
-    params = stack.trainable_state()
-    optim = _optimizer_state(stack, opt)
-    if not write:
-        return
-    with atomic_dir(_checkpoint_paths(out_dir)) as tmp:
-        save_file(params, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "sharded": stack.sharded}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "window": window.state_dict() if window else None}))
-
-
-def load_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, window: ConfidenceWindow | None) -> int:
-    from spa_lite.fsdp import copy_full_into
-
-    ck = _checkpoint_paths(out_dir)
-    if not (ck / "state.json").exists():
-        return 0
-    st = torch.load(ck / "optim.pt", map_location="cpu", weights_only=True)
-    if bool(st.get("sharded", False)) != stack.sharded:
-        raise SpaError(f"{ck}: the checkpoint was written {'with' if st.get('sharded') else 'without'} FSDP; "
-                       f"resume with the same setting (model.fsdp), or delete {ck} to restart the stage")
-    params = load_file(str(ck / "trainable.safetensors"))
-    named = dict(stack.model.named_parameters())
-    with torch.no_grad():
-        for n, t in params.items():
-            copy_full_into(named[n], t)
-    if stack.sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(stack.model, opt, st["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(st["optimizer"])
-    sched.load_state_dict(st["scheduler"])
-    state = json.loads((ck / "state.json").read_text())
-    if window is not None and state["window"]:
-        window.load_state_dict(state["window"])
-    return int(state["step"])
-
-
-def _trim_metrics(path: Path, upto_step: int) -> None:
-    """Keep metric lines of steps a resumed run will not redo (and drop a torn last line)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= upto_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def divergence(loss: float, grad_norm: float, first_loss: float | None, spec: LoopSpec) -> str | None:
@@ -284,8 +218,6 @@ def _final_check(stack: PolicyStack, pairs: Sequence[TokenizedPair], spec: LoopS
     The last optimizer step's update is otherwise never evaluated: weights of ~1e30 are finite yet give NaN
     logits, and a dead adapter only shows as a zero gradient. Returns ``divergence``'s reason or None.
     """
-    from spa_lite.fsdp import full_tensor
-
     params = stack.trainable_parameters()
     pad = stack.tokenizer.pad_token_id
     gidx = micro_batch_indices(len(pairs), spec, 0)
@@ -304,20 +236,6 @@ def _final_check(stack: PolicyStack, pairs: Sequence[TokenizedPair], spec: LoopS
     for p in params:
         p.grad = None
     return divergence(loss, gnorm, None, spec)
-
-
-def _first_loss(metrics_path: Path) -> float | None:
-    """The first step's loss of a run being resumed (for the divergence guard)."""
-    if not metrics_path.exists():
-        return None
-    for line in metrics_path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step") == 1 and isinstance(row.get("loss"), (int, float)):
-            return float(row["loss"])
-    return None
 
 
 def _all_reduce_grads(params: list[torch.Tensor], dist) -> None:
@@ -354,11 +272,6 @@ def run_dpo_loop(
     Returns:
         a summary: steps, last-10-step means of the logged statistics, wall time.
     """
-    from transformers import get_cosine_schedule_with_warmup
-
-    from spa_lite.distributed import get_dist
-    from spa_lite.fsdp import full_tensor
-
     dist = get_dist()
     out_dir.mkdir(parents=True, exist_ok=True)
     params = stack.trainable_parameters()
@@ -370,9 +283,9 @@ def run_dpo_loop(
     metrics_path = out_dir / "metrics.jsonl"
     flags_path = out_dir / "flags.jsonl"  # per-pair confidence and flag, for noise-detection analysis
     if dist.main:
-        _trim_metrics(metrics_path, start)
-        _trim_metrics(flags_path, start)
-    first_loss = dist.broadcast_object(_first_loss(metrics_path) if dist.main and start else None)
+        trim_metrics(metrics_path, start)
+        trim_metrics(flags_path, start)
+    first_loss = dist.broadcast_object(first_logged_loss(metrics_path) if dist.main and start else None)
     dist.barrier()
     pad = stack.tokenizer.pad_token_id
     refine_from = math.floor(spec.refine_start * steps)

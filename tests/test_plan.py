@@ -186,7 +186,7 @@ def test_fsdp_shards_training_state_not_expand():
 
 def test_plan_cli_quantization_and_missing_kernel(tmp_path, monkeypatch, caplog):
     """`plan --quantization 8bit` is a one-line error; without TRL's chunked kernel, spa_lite's own chunked
-    kernel keeps the fused path: `plan` budgets it (no "full logits" line) and nothing warns."""
+    kernel keeps the fused path: `plan` names it, budgets its tile (not full logits) and nothing warns."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from typer.testing import CliRunner
 
@@ -200,14 +200,118 @@ def test_plan_cli_quantization_and_missing_kernel(tmp_path, monkeypatch, caplog)
     assert bad.exit_code == 2 and "--quantization '8bit' is not one of 4bit, none" in bad.output
     assert bad.exception is None or isinstance(bad.exception, SystemExit)
 
+    monkeypatch.setattr(logps, "ChunkedLogProbFunction", object())  # as if the installed trl has the kernel
     with_kernel = runner.invoke(app, ["plan", "--model", str(cfg_path), "--gpu-mem", "80"])
     assert with_kernel.exit_code == 0 and "full logits" not in with_kernel.output
+    assert "log-probs: from hidden states, TRL's chunked kernel" in with_kernel.output
     monkeypatch.setattr(logps, "ChunkedLogProbFunction", None)
     without = runner.invoke(app, ["plan", "--model", str(cfg_path), "--gpu-mem", "80"])
     assert without.exit_code == 0 and "full logits" not in without.output
-    assert without.output == with_kernel.output  # the same budget: the fused path either way
+    assert "log-probs: from hidden states, spa_lite's chunked torch kernel" in without.output
+    # each budgets its own kernel's tile on the fused path (far below full logits); every other part is the same
+    from spa_lite.api import plan
+
+    res = {}
+    for kernel in ("trl", "torch"):
+        monkeypatch.setattr(logps, "ChunkedLogProbFunction", object() if kernel == "trl" else None)
+        res[kernel] = plan("smollm2-demo", model=str(cfg_path), gpu_mem=80)
+        assert res[kernel]["plan"]["inputs"]["logprob_kernel"] == kernel
+        full = plan_memory_for(cfg_path, res[kernel], None)["stages"]["train"]["parts"]["logits"]
+        assert res[kernel]["plan"]["stages"]["train"]["parts"]["logits"] < full / 5
+    for stage, st in res["trl"]["plan"]["stages"].items():
+        other = res["torch"]["plan"]["stages"][stage]["parts"]
+        assert {k: v for k, v in st["parts"].items() if k not in ("logits", "kv_cache_or_judge")} == \
+               {k: v for k, v in other.items() if k not in ("logits", "kv_cache_or_judge")}, stage
+    trl_logits, torch_logits = (res[k]["plan"]["stages"]["train"]["parts"]["logits"] for k in ("trl", "torch"))
+    assert trl_logits != torch_logits
 
     model = LlamaForCausalLM(LlamaConfig(**TINY))
     with caplog.at_level("DEBUG", logger="spa_lite.logps"):
         assert logps.logprob_kernel() == "torch" and logps.fused_head(model) is not None
     assert not [r for r in caplog.records if r.name == "spa_lite.logps" and r.levelname == "WARNING"]
+
+
+def plan_memory_for(cfg_path, res: dict, kernel):
+    """plan_memory of ``res``'s own inputs (what `plan` chose), with log-prob kernel ``kernel``."""
+    from transformers import AutoConfig
+
+    from spa_lite.plan import plan_memory
+
+    i = dict(res["plan"]["inputs"], logprob_kernel=kernel)
+    cfg = AutoConfig.from_pretrained(cfg_path)
+    return plan_memory(cfg, res["plan"]["gpu_mem_gb"], i.pop("quantization"), i.pop("dtype_bytes"), i.pop("lora_r"),
+                       i.pop("seq_len"), i.pop("batch_size"), i.pop("gradient_checkpointing"), i.pop("dnd"), **i)
+
+
+def test_kernel_tiles_worked_numbers():
+    """SmolLM2 (V = 49,152), bf16 (b = 2, c = 4), 8 rows x 256 scored tokens: R = 2,048 positions.
+    TRL: min(R, 4096) x min(8192, V) x (b + 16) = 2048 x 8192 x 18 = 301,989,888 bytes.
+    torch: whole rows, 2^24 // V = 341 of them, x V x 12 (three fp32 buffers) = 201,129,984 bytes, in float32
+    too. The plan's logits part is the tile plus three
+    [R, H] fp32 hidden copies with DND: 2048 x 576 x 12 = 14,155,776. Those of seq_len 512, prompt 256, 4 pairs."""
+    from transformers import LlamaConfig
+
+    from spa_lite.plan import GIB, kernel_tile_bytes, plan_memory
+
+    assert kernel_tile_bytes("trl", 2048, 49152, 2) == 301_989_888
+    assert kernel_tile_bytes("torch", 2048, 49152, 2) == kernel_tile_bytes("torch", 2048, 49152, 4) == 201_129_984
+    assert kernel_tile_bytes("torch", 100, 49152, 4) == 100 * 49152 * 12  # fewer rows than a chunk
+    with pytest.raises(ValueError, match="logprob_kernel"):
+        kernel_tile_bytes("fused", 1, 1, 2)
+    cfg = LlamaConfig(**SMOLLM2)
+    parts = {k: plan_memory(cfg, 24, "none", 2, 16, 512, 4, False, True, logprob_kernel=k)["stages"]["train"]["parts"]
+             for k in ("trl", "torch", None)}
+    assert parts["trl"]["logits"] == pytest.approx((301_989_888 + 14_155_776) / GIB, abs=1e-4)
+    assert parts["torch"]["logits"] == pytest.approx((201_129_984 + 14_155_776) / GIB, abs=1e-4)
+    # full logits, at the start of the backward pass: 8 x 512 x V x (2b + c + 4) = 4096 x 49152 x 12 bytes
+    assert parts[None]["logits"] == pytest.approx(4096 * 49152 * 12 / GIB, abs=1e-4)
+    with pytest.raises(ValueError, match="logprob_kernel"):
+        plan_memory(cfg, 24, "none", logprob_kernel="fused")
+
+
+KERNEL_MEASURE = textwrap.dedent("""
+    import gc, json, sys
+    import torch
+    from spa_lite.logps import chunked_target_logps
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    R, V, H = json.loads(sys.argv[1])
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    hidden = torch.randn(R, H, requires_grad=True)
+    weight, targets = torch.randn(V, H) * 0.02, torch.randint(0, V, (R,))  # a frozen head, as in training
+
+    def step():
+        chunked_target_logps(hidden, weight, None, targets).sum().backward()
+        hidden.grad = None
+
+    step()
+    gc.collect()
+    rss0 = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    print(json.dumps({"delta": status("VmHWM:") - rss0}))
+""")
+
+
+@needs_proc
+def test_torch_kernel_tile_matches_measured_peak():
+    """spa_lite's torch kernel over SmolLM2's vocabulary, float32: the measured peak of a forward and backward
+    (195 MiB when written) is the planner's torch tile (341 rows x V x 12 bytes, 192 MiB) plus the [R, H] input
+    gradient, and well under TRL's tile (2048 x 8192 x 20 bytes, 320 MiB), which the planner used to budget."""
+    from spa_lite.plan import kernel_tile_bytes
+
+    R, V, H = 2048, 49152, 576
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", KERNEL_MEASURE, json.dumps([R, V, H])], capture_output=True,
+                         text=True, env=env, cwd=Path(__file__).parents[1], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    measured = json.loads(res.stdout.strip().splitlines()[-1])["delta"]
+    est = kernel_tile_bytes("torch", R, V, 4) + R * H * 4
+    assert 0.8 < est / measured < 1.25, (est / 2**20, measured / 2**20)
+    assert kernel_tile_bytes("trl", R, V, 4) > 1.5 * measured

@@ -26,12 +26,13 @@ def _stack(model_dir, adapters):
     return build_stack(base, tok, [("seed", adapters["seed"])])
 
 
+@pytest.mark.parametrize("engine", ["fast", "hf"])
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.3, 0.8), (0.0, 1.0)])
-def test_recorded_logps_are_the_policys_own(tiny_model_dir, adapters, temperature, top_p):  # noqa: F811
+def test_recorded_logps_are_the_policys_own(tiny_model_dir, adapters, temperature, top_p, engine):  # noqa: F811
     stack = _stack(tiny_model_dir, adapters)
     prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
     kw = dict(num_samples=2 if temperature > 0 else 1, max_new_tokens=10, temperature=temperature, top_p=top_p,
-              seed=7, batch_size=3)
+              seed=7, batch_size=3, engine=engine)
     with stack.use(["seed"]) as m:
         # a random tiny model rarely ends a turn: make its most frequent token a stop token as well, so that
         # the rows of a batch stop at different steps (the recorder must ignore what follows a stop)

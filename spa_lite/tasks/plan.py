@@ -5,9 +5,14 @@ from __future__ import annotations
 from rich.table import Table
 
 from spa_lite.api import plan
-from spa_lite.logps import chunked_kernel_available
 from spa_lite.tasks import RecipeArgs
 from spa_lite.ui import console
+
+
+# how each stage's log-probs are computed, by the kernel the plan budgets (spa_lite.logps.logprob_kernel())
+_LOGPROBS = {"trl": "from hidden states, TRL's chunked kernel (trl.kernels.ChunkedLogProbFunction)",
+             "torch": "from hidden states, spa_lite's chunked torch kernel (the installed trl has no ChunkedLogProbFunction)",
+             None: "full logits (the model's LM head is not a plain affine map)"}
 
 
 def show_plan(args: RecipeArgs, *, model: str | None, gpu_mem: float, quantization: str, fsdp: int) -> dict:
@@ -21,8 +26,8 @@ def show_plan(args: RecipeArgs, *, model: str | None, gpu_mem: float, quantizati
         t.add_row(name, f"{st['peak_gb']:.2f}", "yes" if st["fits"] else "[red]no[/]",
                   ", ".join(f"{k} {v:.2f}" for k, v in parts))
     console.print(t)
-    if not chunked_kernel_available():
-        console.print("log-probs: full logits (the installed trl has no chunked log-prob kernel; trl>=1.15 has it)")
+    console.print(f"log-probs: {_LOGPROBS[res['plan']['inputs']['logprob_kernel']]}"
+                  + ("; FSDP training scores full logits" if fsdp > 1 else ""))
     verdict = "fits" if res["fits"] else "does NOT fit even with the smallest settings"
     console.print(f"{verdict}: batch_size {res['batch_size']} x grad_accum {res['grad_accum']} "
                   f"(effective {res['effective_batch']}), gradient_checkpointing {res['gradient_checkpointing']}, "
