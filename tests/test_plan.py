@@ -211,10 +211,14 @@ def test_plan_cli_quantization_and_missing_kernel(tmp_path, monkeypatch, caplog)
     # each budgets its own kernel's tile on the fused path (far below full logits); every other part is the same
     from spa_lite.api import plan
 
+    from spa_lite.config import load_recipe
+
+    # micro-batches of 4 pairs x 256 tokens (the demo recipe now uses 2), the shape this comparison was sized for
+    demo4 = load_recipe("smollm2-demo", {"seed_dpo.batch_size": 4, "train.batch_size": 4})
     res = {}
     for kernel in ("trl", "torch"):
         monkeypatch.setattr(logps, "ChunkedLogProbFunction", object() if kernel == "trl" else None)
-        res[kernel] = plan("smollm2-demo", model=str(cfg_path), gpu_mem=80)
+        res[kernel] = plan(demo4, model=str(cfg_path), gpu_mem=80)
         assert res[kernel]["plan"]["inputs"]["logprob_kernel"] == kernel
         full = plan_memory_for(cfg_path, res[kernel], None)["stages"]["train"]["parts"]["logits"]
         assert res[kernel]["plan"]["stages"]["train"]["parts"]["logits"] < full / 5

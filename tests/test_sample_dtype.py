@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from spa_lite import generation
+from spa_lite import generation, sampling_copy
 from spa_lite.errors import SpaError
 from spa_lite.generation import merged_copy, resolve_sample_dtype, sample_responses, sampling_dtype
 from spa_lite.layout import Stage
@@ -80,12 +80,12 @@ def test_sample_responses_decodes_with_the_bf16_copy(stack):
 
 
 def test_resolution(monkeypatch, stack):
-    monkeypatch.setattr(generation, "fast_bf16_cpu", lambda: True)
+    monkeypatch.setattr(sampling_copy, "fast_bf16_cpu", lambda: True)
     assert resolve_sample_dtype("auto", "cpu", torch.float32) is torch.bfloat16
     assert resolve_sample_dtype("auto", "cuda", torch.float32) is None  # GPUs decode in the model's dtype
     assert resolve_sample_dtype("auto", "cpu", torch.bfloat16) is None
     assert sampling_dtype("auto", stack.model) is torch.bfloat16
-    monkeypatch.setattr(generation, "fast_bf16_cpu", lambda: False)
+    monkeypatch.setattr(sampling_copy, "fast_bf16_cpu", lambda: False)
     assert resolve_sample_dtype("auto", "cpu", torch.float32) is None
     assert sampling_dtype("auto", stack.model) is None
     assert resolve_sample_dtype("model", "cpu", torch.float32) is None
@@ -140,7 +140,7 @@ def test_expand_in_bf16_scores_eq7_by_a_forward_and_records_the_dtype(tiny_recip
     assert m_low["summary"]["pairs"] + m_low["summary"]["identical"] + m_low["summary"]["empty"] == 4
 
     # auto on a CPU with bf16 units: expand keeps full precision while it records Eq. 7's log-probs ...
-    monkeypatch.setattr(generation, "fast_bf16_cpu", lambda: True)
+    monkeypatch.setattr(sampling_copy, "fast_bf16_cpu", lambda: True)
     seen.clear()
     auto = tiny_recipe(**{"iterations": 1, "data.iter_prompts": [4], "expand.shard_size": 4,
                           "expand.sample_dtype": "auto"})
