@@ -20,6 +20,7 @@ def test_one_iteration_on_smollm2(tmp_path):
     recipe = load_recipe("smollm2-demo", {
         "name": "slow", "run_dir": str(tmp_path), "iterations": 1, "threads": 2,
         "data.seed_limit": 8, "data.iter_prompts": [8], "seed_dpo.epochs": 1, "seed_dpo.grad_accum": 1,
+        "seed_dpo.batch_size": 4, "train.batch_size": 4,  # 2 seed steps of 4 pairs, whatever the demo recipe uses
         "expand.max_new_tokens": 24, "expand.batch_size": 8, "expand.shard_size": 8,
         "train.grad_accum": 1,
     })
