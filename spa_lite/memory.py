@@ -85,10 +85,12 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     glibc raises its mmap threshold after each large free (up to 32 MiB): from then on, tensors of several
     MiB (activations, logit chunks, gradients) come from the heap arenas, which fragment and keep their peak.
     A CPU training stage of the quick start then peaked at 3.1 GB resident against 1.4 GB with a fixed 64 KiB
-    threshold (1.6 GB at 1 MiB, where sub-MiB activations of short batches still fragment the arena; same wall
-    time within the noise). Setting the threshold turns glibc's adjustment off; blocks at or above it go back
-    to the OS when freed; ``trim_heap`` returns what smaller blocks leave free. A threshold the user set
-    (``MALLOC_MMAP_THRESHOLD_``) is left alone, and ``SPA_LITE_GLIBC_MALLOC=1`` keeps glibc's own behaviour.
+    threshold. The price is page faults: every large tensor is a fresh mapping, and the same stage took 1.7x the
+    time (168-177 s vs 99-105 s with glibc's default plus ``trim_heap``, which peaked at 2.65-2.70 GB; a 4 MiB
+    threshold: 2.47 GB, 122 s; bench/RESULTS.md, malloc). Setting the threshold turns glibc's adjustment off;
+    blocks at or above it go back to the OS when freed; ``trim_heap`` returns what smaller blocks leave free.
+    A threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone, and ``SPA_LITE_GLIBC_MALLOC=1`` keeps
+    glibc's own (faster, larger) behaviour.
     Returns whether it was set (False off glibc/Linux).
     """
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or os.environ.get("SPA_LITE_GLIBC_MALLOC") == "1":
