@@ -56,17 +56,9 @@ def reset_peak() -> bool:
         return False
 
 
-def _malloc_trim() -> bool:
-    libc = _libc()
-    try:
-        return libc is not None and bool(libc.malloc_trim(0))
-    except AttributeError:  # not glibc (musl has no malloc_trim)
-        return False
-
-
 _M_MMAP_THRESHOLD = -3  # mallopt parameter numbers (glibc malloc.h)
 MMAP_THRESHOLD = 64 << 10
-_TUNED: list[int] = []
+_tuned: int | None = None  # the threshold this process set
 
 
 def _libc():
@@ -95,7 +87,8 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or os.environ.get("SPA_LITE_GLIBC_MALLOC") == "1":
         return False
-    if _TUNED and _TUNED[-1] == threshold:
+    global _tuned
+    if _tuned == threshold:
         return True
     libc = _libc()
     try:
@@ -103,13 +96,17 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     except AttributeError:  # not glibc
         return False
     if ok:
-        _TUNED.append(threshold)
+        _tuned = threshold
     return ok
 
 
 def trim_heap() -> bool:
     """Hand the heap arenas' free pages back to the OS (``malloc_trim``); training calls it after each step."""
-    return _malloc_trim()
+    libc = _libc()
+    try:
+        return libc is not None and bool(libc.malloc_trim(0))
+    except AttributeError:  # not glibc (musl has no malloc_trim)
+        return False
 
 
 def release_memory() -> dict:
@@ -123,7 +120,7 @@ def release_memory() -> dict:
             torch.cuda.empty_cache()
     except ImportError:
         pass
-    trimmed = _malloc_trim()
+    trimmed = trim_heap()
     return {"rss_before_gb": before, "rss_after_gb": rss_gb(), "malloc_trim": trimmed}
 
 
