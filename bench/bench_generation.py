@@ -3,9 +3,10 @@
 Two workloads, as the stages run them (natural stops at the end of turn, real prompts of mixed lengths):
 
 * **expand**: ``--prompts`` demo prompts (spa_lite/demo/data/prompts.jsonl) x 2 samples at temperature 0.7,
-  at most ``--expand-tokens`` new tokens, batches of ``--expand-batch`` prompts, with the sampler's log-probs
-  recorded (Eq. 7); policy pi_1 = base + two frozen LoRA adapters (``seed`` and ``iter1``), as in expand
-  --iter 2.
+  at most ``--expand-tokens`` new tokens, batches of ``--expand-batch`` prompts, one call per shard of
+  ``--expand-shard`` prompts (as the stage calls it), with the sampler's log-probs recorded (Eq. 7); policy
+  pi_1 = base + two frozen LoRA adapters (``seed`` and ``iter1``), as in expand --iter 2: random ones, or the
+  trained adapters of a finished run with ``--run`` (e.g. the quick start's runs/smollm2-demo).
 * **export**: ``export-answers`` style, greedy, at most ``--export-tokens`` new tokens, batches of
   ``--export-batch`` prompts, one answer per prompt, same policy.
 
@@ -21,8 +22,9 @@ untimed warm-up of each side, then old, new, old, new, ... tokens/s = response t
 random streams), so the expand side's token counts differ between sides.
 
 Target: new / old >= 3 on each workload (CPU); reported for ``new`` and ``bf16``. Fidelity of bf16: greedy
-answers token-identical to the float32 fast engine's, and per-token |log-prob of the bf16 copy - float32
-forward| on the expand samples.
+answers token-identical to the float32 fast engine's, per-token |log-prob of the bf16 copy - float32
+forward| on the expand samples, and how many Eq. 7 labels (which sample is preferred, against pi_init) the
+bf16 copy's log-probs would flip compared with the float32 forward's: the price of skipping that forward.
 
 ``--mode batching`` keeps the earlier measurement: batched vs one-sequence-per-call sampling (forced lengths).
 """
@@ -47,6 +49,8 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=48, help="prompts of each workload")
     p.add_argument("--expand-tokens", type=int, default=64, help="expand: max new tokens (smollm2-demo: 64)")
     p.add_argument("--expand-batch", type=int, default=24, help="expand: prompts per batch (smollm2-demo: 24)")
+    p.add_argument("--expand-shard", type=int, default=48, help="expand: prompts per call (smollm2-demo: 48)")
+    p.add_argument("--run", default="", help="take the adapters seed and iter1 from this finished run folder")
     p.add_argument("--export-tokens", type=int, default=192, help="export: max new tokens")
     p.add_argument("--export-batch", type=int, default=25, help="export: prompts per batch")
     p.add_argument("--sides", default="", help="comma list of old,new,bf16 (default: all)")
@@ -61,7 +65,7 @@ def main(argv=None):
         return batching(args)
     if args.quick:
         args.prompts, args.expand_tokens, args.export_tokens = 6, 8, 12
-        args.expand_batch, args.export_batch = 4, 4
+        args.expand_batch, args.export_batch, args.expand_shard = 4, 4, 3
         args.repeats = min(args.repeats, 1)
     machine = common.machine_info(args.threads, args.device)
     load0 = list(os.getloadavg())
@@ -74,8 +78,12 @@ def main(argv=None):
     from spa_lite.stack import build_stack
 
     model_path = common.resolve_model(args.model)
-    adapters = [("seed", common.adapter_dir(model_path, args.lora_r, args.seed)),
-                ("iter1", common.adapter_dir(model_path, args.lora_r, args.seed + 1))]
+    if args.run:
+        adapters = [("seed", str(Path(args.run) / "seed" / "adapter")),
+                    ("iter1", str(Path(args.run) / "iter1" / "train" / "adapter"))]
+    else:
+        adapters = [("seed", common.adapter_dir(model_path, args.lora_r, args.seed)),
+                    ("iter1", common.adapter_dir(model_path, args.lora_r, args.seed + 1))]
     base, tok = load_base_model(model_path, quantization="none", device=args.device, dtype="auto")
     common.strip_stale_gguf(base)
     stack = build_stack(base, tok, adapters)
@@ -97,7 +105,8 @@ def main(argv=None):
     if args.sides:
         engines = {k: v for k, v in engines.items() if k in args.sides.split(",")}
     prompt_ids = [encode_prompt(tok, p) for p in prompts]
-    fidelity: dict[str, list] = {"expand_abs_dev_per_token": [], "expand_seq_abs_dev": []}
+    fidelity: dict[str, list] = {"expand_abs_dev_per_token": [], "expand_seq_abs_dev": [], "label_flips": [],
+                                 "flipped_abs_margin": []}
     raw = {f"{w}_{s}": [] for w in workloads for s in engines}
     greedy: dict[str, list] = {}
     with stack.use(names) as m:
@@ -109,7 +118,13 @@ def main(argv=None):
                 for s, eng in engines.items():
                     sync()
                     t0 = time.perf_counter()
-                    out = sample_responses(m, tok, prompts, seed=1000 * rep, **eng, **kw)
+                    if w == "expand":  # one call per shard, each with its own seed, as the stage does
+                        shard = args.expand_shard
+                        out = [g for s0 in range(0, len(prompts), shard)
+                               for g in sample_responses(m, tok, prompts[s0 : s0 + shard],
+                                                         seed=1000 * rep + s0, **eng, **kw)]
+                    else:
+                        out = sample_responses(m, tok, prompts, seed=1000 * rep, **eng, **kw)
                     if w == "expand" and "dtype" in eng:  # Eq. 7 needs pi_{i-1}'s own log-probs: a float32 forward
                         seqs = [(prompt_ids[i], smp) for i, g in enumerate(out) for smp in g]
                         fwd = response_logps(stack, names, [x for x, _ in seqs], [y.token_ids for _, y in seqs],
@@ -120,6 +135,16 @@ def main(argv=None):
                         for (_, smp), f in zip(seqs, fwd.tolist()):
                             fidelity["expand_seq_abs_dev"].append(abs(smp.logp - f))
                             fidelity["expand_abs_dev_per_token"].append(abs(smp.logp - f) / max(1, smp.num_tokens))
+                        # Eq. 7 against pi_init, untimed: the label from the float32 forward vs from the bf16 copy
+                        ref = response_logps(stack, [], [x for x, _ in seqs], [y.token_ids for _, y in seqs],
+                                             batch_size=16).tolist()
+                        for i in range(0, len(seqs), 2):
+                            exact = (fwd[i].item() - ref[i]) - (fwd[i + 1].item() - ref[i + 1])
+                            approx = (seqs[i][1].logp - ref[i]) - (seqs[i + 1][1].logp - ref[i + 1])
+                            flip = (exact > 0) != (approx > 0)
+                            fidelity["label_flips"].append(int(flip))
+                            if flip:
+                                fidelity["flipped_abs_margin"].append(abs(exact))
                     n = sum(x.num_tokens for g in out for x in g)
                     la = os.getloadavg()[0]
                     raw[f"{w}_{s}"].append({"tokens": n, "wall_s": wall, "tokens_per_s": n / wall, "loadavg_1m": la})
@@ -148,12 +173,15 @@ def main(argv=None):
            "expand_logp_abs_dev_per_token_max": dev_tok[-1] if dev_tok else None,
            "expand_logp_abs_dev_per_sequence_median": common.median(dev_seq) if dev_seq else None,
            "expand_logp_abs_dev_per_sequence_max": dev_seq[-1] if dev_seq else None,
+           "eq7_labels_flipped": [sum(fidelity["label_flips"]), len(fidelity["label_flips"])],
+           "eq7_flipped_abs_margin_nats": sorted(round(x, 3) for x in fidelity["flipped_abs_margin"]),
            "cpu_has_fast_bf16": fast_bf16_cpu()}
     notes = [
         "One process and model; interleaved old, new per workload after one warm-up of each; tokens/s per repeat, "
         "median reported.",
-        f"{len(prompts)} demo prompts; policy base + seed + iter1 (two frozen rank-{args.lora_r} adapters); "
-        f"sequences stop at the end of turn.",
+        f"{len(prompts)} demo prompts; policy base + seed + iter1 "
+        f"({'the trained adapters of ' + args.run if args.run else f'two random frozen rank-{args.lora_r} adapters'}); "
+        f"sequences stop at the end of turn; expand samples in calls of {args.expand_shard} prompts (one shard).",
         f"export (greedy): {same}/{len(prompts)} answers token-identical between old and new; the others agree for "
         f"their first {sorted(prefix)} tokens (float rounding of merged vs unmerged weights flips a near-tie argmax).",
         f"bf16 fidelity: {json.dumps(fid)} (greedy bf16 vs new float32; expand: log-prob of each bf16 sample under "
@@ -162,6 +190,7 @@ def main(argv=None):
         f"torch threads: {torch.get_num_threads()}.",
     ]
     settings = dict(model=model_path, device=args.device, threads=args.threads, prompts=len(prompts),
+                    expand_shard=args.expand_shard, adapters=dict(adapters),
                     workloads=workloads, seed=args.seed, policy="base + seed + iter1", sides=list(engines),
                     bf16_fidelity=fid)
     common.write_result(args, "generation", settings, sides, ratios, notes, machine)

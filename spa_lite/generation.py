@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from spa_lite.generation_hf import generate_hf
 from spa_lite.sampling_copy import (SAMPLE_DTYPES, dtype_name, fast_bf16_cpu, merged_copy,  # noqa: F401 (re-exported)
@@ -78,7 +79,7 @@ def unsupported_settings(model) -> list[str]:
     return [k for k, ok in _UNSUPPORTED.items() if getattr(gc, k, None) not in ok]
 
 
-CPU_MIN_ROWS = 64  # see sample_responses(max_rows=...)
+CPU_MIN_ROWS = 96  # see sample_responses(max_rows=...)
 
 
 def _row_seed(seed: int, prompt: int, sample: int) -> int:
@@ -217,8 +218,73 @@ class _Rows:
         first = int(used[0]) if len(used) else 0
         if first > 0:
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                if isinstance(layer, _GrowingLayer):
+                    layer.drop_columns(first)
+                else:
+                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self.mask = self.mask[:, first:]
+
+
+KV_ROOM = 16  # tokens of spare room a row's KV buffer gets whenever it is (re)allocated
+
+
+def _kv_buffers(cache) -> None:
+    """Let every layer of the transformers DynamicCache ``cache`` append a decoding step in place.
+
+    A DynamicLayer appends by ``torch.cat`` (a copy of the whole cache per layer and step: 12% of a step's time
+    on CPU, bench/RESULTS.md, generation). Here its keys and values become the leading part of buffers with
+    ``KV_ROOM`` spare positions; ``_GrowingLayer.update`` writes the new step into the room and only reallocates
+    when it runs out or when the views were replaced (rows left the batch, columns were trimmed). The tensors the
+    attention reads are the same values either way.
+    """
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _GrowingLayer
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into buffers with room to append (``_kv_buffers``)."""
+
+    kbuf: torch.Tensor | None = None
+    vbuf: torch.Tensor | None = None
+
+    def _in_buffer(self, extra: int) -> bool:
+        """The keys/values are still the leading part of the buffers, with room for ``extra`` more positions."""
+        k, v, kb, vb = self.keys, self.values, self.kbuf, self.vbuf
+        return (kb is not None and k.data_ptr() == kb.data_ptr() and v.data_ptr() == vb.data_ptr()
+                and k.shape[:2] == kb.shape[:2] and k.stride() == kb.stride() and v.stride() == vb.stride()
+                and k.shape[2] + extra <= kb.shape[2])
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, q = self.keys.shape[2], key_states.shape[2]
+        if not self._in_buffer(q):
+            shape = (*self.keys.shape[:2], n + q + KV_ROOM, self.keys.shape[3])
+            self.kbuf, self.vbuf = self.keys.new_empty(shape), self.values.new_empty(shape)
+            self.kbuf[:, :, :n] = self.keys
+            self.vbuf[:, :, :n] = self.values
+        self.kbuf[:, :, n : n + q] = key_states
+        self.vbuf[:, :, n : n + q] = value_states
+        self.keys, self.values = self.kbuf[:, :, : n + q], self.vbuf[:, :, : n + q]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows ``indices``: one copy of the buffers (room included), so the next step still appends in place."""
+        if not self._in_buffer(0):
+            return super().batch_select_indices(indices)
+        n = self.keys.shape[2]
+        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+        self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
+
+    def drop_columns(self, first: int) -> None:
+        """Drop the first ``first`` positions (padding in every row): views of the same buffers, no copy."""
+        if not self._in_buffer(0):
+            self.keys, self.values = self.keys[:, :, first:], self.values[:, :, first:]
+            return
+        n = self.keys.shape[2]
+        self.kbuf, self.vbuf = self.kbuf[:, :, first:], self.vbuf[:, :, first:]
+        self.keys, self.values = self.kbuf[:, :, : n - first], self.vbuf[:, :, : n - first]
 
 
 def _out_cache(out):
@@ -284,6 +350,7 @@ def _decode(model, encoded: list[list[int]], order: list[int], *, capacity: int,
                     g = torch.Generator().manual_seed(_row_seed(seed, *key))
                     uniform[key] = torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
             rows.add(cache, mask, pos[:, -1], logits, meta)
+            _kv_buffers(rows.cache)
         scores = rows.logits.float()
         steps = torch.tensor(rows.step, device=device)
         if min_new_tokens:

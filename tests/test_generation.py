@@ -128,6 +128,38 @@ def test_min_new_tokens_and_unsupported_settings(stack):
         sample_responses(m, stack.tokenizer, _prompts(), engine="vllm")
 
 
+def test_kv_buffers_append_in_place_and_match_a_cache_free_forward(stack, monkeypatch):
+    """The fast engine's KV buffers (appends written into spare room, rows leaving, padding columns dropped) give
+    the samples of transformers' own concatenating cache, and log-probs equal to a forward without any cache."""
+    import spa_lite.generation as G
+    from spa_lite.generation import encode_prompt
+
+    caches = []
+    real = G._kv_buffers
+    kw = dict(num_samples=2, max_new_tokens=10, temperature=0.9, seed=3, batch_size=2, max_rows=4, record_logps=True)
+    with stack.use(["seed", "iter1"]) as m:
+        first = sample_responses(m, stack.tokenizer, _prompts(), **kw)
+        counts = Counter(t for ss in first for s in ss for t in s.token_ids[1:])
+        m.generation_config.eos_token_id = [stack.tokenizer.eos_token_id, counts.most_common(1)[0][0]]
+        runs = {}
+        for name, room, fn in (("cat", 16, lambda cache: None), ("room1", 1, real), ("room16", 16, real)):
+            monkeypatch.setattr(G, "KV_ROOM", room)
+            monkeypatch.setattr(G, "_kv_buffers", lambda cache, fn=fn: (fn(cache), caches.append(cache)))
+            runs[name] = sample_responses(m, stack.tokenizer, _prompts(), **kw)
+        ids = lambda res: [[s.token_ids for s in ss] for ss in res]  # noqa: E731
+        assert ids(runs["room1"]) == ids(runs["cat"]) == ids(runs["room16"])
+        assert len({s.num_tokens for ss in runs["cat"] for s in ss}) > 1  # rows left at different steps
+        for k, ss in enumerate(runs["room1"]):
+            x = encode_prompt(stack.tokenizer, _prompts()[k])
+            for s, s_cat in zip(ss, runs["cat"][k]):
+                full = torch.tensor([x + s.token_ids])
+                lp = torch.log_softmax(m(input_ids=full).logits[0, len(x) - 1 : -1].double(), -1)
+                want = lp.gather(1, torch.tensor(s.token_ids)[:, None]).sum().item()
+                assert abs(s.logp - want) < 1e-4 and abs(s.logp - s_cat.logp) < 1e-5
+    grown = [lay for c in caches for lay in c.layers if isinstance(lay, G._GrowingLayer) and lay.kbuf is not None]
+    assert grown, "the buffers were never used"
+
+
 def test_log_progress_lines():
     from spa_lite.ui import LogProgress
 
