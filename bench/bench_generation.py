@@ -14,14 +14,17 @@ Sides: ``old`` = ``sample_responses(engine="hf")``, transformers' generate on th
 (what spa-lite did before); ``new`` = ``sample_responses(engine="fast")``: adapters merged into a working copy,
 length-sorted batches, one prefill per prompt, finished rows leaving the batch; ``bf16`` = the fast engine
 decoding with a bfloat16 merged copy (``expand.sample_dtype: auto`` on a CPU with bf16 matrix units). A bf16
-copy's log-probs are not pi_{i-1}'s, so the bf16 expand side also pays what expand then runs: a float32 forward of
-pi_{i-1} over every sample (``judge.response_logps``), inside its timed wall. One process and model; one
-untimed warm-up of each side, then old, new, old, new, ... tokens/s = response tokens / wall seconds
-(including the merge of the working copy for the new side). Greedy outputs of the two sides are compared
-(same tokens, up to float rounding); the two engines' samples at temperature > 0 differ by design (per-row
-random streams), so the expand side's token counts differ between sides.
+copy's log-probs are not pi_{i-1}'s, so the bf16 expand side also pays what expand then runs with
+``judge_logps: forward``: a float32 forward of pi_{i-1} over every sample (``judge.response_logps``), inside its
+timed wall. ``bf16_eq7`` (expand only) = the same bf16 sampling with Eq. 7 read off the bf16 copy's own
+log-probs, no forward (``expand.sample_dtype: bfloat16`` with ``judge_logps: sampler``; approximate labels). One
+process and model; one untimed warm-up of each side, then old, new, ... per repeat. tokens/s = response tokens
+/ wall seconds (including the merge of the working copy for the new sides). The forward of pi_init that every
+side's Eq. 7 needs is not timed. Greedy outputs of the two sides are compared (same tokens, up to float
+rounding); the two engines' samples at temperature > 0 differ by design (per-row random streams), so the
+expand side's token counts differ between sides.
 
-Target: new / old >= 3 on each workload (CPU); reported for ``new`` and ``bf16``. Fidelity of bf16: greedy
+Target: new / old >= 3 on each workload (CPU); reported for every side. Fidelity of bf16: greedy
 answers token-identical to the float32 fast engine's, per-token |log-prob of the bf16 copy - float32
 forward| on the expand samples, and how many Eq. 7 labels (which sample is preferred, against pi_init) the
 bf16 copy's log-probs would flip compared with the float32 forward's: the price of skipping that forward.
@@ -53,7 +56,7 @@ def main(argv=None):
     p.add_argument("--run", default="", help="take the adapters seed and iter1 from this finished run folder")
     p.add_argument("--export-tokens", type=int, default=192, help="export: max new tokens")
     p.add_argument("--export-batch", type=int, default=25, help="export: prompts per batch")
-    p.add_argument("--sides", default="", help="comma list of old,new,bf16 (default: all)")
+    p.add_argument("--sides", default="", help="comma list of old,new,bf16,bf16_eq7 (default: all)")
     # --mode batching
     p.add_argument("--samples", type=int, default=4, help="batching: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="batching: tokens per sequence")
@@ -101,21 +104,26 @@ def main(argv=None):
         "export": dict(num_samples=1, max_new_tokens=args.export_tokens, temperature=0.0,
                        batch_size=args.export_batch),
     }
-    engines = {"old": dict(engine="hf"), "new": dict(engine="fast"), "bf16": dict(engine="fast", dtype=torch.bfloat16)}
+    engines = {"old": dict(engine="hf"), "new": dict(engine="fast"), "bf16": dict(engine="fast", dtype=torch.bfloat16),
+               "bf16_eq7": dict(engine="fast", dtype=torch.bfloat16)}
+    only = {"bf16_eq7": "expand"}  # bf16 whose own log-probs feed Eq. 7 (no forward): expand only
     if args.sides:
         engines = {k: v for k, v in engines.items() if k in args.sides.split(",")}
     prompt_ids = [encode_prompt(tok, p) for p in prompts]
     fidelity: dict[str, list] = {"expand_abs_dev_per_token": [], "expand_seq_abs_dev": [], "label_flips": [],
                                  "flipped_abs_margin": []}
-    raw = {f"{w}_{s}": [] for w in workloads for s in engines}
+    raw = {f"{w}_{s}": [] for w in workloads for s in engines if only.get(s, w) == w}
     greedy: dict[str, list] = {}
     with stack.use(names) as m:
         for w, kw in workloads.items():  # warm-up, untimed
             for s, eng in engines.items():
-                sample_responses(m, tok, prompts[:2], seed=99, **eng, **{**kw, "max_new_tokens": 4})
+                if only.get(s, w) == w:
+                    sample_responses(m, tok, prompts[:2], seed=99, **eng, **{**kw, "max_new_tokens": 4})
         for rep in range(args.repeats):
             for w, kw in workloads.items():
                 for s, eng in engines.items():
+                    if only.get(s, w) != w:
+                        continue
                     sync()
                     t0 = time.perf_counter()
                     if w == "expand":  # one call per shard, each with its own seed, as the stage does
@@ -125,13 +133,13 @@ def main(argv=None):
                                                          seed=1000 * rep + s0, **eng, **kw)]
                     else:
                         out = sample_responses(m, tok, prompts, seed=1000 * rep, **eng, **kw)
-                    if w == "expand" and "dtype" in eng:  # Eq. 7 needs pi_{i-1}'s own log-probs: a float32 forward
+                    if w == "expand" and s == "bf16":  # Eq. 7 needs pi_{i-1}'s own log-probs: a float32 forward
                         seqs = [(prompt_ids[i], smp) for i, g in enumerate(out) for smp in g]
                         fwd = response_logps(stack, names, [x for x, _ in seqs], [y.token_ids for _, y in seqs],
                                              batch_size=16)  # expand: 2 x judge_batch_size 8
                     sync()
                     wall = time.perf_counter() - t0
-                    if w == "expand" and "dtype" in eng:
+                    if w == "expand" and s == "bf16":
                         for (_, smp), f in zip(seqs, fwd.tolist()):
                             fidelity["expand_seq_abs_dev"].append(abs(smp.logp - f))
                             fidelity["expand_abs_dev_per_token"].append(abs(smp.logp - f) / max(1, smp.num_tokens))
@@ -154,7 +162,7 @@ def main(argv=None):
                           f"{n / wall:7.1f} tok/s (load {la:.2f})", flush=True)
     sides = {k: common.side("generated tokens per second", "tok/s", True, v, "tokens_per_s") for k, v in raw.items()}
     ratios = [common.ratio(f"{w}: {s} / old throughput", f"{w}_{s}", f"{w}_old", sides, ">=", 3.0)
-              for w in workloads for s in engines if s != "old" and "old" in engines]
+              for w in workloads for s in engines if s != "old" and "old" in engines and only.get(s, w) == w]
 
     def agree(a_side, b_side):
         a, b = greedy.get(a_side), greedy.get(b_side)

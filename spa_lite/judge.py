@@ -64,7 +64,9 @@ def judge_logprob(
             runs. The first ``check_pairs`` pairs are still scored by a forward pass and compared: if any differs
             by more than ``check["tol"]`` nats (default 0.05; e.g. a model whose generation_config adds a
             repetition penalty ahead of the recorder), the recorded values are dropped and every batch is
-            scored by forward passes. ``check`` (a dict, optional) receives "max_abs_dev", "checked" and "reused".
+            scored by forward passes. ``check`` (a dict, optional) receives "max_abs_dev", "checked" and "reused";
+            with ``check["per_token"]`` true, the deviation compared with ``tol`` is per response token (log-probs
+            recorded by a reduced-precision copy drift with length: ``expand.sample_dtype``).
 
     Returns:
         per pair: p, the two log-ratios (rewards before the penalty) and the two token lengths.
@@ -72,6 +74,7 @@ def judge_logprob(
     rows = []
     check = check if check is not None else {}
     tol = check.setdefault("tol", 0.05)
+    per_token = check.setdefault("per_token", False)
     check.update(max_abs_dev=None, checked=0, reused=judge_logps is not None)
     for s in range(0, len(prompts), batch_size):
         p_, a, b = prompts[s : s + batch_size], y1[s : s + batch_size], y2[s : s + batch_size]
@@ -92,7 +95,10 @@ def judge_logprob(
             if s == 0:  # self-check on the first pairs: recorded vs teacher-forced log-probs
                 k = min(len(p_), check_pairs)
                 forward = response_logps(stack, judge, list(p_[:k]) * 2, list(a[:k]) + list(b[:k]), batch_size=2 * k)
-                dev = (forward - torch.cat([pol[:k], pol[n : n + k]])).abs().max().item()
+                dev = (forward - torch.cat([pol[:k], pol[n : n + k]])).abs()
+                if per_token:
+                    dev = dev / torch.tensor([max(1, len(y)) for y in list(a[:k]) + list(b[:k])])
+                dev = dev.max().item()
                 check.update(max_abs_dev=dev, checked=2 * k)
                 if not dev <= tol:
                     check["reused"] = False

@@ -111,7 +111,7 @@ def test_stage_hash_leaves_the_decoding_precision_out(tiny_recipe):
     assert stage_hash(tiny_recipe(**{"expand.temperature": 0.5}), st) not in hashes  # other settings still count
 
 
-def test_expand_in_bf16_scores_eq7_by_a_forward_and_records_the_dtype(tiny_recipe, monkeypatch):
+def test_expand_dtype_choices_and_where_eq7_log_probs_come_from(tiny_recipe, monkeypatch):
     from spa_lite.stages import expand, seed_dpo
 
     seen = []
@@ -134,10 +134,19 @@ def test_expand_in_bf16_scores_eq7_by_a_forward_and_records_the_dtype(tiny_recip
     low = tiny_recipe(**{"iterations": 1, "data.iter_prompts": [4], "expand.shard_size": 4,
                          "expand.sample_dtype": "bfloat16"})
     m_low = expand.run(low, 1, force=True)
-    assert seen == [(torch.bfloat16, False)]  # the rounded copy's log-probs are not pi_0's: not recorded
+    # bf16 asked for by name: Eq. 7 reads the rounded copy's log-probs (approximate), self-checked per token
+    assert seen == [(torch.bfloat16, True)]
     assert m_low["summary"]["sample_dtype"] == ["bfloat16"]
-    assert "sampler_logps" not in m_low["summary"]
+    chk = m_low["summary"]["sampler_logps"]
+    assert chk["per_token"] and chk["shards_reused"] == 1 and 0 < chk["max_abs_dev"] <= expand.REDUCED_TOL_PER_TOKEN
     assert m_low["summary"]["pairs"] + m_low["summary"]["identical"] + m_low["summary"]["empty"] == 4
+    # ... and with judge_logps: forward, bf16 samples are judged by a float32 forward (exact Eq. 7)
+    seen.clear()
+    low_fwd = tiny_recipe(**{"iterations": 1, "data.iter_prompts": [4], "expand.shard_size": 4,
+                             "expand.sample_dtype": "bfloat16", "expand.judge_logps": "forward"})
+    m_low_fwd = expand.run(low_fwd, 1, force=True)
+    assert seen == [(torch.bfloat16, False)]
+    assert "sampler_logps" not in m_low_fwd["summary"]
 
     # auto on a CPU with bf16 units: expand keeps full precision while it records Eq. 7's log-probs ...
     monkeypatch.setattr(sampling_copy, "fast_bf16_cpu", lambda: True)

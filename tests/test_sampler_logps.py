@@ -99,6 +99,19 @@ def test_judge_reuses_recorded_logps_and_falls_back(tiny_model_dir, adapters, mo
     assert calls.count(["seed"]) == 3  # the self-check, then both batches by forward passes
     assert [r["p"] for r in fallback] == pytest.approx([r["p"] for r in forward], abs=1e-6)
 
+    # per-token tolerance (log-probs of a reduced-precision copy): an offset of 0.05 nats per token passes a
+    # 0.1-per-token check and is kept; 0.3 per token fails it and falls back to forward passes
+    for per_tok, kept in ((0.05, True), (0.3, False)):
+        off = ([v + per_tok * len(y) for v, y in zip(known[0], y1)], known[1])
+        check = {"tol": 0.1, "per_token": True}
+        got = judge_logprob(stack, ["seed"], [], x, y1, y2, batch_size=2, judge_logps=off, check=check)
+        assert check["reused"] is kept and check["max_abs_dev"] == pytest.approx(per_tok, abs=1e-4)
+        if kept:  # the offset reached the labels: r(y1) is larger by exactly the offset
+            assert [b["logratio_1"] - a["logratio_1"] for a, b in zip(forward, got)] == pytest.approx(
+                [per_tok * len(y) for y in y1], abs=1e-3)
+        else:
+            assert [r["p"] for r in got] == pytest.approx([r["p"] for r in forward], abs=1e-6)
+
 
 def test_expand_same_pairs_with_sampler_or_forward_logps(tiny_recipe):
     from spa_lite.config import load_recipe  # noqa: F401

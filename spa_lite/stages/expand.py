@@ -25,6 +25,12 @@ from spa_lite.ui import progress
 from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
 
 
+# Self-check of Eq. 7's log-probs read off a reduced-precision copy: largest |recorded - float32 forward| per
+# response token. bf16 on SmolLM2: median 0.007, max 0.042 over 96 samples (bench/RESULTS.md, generation); a
+# recorder that applied the temperature first is off by several tenths per token.
+REDUCED_TOL_PER_TOKEN = 0.1
+
+
 def judge_reference(stack_names: list[str], judge_ref: str) -> list[str] | None:
     """Eq. 7's reference: init = pi_init (paper), prev = the stack one stage back, none = no reference."""
     if judge_ref == "init":
@@ -55,10 +61,10 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
             extra = {}
             if sample_fn is sample_responses and not (record and c.sample_dtype == "auto"):
                 # auto keeps full precision where Eq. 7 reads pi_{i-1}'s log-probs off the sampling pass: a bf16
-                # copy's log-probs are not pi_{i-1}'s, and the forward pass that then scores pi_{i-1} costs more
-                # than bf16 decoding saves (bench/RESULTS.md, generation: 0.97x vs 1.65x the old engine)
+                # copy's log-probs are not pi_{i-1}'s, and a float32 forward of pi_{i-1} costs more than bf16
+                # decoding saves (bench/RESULTS.md, generation). A dtype asked for by name with judge_logps:
+                # sampler reads Eq. 7 off the reduced copy: approximate labels (README, "Sampling precision")
                 dtype = sampling_dtype(c.sample_dtype, m)
-                record = record and dtype is None
                 extra = {"dtype": dtype} if dtype is not None else {}
             samples = sample_fn(
                 m, stack.tokenizer, [p["prompt"] for p in kept_prompts], num_samples=c.num_samples,
@@ -97,6 +103,8 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
         known = None
         if record and all(a.logp is not None and b.logp is not None for _, a, b in keep):
             known = ([a.logp for _, a, _ in keep], [b.logp for _, _, b in keep])
+            if dtype is not None:  # a reduced copy's log-probs: the self-check allows its rounding, per token
+                check.update(tol=REDUCED_TOL_PER_TOKEN, per_token=True)
         judged = judge_logprob(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
                                [a.token_ids for _, a, _ in keep], [b.token_ids for _, _, b in keep],
                                beta=c.beta, length_penalty=c.length_penalty, batch_size=c.judge_batch_size,
@@ -117,7 +125,7 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
         rows.append(row)
     out = {"rows": rows, "counts": counts, "sample_dtype": dtype_name(dtype)}
     if check.get("checked"):
-        out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked")}
+        out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked", "per_token")}
     return out
 
 
@@ -200,7 +208,8 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
         summary["sampler_logps"] = {"shards_reused": sum(bool(x["reused"]) for x in checks), "shards": len(checks),
                                     "max_abs_dev": max(x["max_abs_dev"] for x in checks),
-                                    "checked_sequences": sum(x["checked"] for x in checks)}
+                                    "checked_sequences": sum(x["checked"] for x in checks),
+                                    "per_token": any(x.get("per_token") for x in checks)}
     return finish_stage(recipe, stage, summary, {"prompts": recipe.data.prompts, "shards": len(shards)}, t0)
 
 
