@@ -56,6 +56,7 @@ def main(argv=None):
     p.add_argument("--run", default="", help="take the adapters seed and iter1 from this finished run folder")
     p.add_argument("--export-tokens", type=int, default=192, help="export: max new tokens")
     p.add_argument("--export-batch", type=int, default=25, help="export: prompts per batch")
+    p.add_argument("--workloads", default="expand,export", help="comma list of expand,export")
     p.add_argument("--sides", default="", help="comma list of old,new,bf16,bf16_eq7 (default: all)")
     # --mode batching
     p.add_argument("--samples", type=int, default=4, help="batching: samples per prompt")
@@ -107,6 +108,7 @@ def main(argv=None):
     engines = {"old": dict(engine="hf"), "new": dict(engine="fast"), "bf16": dict(engine="fast", dtype=torch.bfloat16),
                "bf16_eq7": dict(engine="fast", dtype=torch.bfloat16)}
     only = {"bf16_eq7": "expand"}  # bf16 whose own log-probs feed Eq. 7 (no forward): expand only
+    workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
     if args.sides:
         engines = {k: v for k, v in engines.items() if k in args.sides.split(",")}
     prompt_ids = [encode_prompt(tok, p) for p in prompts]

@@ -146,8 +146,9 @@ class ExpandConfig:
                            "CUDA)", choices=("hf", "vllm"))
     sample_dtype: str = setting("auto", "precision of decoding in expand, eval, export-answers, winrate: auto "
                                 "(bfloat16 on a CPU with bf16 matrix units, except where expand records Eq. 7's "
-                                "log-probs while sampling; else the model's) | model | bfloat16 | float16 | float32; "
-                                "judging stays in the model's dtype",
+                                "log-probs while sampling; else the model's) | model | bfloat16 | float16 | float32. "
+                                "A reduced dtype named here with judge_logps: sampler also gives Eq. 7 the reduced "
+                                "copy's log-probs (approximate labels); judge_logps: forward keeps Eq. 7 exact",
                                 choices=("auto", "model", "bfloat16", "float16", "float32"))
 
 
