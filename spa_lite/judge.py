@@ -68,9 +68,28 @@ def judge_logprob(
             with ``check["per_token"]`` true, the deviation compared with ``tol`` is per response token (log-probs
             recorded by a reduced-precision copy drift with length: ``expand.sample_dtype``).
 
+    Pairs are scored longest first (batches then pad little; the self-check reads the longest pairs) and
+    returned in the given order.
+
     Returns:
         per pair: p, the two log-ratios (rewards before the penalty) and the two token lengths.
     """
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + max(len(y1[i]), len(y2[i]))))
+    def perm(xs):
+        return [xs[i] for i in order]
+
+    known = None if judge_logps is None else (perm(judge_logps[0]), perm(judge_logps[1]))
+    rows = _judge_in_order(stack, judge, ref, perm(prompts), perm(y1), perm(y2), beta, length_penalty, batch_size,
+                           on_batch, cache, known, check, check_pairs)
+    out: list[dict] = [{}] * len(rows)
+    for k, i in enumerate(order):
+        out[i] = rows[k]
+    return out
+
+
+def _judge_in_order(stack, judge, ref, prompts, y1, y2, beta, length_penalty, batch_size, on_batch, cache,
+                    judge_logps, check, check_pairs) -> list[dict]:
+    """``judge_logprob`` on pairs in the order given, in batches of ``batch_size`` pairs."""
     rows = []
     check = check if check is not None else {}
     tol = check.setdefault("tol", 0.05)
