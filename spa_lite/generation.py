@@ -6,7 +6,8 @@ Two engines give the same interface (``sample_responses``):
   a working copy of the base's linear layers (the base itself is untouched and every other tensor is shared);
   prompts enter longest first, each prefilled once for all of its samples; a row leaves the batch (and its KV
   cache) as soon as it ends its turn, and waiting prompts take the freed rows (continuous batching), so no
-  step is spent on finished rows and the batch stays full. Each sequence draws from its own random stream,
+  step is spent on finished rows and the batch stays full; the KV cache grows in place, into spare room, not by
+  concatenation (``_kv_buffers``). Each sequence draws from its own random stream,
   seeded by (seed, prompt index, sample index): its sample does not depend on the batch size, the order of
   the prompts or the other rows of its batch.
 * ``hf`` (spa_lite/generation_hf.py): ``transformers.GenerationMixin.generate`` on the (unmerged) stack,
