@@ -200,7 +200,7 @@ def main(argv=None):
         f"torch threads: {torch.get_num_threads()}.",
     ]
     settings = dict(model=model_path, device=args.device, threads=args.threads, prompts=len(prompts),
-                    expand_shard=args.expand_shard, adapters=dict(adapters),
+                    expand_shard=args.expand_shard, adapters=dict(adapters), repeats=args.repeats,
                     workloads=workloads, seed=args.seed, policy="base + seed + iter1", sides=list(engines),
                     bf16_fidelity=fid)
     common.write_result(args, "generation", settings, sides, ratios, notes, machine)

@@ -125,13 +125,19 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
 
 def test_bench_generation_sides_and_bf16_fidelity(tmp_path):
     d = run_bench("bench_generation.py", tmp_path / "generation.json")
-    assert set(d["sides"]) == {f"{w}_{s}" for w in ("expand", "export") for s in ("old", "new", "bf16")}
-    assert {r["name"] for r in d["ratios"]} == {f"{w}: {s} / old throughput" for w in ("expand", "export")
-                                               for s in ("new", "bf16")}
+    # bf16_eq7 (Eq. 7 read off the bf16 copy) is an expand-only side
+    want = {f"{w}_{s}" for w in ("expand", "export") for s in ("old", "new", "bf16")} | {"expand_bf16_eq7"}
+    assert set(d["sides"]) == want
+    assert {r["name"] for r in d["ratios"]} == {f"{s.replace('_', ': ', 1)} / old throughput" for s in want
+                                               if not s.endswith("_old")}
     fid = d["settings"]["bf16_fidelity"]
     assert 0 <= fid["greedy_identical_bf16_vs_new"] <= d["settings"]["prompts"]
     # the bf16 expand side scored its samples with a float32 forward: a deviation was measured for each sample
     assert fid["expand_logp_abs_dev_per_sequence_max"] >= fid["expand_logp_abs_dev_per_sequence_median"] >= 0
+    # ... and each pair's Eq. 7 label from those float32 log-probs was compared with the bf16 copy's
+    flipped, pairs = fid["eq7_labels_flipped"]
+    assert pairs == d["settings"]["prompts"] * d["settings"]["repeats"] and 0 <= flipped <= pairs
+    assert len(fid["eq7_flipped_abs_margin_nats"]) == flipped
     for side in d["sides"].values():
         assert side["median"] > 0
 
