@@ -111,60 +111,58 @@ def main(argv=None):
     workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
     if args.sides:
         engines = {k: v for k, v in engines.items() if k in args.sides.split(",")}
+    # (workload, side) pairs that run, in interleaving order
+    runs = [(w, s) for w in workloads for s in engines if only.get(s, w) == w]
     prompt_ids = [encode_prompt(tok, p) for p in prompts]
     fidelity: dict[str, list] = {"expand_abs_dev_per_token": [], "expand_seq_abs_dev": [], "label_flips": [],
                                  "flipped_abs_margin": []}
-    raw = {f"{w}_{s}": [] for w in workloads for s in engines if only.get(s, w) == w}
+    raw = {f"{w}_{s}": [] for w, s in runs}
     greedy: dict[str, list] = {}
     with stack.use(names) as m:
-        for w, kw in workloads.items():  # warm-up, untimed
-            for s, eng in engines.items():
-                if only.get(s, w) == w:
-                    sample_responses(m, tok, prompts[:2], seed=99, **eng, **{**kw, "max_new_tokens": 4})
+        for w, s in runs:  # warm-up, untimed
+            sample_responses(m, tok, prompts[:2], seed=99, **engines[s], **{**workloads[w], "max_new_tokens": 4})
         for rep in range(args.repeats):
-            for w, kw in workloads.items():
-                for s, eng in engines.items():
-                    if only.get(s, w) != w:
-                        continue
-                    sync()
-                    t0 = time.perf_counter()
-                    if w == "expand":  # one call per shard, each with its own seed, as the stage does
-                        shard = args.expand_shard
-                        out = [g for s0 in range(0, len(prompts), shard)
-                               for g in sample_responses(m, tok, prompts[s0 : s0 + shard],
-                                                         seed=1000 * rep + s0, **eng, **kw)]
-                    else:
-                        out = sample_responses(m, tok, prompts, seed=1000 * rep, **eng, **kw)
-                    if w == "expand" and s == "bf16":  # Eq. 7 needs pi_{i-1}'s own log-probs: a float32 forward
-                        seqs = [(prompt_ids[i], smp) for i, g in enumerate(out) for smp in g]
-                        fwd = response_logps(stack, names, [x for x, _ in seqs], [y.token_ids for _, y in seqs],
-                                             batch_size=16)  # expand: 2 x judge_batch_size 8
-                    sync()
-                    wall = time.perf_counter() - t0
-                    if w == "expand" and s == "bf16":
-                        for (_, smp), f in zip(seqs, fwd.tolist()):
-                            fidelity["expand_seq_abs_dev"].append(abs(smp.logp - f))
-                            fidelity["expand_abs_dev_per_token"].append(abs(smp.logp - f) / max(1, smp.num_tokens))
-                        # Eq. 7 against pi_init, untimed: the label from the float32 forward vs from the bf16 copy
-                        ref = response_logps(stack, [], [x for x, _ in seqs], [y.token_ids for _, y in seqs],
-                                             batch_size=16).tolist()
-                        for i in range(0, len(seqs), 2):
-                            exact = (fwd[i].item() - ref[i]) - (fwd[i + 1].item() - ref[i + 1])
-                            approx = (seqs[i][1].logp - ref[i]) - (seqs[i + 1][1].logp - ref[i + 1])
-                            flip = (exact > 0) != (approx > 0)
-                            fidelity["label_flips"].append(int(flip))
-                            if flip:
-                                fidelity["flipped_abs_margin"].append(abs(exact))
-                    n = sum(x.num_tokens for g in out for x in g)
-                    la = os.getloadavg()[0]
-                    raw[f"{w}_{s}"].append({"tokens": n, "wall_s": wall, "tokens_per_s": n / wall, "loadavg_1m": la})
-                    if w == "export":
-                        greedy.setdefault(s, [x[0].token_ids for x in out])
-                    print(f"[{rep + 1}/{args.repeats}] {w:6s} {s}: {n:6d} tokens in {wall:7.2f} s = "
-                          f"{n / wall:7.1f} tok/s (load {la:.2f})", flush=True)
+            for w, s in runs:
+                kw, eng = workloads[w], engines[s]
+                sync()
+                t0 = time.perf_counter()
+                if w == "expand":  # one call per shard, each with its own seed, as the stage does
+                    shard = args.expand_shard
+                    out = [g for s0 in range(0, len(prompts), shard)
+                           for g in sample_responses(m, tok, prompts[s0 : s0 + shard],
+                                                     seed=1000 * rep + s0, **eng, **kw)]
+                else:
+                    out = sample_responses(m, tok, prompts, seed=1000 * rep, **eng, **kw)
+                if w == "expand" and s == "bf16":  # Eq. 7 needs pi_{i-1}'s own log-probs: a float32 forward
+                    seqs = [(prompt_ids[i], smp) for i, g in enumerate(out) for smp in g]
+                    fwd = response_logps(stack, names, [x for x, _ in seqs], [y.token_ids for _, y in seqs],
+                                         batch_size=16)  # expand: 2 x judge_batch_size 8
+                sync()
+                wall = time.perf_counter() - t0
+                if w == "expand" and s == "bf16":
+                    for (_, smp), f in zip(seqs, fwd.tolist()):
+                        fidelity["expand_seq_abs_dev"].append(abs(smp.logp - f))
+                        fidelity["expand_abs_dev_per_token"].append(abs(smp.logp - f) / max(1, smp.num_tokens))
+                    # Eq. 7 against pi_init, untimed: the label from the float32 forward vs from the bf16 copy
+                    ref = response_logps(stack, [], [x for x, _ in seqs], [y.token_ids for _, y in seqs],
+                                         batch_size=16).tolist()
+                    for i in range(0, len(seqs), 2):
+                        exact = (fwd[i].item() - ref[i]) - (fwd[i + 1].item() - ref[i + 1])
+                        approx = (seqs[i][1].logp - ref[i]) - (seqs[i + 1][1].logp - ref[i + 1])
+                        flip = (exact > 0) != (approx > 0)
+                        fidelity["label_flips"].append(int(flip))
+                        if flip:
+                            fidelity["flipped_abs_margin"].append(abs(exact))
+                n = sum(x.num_tokens for g in out for x in g)
+                la = os.getloadavg()[0]
+                raw[f"{w}_{s}"].append({"tokens": n, "wall_s": wall, "tokens_per_s": n / wall, "loadavg_1m": la})
+                if w == "export":
+                    greedy.setdefault(s, [x[0].token_ids for x in out])
+                print(f"[{rep + 1}/{args.repeats}] {w:6s} {s}: {n:6d} tokens in {wall:7.2f} s = "
+                      f"{n / wall:7.1f} tok/s (load {la:.2f})", flush=True)
     sides = {k: common.side("generated tokens per second", "tok/s", True, v, "tokens_per_s") for k, v in raw.items()}
     ratios = [common.ratio(f"{w}: {s} / old throughput", f"{w}_{s}", f"{w}_old", sides, ">=", 3.0)
-              for w in workloads for s in engines if s != "old" and "old" in engines and only.get(s, w) == w]
+              for w, s in runs if s != "old" and "old" in engines]
 
     def agree(a_side, b_side):
         a, b = greedy.get(a_side), greedy.get(b_side)
