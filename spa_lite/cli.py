@@ -72,7 +72,7 @@ def expand_cmd(
     max_new_tokens: Annotated[Optional[int], _key("expand", "max_new_tokens")] = None,
     report_to: ReportOpt = None,
 ) -> None:
-    """Sample 2 responses per prompt of X_i from pi_{i-1} and judge them (Eq. 7): writes D_i.
+    """Sample expand.num_samples responses per prompt of X_i from pi_{i-1}, judge them (Eq. 7), keep a pair: writes D_i.
 
     Example: spa-lite expand --iter 1 --recipe smollm2-demo --judge-ref init
     """

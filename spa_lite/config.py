@@ -125,7 +125,9 @@ class SeedDPOConfig:
 
 @dataclass
 class ExpandConfig:
-    num_samples: int = setting(2, "responses per prompt; a pair is (y1, y2)", ge=2, why="a pair needs two responses")
+    num_samples: int = setting(2, "responses per prompt: 2 is the paper's pair (y1, y2); N > 2 keeps the best and the "
+                               "worst of the N by judged reward (judge logprob or reward; more samples and judging)",
+                               ge=2, why="a pair needs two responses")
     temperature: float = setting(0.7, "sampling temperature", ge=0)
     top_p: float = setting(1.0, "nucleus sampling", gt=0, le=1)
     max_new_tokens: int = setting(300, "response length limit in tokens", ge=1)
@@ -299,6 +301,10 @@ def _bounds_problems(obj: Any, section: str) -> list[str]:
     return problems
 
 
+#: judges that score single responses, so expand can keep the best and the worst of N > 2 samples
+BEST_WORST_JUDGES = ("logprob",)
+
+
 def validate(recipe: Recipe) -> list[str]:
     problems = []
     for what, value in (("name", recipe.name),):
@@ -317,6 +323,9 @@ def validate(recipe: Recipe) -> list[str]:
     bad = [t for t in recipe.report_to if t not in trackers]
     if bad:
         problems.append(f"report_to: {', '.join(map(str, bad))} not among {', '.join(sorted(trackers))}")
+    if recipe.expand.num_samples > 2 and recipe.expand.judge not in BEST_WORST_JUDGES:
+        problems.append(f"expand.num_samples: {recipe.expand.num_samples} (best vs worst of N) needs a judge that scores "
+                        f"single responses ({', '.join(BEST_WORST_JUDGES)}), not '{recipe.expand.judge}'")
     if recipe.model.max_prompt_length >= recipe.model.max_length:
         problems.append("model.max_prompt_length: must be < model.max_length")
     return problems
