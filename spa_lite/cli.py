@@ -62,6 +62,17 @@ def seed_dpo_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: 
                                          | {"report_to": report_to}), force)
 
 
+@_command("reward")
+def reward_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None,
+               run_dir: RunDirOpt = None, force: ForceOpt = False, report_to: ReportOpt = None) -> None:
+    """A Bradley-Terry reward model on the gold seed pairs (LoRA adapter + scalar head): the judge of
+    expand.judge reward (and logprob+reward); its held-out gold accuracy is in the manifest.
+
+    Example: spa-lite reward --recipe smollm2-demo --set reward.epochs=2 && spa-lite expand --iter 1 --judge reward
+    """
+    tasks.stages.run_reward(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}), force)
+
+
 @_command("expand")
 def expand_cmd(
     iteration: IterOpt, recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None,

@@ -11,17 +11,20 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 
-from spa_lite.config import Recipe
+from spa_lite.config import REWARD_JUDGES, Recipe
 from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
 from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
-from spa_lite.errors import DataError
+from spa_lite.errors import DataError, SpaError
 from spa_lite.generation import dtype_name, encode_prompt, sample_responses, sampling_dtype
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob, score_responses
 from spa_lite.loading import load_stack
-from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream
+from spa_lite.layout import REWARD_HEAD_FILE, REWARD_STAGE, stage_dir
+from spa_lite.reward import RewardModel, load_reward_model, reward_scores
+from spa_lite.runs import Stage, begin_stage, finish_stage, require_stage, require_upstream
 from spa_lite.stack import PolicyStack, adapter_name
 from spa_lite.ui import progress
 from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
@@ -43,17 +46,20 @@ def judge_reference(stack_names: list[str], judge_ref: str) -> list[str] | None:
 
 
 def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: int, on_gen=None, on_judge=None,
-                 sample_fn=sample_responses) -> dict:
+                 sample_fn=sample_responses, reward_model: RewardModel | None = None) -> dict:
     """Sample, judge and pair up one shard of prompts. Returns {"rows": [...], "counts": {...}}.
 
     ``sample_fn`` is transformers' batched sampling on the stack, or a vLLM sampler serving pi_{i-1} as one
     exported adapter (``expand.backend: vllm``); judging always runs on the stack. With ``expand.num_samples``
     N = 2 each prompt's pair is its two samples (the paper); with N > 2 it is the best and the worst of the N by
-    judged reward (``best_worst_pairs``).
+    judged reward (``best_worst_pairs``). ``reward_model``: the judge of ``expand.judge: reward`` (and of
+    logprob+reward), loaded into ``stack`` by ``spa_lite.reward.load_reward_model``.
     """
     c = recipe.expand
+    if c.judge in REWARD_JUDGES and reward_model is None:
+        raise SpaError(f"expand.judge: {c.judge} needs the reward model (spa_lite.reward.load_reward_model)")
     # Eq. 7's log pi_{i-1}(y|x) read off the sampling pass (transformers backend): judging runs only the reference
-    record = c.judge == "logprob" and c.judge_logps == "sampler" and sample_fn is sample_responses
+    record = c.judge in ("logprob", "logprob+reward") and c.judge_logps == "sampler" and sample_fn is sample_responses
     # prompts over model.max_prompt_length are skipped and counted, as in training (a 100,000-character
     # prompt would otherwise make generation allocate gigabytes)
     fits = [len(encode_prompt(stack.tokenizer, p["prompt"])) <= recipe.model.max_prompt_length for p in prompts]
@@ -70,11 +76,15 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
         counts["undecided"] = 0
     check: dict = {}
     if c.num_samples > 2:
-        rows = best_worst_pairs(stack, recipe, kept_prompts, samples, counts, record, dtype, check, on_judge)
+        rows = best_worst_pairs(stack, recipe, kept_prompts, samples, counts, record, dtype, check, on_judge,
+                                reward_model)
     else:
         keep = _pairs_of_two(kept_prompts, samples, counts, c.drop_truncated)
-        keep, judged = _judge_pairs(stack, recipe, keep, counts, record, dtype, check, on_judge)
+        keep, judged = _judge_pairs(stack, recipe, keep, counts, record, dtype, check, on_judge, reward_model)
         rows = [_row(rec, y1, y2, j) for (rec, y1, y2), j in zip(keep, judged)]
+    if c.min_confidence > 0:  # a confidence floor: pairs the judge barely separates are left out, and counted
+        counts["below_min_confidence"] = sum(r["confidence"] < c.min_confidence for r in rows)
+        rows = [r for r in rows if r["confidence"] >= c.min_confidence]
     out = {"rows": rows, "counts": counts, "sample_dtype": dtype_name(dtype)}
     if check.get("checked"):
         out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked", "per_token")}
@@ -125,11 +135,29 @@ def _pairs_of_two(prompts: list[dict], samples: list, counts: dict, drop_truncat
 
 
 def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, record: bool, dtype, check: dict,
-                 on_judge) -> tuple[list, list[dict]]:
+                 on_judge, reward_model: RewardModel | None = None) -> tuple[list, list[dict]]:
     """Label (rec, y1, y2) with the recipe's judge; returns the pairs kept (the verifier drops some) and their
-    judgments (each with p = p(y1 > y2))."""
+    judgments (each with p = p(y1 > y2)).
+
+    reward: p = sigmoid(r(y1) - r(y2)) of the Bradley-Terry reward model (no beta: its reward is a logit);
+    logprob+reward: the mean of Eq. 7's p and that p (both kept in the row as p_logprob and p_reward).
+    """
     c = recipe.expand
     names = stack.prev
+    if c.judge in REWARD_JUDGES:
+        x = [encode_prompt(stack.tokenizer, r["prompt"]) for r, _, _ in keep]
+        ys = [a.token_ids for _, a, _ in keep] + [b.token_ids for _, _, b in keep]
+        r = reward_scores(reward_model, x + x, ys, batch_size=2 * c.judge_batch_size)
+        n = len(keep)
+        rm = [{"p": 1.0 / (1.0 + math.exp(-(r[i] - r[n + i]))), "reward_1": r[i], "reward_2": r[n + i]} for i in range(n)]
+        if c.judge == "reward":
+            if on_judge:
+                on_judge(n)
+            return keep, rm
+        _, lp = _judge_pairs(stack, replace(recipe, expand=replace(c, judge="logprob")), keep, counts, record, dtype,
+                             check, on_judge)
+        return keep, [{**a, **b, "p": 0.5 * (a["p"] + b["p"]), "p_logprob": a["p"], "p_reward": b["p"]}
+                      for a, b in zip(lp, rm)]
     if c.judge == "verifier":
         return verifier_judge(keep, counts, recipe.data.prompts)
     if c.judge == "llm":
@@ -161,6 +189,7 @@ def _row(rec: dict, y1, y2, j: dict) -> dict:
         if f"{key}_1" in j:
             row.update({f"{key}_chosen": j[f"{key}_1"] if first else j[f"{key}_2"],
                         f"{key}_rejected": j[f"{key}_2"] if first else j[f"{key}_1"]})
+    row.update({k: j[k] for k in ("p_logprob", "p_reward") if k in j})  # the ensemble's two judges, for p(y1 > y2)
     return row
 
 
@@ -181,11 +210,13 @@ def _candidates(ss: list, drop_truncated: bool) -> tuple[list[tuple[int, object]
 
 
 def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], samples: list, counts: dict,
-                     record: bool, dtype, check: dict, on_judge=None) -> list[dict]:
+                     record: bool, dtype, check: dict, on_judge=None, reward_model: RewardModel | None = None
+                     ) -> list[dict]:
     """N > 2 samples per prompt: the pair of the highest and the lowest judged reward among its distinct
     non-empty samples (iterative DPO's usual choice), as rows of D_i.
 
-    The reward is Eq. 7's r(y) = beta * [log pi_{i-1}(y|x) - log pi_ref(y|x) - a * |y|] (``score_responses``).
+    The reward is Eq. 7's r(y) = beta * [log pi_{i-1}(y|x) - log pi_ref(y|x) - a * |y|] (``score_responses``), or
+    with ``expand.judge: reward`` the reward model's r(x, y) (``spa_lite.reward.reward_scores``).
     The pair keeps its sampling order as (y1, y2), so p_y1 = sigmoid(r(y1) - r(y2)) is Eq. 7's p and the
     confidence is sigmoid(r_best - r_worst). A prompt with fewer than two candidates is counted under ``empty``,
     ``identical`` or ``dropped_truncated`` (the first that applies); ``judged_responses`` counts the responses
@@ -203,15 +234,19 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
     flat = [(rec, y) for rec, usable in cands for _, y in usable]
     counts["judged_responses"] = len(flat)
     prompt_ids = [encode_prompt(stack.tokenizer, rec["prompt"]) for rec, _ in flat]
-    known = None
-    if record and all(y.logp is not None for _, y in flat):
-        known = [y.logp for _, y in flat]
-        if dtype is not None:
-            check.update(tol=REDUCED_TOL_PER_TOKEN, per_token=True)
-    names = stack.prev
-    scores = score_responses(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
-                             [y.token_ids for _, y in flat], beta=c.beta, length_penalty=c.length_penalty,
-                             batch_size=2 * c.judge_batch_size, on_batch=None, judge_logps=known, check=check)
+    if c.judge == "reward":
+        scores = [{"reward": r} for r in reward_scores(reward_model, prompt_ids, [y.token_ids for _, y in flat],
+                                                        batch_size=2 * c.judge_batch_size)]
+    else:
+        known = None
+        if record and all(y.logp is not None for _, y in flat):
+            known = [y.logp for _, y in flat]
+            if dtype is not None:
+                check.update(tol=REDUCED_TOL_PER_TOKEN, per_token=True)
+        names = stack.prev
+        scores = score_responses(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
+                                 [y.token_ids for _, y in flat], beta=c.beta, length_penalty=c.length_penalty,
+                                 batch_size=2 * c.judge_batch_size, judge_logps=known, check=check)
     rows, at = [], 0
     for rec, usable in cands:
         sc = scores[at : at + len(usable)]
@@ -222,8 +257,9 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
             hi, lo = 0, 1
         a, b = sorted((hi, lo))  # sampling order: y1 is the earlier sample
         z = r[a] - r[b]
-        j = {"p": 1.0 / (1.0 + math.exp(-z)), "reward_1": r[a], "reward_2": r[b],
-             "logratio_1": sc[a]["logratio"], "logratio_2": sc[b]["logratio"]}
+        j = {"p": 1.0 / (1.0 + math.exp(-z)), "reward_1": r[a], "reward_2": r[b]}
+        if "logratio" in sc[a]:
+            j.update(logratio_1=sc[a]["logratio"], logratio_2=sc[b]["logratio"])
         row = _row(rec, usable[a][1], usable[b][1], j)
         row.update(num_samples=c.num_samples, candidates=len(usable))
         rows.append(row)
@@ -262,6 +298,8 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     stage = Stage("expand", iteration)
     t0 = time.time()
     require_upstream(recipe, stage, recipe_arg)
+    if recipe.expand.judge in REWARD_JUDGES:
+        require_stage(recipe, REWARD_STAGE, stage.command, recipe_arg)
     out, done = begin_stage(recipe, stage, force)
     if done:
         return done
@@ -281,6 +319,10 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
         if c.backend == "vllm":
             adapter = prepare_adapter(stack, iteration - 1, out / "vllm_adapter")
             sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
+        rm = None
+        if c.judge in REWARD_JUDGES:  # the reward adapter joins the stack: still one copy of the base
+            rdir = stage_dir(recipe, REWARD_STAGE)
+            rm = load_reward_model(stack, rdir / "adapter", rdir / REWARD_HEAD_FILE)
         n_todo = sum(len(shards[k]) for k in todo)
         with progress(enabled=dist.main) as p:
             gen = p.add_task(f"sample iter {iteration}", total=n_todo, info=f"{len(shards) - len(todo)} shards done before")
@@ -288,7 +330,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
             for k in todo:
                 seed = recipe.seed * 1_000_003 + iteration * 10_007 + k * 101
                 res = expand_shard(stack, recipe, shards[k], seed, on_gen=lambda n: p.advance(gen, n),
-                                   on_judge=lambda n: p.advance(jud, n), sample_fn=sample_fn)
+                                   on_judge=lambda n: p.advance(jud, n), sample_fn=sample_fn, reward_model=rm)
                 p.advance(jud, len(shards[k]) - len(res["rows"]))
                 atomic_write_json(shard_dir / f"{k:05d}.json", {"shard": k, **res})
                 written += 1
