@@ -147,3 +147,18 @@ def test_num_samples_over_two_needs_a_scoring_judge(tiny_recipe):
 
     with pytest.raises(SpaError, match="expand.num_samples: 4 .* not 'llm'"):
         tiny_recipe(**{"expand.num_samples": 4, "expand.judge": "llm"})
+
+
+def test_min_confidence_drops_and_counts_low_confidence_pairs(tiny_model_dir, adapters, tiny_recipe):
+    from spa_lite.stages.expand import expand_shard
+
+    stack = _stack(tiny_model_dir, adapters)
+    every = expand_shard(stack, _expand_recipe(tiny_recipe, 2, **{"expand.judge_logps": "forward"}), QUESTIONS, seed=3)
+    conf = sorted(r["confidence"] for r in every["rows"])
+    assert "below_min_confidence" not in every["counts"] and len(conf) >= 3
+    floor = max(0.5, (conf[0] + conf[1]) / 2)  # between the two least confident pairs
+    kept = expand_shard(stack, _expand_recipe(tiny_recipe, 2, **{"expand.judge_logps": "forward",
+                                                                "expand.min_confidence": floor}), QUESTIONS, seed=3)
+    want = [r for r in every["rows"] if r["confidence"] >= floor]
+    assert json.dumps(kept["rows"]) == json.dumps(want) and len(want) < len(every["rows"])
+    assert kept["counts"]["below_min_confidence"] == len(every["rows"]) - len(want)

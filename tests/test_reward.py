@@ -249,3 +249,8 @@ def test_cli_reward_command(tiny_model_dir, tiny_data, tmp_path):
     assert "held-out accuracy" in res.output
     m = json.loads((tmp_path / "runs" / "tiny" / "reward" / "manifest.json").read_text())
     assert m["summary"]["heldout"]["pairs"] == 6 and m["recipe"]["reward"]["holdout"] == 0.5
+    # the Python API runs the same stage: complete with this config, so it is not redone
+    import spa_lite
+
+    again = spa_lite.run_stage(spa_lite.load_recipe(path, {"reward.holdout": 0.5}), "reward")
+    assert again["timings"] == m["timings"] and again["config_hash"] == m["config_hash"]
