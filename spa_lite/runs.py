@@ -60,6 +60,9 @@ def _expand_key(recipe: Recipe) -> dict:
     # the precision of decoding is, like the device, how pi_{i-1} is sampled rather than what: left out, so a
     # run keeps its hash across machines and versions; expand's manifest records the dtype used
     d.pop("sample_dtype")
+    # settings added after runs were made, left out at their "off" value: such runs keep their hash
+    if d["min_confidence"] == 0:
+        d.pop("min_confidence")
     return d
 
 

@@ -162,3 +162,16 @@ def test_min_confidence_drops_and_counts_low_confidence_pairs(tiny_model_dir, ad
     want = [r for r in every["rows"] if r["confidence"] >= floor]
     assert json.dumps(kept["rows"]) == json.dumps(want) and len(want) < len(every["rows"])
     assert kept["counts"]["below_min_confidence"] == len(every["rows"]) - len(want)
+
+
+def test_runs_made_before_the_new_settings_keep_their_hash(tiny_recipe):
+    """expand.min_confidence at 0 (off) is left out of expand's config, so D_i made before it existed is not
+    refused as "made from another config"; set, it is part of D_i's identity."""
+    from spa_lite.layout import Stage
+    from spa_lite.runs import stage_config, stage_hash
+
+    off, on = tiny_recipe(), tiny_recipe(**{"expand.min_confidence": 0.6})
+    assert "min_confidence" not in stage_config(off, Stage("expand", 1))["expand"]
+    assert stage_config(on, Stage("expand", 1))["expand"]["min_confidence"] == 0.6
+    assert stage_hash(off, Stage("expand", 1)) != stage_hash(on, Stage("expand", 1))
+    assert stage_hash(off, Stage("seed", 0)) == stage_hash(on, Stage("seed", 0))

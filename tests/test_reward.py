@@ -18,7 +18,7 @@ from conftest import tiny_overrides
 from spa_lite.config import load_recipe
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.logps import collate_pairs, tokenize_pair
-from spa_lite.models import load_base_model
+from spa_lite.models import count_base_weight_copies, load_base_model
 from spa_lite.reward import (REWARD_ADAPTER, RewardModel, RewardSpec, bt_loss, load_reward_model, new_head,
                              run_reward_loop, sequence_rewards)
 from spa_lite.stack import build_stack
@@ -205,9 +205,12 @@ def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, ad
     base, tok = load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu")
     stack = build_stack(base, tok, [("seed", adapters["seed"])])
     rm = load_reward_model(stack, d / "adapter", d / "head.safetensors")
+    assert count_base_weight_copies(stack.model) == 1  # the reward adapter sits on the policies' base
     res = expand_shard(stack, recipe, QUESTIONS, seed=5, reward_model=rm)
     c = recipe.expand
-    with stack.use(["seed"]) as m:
+    # pi_0's samples drawn on a stack without the reward adapter: loading it changes no policy
+    base2, _ = load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu")
+    with build_stack(base2, tok, [("seed", adapters["seed"])]).use(["seed"]) as m:
         samples = sample_responses(m, tok, [q["prompt"] for q in QUESTIONS], num_samples=n,
                                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=5,
                                    batch_size=c.batch_size)
