@@ -1,11 +1,15 @@
 """An explicit Bradley-Terry reward model on the gold pairs D0: one more LoRA adapter (``reward``) on the same
 base as the policies, plus a scalar head on the final hidden state of each sequence's last token.
 
-r(x, y) = w . h_L(x, y)[last non-pad token], as transformers' ``*ForSequenceClassification`` (num_labels = 1)
-and TRL's RewardTrainer score a sequence; the loss is TRL's: -log sigmoid(r_chosen - r_rejected), plus
-``center_rewards_coefficient * mean((r_chosen + r_rejected)^2)`` when that is on. A judged pair's
-p(y1 > y2) = sigmoid(r(y1) - r(y2)): the Bradley-Terry model's own probability, so no beta scales it (Eq. 7's
-beta turns log-ratios into rewards; this reward is trained to be a logit already).
+r(x, y) = w . h_L(x, y)[last token], as transformers' ``*ForSequenceClassification`` (num_labels = 1) and TRL's
+RewardTrainer score a sequence. The last token is the last one the attention mask covers (batches are
+right-padded): the response's end-of-turn token. transformers finds it by token id instead, which is the same
+token unless the pad token is the end-of-turn token (SmolLM2), where it would take the token before.
+
+The loss is TRL's: -log sigmoid(r_chosen - r_rejected), plus ``center_rewards_coefficient * mean((r_chosen +
+r_rejected)^2)`` when that is on. A judged pair's p(y1 > y2) = sigmoid(r(y1) - r(y2)): the Bradley-Terry model's
+own probability, so no beta scales it (Eq. 7's beta turns log-ratios into rewards; this reward is trained to be
+a logit already).
 
 The loop here mirrors ``spa_lite.training.run_dpo_loop`` (the data order is a pure function of (seed, step);
 checkpoints every ``save_every`` steps resume exactly) for a single process.
@@ -26,9 +30,12 @@ from safetensors.torch import load_file, save_file
 from transformers import get_cosine_schedule_with_warmup
 
 from spa_lite.checkpoint import first_logged_loss, trim_metrics
+from spa_lite.config import Recipe
 from spa_lite.errors import DivergedError, SpaError
 from spa_lite.io import atomic_dir, dumps
+from spa_lite.layout import REWARD_HEAD_FILE, REWARD_STAGE, stage_dir
 from spa_lite.logps import TokenizedPair, collate_pairs, collate_sequences
+from spa_lite.runs import require_stage
 from spa_lite.stack import PolicyStack
 from spa_lite.training import divergence, micro_batch_indices, total_steps
 
@@ -117,6 +124,15 @@ def save_head(head: torch.nn.Linear, path: str | Path) -> Path:
     path = Path(path)
     save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(path))
     return path
+
+
+def load_run_reward_model(stack: PolicyStack, recipe: Recipe, needed_by: str = "spa_lite.reward",
+                          recipe_arg: str = "RECIPE") -> RewardModel:
+    """The run's reward model (stage ``reward``) loaded into ``stack``, after checking the stage is complete, made
+    from this recipe's config, and its files are the ones it wrote (``runs.require_stage``)."""
+    require_stage(recipe, REWARD_STAGE, needed_by, recipe_arg)
+    d = stage_dir(recipe, REWARD_STAGE)
+    return load_reward_model(stack, d / "adapter", d / REWARD_HEAD_FILE)
 
 
 def load_reward_model(stack: PolicyStack, adapter_dir: str | Path, head_path: str | Path) -> RewardModel:

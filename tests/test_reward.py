@@ -257,3 +257,28 @@ def test_cli_reward_command(tiny_model_dir, tiny_data, tmp_path):
 
     again = spa_lite.run_stage(spa_lite.load_recipe(path, {"reward.holdout": 0.5}), "reward")
     assert again["timings"] == m["timings"] and again["config_hash"] == m["config_hash"]
+
+
+def test_expand_stage_with_the_reward_judge(tiny_model_dir, tiny_data, reward_run):
+    """`spa-lite expand` with judge: reward: refused without the reward stage, then D_1 labelled by it, and its
+    config hash carries the reward stage's."""
+    import shutil
+
+    from spa_lite.errors import StageOrderError
+    from spa_lite.layout import REWARD_STAGE
+    from spa_lite.runs import stage_hash
+    from spa_lite.stages import expand, seed_dpo
+
+    r, _ = reward_run
+    seed_dpo.run(r)
+    bare = _recipe(tiny_model_dir, tiny_data, r.run_path.parent, "seed-only")
+    shutil.copytree(r.run_path / "seed", bare.run_path / "seed")
+    with pytest.raises(StageOrderError, match="spa-lite expand --iter 1 needs .*reward.*run `spa-lite reward"):
+        expand.run(bare, 1)
+    m = expand.run(r, 1)
+    assert m["status"] == "complete" and m["config"]["reward"] == stage_hash(r, REWARD_STAGE)
+    rows = [json.loads(x) for x in (r.run_path / "iter1/expand/data.jsonl").read_text().splitlines()]
+    assert rows and m["summary"]["pairs"] == len(rows)
+    shard = json.loads((r.run_path / "iter1/expand/shards/00000.json").read_text())
+    for row in shard["rows"]:
+        assert row["confidence"] == pytest.approx(_sigmoid(row["reward_chosen"] - row["reward_rejected"]), abs=1e-9)

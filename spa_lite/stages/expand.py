@@ -22,8 +22,8 @@ from spa_lite.generation import dtype_name, encode_prompt, sample_responses, sam
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob, score_responses
 from spa_lite.loading import load_stack
-from spa_lite.layout import REWARD_HEAD_FILE, REWARD_STAGE, stage_dir
-from spa_lite.reward import RewardModel, load_reward_model, reward_scores
+from spa_lite.layout import REWARD_STAGE
+from spa_lite.reward import RewardModel, load_run_reward_model, reward_scores
 from spa_lite.runs import Stage, begin_stage, finish_stage, require_stage, require_upstream
 from spa_lite.stack import PolicyStack, adapter_name
 from spa_lite.ui import progress
@@ -321,8 +321,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
             sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
         rm = None
         if c.judge in REWARD_JUDGES:  # the reward adapter joins the stack: still one copy of the base
-            rdir = stage_dir(recipe, REWARD_STAGE)
-            rm = load_reward_model(stack, rdir / "adapter", rdir / REWARD_HEAD_FILE)
+            rm = load_run_reward_model(stack, recipe, stage.command, recipe_arg)
         n_todo = sum(len(shards[k]) for k in todo)
         with progress(enabled=dist.main) as p:
             gen = p.add_task(f"sample iter {iteration}", total=n_todo, info=f"{len(shards) - len(todo)} shards done before")
