@@ -282,3 +282,30 @@ def test_expand_stage_with_the_reward_judge(tiny_model_dir, tiny_data, reward_ru
     shard = json.loads((r.run_path / "iter1/expand/shards/00000.json").read_text())
     for row in shard["rows"]:
         assert row["confidence"] == pytest.approx(_sigmoid(row["reward_chosen"] - row["reward_rejected"]), abs=1e-9)
+
+
+def test_run_trains_the_reward_model_before_expand_only_when_the_judge_needs_it(tiny_recipe, monkeypatch):
+    from spa_lite.stages import expand, pipeline, reward, seed_dpo, train
+
+    for judge, want in (("reward", ["seed", "reward", "iter1/expand", "iter1/train"]),
+                        ("logprob+reward", ["seed", "reward", "iter1/expand", "iter1/train"]),
+                        ("logprob", ["seed", "iter1/expand", "iter1/train"])):
+        order: list[str] = []
+        for mod, key in ((seed_dpo, "seed"), (reward, "reward")):
+            monkeypatch.setattr(mod, "run", lambda r, key=key, **kw: order.append(key) or {"status": "complete"})
+        monkeypatch.setattr(expand, "run", lambda r, i, **kw: order.append(f"iter{i}/expand") or {"status": "complete"})
+        monkeypatch.setattr(train, "run", lambda r, i, **kw: order.append(f"iter{i}/train") or {"status": "complete"})
+        done = pipeline.run(tiny_recipe(iterations=1, **{"expand.judge": judge}))
+        assert order == want == [k for k, _ in done]
+
+
+def test_divergence_leaves_the_reward_stage_incomplete(tiny_recipe):
+    from spa_lite.errors import DivergedError
+    from spa_lite.stages import reward
+
+    r = tiny_recipe(**{"reward.lr": 1e6, "reward.epochs": 4, "reward.batch_size": 2, "reward.grad_accum": 1,
+                       "reward.warmup_ratio": 0.0})
+    with pytest.raises(DivergedError, match="reward model diverged.*spa-lite reward --force"):
+        reward.run(r)
+    d = r.run_path / "reward"
+    assert not (d / "manifest.json").exists() and not (d / "adapter").exists() and not (d / "head.safetensors").exists()

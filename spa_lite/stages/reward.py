@@ -76,7 +76,11 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
             p.update(task, completed=step, info=f"loss {row['loss']:.4f} acc {row['accuracy']:.2f}")
             log_step(recipe, stage.key, row)
 
-        summary = run_reward_loop(rm, pairs, spec, out, on_step=on_step, stop_after=stop_after)
+        try:
+            summary = run_reward_loop(rm, pairs, spec, out, on_step=on_step, stop_after=stop_after)
+        except DivergedError as e:
+            raise DivergedError(e.step, f"the reward model diverged: {e}; {out} is not complete. Lower reward.lr "
+                                "(or raise reward.warmup_ratio) and rerun `spa-lite reward --force`") from None
     if not all(bool(torch.isfinite(w).all()) for w in rm.parameters()):
         raise DivergedError(summary["steps"], f"the reward model's weights are not finite; {out} is not complete. "
                             "Lower reward.lr and rerun `spa-lite reward --force`")
