@@ -287,6 +287,7 @@ def test_expand_stage_with_the_reward_judge(tiny_model_dir, tiny_data, reward_ru
 def test_run_trains_the_reward_model_before_expand_only_when_the_judge_needs_it(tiny_recipe, monkeypatch):
     from spa_lite.stages import expand, pipeline, reward, seed_dpo, train
 
+    monkeypatch.setattr(pipeline, "release_memory", lambda: None)  # no model is loaded: nothing to hand back
     for judge, want in (("reward", ["seed", "reward", "iter1/expand", "iter1/train"]),
                         ("logprob+reward", ["seed", "reward", "iter1/expand", "iter1/train"]),
                         ("logprob", ["seed", "iter1/expand", "iter1/train"])):
