@@ -274,3 +274,15 @@ def agreement(rows: list[dict], annotations: list[dict], judge: str = "eq7") -> 
             judges[name] = _rate([a["human"] == "chosen" for a in decided if rows[a["row"]]["flagged"] is want])
     out["judges"] = judges
     return out
+
+
+def run_agreement(run_path: str | Path, iterations: int) -> dict:
+    """``agreement`` for every pair file of a run that has an audit: {"D_0": ..., "D_1": ...}; the pairs are read
+    again, so annotations of rows that changed since are counted as ``stale``, not used."""
+    out = {}
+    for i in range(iterations + 1):
+        anns = read_annotations(audit_path(run_path, i))
+        if anns:
+            rows, info = load_rows(run_path, i)
+            out[f"D_{i}"] = agreement(rows, anns, info["judge"])
+    return out
