@@ -9,8 +9,8 @@ import random
 from pathlib import Path
 
 # A response that would run script if the page parsed it as HTML: each sets window.__xss.
-XSS = ['<script>window.__xss = "script"</script>', '<img src=x onerror="window.__xss = \'img\'">',
-       '</script><script>window.__xss = "breakout"</script>', '<!--<script>window.__xss = "comment"</script>-->']
+XSS = ["<script>window.__xss = 'script'</script>", "<img src=x onerror=\"window.__xss = 'img'\">",
+       "</script><script>window.__xss = 'breakout'</script>", "<!--<script>window.__xss = 'comment'</script>-->"]
 
 
 def _pair(i: int, rng: random.Random, xss: bool) -> dict:
