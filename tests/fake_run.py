@@ -13,10 +13,15 @@ XSS = ["<script>window.__xss = 'script'</script>", "<img src=x onerror=\"window.
        "</script><script>window.__xss = 'breakout'</script>", "<!--<script>window.__xss = 'comment'</script>-->"]
 
 
-def _pair(i: int, rng: random.Random, xss: bool) -> dict:
+FILLER = " The answer goes on with one more sentence of ordinary prose here."
+
+
+def _pair(i: int, rng: random.Random, xss: bool, filler: int = 0) -> dict:
     word = rng.choice(["river", "garden", "coffee", "music", "winter"])
     good = f"Here is an answer about the {word}, number {i}.\nIt keeps to the point.\n\n  indented line kept"
     bad = f"Something else entirely, number {i}." + (" and more words" * rng.randint(0, 30))
+    if filler:  # longer responses, as a real D_i has (bench/bench_inspect.py)
+        good, bad = good + FILLER * rng.randint(0, filler), bad + FILLER * rng.randint(0, filler)
     if xss and i < len(XSS):
         bad = XSS[i] + " " + bad
     p = rng.random()
@@ -37,13 +42,15 @@ def _pair(i: int, rng: random.Random, xss: bool) -> dict:
     }
 
 
-def write_fake_run(run: Path, n: int = 40, seed: int = 0, xss: bool = True, trained: bool = True) -> Path:
+def write_fake_run(run: Path, n: int = 40, seed: int = 0, xss: bool = True, trained: bool = True,
+                   filler: int = 0) -> Path:
     """``run`` with D_1 of ``n`` pairs (the first ones carrying ``XSS`` payloads when ``xss``), a complete expand
-    manifest, flags.jsonl flagging every 7th row (``trained``) and 6 gold seed pairs named by recipe.yaml."""
+    manifest, flags.jsonl flagging every 7th row (``trained``) and 6 gold seed pairs named by recipe.yaml.
+    ``filler``: up to this many more sentences (66 characters each) per response."""
     rng = random.Random(seed)
     d = run / "iter1" / "expand"
     d.mkdir(parents=True, exist_ok=True)
-    rows = [_pair(i, rng, xss) for i in range(n)]
+    rows = [_pair(i, rng, xss, filler) for i in range(n)]
     (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (d / "manifest.json").write_text(json.dumps({"stage": "iter1/expand", "status": "complete",
                                                  "recipe": {"expand": {"judge": "logprob"}}}))
