@@ -23,13 +23,13 @@ from spa_lite.data import load_pairs, pair_texts, resolve_data_path
 from spa_lite.demo.tasks import verify
 from spa_lite.errors import DataError, SpaError
 from spa_lite.io import atomic_write_jsonl, read_json, read_jsonl
-from spa_lite.layout import Stage, data_path
+from spa_lite.layout import audit_path, data_path
 from spa_lite.metrics import wilson_interval
 
 __all__ = ["AnnotationError", "CHOICES", "AUDIT_FILE", "audit_path", "pairs_path", "load_rows", "blind_sample", "make_annotation",
            "read_annotations", "AuditLog", "import_annotations", "agreement", "pair_key"]
 
-AUDIT_FILE = "audit.jsonl"
+AUDIT_FILE = "audit.jsonl"  # spa_lite.layout.audit_path names it
 CHOICES = ("A", "B", "tie", "skip")
 _HUMAN = {"tie": "tie", "skip": "skip"}
 
@@ -46,15 +46,6 @@ def pair_key(prompt: list[dict], chosen: str, rejected: str) -> str:
     """12 hex digits naming a pair's content: an annotation is refused on a row whose content differs."""
     blob = json.dumps([prompt, chosen, rejected], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
-
-
-def _stage_dir(run_path: Path, iteration: int) -> Path:
-    return Path(run_path) / (Stage("seed", 0).key if iteration == 0 else f"iter{iteration}")
-
-
-def audit_path(run_path: str | Path, iteration: int) -> Path:
-    """``RUN/iter{i}/audit.jsonl`` (``RUN/seed/audit.jsonl`` for the gold seed pairs, iteration 0)."""
-    return _stage_dir(Path(run_path), iteration) / AUDIT_FILE
 
 
 def pairs_path(run_path: str | Path, iteration: int) -> Path | str:
@@ -129,7 +120,7 @@ def load_rows(run_path: str | Path, iteration: int, pairs: str | Path | None = N
         out["verifier"] = _verdict(r)
         rows.append(out)
     judge = "gold" if iteration == 0 else "eq7"
-    manifest = _stage_dir(run_path, iteration) / "expand" / "manifest.json"
+    manifest = run_path / f"iter{iteration}" / "expand" / "manifest.json"
     if iteration > 0 and manifest.exists():
         name = read_json(manifest).get("recipe", {}).get("expand", {}).get("judge", "logprob")
         judge = "eq7" if name == "logprob" else str(name)  # expand.judge: logprob is Eq. 7
@@ -286,3 +277,31 @@ def run_agreement(run_path: str | Path, iterations: int) -> dict:
             rows, info = load_rows(run_path, i)
             out[f"D_{i}"] = agreement(rows, anns, info["judge"])
     return out
+
+
+def apply_human_labels(rows: list[dict], annotations: list[dict]) -> tuple[list[dict], dict]:
+    """D_i's pairs with each audited pair's human label (``train.audit_labels``): a pair the person preferred
+    the other way has chosen and rejected swapped; ties, skips and annotations of rows whose content changed
+    leave the self-label. ``rows`` are D_i's records with text responses, in file order.
+
+    Returns:
+        (rows, counts): counts has ``gold`` (pairs labelled by the person), ``gold_flipped`` (of those, the
+        ones whose self-label was wrong), ``self`` (the rest) and ``audit_ties``/``audit_skips``/``audit_stale``.
+    """
+    out = [dict(r) for r in rows]
+    counts = {"gold": 0, "gold_flipped": 0, "audit_ties": 0, "audit_skips": 0, "audit_stale": 0}
+    for a in latest(annotations).values():
+        r = out[a["row"]] if 0 <= a["row"] < len(out) else None
+        if r is None or pair_key(r["prompt"], r["chosen"], r["rejected"]) != a["key"]:
+            counts["audit_stale"] += 1
+            continue
+        if a["human"] in ("tie", "skip"):
+            counts["audit_ties" if a["human"] == "tie" else "audit_skips"] += 1
+            continue
+        counts["gold"] += 1
+        r["label_source"] = "human"
+        if a["human"] == "rejected":
+            r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
+            counts["gold_flipped"] += 1
+    counts["self"] = len(out) - counts["gold"]
+    return out, counts

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import invoke, ok
 from fake_run import XSS, write_fake_run
-from spa_lite.audit import (AnnotationError, agreement, audit_path, blind_sample, import_annotations, load_rows,
-                            make_annotation, read_annotations)
+from spa_lite.audit import (AnnotationError, AuditLog, agreement, apply_human_labels, audit_path, blind_sample,
+                            import_annotations, load_rows, make_annotation, read_annotations)
 from spa_lite.demo.tasks import verify
 from spa_lite.inspect_page import make_server, page_payload, render
 
@@ -204,3 +204,62 @@ def test_cli_inspect_import_and_eval_audit_only(run, tmp_path):
     empty = write_fake_run(tmp_path / "runs" / "fresh", n=3)
     res = invoke("eval", "--recipe", empty / "recipe.yaml", "--run-dir", empty.parent, "--audit-only")
     assert res.exit_code == 2 and "has no audit" in res.output
+
+
+# ------------------------------------------------------------------------------ train.audit_labels
+
+
+def test_human_labels_replace_self_labels_by_hand(run):
+    rows, _ = load_rows(run, 1)
+    texts = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    anns = [make_annotation(rows, a, 1) for a in (_ann(rows, 0, "A", "chosen"), _ann(rows, 1, "A", "rejected"),
+                                                  _ann(rows, 2, "tie", "chosen"), _ann(rows, 3, "skip", "rejected"),
+                                                  _ann(rows, 1, "B", "chosen"))]  # row 1: changed to rejected again
+    stale = {**anns[0], "row": 5, "key": "0" * 12}
+    out, counts = apply_human_labels(texts, anns + [stale])
+    assert counts == {"gold": 2, "gold_flipped": 1, "audit_ties": 1, "audit_skips": 1, "audit_stale": 1, "self": 38}
+    assert (out[1]["chosen"], out[1]["rejected"]) == (texts[1]["rejected"], texts[1]["chosen"])
+    assert out[0] == {**texts[0], "label_source": "human"} and out[2] == texts[2] and out[4] == texts[4]
+    assert texts[1]["chosen"] == rows[1]["chosen"]  # the input is not modified
+
+
+def test_audit_labels_keep_old_hashes_and_hash_the_audit(tiny_recipe):
+    from spa_lite.runs import Stage, _loop_key, stage_hash
+
+    off, on = tiny_recipe(), tiny_recipe(**{"train.audit_labels": True})
+    assert "audit_labels" not in _loop_key(off.train)  # runs made before the setting keep their hashes
+    st = Stage("train", 1)
+    h_on = stage_hash(on, st)
+    assert h_on != stage_hash(off, st)
+    audit_path(on.run_path, 1).parent.mkdir(parents=True)
+    audit_path(on.run_path, 1).write_text('{"row": 0}\n')
+    assert stage_hash(on, st) != h_on  # a new annotation makes a new stage, not a "complete" one
+
+
+def test_train_stage_trains_on_the_human_labels(tiny_recipe, monkeypatch):
+    from spa_lite.api import run_stage
+    from spa_lite.stages import train as train_mod
+
+    recipe = tiny_recipe(iterations=1, **{"train.audit_labels": True})
+    run_stage(recipe, "seed-dpo")
+    run_stage(recipe, "expand", 1)
+    rows, _ = load_rows(recipe.run_path, 1)
+    assert len(rows) >= 3
+    log = AuditLog(recipe.run_path, 1, rows)
+    for a in (_ann(rows, 0, "A", "rejected"), _ann(rows, 1, "B", "rejected"), _ann(rows, 2, "tie", "chosen")):
+        log.add(a)
+    seen = {}
+    real = train_mod.tokenize_pairs
+
+    def spy(tok, rs, *args):
+        seen["rows"] = rs
+        return real(tok, rs, *args)
+
+    monkeypatch.setattr(train_mod, "tokenize_pairs", spy)
+    m = run_stage(recipe, "train", 1)
+    assert m["summary"]["labels"] == {"gold": 2, "gold_flipped": 1, "audit_ties": 1, "audit_skips": 0,
+                                      "audit_stale": 0, "self": len(rows) - 2}
+    got = seen["rows"]
+    assert (got[0]["chosen"], got[0]["rejected"]) == (rows[0]["rejected"], rows[0]["chosen"])  # A was rejected
+    assert (got[1]["chosen"], got[1]["rejected"]) == (rows[1]["chosen"], rows[1]["rejected"])  # B was rejected
+    assert (got[2]["chosen"], got[2]["rejected"]) == (rows[2]["chosen"], rows[2]["rejected"])  # tie: self-label
