@@ -63,7 +63,7 @@ def render(payload: dict, *, fragment: bool = False) -> str:
     """
     token = secrets.token_hex(4)
     # "<" never appears raw inside the JSON: no "</script>" or "<!--" in the data can end or change the element
-    data = dumps(payload, ensure_ascii=False).replace("<", "\\u003c")
+    data = dumps({**payload, "standalone": not fragment}, ensure_ascii=False).replace("<", "\\u003c")
     body = _template().replace("__TOKEN__", token).replace("/*__PAYLOAD__*/", data)
     if fragment:
         return body

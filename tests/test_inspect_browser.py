@@ -223,3 +223,28 @@ def test_file_mode_audit_by_download(browser, run):
     expected = _expected(rows, blind_sample(len(rows), 10, 3), keys)
     assert [(a["row"], a["human"]) for a in read_annotations(audit_path(run, 1))] == expected
     _eval_counts(run, expected)
+
+
+def test_notebook_fragment_takes_keys_only_when_focused(browser, run, tmp_path):
+    """Inline in a notebook the page must not eat keys typed into code cells (contenteditable editors and
+    textareas); clicked on, it takes them."""
+    from selenium.webdriver.common.by import By
+
+    frag = render(page_payload(run, 1, sample=5), fragment=True)
+    doc = tmp_path / "notebook.html"
+    doc.write_text("<!doctype html><meta charset=utf-8><textarea id=cell></textarea>"
+                   "<div id=editor contenteditable=true>x</div><div id=out>" + frag + "</div>", encoding="utf-8")
+    browser.get(doc.as_uri())
+    _wait(lambda: _cards(browser), "the pairs")
+    browser.find_element(By.ID, "cell").send_keys("a1n")
+    browser.find_element(By.ID, "editor").send_keys("a1")
+    _keys(browser, "a")  # the body: not the page either
+    assert browser.find_element(By.ID, "cell").get_attribute("value") == "a1n"
+    assert browser.execute_script("return document.querySelector('.spa-inspect').getAttribute('data-tab')") == "browse"
+    browser.find_element(By.CSS_SELECTOR, ".spa-inspect h1").click()
+    browser.switch_to.active_element.send_keys("a")
+    _wait(lambda: browser.execute_script("return document.querySelector('[data-tab=audit]') !== null"), "audit tab")
+    browser.switch_to.active_element.send_keys("1")
+    _wait(lambda: (_text(browser, ".aprog") or "").startswith("1 of 5"), "an annotation by key")
+    browser.switch_to.active_element.send_keys("2")  # the focus stayed in the page after it re-rendered
+    _wait(lambda: (_text(browser, ".aprog") or "").startswith("2 of 5"), "a second annotation by key")
