@@ -263,3 +263,17 @@ def test_train_stage_trains_on_the_human_labels(tiny_recipe, monkeypatch):
     assert (got[0]["chosen"], got[0]["rejected"]) == (rows[0]["rejected"], rows[0]["chosen"])  # A was rejected
     assert (got[1]["chosen"], got[1]["rejected"]) == (rows[1]["chosen"], rows[1]["rejected"])  # B was rejected
     assert (got[2]["chosen"], got[2]["rejected"]) == (rows[2]["chosen"], rows[2]["rejected"])  # tie: self-label
+
+
+def test_cli_refusals_are_one_line(run, tmp_path):
+    res = invoke("inspect", tmp_path / "nope")
+    assert res.exit_code == 2 and "is not a run directory" in res.output
+    res = invoke("inspect", run, "--iter", 2)
+    assert res.exit_code == 2 and "spa-lite expand --iter 2" in res.output
+    res = invoke("inspect", run, "--serve", "--pairs", run / "iter1/expand/data.jsonl")
+    assert res.exit_code == 2 and "leave out --pairs" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"row": 0, "key": "x", "choice": "A", "a_is": "chosen"}\n')
+    res = invoke("audit", "import", bad, "--run", run, "--iter", 1)
+    assert res.exit_code == 2 and f"{bad}:1: field 'key'" in "".join(res.output.split("\n"))
+    assert not audit_path(run, 1).exists()
