@@ -148,6 +148,8 @@ def test_browse_filters_and_sort(browser, run, tmp_path):
     assert _cards(browser) == [r["row"] for r in want[:20]]
     _keys(browser, "n")  # next page by key
     assert _cards(browser) == [r["row"] for r in want[20:40]]
+    _keys(browser, "jj")  # the third pair of the page is the current one
+    assert browser.execute_script("return +document.querySelector('.pair.cur').getAttribute('data-row')") == want[22]["row"]
     # the README screenshot: a run without script-carrying responses, first page
     clean = write_fake_run(tmp_path / "runs" / "clean", n=40, seed=1, xss=False)
     browser.get(write_page(clean, 1).as_uri())
@@ -223,6 +225,10 @@ def test_file_mode_audit_by_download(browser, run):
     expected = _expected(rows, blind_sample(len(rows), 10, 3), keys)
     assert [(a["row"], a["human"]) for a in read_annotations(audit_path(run, 1))] == expected
     _eval_counts(run, expected)
+    browser.refresh()  # the browser kept the picks: a reload resumes the audit
+    _wait(lambda: _cards(browser), "the pairs")
+    _keys(browser, "a")
+    assert _wait(lambda: _text(browser, ".aprog"), "progress") == "5 of 10 audited"
 
 
 def test_notebook_fragment_takes_keys_only_when_focused(browser, run, tmp_path):
