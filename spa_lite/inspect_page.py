@@ -110,9 +110,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._send(status, json.dumps({"error": message}))
 
+    def _foreign_host(self) -> bool:
+        """A Host other than this server's loopback address (DNS rebinding: another site's name resolved to
+        127.0.0.1) is refused, so no other site reads the pairs or writes the audit."""
+        if self.headers.get("Host") in self.server.hosts:
+            return False
+        self._error(403, f"host {self.headers.get('Host')!r} refused; open http://127.0.0.1:{self.server.server_address[1]}/")
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = urlsplit(self.path).path
         s = self.server
+        if self._foreign_host():
+            return
         if path in ("/", "/index.html"):
             self._send(200, render(page_payload(s.run_path, s.iteration, mode="server", rows=s.rows, info=s.info,
                                                 sample=s.sample, seed=s.seed)), "text/html")
@@ -122,6 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such page: {path}")
 
     def do_POST(self) -> None:  # noqa: N802
+        if self._foreign_host():
+            return
         if urlsplit(self.path).path != "/api/annotate":
             return self._error(404, f"no such endpoint: {self.path} (POST /api/annotate)")
         origin = self.headers.get("Origin")
@@ -130,9 +142,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(403, f"requests from {origin} are refused; open the page this server serves")
         if self.headers.get_content_type() != "application/json":
             return self._error(415, "send the annotation as application/json")
-        n = int(self.headers.get("Content-Length") or 0)
+        length = self.headers.get("Content-Length") or "0"
+        n = int(length) if length.isdigit() else -1
         if n <= 0 or n > MAX_BODY:
-            return self._error(413 if n > MAX_BODY else 400, f"body of {n} bytes (an annotation is 1 to {MAX_BODY})")
+            return self._error(413 if n > MAX_BODY else 400,
+                               f"Content-Length {length!r} (an annotation is 1 to {MAX_BODY} bytes)")
         try:
             rec = json.loads(self.rfile.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

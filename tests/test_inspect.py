@@ -4,6 +4,7 @@ tests/test_inspect_browser.py."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import threading
@@ -179,6 +180,15 @@ def test_server_saves_each_annotation_and_refuses_bad_input(run):
         assert _post(base + "/api/annotate", _ann(rows, 4, "A", "chosen"), ctype="text/plain")[0] == 415
         assert _post(base + "/api/annotate", _ann(rows, 4, "A", "chosen"), origin="http://evil.example")[0] == 403
         assert _post(base + "/api/elsewhere", _ann(rows, 4, "A", "chosen"))[0] == 404
+        rebound = urllib.request.Request(base + "/", headers={"Host": f"evil.example:{port}"})
+        with pytest.raises(urllib.error.HTTPError) as e:  # DNS rebinding: another name for 127.0.0.1
+            urllib.request.urlopen(rebound, timeout=10)
+        assert e.value.code == 403
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a claimed size over the limit: not read
+        conn.request("POST", "/api/annotate", body=b"{}", headers={"Content-Type": "application/json",
+                                                                   "Content-Length": str(64 * 1024 + 1)})
+        assert conn.getresponse().status == 413
+        conn.close()
         assert len(read_annotations(audit_path(run, 1))) == 1  # nothing refused was written
         assert sorted(p.name for p in run.rglob("*") if p.is_file() and "audit" in p.name) == ["audit.jsonl"]
     finally:
