@@ -25,6 +25,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from spa_lite.audit import run_agreement
 from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_description, shipped_recipes
 from spa_lite.config import load_recipe as _load
 from spa_lite.data import load_pairs
@@ -285,6 +286,11 @@ class Run:
     def inspect_html(self, iteration: int = 1, **kwargs) -> str:
         """``spa_lite.inspect_html`` for this run's D_i."""
         return inspect_html(self.path, iteration, **kwargs)
+
+    def audit(self) -> dict[str, dict]:
+        """Each judge's agreement with the human audit of every audited pair file ({"D_1": ...}), as
+        `spa-lite eval` reports it (``spa_lite.audit.agreement``)."""
+        return run_agreement(self.path, self.recipe.iterations)
 
     def evals(self) -> dict[str, dict]:
         """Eval reports under runs/<name>/eval, by tag."""

@@ -209,6 +209,9 @@ def test_cli_inspect_import_and_eval_audit_only(run, tmp_path):
     rep = json.loads((run / "eval" / "audit.json").read_text())
     eq7 = rep["human_audit"]["D_1"]["judges"]["eq7"]
     assert (eq7["n"], eq7["agree"]) == (6, 4) and "agreement with the human audit" in res.output
+    from spa_lite.api import open_run
+
+    assert open_run(run / "recipe.yaml", run_dir=run.parent).audit() == rep["human_audit"]
     bad = invoke("audit", "import", tmp_path / "missing.jsonl", "--run", run)
     assert bad.exit_code == 2 and "file not found" in bad.output
     empty = write_fake_run(tmp_path / "runs" / "fresh", n=3)
