@@ -78,7 +78,7 @@ def _text(s: str) -> str:
 
 
 def default_page_path(run_path: str | Path, iteration: int) -> Path:
-    """``RUN/iter{i}/inspect.html`` (``RUN/seed/inspect.html`` for D0), beside the audit file."""
+    """``RUN/iter{i}/inspect.html`` (``RUN/d0/inspect.html`` for D0), beside the audit file."""
     return audit_path(run_path, iteration).with_name("inspect.html")
 
 

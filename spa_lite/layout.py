@@ -3,7 +3,7 @@
 runs/<name>/seed/                 adapter/, metrics.jsonl, manifest.json          (pi_0)
 runs/<name>/iter{i}/expand/       shards/, data.jsonl, manifest.json              (D_i)
 runs/<name>/iter{i}/train/        adapter/, metrics.jsonl, manifest.json          (pi_i)
-runs/<name>/iter{i}/audit.jsonl   human audit of D_i (seed/audit.jsonl: of D0)     (`spa-lite inspect`)
+runs/<name>/iter{i}/audit.jsonl   human audit of D_i (d0/audit.jsonl: of D0)       (`spa-lite inspect`)
 runs/<name>/eval/                 <tag>.json, cache/, winrate_cache/              (`spa-lite eval`, `winrate`)
 
 Policies: pi_init is the base with every adapter off (k = None); pi_k is the base plus the adapters
@@ -60,8 +60,11 @@ def data_path(run_path: Path, iteration: int) -> Path:
 
 
 def audit_path(run_path: Path, iteration: int) -> Path:
-    """The human audit of D_i, ``iter{i}/audit.jsonl``; of the gold seed pairs D0 (iteration 0), ``seed/audit.jsonl``."""
-    return Path(run_path) / ("seed" if iteration == 0 else f"iter{iteration}") / "audit.jsonl"
+    """The human audit of D_i, ``iter{i}/audit.jsonl``; of the gold seed pairs D0 (iteration 0), ``d0/audit.jsonl``.
+
+    Never inside a stage directory: ``--force`` clears a stage's directory, and an audit outlives the stage.
+    """
+    return Path(run_path) / ("d0" if iteration == 0 else f"iter{iteration}") / "audit.jsonl"
 
 
 def eval_dir(recipe: Recipe) -> Path:

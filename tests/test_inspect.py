@@ -48,7 +48,7 @@ def test_rows_carry_fields_flags_and_verifier(run):
 def test_seed_pairs_page_and_untrained_iteration(run):
     rows, info = load_rows(run, 0)
     assert info["judge"] == "gold" and len(rows) == 6 and rows[0]["chosen"] == "A careful gold answer 0."
-    assert audit_path(run, 0) == run / "seed" / "audit.jsonl"
+    assert audit_path(run, 0) == run / "d0" / "audit.jsonl"  # not in seed/, which `seed-dpo --force` clears
     (run / "iter1/train/flags.jsonl").unlink()
     rows, info = load_rows(run, 1)
     assert not info["trained"] and all(r["flagged"] is None for r in rows)
