@@ -156,6 +156,8 @@ class _Handler(BaseHTTPRequestHandler):
         except AnnotationError as e:
             status = {"row": HTTPStatus.NOT_FOUND, "key": HTTPStatus.CONFLICT}.get(e.field, HTTPStatus.BAD_REQUEST)
             return self._error(int(status), str(e))
+        except OSError as e:  # a full disk, a read-only run: the page shows it and keeps the pick unsaved
+            return self._error(500, f"cannot write {self.server.log.path}: {e}")
         self._send(200, dumps({"annotation": ann, "count": len(self.server.log.all()),
                                "path": str(self.server.log.path)}))
 

@@ -158,6 +158,24 @@ def _post(url, body, ctype="application/json", origin=None):
         return e.code, json.loads(e.read())
 
 
+def test_server_says_when_it_cannot_write(run, monkeypatch):
+    import spa_lite.audit as audit_mod
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit_mod, "atomic_write_jsonl", full)
+    srv = make_server(run, 1, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        rows, _ = load_rows(run, 1)
+        st, res = _post(f"http://127.0.0.1:{srv.server_address[1]}/api/annotate", _ann(rows, 0, "A", "chosen"))
+        assert st == 500 and "No space left on device" in res["error"] and "audit.jsonl" in res["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_server_saves_each_annotation_and_refuses_bad_input(run):
     srv = make_server(run, 1, sample=10, port=0)
     host, port = srv.server_address

@@ -203,6 +203,11 @@ def test_server_mode_audit_by_keyboard(browser, run):
         _wait(lambda: _cards(browser), "the pairs")
         _keys(browser, "a")
         assert _wait(lambda: _text(browser, ".aprog"), "progress") == "5 of 10 audited"
+        srv.log.rows = [{**r, "key": "0" * 12} for r in rows]  # as if D_1 changed under the server: refused
+        _keys(browser, "1")  # the page shows the server's reason, and does not count the pick
+        _wait(lambda: (_text(browser, "[id^=status-]") or "").startswith("NOT SAVED"), "the error")
+        assert "another version of the pair file" in _text(browser, "[id^=status-]")
+        assert _text(browser, ".aprog") == "5 of 10 audited"
     finally:
         srv.shutdown()
         srv.server_close()
