@@ -61,16 +61,25 @@ def render(payload: dict, *, fragment: bool = False) -> str:
 
     Each render gets its own element ids, so several pages can share one notebook.
     """
-    token = secrets.token_hex(4)
+    token, nonce = secrets.token_hex(4), secrets.token_urlsafe(16)
     # "<" never appears raw inside the JSON: no "</script>" or "<!--" in the data can end or change the element
     data = dumps({**payload, "standalone": not fragment}, ensure_ascii=False).replace("<", "\\u003c")
-    body = _template().replace("__TOKEN__", token).replace("/*__PAYLOAD__*/", data)
+    body = _template().replace("__TOKEN__", token).replace("__NONCE__", nonce).replace("/*__PAYLOAD__*/", data)
     if fragment:
         return body
     title = f"spa-lite inspect: {payload['run_name']} D{payload['iteration']}"
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{csp(nonce)}\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_text(title)}</title></head>\n<body style=\"margin:0;background:#f7f7f5\">\n{body}\n</body></html>\n")
+
+
+def csp(nonce: str) -> str:
+    """The page's Content-Security-Policy, a second line of defence behind the text-only DOM: only the page's own
+    script runs (no injected <script>, no inline event handler), nothing is loaded from anywhere, and requests go
+    only to the serving origin (the --serve API)."""
+    return (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 
 def _text(s: str) -> str:

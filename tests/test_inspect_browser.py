@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -109,11 +110,9 @@ def test_script_in_responses_is_shown_as_text(browser, run):
     assert any("onerror=" in t for t in shown)
 
 
-@pytest.mark.parametrize("break_page", ["innerHTML", "raw_json"])
-def test_the_xss_check_fails_on_a_page_that_renders_html(browser, run, tmp_path, break_page):
-    """The check above is not vacuous: a page that puts text through innerHTML (the <img onerror> runs), or
-    embeds the JSON without escaping "<" (the "</script><script>" breaks out), sets the flag. (The payloads quote
-    with ' so that JSON's escaping of " does not make the breakout a syntax error.)"""
+def _broken_page(run: Path, tmp_path: Path, break_page: str, keep_csp: bool) -> Path:
+    """The page with one of its two defences removed: text through innerHTML, or the JSON embedded with "<" raw;
+    without its Content-Security-Policy unless ``keep_csp``."""
     html = render(page_payload(run, 1))
     if break_page == "innerHTML":
         text_node = "document.createTextNode(String(k))"
@@ -122,10 +121,31 @@ def test_the_xss_check_fails_on_a_page_that_renders_html(browser, run, tmp_path,
                                        "return x; })(String(k))")
     else:
         html = html.replace("\\u003c", "<")
-    bad = tmp_path / "bad.html"
+    if not keep_csp:
+        html, n = re.subn(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", html)
+        assert n == 1
+    bad = tmp_path / f"bad-{break_page}-{keep_csp}.html"
     bad.write_text(html, encoding="utf-8")
-    browser.get(bad.as_uri())
+    return bad
+
+
+@pytest.mark.parametrize("break_page", ["innerHTML", "raw_json"])
+def test_the_xss_check_fails_on_a_page_that_renders_html(browser, run, tmp_path, break_page):
+    """The check above is not vacuous: a page that puts text through innerHTML (the <img onerror> runs), or
+    embeds the JSON without escaping "<" (the "</script><script>" breaks out), sets the flag. (The payloads quote
+    with ' so that JSON's escaping of " does not make the breakout a syntax error.) The page's CSP is taken out
+    here: the next test shows that it alone also stops both."""
+    browser.get(_broken_page(run, tmp_path, break_page, keep_csp=False).as_uri())
     assert _wait(lambda: _xss_fired(browser), "the injected script", timeout=5)
+
+
+@pytest.mark.parametrize("break_page", ["innerHTML", "raw_json"])
+def test_content_security_policy_is_a_second_defence(browser, run, tmp_path, break_page):
+    browser.get(_broken_page(run, tmp_path, break_page, keep_csp=True).as_uri())
+    if break_page == "innerHTML":  # the page's own (nonced) script still runs and draws the pairs
+        _wait(lambda: _cards(browser), "the pairs")
+    time.sleep(0.5)
+    assert _xss_fired(browser) is None
 
 
 def test_browse_filters_and_sort(browser, run, tmp_path):
