@@ -25,11 +25,13 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from spa_lite.audit import run_agreement
 from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_description, shipped_recipes
 from spa_lite.config import load_recipe as _load
 from spa_lite.data import load_pairs
 from spa_lite.errors import SpaError
 from spa_lite.export import generate_answers
+from spa_lite.inspect_page import page_payload, render
 from spa_lite.io import read_json, read_jsonl
 from spa_lite.layout import (Stage, complete_policies, data_path, policy_label, policy_names, read_manifest,
                              resolve_policy, stage_dir, stage_keys)
@@ -42,7 +44,7 @@ from spa_lite.stages import evaluate as evaluate_stage
 from spa_lite.stages import expand, pipeline, reward, seed_dpo, train
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
-           "resolve_policy", "plan", "size_for_gpu"]
+           "resolve_policy", "plan", "size_for_gpu", "inspect_html"]
 
 
 def list_recipes() -> dict[str, str]:
@@ -129,6 +131,23 @@ def run(recipe: str | Path | Recipe = "smollm2-demo", *, force: bool = False) ->
 def evaluate(recipe: str | Path | Recipe, **kwargs) -> dict:
     """`spa-lite eval` (keyword arguments of ``spa_lite.stages.evaluate.run``); returns the report it writes."""
     return evaluate_stage.run(_as_recipe(recipe), **kwargs)
+
+
+def inspect_html(run: str | Path | Recipe, iteration: int = 1, *, fragment: bool = True, sample: int = 50,
+                 seed: int = 0, pairs: str | Path | None = None) -> str:
+    """The label page of D_i (iteration 0: the gold seed pairs D0) with its blind audit, as HTML.
+
+    ``fragment`` (default) gives a block for a notebook: ``IPython.display.HTML(spa_lite.inspect_html(...))``;
+    ``fragment=False`` a whole document (what `spa-lite inspect` writes). Annotations made in the page are
+    downloaded and imported with `spa-lite audit import`.
+
+    Args:
+        run: a run directory, or a recipe (its ``run_path``).
+        sample, seed: size and seed of the blind-audit sample.
+        pairs: a pair file to show instead of the run's.
+    """
+    path = run.run_path if isinstance(run, Recipe) else Path(run)
+    return render(page_payload(path, iteration, pairs=pairs, sample=sample, seed=seed), fragment=fragment)
 
 
 def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = None, gpu_mem: float = 16.0,
@@ -266,6 +285,15 @@ class Run:
     def pairs(self, iteration: int) -> list[dict]:
         """D_i normalised: {"prompt": messages, "chosen": str, "rejected": str, "confidence": ..., ...}."""
         return load_pairs(str(data_path(self.path, iteration)))
+
+    def inspect_html(self, iteration: int = 1, **kwargs) -> str:
+        """``spa_lite.inspect_html`` for this run's D_i."""
+        return inspect_html(self.path, iteration, **kwargs)
+
+    def audit(self) -> dict[str, dict]:
+        """Each judge's agreement with the human audit of every audited pair file ({"D_1": ...}), as
+        `spa-lite eval` reports it (``spa_lite.audit.agreement``)."""
+        return run_agreement(self.path, self.recipe.iterations)
 
     def evals(self) -> dict[str, dict]:
         """Eval reports under runs/<name>/eval, by tag."""

@@ -192,6 +192,9 @@ class TrainConfig(SeedDPOConfig):
     dnd: bool = setting(True, "de-coupled noise detection, Eq. 11-12")
     lambdas: list[float] = setting(factory=lambda: [0.5, 0.25, 0.125],
                                    help="DND's lambda for iterations 1, 2, 3, then halving", ge=0)
+    audit_labels: bool = setting(False, "pairs of D_i a person audited (`spa-lite inspect`, iter{i}/audit.jsonl) "
+                                 "train on the human label (ties and skips keep the self-label); the manifest "
+                                 "counts gold and self labels")
 
 
 @dataclass

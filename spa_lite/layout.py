@@ -4,6 +4,7 @@ runs/<name>/seed/                 adapter/, metrics.jsonl, manifest.json        
 runs/<name>/reward/               adapter/, head.safetensors, metrics.jsonl, manifest.json (reward model)
 runs/<name>/iter{i}/expand/       shards/, data.jsonl, manifest.json              (D_i)
 runs/<name>/iter{i}/train/        adapter/, metrics.jsonl, manifest.json          (pi_i)
+runs/<name>/iter{i}/audit.jsonl   human audit of D_i (d0/audit.jsonl: of D0)       (`spa-lite inspect`)
 runs/<name>/eval/                 <tag>.json, cache/, winrate_cache/              (`spa-lite eval`, `winrate`)
 
 Policies: pi_init is the base with every adapter off (k = None); pi_k is the base plus the adapters
@@ -21,7 +22,7 @@ from spa_lite.errors import SpaError
 from spa_lite.io import read_json
 
 __all__ = ["Stage", "REWARD_STAGE", "REWARD_HEAD_FILE", "stage_dir",
-           "adapter_dir", "data_path", "eval_dir", "read_manifest", "stage_keys",
+           "adapter_dir", "data_path", "audit_path", "eval_dir", "read_manifest", "stage_keys",
            "adapter_name", "policy_stage", "policy_names", "policy_label", "complete_policies", "resolve_policy"]
 
 
@@ -66,6 +67,14 @@ def stage_dir(recipe: Recipe, stage: Stage) -> Path:
 def data_path(run_path: Path, iteration: int) -> Path:
     """D_i, the judged pairs the expand stage of iteration ``iteration`` writes."""
     return Path(run_path) / Stage("expand", iteration).key / "data.jsonl"
+
+
+def audit_path(run_path: Path, iteration: int) -> Path:
+    """The human audit of D_i, ``iter{i}/audit.jsonl``; of the gold seed pairs D0 (iteration 0), ``d0/audit.jsonl``.
+
+    Never inside a stage directory: ``--force`` clears a stage's directory, and an audit outlives the stage.
+    """
+    return Path(run_path) / ("d0" if iteration == 0 else f"iter{iteration}") / "audit.jsonl"
 
 
 def eval_dir(recipe: Recipe) -> Path:

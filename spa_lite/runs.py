@@ -25,7 +25,8 @@ from spa_lite.data import resolve_data_path
 from spa_lite.distributed import get_dist
 from spa_lite.errors import InputChangedError, StageOrderError
 from spa_lite.io import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_obj
-from spa_lite.layout import REWARD_HEAD_FILE, REWARD_STAGE, Stage, adapter_dir, policy_stage, read_manifest, stage_dir
+from spa_lite.layout import (REWARD_HEAD_FILE, REWARD_STAGE, Stage, adapter_dir, audit_path, policy_stage, read_manifest,
+                             stage_dir)
 from spa_lite.locks import LOCK_NAME, StageLock, lock_stage, release_stage_locks, unlock_stage
 from spa_lite.memory import StagePeak, peak_rss_gb
 from spa_lite.models import ALIASES, cache_root
@@ -69,6 +70,8 @@ def _expand_key(recipe: Recipe) -> dict:
 def _loop_key(section) -> dict:
     d = dataclasses.asdict(section)
     d.pop("diverge_factor", None)  # stops a diverging run; a run that finishes is the same with or without it
+    if not d.get("audit_labels"):  # off: the hash of every run made before the setting existed stays the same
+        d.pop("audit_labels", None)
     return d
 
 
@@ -93,6 +96,9 @@ def stage_config(recipe: Recipe, stage: Stage) -> dict:
                           "sizes": recipe.data.iter_prompts[: stage.iteration], "shuffle_seed": recipe.data.shuffle_seed})
     else:
         base.update(train=_loop_key(recipe.train))
+        if recipe.train.audit_labels:  # the human labels are an input: a new annotation makes a new stage
+            audit = audit_path(recipe.run_path, stage.iteration)
+            base["audit"] = sha256_file(audit) if audit.exists() else None
     return base
 
 

@@ -39,6 +39,7 @@ def test_wheel_ships_recipes_license_and_demo_data(installed_wheel):
         assert f"spa_lite/recipes/{name}.yaml" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "spa_lite/demo/data/seed_pairs.jsonl" in names
+    assert "spa_lite/inspect_page.html" in names  # the template of `spa-lite inspect`'s page
     meta = zipfile.ZipFile(installed_wheel.wheel).read(
         next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in meta

@@ -21,6 +21,7 @@ from spa_lite.errors import DataError, SpaError
 from spa_lite.generation import dtype_name, encode_prompt, sample_responses, sampling_dtype
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob, score_responses
+from spa_lite.metrics import confidence_histogram
 from spa_lite.loading import load_stack
 from spa_lite.layout import REWARD_STAGE
 from spa_lite.reward import RewardModel, load_run_reward_model, reward_scores
@@ -372,11 +373,3 @@ def summarize_pairs(rows: list[dict], counts: dict) -> dict:
         "confidence_hist": confidence_histogram([r["confidence"] for r in rows]),
     }
 
-
-def confidence_histogram(conf: list[float], bins: int = 10) -> dict:
-    """Counts of judged confidences max(p, 1-p) in ``bins`` equal bins over [0.5, 1] (the last bin closed)."""
-    edges = [round(0.5 + 0.5 * k / bins, 4) for k in range(bins + 1)]
-    counts = [0] * bins
-    for c in conf:
-        counts[min(bins - 1, max(0, int((c - 0.5) * 2 * bins)))] += 1
-    return {"edges": edges, "counts": counts}

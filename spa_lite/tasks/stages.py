@@ -57,14 +57,15 @@ def _numbers(text: str | None, kind, option: str, what: str) -> list | None:
 
 def run_eval(args: RecipeArgs, *, pairs: str | None, fmt: str | None, limit: int, methods: str, flip: float,
              lambdas: str | None, pass_rate: bool, prompt_limit: int, samples: int, temperature: float,
-             tag: str | None) -> dict:
+             tag: str | None, audit_only: bool = False) -> dict:
     setup_logging()
     recipe = args.load()
     if tag is not None and plain_name_problem(tag, "--tag"):
         raise SpaError(plain_name_problem(tag, "--tag"))
     rep = evaluate.run(recipe, pairs, fmt, limit, methods=[m.strip() for m in methods.split(",") if m.strip()],
                        flip=flip, lambdas=_numbers(lambdas, float, "--lambdas", "numbers"), do_pass_rate=pass_rate,
-                       prompt_limit=prompt_limit, samples=samples, tag=tag, temperature=temperature)
+                       prompt_limit=prompt_limit, samples=samples, tag=tag, temperature=temperature,
+                       audit_only=audit_only)
     evaluate.print_report(rep)
     return rep
 
