@@ -403,3 +403,16 @@ def test_offline_bnb_kernel_notices_are_silenced_and_doctor_says_why(tmp_path):
     (item, status, detail), = json.loads(rows.stdout.strip().splitlines()[-1])
     if has_avx512bf16() and importlib.util.find_spec("kernels") is not None:
         assert status == "warn" and "not loaded: offline" in detail, detail
+
+
+def test_recipes_lists_commands_an_installed_user_can_run():
+    """`spa-lite recipes` names no checkout path: no `cli.py`, no `recipes/...` file; an accelerate config's line
+    copies the config out and launches the installed module."""
+    out = ok(invoke("recipes")).output
+    lines = {ln.split()[0]: ln for ln in out.strip().splitlines()}
+    assert "cli.py" not in out and "recipes/" not in out, out
+    for name in ("accelerate/cpu_2proc", "accelerate/fsdp", "accelerate/multi_gpu"):
+        short = name.split("/")[1]
+        assert f"spa-lite recipes copy {name}, then: accelerate launch --config_file {short}.yaml -m spa_lite.cli " \
+            in lines[name], lines[name]
+    assert "--recipe zephyr-7b-qlora" in lines["accelerate/multi_gpu"]
