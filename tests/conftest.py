@@ -81,6 +81,19 @@ def float32_bound(model, scale: float, k: float = 32.0) -> float:
     return k * EPS32 * width ** 0.5 * depth * float(scale)
 
 
+def margin_bound(model, logits_scale: float, tokens: int, beta: float, lam: float = 0.0) -> float:
+    """Largest float32 difference to expect in beta * m, m = the DPO / Eq. 7 margin: a difference of four
+    response log-prob sums (chosen and rejected, under pi_theta and pi_ref) of at most ``tokens`` tokens each.
+
+    The logits are off by at most d = float32_bound(model, logits_scale), the extrapolated ones of DND,
+    (1 + lam) h_theta - lam h_ref, by (1 + 2 lam) d; a token's log-prob by twice that (log_softmax is
+    2-Lipschitz in the max norm); so beta * m is off by beta * 4 * tokens * 2 (1 + 2 lam) d. A confidence
+    sigmoid(beta * m) moves by a quarter of that at most, and the DPO loss (-log sigmoid, refined or not) by
+    no more than it.
+    """
+    return beta * 8 * tokens * (1 + 2 * lam) * float32_bound(model, logits_scale)
+
+
 def nested(overrides: dict) -> dict:
     """tiny_overrides' dotted keys as the nested mapping of a recipe YAML (Paths as strings)."""
     out: dict = {}
