@@ -133,7 +133,8 @@ def evaluate(recipe: str | Path | Recipe, **kwargs) -> dict:
 
 def _config_error(src: str, e: Exception) -> str:
     """Why a model config could not be read and, for a hub id, how to plan without the hub."""
-    msg = f"cannot read a model config from '{src}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    why = str(e).splitlines()[0].rstrip(". ") if str(e).strip() else type(e).__name__
+    msg = f"cannot read a model config from '{src}': {why}"
     if src.endswith(".json") or Path(src).exists() or src.count("/") != 1:
         return msg
     return (f"{msg}. plan needs only the model's config.json: on a machine with the hub, fetch "
