@@ -150,6 +150,17 @@ def inspect_html(run: str | Path | Recipe, iteration: int = 1, *, fragment: bool
     return render(page_payload(path, iteration, pairs=pairs, sample=sample, seed=seed), fragment=fragment)
 
 
+def _config_error(src: str, e: Exception) -> str:
+    """Why a model config could not be read and, for a hub id, how to plan without the hub."""
+    why = str(e).splitlines()[0].rstrip(". ") if str(e).strip() else type(e).__name__
+    msg = f"cannot read a model config from '{src}': {why}"
+    if src.endswith(".json") or Path(src).exists() or src.count("/") != 1:
+        return msg
+    return (f"{msg}. plan needs only the model's config.json: on a machine with the hub, fetch "
+            f"https://huggingface.co/{src}/resolve/main/config.json and run `spa-lite plan --model config.json` "
+            "(with the same --recipe) here")
+
+
 def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = None, gpu_mem: float = 16.0,
          quantization: str = "4bit", fsdp: int = 1) -> dict:
     """`spa-lite plan`: estimated peak memory of each stage and the settings that fit ``gpu_mem`` GB.
@@ -172,7 +183,7 @@ def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = No
     try:
         cfg = AutoConfig.from_pretrained(src if str(src).endswith(".json") else resolve_model_path(src))
     except (OSError, ValueError) as e:
-        raise SpaError(f"cannot read a model config from '{src}': {e}") from None
+        raise SpaError(_config_error(str(src), e)) from None
     dtype_bytes = 4 if r.model.dtype in {"float32", "fp32"} else 2
     res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
               r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),

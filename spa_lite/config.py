@@ -76,9 +76,13 @@ class ModelConfig:
     lora_alpha: int = setting(32, "LoRA scaling numerator (scale = alpha / r)", gt=0)
     lora_dropout: float = setting(0.0, "0 keeps training deterministic and pi_theta == pi_{i-1} at step 0", ge=0, lt=1)
     lora_target_modules: Any = setting("all-linear", "modules with LoRA: all-linear or a list of module names")
-    max_length: int = setting(512, "prompt + response tokens; longer pairs are skipped and counted", ge=2)
-    max_prompt_length: int = setting(256, "prompt tokens; longer prompts are skipped and counted (training and "
-                                     "expand)", ge=1)
+    max_length: int = setting(512, "prompt + response tokens; longer pairs are truncated (or skipped: "
+                              "`model.truncation`) and counted", ge=2)
+    max_prompt_length: int = setting(256, "prompt tokens: an over-long pair's prompt keeps its last this many; "
+                                     "expand skips longer prompts and counts them", ge=1)
+    truncation: str = setting("truncate", "truncate | skip: pairs over max_length keep the prompt's end and the "
+                              "responses' start, as TRL and the paper (truncate), or are left out (skip); counted "
+                              "in each manifest", choices=("truncate", "skip"))
     fsdp: str = setting("auto", "auto (on under `accelerate launch` with an FSDP config) | on | off: shard training "
                         "(FSDP2)", choices=("auto", "on", "off"))
 

@@ -41,6 +41,8 @@ def _model_key(recipe: Recipe) -> dict:
     m = dataclasses.asdict(recipe.model)
     for k in ("device", "gradient_checkpointing", "fsdp"):  # these change speed and memory, not the numbers trained
         m.pop(k)
+    if m["truncation"] == "skip":  # what every run made before the setting existed did: their hashes still hold
+        m.pop("truncation")
     return m
 
 

@@ -59,6 +59,7 @@ def test_recipes_list_and_copy(installed_wheel, tmp_path):
     lines = out.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == sorted(SHIPPED, key=lambda n: (n.count("/"), n))
     assert all(len(ln.split(None, 1)) == 2 for ln in lines), "every recipe has a one-line description"
+    assert "cli.py" not in out and "recipes/" not in out, "only commands that exist outside a checkout"
     _cli(installed_wheel, "recipes", "copy", "smollm2-demo", cwd=tmp_path)
     assert (tmp_path / "smollm2-demo.yaml").read_text() == (ROOT / "recipes" / "smollm2-demo.yaml").read_text()
     (tmp_path / "mine").mkdir()

@@ -65,8 +65,10 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     beta = recipe.expand.beta
     if pairs_spec:
         rows = shuffled(load_pairs(pairs_spec, fmt or recipe.data.format), recipe.seed)[:limit]
-        pairs = encode_pairs_for_eval(stack.tokenizer, rows, recipe.model.max_length)
-        report["pairs"] = {"spec": pairs_spec, "n": len(pairs), "skipped_length": len(rows) - len(pairs)}
+        m = recipe.model
+        pairs = encode_pairs_for_eval(stack.tokenizer, rows, m.max_length, m.max_prompt_length, m.truncation)
+        report["pairs"] = {"spec": pairs_spec, "n": len(pairs), "skipped_length": len(rows) - len(pairs),
+                           "truncated": sum(bool(p.meta.get("truncated")) for p in pairs), "truncation": m.truncation}
         acc, noise = {}, {}
         with progress() as p:
             task = p.add_task("judge accuracy", total=len(chosen), info="")

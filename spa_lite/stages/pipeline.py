@@ -35,6 +35,7 @@ def stage_rows(key: str, manifest: dict) -> dict:
     else:
         last = s.get("last10", {})
         rows.update({"pairs used": s.get("pairs_used"), "skipped (length)": s.get("pairs_skipped_length"),
+                     "truncated (length)": s.get("pairs_truncated"),
                      "steps": s.get("steps"), "first loss": s.get("first_loss"), "loss (last 10)": last.get("loss"),
                      "reward margin (last 10)": last.get("reward_margin"),
                      "flagged (last 10)": last.get("flagged_frac")})

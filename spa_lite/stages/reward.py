@@ -18,7 +18,7 @@ from spa_lite.memory import trim_heap
 from spa_lite.reward import REWARD_ADAPTER, RewardModel, RewardSpec, gold_accuracy, new_head, run_reward_loop, save_head
 from spa_lite.runs import begin_stage, finish_stage
 from spa_lite.stack import LoraSettings
-from spa_lite.stages.common import tokenize_pairs
+from spa_lite.stages.common import tokenize_pairs, truncated_count
 from spa_lite.tracking import log_step
 from spa_lite.training import total_steps
 from spa_lite.ui import progress
@@ -59,8 +59,8 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
     train_rows, held_rows, held_source = gold_split(recipe)
     stack = load_stack(recipe, frozen_upto=-1, trainable=REWARD_ADAPTER, lora=reward_lora(recipe))
     m = recipe.model
-    pairs, skipped = tokenize_pairs(stack.tokenizer, train_rows, m.max_length, m.max_prompt_length)
-    held, held_skipped = tokenize_pairs(stack.tokenizer, held_rows, m.max_length, m.max_prompt_length)
+    pairs, skipped = tokenize_pairs(stack.tokenizer, train_rows, m.max_length, m.max_prompt_length, m.truncation)
+    held, held_skipped = tokenize_pairs(stack.tokenizer, held_rows, m.max_length, m.max_prompt_length, m.truncation)
     if not pairs:
         raise DataError(recipe.data.seed_pairs, None, None, f"no trainable gold pairs ({len(train_rows)} after the "
                         f"holdout, {skipped} over model.max_length)")
@@ -86,7 +86,9 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
                             "Lower reward.lr and rerun `spa-lite reward --force`")
     stack.save_trainable(out / "adapter")
     save_head(rm.head, out / REWARD_HEAD_FILE)
-    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped,
-                   heldout={**gold_accuracy(rm, held), "source": held_source, "skipped_length": held_skipped})
+    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_truncated=truncated_count(pairs),
+                   truncation=m.truncation, heldout={**gold_accuracy(rm, held), "source": held_source,
+                                                     "skipped_length": held_skipped,
+                                                     "truncated": truncated_count(held)})
     return finish_stage(recipe, stage, summary, {"seed_pairs": recipe.data.seed_pairs,
                                                  "heldout": held_source}, t0)
