@@ -244,7 +244,10 @@ def summarize(recs: list[dict], prompts: int) -> dict:
             "undecided_frac": round(1 - len(dec) / len(pairs), 4) if pairs else None,
             "accuracy": acc, "by_conf_quintile": quint,
             "correct_minus_wrong_per_prompt": round((2 * n_ok - len(dec)) / prompts, 4),
-            "chosen_longer_frac": round(float(np.mean([r["longer"] for r in pairs])), 4) if pairs else None}
+            "chosen_longer_frac": round(float(np.mean([r["longer"] for r in pairs])), 4) if pairs else None,
+            # verifier-free signs (issue 19 point 5): how flat the confidences are over all judged pairs
+            "median_conf": round(float(np.median([r["conf"] for r in pairs])), 4) if pairs else None,
+            "frac_conf_below_055": round(float(np.mean([r["conf"] < 0.55 for r in pairs])), 4) if pairs else None}
 
 
 def paired_vs(recs_a: list[dict], recs_b: list[dict], n_boot: int = 10000, seed: int = 0) -> dict | None:
@@ -284,11 +287,18 @@ def run_gold(args, gold: int, res: dict) -> None:
     for j in judges:
         if j != "eq7" and f"{j}/N2" in table:
             versus[f"{j} - eq7 (N2)"] = paired_vs(table[f"{j}/N2"]["_recs"], table["eq7/N2"]["_recs"])
+    agree = {}
+    for j in judges:  # verifier-free sign: how often two judges choose the same response of the same N = 2 pair
+        for k in judges:
+            if j < k and f"{j}/N2" in table and f"{k}/N2" in table:
+                both = [(a["a"], b["a"]) for a, b in zip(table[f"{j}/N2"]["_recs"], table[f"{k}/N2"]["_recs"])
+                        if a["pair"] and b["pair"]]
+                agree[f"{j}~{k}"] = round(float(np.mean([x == y for x, y in both])), 4) if both else None
     for v in table.values():
         v.pop("_recs")
     toks = [s["num_tokens"] for r in rows for s in r["samples"]]
     res.setdefault("gold", {})[str(gold)] = {
-        "judges": table, "paired_vs_eq7": versus, "gold_chosen_longer_frac": gold_chosen_longer(piece.recipe),
+        "judges": table, "paired_vs_eq7": versus, "agreement_N2": agree, "gold_chosen_longer_frac": gold_chosen_longer(piece.recipe),
         "dev_prompts": len(rows), "samples_per_prompt": args.samples, "sampled_tokens": int(sum(toks)),
         "sample_pass_rate": round(float(np.mean([verify(s["text"], r["constraint"]) for r in rows
                                                  for s in r["samples"]])), 4),
@@ -342,6 +352,8 @@ def main() -> None:
         res["protocol"] = "bench/judge_quality_protocol.md"
         res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
         res["machine"] = machine_info()
+        res["machine"]["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                                            .splitlines() if ln.startswith("model name")), None)
         for g in [int(x) for x in args.gold.split(",")]:
             run_gold(args, g, res)
             atomic_write_json(out, res)
