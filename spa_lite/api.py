@@ -39,7 +39,7 @@ from spa_lite.losses import lambda_for_iteration
 from spa_lite.models import resolve_model_path
 from spa_lite.plan import QUANTIZATIONS, fit
 from spa_lite.stages import evaluate as evaluate_stage
-from spa_lite.stages import expand, pipeline, seed_dpo, train
+from spa_lite.stages import expand, pipeline, reward, seed_dpo, train
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
            "resolve_policy", "plan", "size_for_gpu"]
@@ -87,22 +87,23 @@ def _as_recipe(recipe: str | Path | Recipe) -> Recipe:
 
 def _stage(stage: str, iteration: int | None) -> Stage:
     s = stage.strip().replace("seed-dpo", "seed")
-    if s == "seed":
-        return Stage("seed", 0)
+    if s in ("seed", "reward"):
+        return Stage(s, 0)
     if "/" in s:  # iter2/train
         it, kind = s.split("/", 1)
         if not it.startswith("iter") or not it[4:].isdigit():
             raise SpaError(f"stage '{stage}' is not seed, iter<i>/expand or iter<i>/train")
         iteration, s = int(it[4:]), kind
     if s not in {"expand", "train"}:
-        raise SpaError(f"stage '{stage}' is not seed-dpo, expand or train")
+        raise SpaError(f"stage '{stage}' is not seed-dpo, reward, expand or train")
     if not iteration or iteration < 1:
         raise SpaError(f"stage '{stage}' needs an iteration >= 1")
     return Stage(s, iteration)
 
 
 def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = None, *, force: bool = False) -> dict:
-    """Run one stage ("seed-dpo", "expand" or "train" with ``iteration``, or "iter2/train"); returns its manifest.
+    """Run one stage ("seed-dpo", "reward", "expand" or "train" with ``iteration``, or "iter2/train"); returns its
+    manifest.
 
     A complete stage made from the same config is not redone (``force=True`` redoes it); a stage whose upstream
     is missing raises StageOrderError naming the command that makes it.
@@ -112,6 +113,8 @@ def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = N
     arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
     if st.kind == "seed":
         return seed_dpo.run(r, force=force)
+    if st.kind == "reward":
+        return reward.run(r, force=force)
     if st.kind == "expand":
         return expand.run(r, st.iteration, force=force, recipe_arg=str(arg))
     return train.run(r, st.iteration, force=force, recipe_arg=str(arg))

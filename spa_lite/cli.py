@@ -62,6 +62,17 @@ def seed_dpo_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: 
                                          | {"report_to": report_to}), force)
 
 
+@_command("reward")
+def reward_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None,
+               run_dir: RunDirOpt = None, force: ForceOpt = False, report_to: ReportOpt = None) -> None:
+    """A Bradley-Terry reward model on the gold seed pairs (LoRA adapter + scalar head): the judge of
+    expand.judge reward (and logprob+reward); its held-out gold accuracy is in the manifest.
+
+    Example: spa-lite reward --recipe smollm2-demo --set reward.epochs=2 && spa-lite expand --iter 1 --judge reward
+    """
+    tasks.stages.run_reward(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}), force)
+
+
 @_command("expand")
 def expand_cmd(
     iteration: IterOpt, recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None,
@@ -72,7 +83,7 @@ def expand_cmd(
     max_new_tokens: Annotated[Optional[int], _key("expand", "max_new_tokens")] = None,
     report_to: ReportOpt = None,
 ) -> None:
-    """Sample 2 responses per prompt of X_i from pi_{i-1} and judge them (Eq. 7): writes D_i.
+    """Sample expand.num_samples responses per prompt of X_i from pi_{i-1}, judge them (Eq. 7), keep a pair: writes D_i.
 
     Example: spa-lite expand --iter 1 --recipe smollm2-demo --judge-ref init
     """

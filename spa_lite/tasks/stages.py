@@ -1,4 +1,4 @@
-"""`spa-lite seed-dpo | expand | train | run | eval | split`: run a stage, then print its summary."""
+"""`spa-lite seed-dpo | reward | expand | train | run | eval | split`: run a stage, then print its summary."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from spa_lite.config import plain_name_problem
 from spa_lite.errors import SpaError
-from spa_lite.stages import evaluate, expand, pipeline, seed_dpo, split, train
+from spa_lite.stages import evaluate, expand, pipeline, reward, seed_dpo, split, train
 from spa_lite.stages.pipeline import stage_rows
 from spa_lite.tasks import RecipeArgs, setup_logging
 from spa_lite.ui import summary_table
@@ -16,6 +16,13 @@ def run_seed_dpo(args: RecipeArgs, force: bool) -> dict:
     setup_logging()
     m = seed_dpo.run(args.load(), force=force)
     summary_table("seed-dpo", stage_rows("seed", m))
+    return m
+
+
+def run_reward(args: RecipeArgs, force: bool) -> dict:
+    setup_logging()
+    m = reward.run(args.load(), force=force)
+    summary_table("reward", stage_rows("reward", m))
     return m
 
 
