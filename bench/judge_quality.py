@@ -30,6 +30,8 @@ from common import machine_info  # noqa: E402
 
 JUDGES = ("eq7", "eq7_tok", "reward", "ensemble", "shorter")
 CHUNK = 32
+# The reward adapter trains with seed DPO's optimizer settings (same pairs, epochs, lr and pairs per step), untuned
+REWARD_SETTINGS = {"reward.epochs": 3, "reward.lr": 2e-4, "reward.batch_size": 4, "reward.grad_accum": 2}
 
 
 def log(msg: str) -> None:
@@ -64,7 +66,7 @@ class Piece:
 
         self.args, self.gold = args, gold
         self.recipe = load_recipe(args.recipe, {"name": f"g{gold}-s{args.seed}", "run_dir": args.run_dir,
-                                                "seed": args.seed, "data.seed_limit": gold})
+                                                "seed": args.seed, "data.seed_limit": gold, **REWARD_SETTINGS})
         self.dir = self.recipe.run_path / "judge_quality"
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -83,14 +85,16 @@ class Piece:
             log("no spa_lite.stages.reward: the reward and ensemble judges are skipped")
             return False
         t = time.time()
-        reward_stage.run(self.recipe)
-        log(f"g{self.gold}: reward adapter ready ({time.time() - t:.0f}s)")
+        man = reward_stage.run(self.recipe)
+        self.reward_heldout = man["summary"].get("heldout")
+        log(f"g{self.gold}: reward adapter ready ({time.time() - t:.0f}s), held-out gold {self.reward_heldout}")
         return True
 
     def samples(self, prompts: list[dict]) -> list[dict]:
         """N samples of pi_0 per dev prompt, with log pi_0 read off the sampling pass; cached per chunk."""
-        from spa_lite.generation import sample_responses
+        from spa_lite.generation import encode_prompt, sample_responses, sampling_dtype
         from spa_lite.io import atomic_write_json, read_json
+        from spa_lite.judge import response_logps
         from spa_lite.loading import load_stack
 
         c, out, stack = self.recipe.expand, [], None
@@ -102,16 +106,24 @@ class Piece:
                 t = time.time()
                 chunk = prompts[k : k + CHUNK]
                 with stack.use(stack.prev) as m:
+                    # decoding runs on a copy in --sample-dtype (bf16 on CPUs with bf16 units: 3.4x, bench/RESULTS.md);
+                    # Eq. 7's log pi_0 is then a float32 forward of the stack, never the reduced copy's
+                    dtype = sampling_dtype(self.args.sample_dtype, m)
                     ss = sample_responses(m, stack.tokenizer, [p["prompt"] for p in chunk],
                                           num_samples=self.args.samples, max_new_tokens=c.max_new_tokens,
                                           temperature=c.temperature, top_p=c.top_p,
                                           seed=self.args.sample_seed + k, batch_size=c.batch_size,
-                                          record_logps=True)
+                                          **({"dtype": dtype} if dtype is not None else {}))
+                flat = [(encode_prompt(stack.tokenizer, p["prompt"]), s.token_ids) for p, sl in zip(chunk, ss)
+                        for s in sl]
+                lp0 = iter(response_logps(stack, stack.prev, [f[0] for f in flat], [f[1] for f in flat],
+                                          batch_size=16).tolist())
                 rows = [{"id": p["id"], "constraint": p["constraint"], "prompt": p["prompt"],
                          "samples": [{"text": s.text, "token_ids": s.token_ids, "num_tokens": s.num_tokens,
-                                      "truncated": s.truncated, "logp_pi0": s.logp} for s in sl]}
+                                      "truncated": s.truncated, "logp_pi0": next(lp0)} for s in sl]}
                         for p, sl in zip(chunk, ss)]
-                atomic_write_json(path, {"rows": rows, "wall_s": round(time.time() - t, 1)})
+                atomic_write_json(path, {"rows": rows, "wall_s": round(time.time() - t, 1),
+                                         "sample_dtype": str(dtype).replace("torch.", "") if dtype else "model"})
                 log(f"g{self.gold}: samples {k + len(chunk)}/{len(prompts)} ({time.time() - t:.0f}s)")
             out += read_json(path)["rows"]
         del stack
@@ -137,18 +149,19 @@ class Piece:
         if "logp_init" not in res:
             res["logp_init"] = response_logps(stack, [], prompts, resp, batch_size=16).tolist()
             log(f"g{self.gold}: log pi_init of {len(flat)} samples ({time.time() - t:.0f}s)")
-        if "logp_pi0_check" not in res:  # the recorded log pi_0 against a forward pass on the first 32
-            fwd = response_logps(stack, stack.prev, prompts[:32], resp[:32], batch_size=16).tolist()
+        if "logp_pi0_check" not in res:  # the batched (padded) log pi_0 against one sequence at a time, first 32
+            fwd = response_logps(stack, stack.prev, prompts[:32], resp[:32], batch_size=1).tolist()
             rec = [s["logp_pi0"] for r in rows for s in r["samples"]][:32]
             res["logp_pi0_check"] = {"n": 32, "max_abs_dev": max(abs(a - b) for a, b in zip(fwd, rec))}
-        del stack
-        gc.collect()
         if with_reward and "reward" not in res:
-            from spa_lite.reward import reward_scores
+            from spa_lite.reward import load_run_reward_model, reward_scores
 
             t = time.time()
-            res["reward"] = [float(x) for x in reward_scores(self.recipe, prompts, resp)]
+            rm = load_run_reward_model(stack, self.recipe, needed_by="bench/judge_quality.py")
+            res["reward"] = [float(x) for x in reward_scores(rm, prompts, resp, batch_size=16)]
             log(f"g{self.gold}: reward of {len(flat)} samples ({time.time() - t:.0f}s)")
+        del stack
+        gc.collect()
         atomic_write_json(path, res)
         return res
 
@@ -298,11 +311,13 @@ def run_gold(args, gold: int, res: dict) -> None:
         v.pop("_recs")
     toks = [s["num_tokens"] for r in rows for s in r["samples"]]
     res.setdefault("gold", {})[str(gold)] = {
-        "judges": table, "paired_vs_eq7": versus, "agreement_N2": agree, "gold_chosen_longer_frac": gold_chosen_longer(piece.recipe),
+        "judges": table, "paired_vs_eq7": versus, "agreement_N2": agree,
+        "gold_chosen_longer_frac": gold_chosen_longer(piece.recipe),
         "dev_prompts": len(rows), "samples_per_prompt": args.samples, "sampled_tokens": int(sum(toks)),
         "sample_pass_rate": round(float(np.mean([verify(s["text"], r["constraint"]) for r in rows
                                                  for s in r["samples"]])), 4),
-        "logp_pi0_check": scores.get("logp_pi0_check"), "wall_s": round(time.time() - t0, 1),
+        "logp_pi0_check": scores.get("logp_pi0_check"),
+        "reward_heldout_gold": getattr(piece, "reward_heldout", None), "wall_s": round(time.time() - t0, 1),
         "sampling_wall_s_this_call": round(sample_s, 1)}
     log(f"g{gold}: " + "; ".join(f"{k} {v['accuracy']['accuracy']:.3f} ({v['decided']})"
                                  for k, v in table.items() if v["accuracy"]))
@@ -338,6 +353,8 @@ def main() -> None:
     ap.add_argument("--ns", default="2,4,8")
     ap.add_argument("--judges", default=",".join(JUDGES))
     ap.add_argument("--sample-seed", type=int, default=2026)
+    ap.add_argument("--sample-dtype", default="auto", help="decoding copy: auto (bf16 where the CPU has bf16 units) | "
+                    "float32 | bfloat16 | float16 (expand.sample_dtype's values)")
     ap.add_argument("--run-dir", default="runs/judge-quality")
     ap.add_argument("--out", default="bench/results/judge_quality.json")
     ap.add_argument("--report", action="store_true", help="only print the tables of --out")
@@ -352,8 +369,9 @@ def main() -> None:
         res["protocol"] = "bench/judge_quality_protocol.md"
         res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
         res["machine"] = machine_info()
-        res["machine"]["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                                            .splitlines() if ln.startswith("model name")), None)
+        cpuinfo = Path("/proc/cpuinfo")
+        res["machine"]["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                                            if ln.startswith("model name")), None) if cpuinfo.exists() else None
         for g in [int(x) for x in args.gold.split(",")]:
             run_gold(args, g, res)
             atomic_write_json(out, res)

@@ -169,6 +169,7 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
                  "eval_prompts": "demo:eval_prompts", "seed_limit": 8, "iter_prompts": [16]},
         "seed_dpo": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "lr": 5e-3},
         "expand": {"max_new_tokens": 8, "batch_size": 8, "shard_size": 8},
+        "reward": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "lr": 5e-3},
     })
     out = tmp_path / "jq.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPA_LITE_QUIET": "1"}
@@ -176,7 +177,7 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     def jq(*extra: str) -> subprocess.CompletedProcess:
         res = subprocess.run([sys.executable, str(BENCH / "judge_quality.py"), "--recipe", str(rec), "--gold", "8",
                               "--seed", "1", "--dev", "6", "--samples", "4", "--ns", "2,4",
-                              "--judges", "eq7,eq7_tok,shorter", "--run-dir", str(tmp_path / "runs"),
+                              "--judges", "eq7,eq7_tok,reward,ensemble,shorter", "--run-dir", str(tmp_path / "runs"),
                               "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=900,
                              cwd=BENCH.parent)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -185,10 +186,10 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     jq()
     res = json.loads(out.read_text())
     g = res["gold"]["8"]
-    assert set(g["judges"]) == {f"{j}/N{n}" for j in ("eq7", "eq7_tok", "shorter") for n in (2, 4)}
+    assert set(g["judges"]) == {f"{j}/N{n}" for j in ("eq7", "eq7_tok", "reward", "ensemble", "shorter") for n in (2, 4)}
     assert g["dev_prompts"] == 6 and g["samples_per_prompt"] == 4
     assert all(v["pairs"] <= 6 and v["decided"] <= v["pairs"] for v in g["judges"].values())
-    # the recorded log pi_0 is the forward pass's, up to float32 summation order over <= 8 tokens
+    # log pi_0 of padded batches equals one sequence at a time, up to float32 summation order over <= 8 tokens
     assert g["logp_pi0_check"]["max_abs_dev"] < 1e-3
     again = jq()
     assert "samples " not in again.stderr  # every sample chunk came from the cache
