@@ -66,7 +66,8 @@ class Piece:
 
         self.args, self.gold = args, gold
         self.recipe = load_recipe(args.recipe, {"name": f"g{gold}-s{args.seed}", "run_dir": args.run_dir,
-                                                "seed": args.seed, "data.seed_limit": gold, **REWARD_SETTINGS})
+                                                "seed": args.seed, "data.seed_limit": gold, "threads": args.threads,
+                                                **REWARD_SETTINGS})
         self.dir = self.recipe.run_path / "judge_quality"
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -353,6 +354,7 @@ def main() -> None:
     ap.add_argument("--ns", default="2,4,8")
     ap.add_argument("--judges", default=",".join(JUDGES))
     ap.add_argument("--sample-seed", type=int, default=2026)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (results do not depend on it)")
     ap.add_argument("--sample-dtype", default="auto", help="decoding copy: auto (bf16 where the CPU has bf16 units) | "
                     "float32 | bfloat16 | float16 (expand.sample_dtype's values)")
     ap.add_argument("--run-dir", default="runs/judge-quality")
