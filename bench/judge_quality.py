@@ -232,8 +232,9 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
                     recs.append({"q": q, "pair": False})
                     continue
                 a, b, p = judge_pair(judge, cand, s, beta)
+                # longer in characters, as the gold pairs' share and expand's length sign count it
                 recs.append({"q": q, "pair": True, "decided": s["pass"][a] != s["pass"][b], "correct": s["pass"][a],
-                             "conf": p, "longer": s["len"][a] > s["len"][b], "a": a, "b": b})
+                             "conf": p, "longer": len(smp[a]["text"]) > len(smp[b]["text"]), "a": a, "b": b})
             out[f"{judge}/N{n}"] = summarize(recs, len(rows))
             out[f"{judge}/N{n}"]["_recs"] = recs
     return out

@@ -3,8 +3,10 @@
 A judge can label its own policy's samples at chance while every summary number looks healthy
 (bench/judge_quality.py measured it on the demo task). The signs below need no gold label, only D_i and the gold
 seed pairs D0. Each is one line printed by ``expand`` and kept in its manifest (``summary.label_signs``); the
-README's "Signs of bad self-labels" says what each means and what to try. Their thresholds come from the dev
-sweep of bench/judge_quality.py (bench/RESULTS.md, "judge quality"), not from the evaluation prompts.
+README's "Signs of bad self-labels" says what each means and what to try. Which signs are kept, and their
+thresholds, come from the dev sweep of bench/judge_quality.py (bench/RESULTS.md, "Judge quality"), not from the
+evaluation prompts. A confidence histogram piled at 0.5 is not a sign: in the sweep the flattest judge (per-token
+Eq. 7, every confidence under 0.55) was the most accurate, and the reward adapter, far less flat, was at chance.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from collections.abc import Sequence
 
 log = logging.getLogger("spa_lite")
 
-# chosen-longer share of D_i more than this far from the gold pairs' own share: the judge leans on length
-LENGTH_LEAN = 0.2
-# more than this share of pairs judged with confidence under FLAT_BELOW: the labels are mostly coin flips
-FLAT_SHARE, FLAT_BELOW = 0.5, 0.55
-# two judges (expand.judge: logprob+reward) pick the same response in fewer than this share of pairs
+# chosen-longer share of D_i (in characters) more than this above the gold pairs' own share: the judge leans on
+# length. In the sweep the judges at chance (reward adapter 0.46-0.49, ensemble 0.48-0.52 on decided pairs) chose
+# the longer response 0.16-0.25 more often than the gold pairs do; Eq. 7 (0.56-0.60) at most 0.07 more. Leaning
+# short is not flagged: the most accurate judge there (per-token Eq. 7, 0.61) chose the longer one less often.
+LENGTH_LEAN = 0.15
+# two judges (expand.judge: logprob+reward) pick the same response in fewer than this share of pairs. If their
+# errors are independent, agreement is acc1*acc2 + (1-acc1)(1-acc2): exactly 0.5 when either is at chance. In the
+# sweep Eq. 7 and the reward adapter (at chance) agreed on 0.55 of pairs; Eq. 7 and per-token Eq. 7 on 0.85.
 AGREE_MIN = 0.6
 
 
@@ -28,13 +33,12 @@ def chosen_longer_share(pairs: Sequence[tuple[str, str]]) -> float | None:
     return statistics.fmean(len(c) > len(r) for c, r in pairs) if pairs else None
 
 
-def label_signs(d_pairs: Sequence[tuple[str, str]], confidences: Sequence[float],
-                gold_pairs: Sequence[tuple[str, str]], judge_probs: Sequence[tuple[float, float]] = ()) -> list[dict]:
+def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[str, str]],
+                judge_probs: Sequence[tuple[float, float]] = ()) -> list[dict]:
     """The signs present in one D_i.
 
     Args:
         d_pairs: D_i's (chosen, rejected) texts.
-        confidences: D_i's max(p, 1 - p) per pair.
         gold_pairs: D0's (chosen, rejected) texts (the pairs seed DPO was trained on).
         judge_probs: (p_logprob, p_reward) per pair when two judges labelled D_i, else empty.
 
@@ -43,18 +47,12 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], confidences: Sequence[float]
     """
     out = []
     d_share, g_share = chosen_longer_share(d_pairs), chosen_longer_share(gold_pairs)
-    if d_share is not None and g_share is not None and abs(d_share - g_share) > LENGTH_LEAN:
+    if d_share is not None and g_share is not None and d_share - g_share > LENGTH_LEAN:
         out.append({"sign": "length_lean", "value": round(d_share, 4), "gold": round(g_share, 4),
                     "threshold": LENGTH_LEAN,
                     "message": f"the chosen response is the longer one in {d_share:.0%} of pairs, against {g_share:.0%} "
-                               "in the gold pairs: the judge may be ranking by length (try expand.length_penalty or "
-                               "expand.judge: reward)"})
-    if confidences:
-        flat = statistics.fmean(c < FLAT_BELOW for c in confidences)
-        if flat > FLAT_SHARE:
-            out.append({"sign": "flat_confidence", "value": round(flat, 4), "threshold": FLAT_SHARE,
-                        "message": f"{flat:.0%} of pairs are judged with confidence under {FLAT_BELOW}: most labels are "
-                                   "near coin flips (audit a sample with `spa-lite inspect`, or try more gold pairs)"})
+                               "in the gold pairs: the judge may be ranking by length (audit a sample with `spa-lite inspect`; "
+                               "try expand.judge_norm: per_token or expand.length_penalty)"})
     if judge_probs:
         agree = statistics.fmean((a > 0.5) == (b > 0.5) for a, b in judge_probs)
         if agree < AGREE_MIN:

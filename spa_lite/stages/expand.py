@@ -173,7 +173,8 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
     return keep, judge_logprob(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
                                [a.token_ids for _, a, _ in keep], [b.token_ids for _, _, b in keep],
                                beta=c.beta, length_penalty=c.length_penalty, batch_size=c.judge_batch_size,
-                               on_batch=on_judge, judge_logps=known, check=check)
+                               on_batch=on_judge, judge_logps=known, check=check,
+                               per_token=c.judge_norm == "per_token")
 
 
 def _row(rec: dict, y1, y2, j: dict) -> dict:
@@ -247,7 +248,8 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
         names = stack.prev
         scores = score_responses(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
                                  [y.token_ids for _, y in flat], beta=c.beta, length_penalty=c.length_penalty,
-                                 batch_size=2 * c.judge_batch_size, judge_logps=known, check=check)
+                                 batch_size=2 * c.judge_batch_size, judge_logps=known, check=check,
+                                 per_token=c.judge_norm == "per_token")
     rows, at = [], 0
     for rec, usable in cands:
         sc = scores[at : at + len(usable)]
@@ -368,8 +370,8 @@ def d_label_signs(recipe: Recipe, rows: list[dict]) -> list[dict]:
     gold = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
     gold = [pair_texts(r) for r in gold[: recipe.data.seed_limit or len(gold)]]
     probs = [(r["p_logprob"], r["p_reward"]) for r in rows if "p_logprob" in r and "p_reward" in r]
-    return label_signs([(r["chosen"], r["rejected"]) for r in rows], [r["confidence"] for r in rows],
-                       [(g["chosen"], g["rejected"]) for g in gold], probs if len(probs) == len(rows) else ())
+    return label_signs([(r["chosen"], r["rejected"]) for r in rows], [(g["chosen"], g["rejected"]) for g in gold],
+                       probs if len(probs) == len(rows) else ())
 
 
 def summarize_pairs(rows: list[dict], counts: dict) -> dict:
