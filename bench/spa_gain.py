@@ -39,13 +39,18 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     "spa_no_dnd": {"train.dnd": False},
     "judge_prev": {"expand.judge_ref": "prev"},
     "judge_none": {"expand.judge_ref": "none"},
+    # the setting chosen on dev prompts by bench/judge_quality.py (issue 19; bench/judge_quality_protocol.md)
+    "spa_best": {"expand.judge_norm": "per_token", "expand.num_samples": 4},
 }
+# what each comparison's judge setting was (issue 19 asks the entries to name it)
+ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 4)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
     ("pi_0", "pi_init"), ("oracle_final", "spa_final"), ("dpo_same_compute", "pi_0"),
     ("spa_no_refine_final", "spa_final"), ("spa_no_dnd_final", "spa_final"),
     ("judge_prev_final", "spa_final"), ("judge_none_final", "spa_final"),
+    ("spa_best_final", "pi_0"), ("spa_best_final", "dpo_same_compute"), ("spa_best_final", "spa_final"),
 ]
 
 
@@ -381,10 +386,18 @@ class Bench:
             out.append({"a": a, "b": b, "metric": "pass_rate", "diff": round(r["diff"], 4),
                         "ci_low": round(r["ci_low"], 4), "ci_high": round(r["ci_high"], 4), "n_prompts": r["n"],
                         "n_questions": r["n_clusters"], "samples": 1, "decoding": "greedy", "seeds": used,
-                        "per_seed_diff": per_seed,
+                        "per_seed_diff": per_seed, **self.judge_fields(a),
                         "test": "paired bootstrap over questions, 10000 resamples, 95% percentile interval",
                         "command": "python bench/spa_gain.py " + " ".join(sys.argv[1:])})
         return out
+
+    def judge_fields(self, label: str) -> dict:
+        """judge, gold_pairs and num_samples of the arm behind ``label`` (issue 19's entries carry them)."""
+        arm = label[: -len("_final")] if label.endswith("_final") else label.rsplit("_", 1)[0]
+        if arm not in ARM_JUDGE:
+            return {}
+        judge, n = ARM_JUDGE[arm]
+        return {"judge": judge, "num_samples": n, "gold_pairs": self.recipe(0, "spa").data.seed_limit}
 
     def write(self) -> None:
         import torch

@@ -148,6 +148,8 @@ class ExpandConfig:
                                "saved, self-checked) | forward", choices=("sampler", "forward"))
     beta: float = setting(0.1, "beta of Eq. 7's implicit reward", gt=0)
     length_penalty: float = setting(0.0, "a in Eq. 13: reward - a * |y| tokens")
+    judge_norm: str = setting("sum", "sum: Eq. 7's log-ratios summed over the response (paper) | per_token: divided "
+                              "by its token count (bench/judge_quality.py)", choices=("sum", "per_token"))
     min_confidence: float = setting(0.0, "drop judged pairs with confidence max(p, 1-p) below this (counted as "
                                     "below_min_confidence; 0: off)", ge=0.5, le=1, off=0)
     drop_truncated: bool = setting(False, "drop pairs where a response hit max_new_tokens (counted either way)")

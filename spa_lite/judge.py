@@ -47,6 +47,7 @@ def judge_logprob(
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
     cache: dict | None = None,
+    per_token: bool = False,
     judge_logps: tuple[Sequence[float], Sequence[float]] | None = None,
     check: dict | None = None,
     check_pairs: int = 2,
@@ -57,6 +58,7 @@ def judge_logprob(
         judge: adapters of the judging policy pi_{i-1}.
         ref: adapters of the reference ([] = pi_init, the paper's choice); None = no reference (r = log pi).
         length_penalty: a in Eq. 13, r(y) - a * |y| with |y| in tokens.
+        per_token: the reward divided by |y| (``expand.judge_norm: per_token``); a length penalty then cancels.
         cache: reuse log-probs across calls on the SAME prompts and responses (keyed by adapters and batch),
             so judging with several references or judges scores each policy once.
         judge_logps: log pi_judge(y1|x) and log pi_judge(y2|x) already known (recorded while sampling,
@@ -80,20 +82,26 @@ def judge_logprob(
 
     known = None if judge_logps is None else (perm(judge_logps[0]), perm(judge_logps[1]))
     rows = _judge_in_order(stack, judge, ref, perm(prompts), perm(y1), perm(y2), beta, length_penalty, batch_size,
-                           on_batch, cache, known, check, check_pairs)
+                           on_batch, cache, known, check, check_pairs, per_token)
     out: list[dict] = [{}] * len(rows)
     for k, i in enumerate(order):
         out[i] = rows[k]
     return out
 
 
+def implicit_reward(logratio: float, length: int, beta: float, length_penalty: float, per_token: bool) -> float:
+    """Eq. 7's (Eq. 13's with a penalty) reward of one response: beta * (logratio - a * |y|), per token if asked."""
+    r = logratio - length_penalty * length
+    return beta * (r / max(1, length) if per_token else r)
+
+
 def _judge_in_order(stack, judge, ref, prompts, y1, y2, beta, length_penalty, batch_size, on_batch, cache,
-                    judge_logps, check, check_pairs) -> list[dict]:
+                    judge_logps, check, check_pairs, per_token=False) -> list[dict]:
     """``judge_logprob`` on pairs in the order given, in batches of ``batch_size`` pairs."""
     rows = []
     check = check if check is not None else {}
     tol = check.setdefault("tol", 0.05)
-    per_token = check.setdefault("per_token", False)
+    check_per_token = check.setdefault("per_token", False)
     check.update(max_abs_dev=None, checked=0, reused=judge_logps is not None)
     for s in range(0, len(prompts), batch_size):
         p_, a, b = prompts[s : s + batch_size], y1[s : s + batch_size], y2[s : s + batch_size]
@@ -115,7 +123,7 @@ def _judge_in_order(stack, judge, ref, prompts, y1, y2, beta, length_penalty, ba
                 k = min(len(p_), check_pairs)
                 forward = response_logps(stack, judge, list(p_[:k]) * 2, list(a[:k]) + list(b[:k]), batch_size=2 * k)
                 dev = (forward - torch.cat([pol[:k], pol[n : n + k]])).abs()
-                if per_token:
+                if check_per_token:
                     dev = dev / torch.tensor([max(1, len(y)) for y in list(a[:k]) + list(b[:k])])
                 dev = dev.max().item()
                 check.update(max_abs_dev=dev, checked=2 * k)
@@ -129,7 +137,8 @@ def _judge_in_order(stack, judge, ref, prompts, y1, y2, beta, length_penalty, ba
         for i in range(n):
             r1, r2 = r[i].item(), r[n + i].item()
             l1, l2 = len(a[i]), len(b[i])
-            z = beta * ((r1 - length_penalty * l1) - (r2 - length_penalty * l2))
+            z = (implicit_reward(r1, l1, beta, length_penalty, per_token)
+                 - implicit_reward(r2, l2, beta, length_penalty, per_token))
             rows.append({"p": 1.0 / (1.0 + math.exp(-z)), "logratio_1": r1, "logratio_2": r2, "len_1": l1, "len_2": l2})
         if on_batch:
             on_batch(n)
@@ -150,6 +159,7 @@ def score_responses(
     judge_logps: Sequence[float] | None = None,
     check: dict | None = None,
     check_responses: int = 4,
+    per_token: bool = False,
 ) -> list[dict]:
     """Eq. 7's implicit reward of single responses: r(y) = beta * [log pi_judge(y|x) - log pi_ref(y|x) - a * |y|].
 
@@ -157,7 +167,7 @@ def score_responses(
     scored once can be paired offline (best vs worst: ``expand.num_samples`` > 2).
 
     Args:
-        judge, ref, length_penalty: as in ``judge_logprob`` (ref None: no reference).
+        judge, ref, length_penalty, per_token: as in ``judge_logprob`` (ref None: no reference).
         batch_size: responses per forward pass.
         judge_logps: log pi_judge(y|x) per response, recorded while sampling: only the reference runs, after a
             self-check of the first ``check_responses`` (longest) responses against a forward pass, as in
@@ -171,12 +181,12 @@ def score_responses(
     ps, ys = [prompts[i] for i in order], [responses[i] for i in order]
     known = None if judge_logps is None else torch.tensor([float(judge_logps[i]) for i in order])
     check = check if check is not None else {}
-    tol, per_token = check.setdefault("tol", 0.05), check.setdefault("per_token", False)
+    tol, check_per_token = check.setdefault("tol", 0.05), check.setdefault("per_token", False)
     check.update(max_abs_dev=None, checked=0, reused=known is not None)
     if known is not None and n:
         k = min(n, check_responses)
         dev = (response_logps(stack, judge, ps[:k], ys[:k], batch_size=k) - known[:k]).abs()
-        if per_token:
+        if check_per_token:
             dev = dev / torch.tensor([max(1, len(y)) for y in ys[:k]])
         check.update(max_abs_dev=dev.max().item(), checked=k)
         if not check["max_abs_dev"] <= tol:
@@ -187,7 +197,8 @@ def score_responses(
         pol = known[s : s + batch_size] if check["reused"] else response_logps(stack, judge, p_, y_, len(p_))
         refl = torch.zeros_like(pol) if ref is None else response_logps(stack, ref, p_, y_, len(p_))
         for lr, y in zip((pol - refl).tolist(), y_):
-            scored.append({"reward": beta * (lr - length_penalty * len(y)), "logratio": lr, "len": len(y)})
+            scored.append({"reward": implicit_reward(lr, len(y), beta, length_penalty, per_token), "logratio": lr,
+                           "len": len(y)})
         if on_batch:
             on_batch(len(p_))
     out: list[dict] = [{}] * n

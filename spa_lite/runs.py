@@ -66,6 +66,8 @@ def _expand_key(recipe: Recipe) -> dict:
     # settings added after runs were made, left out at their "off" value: such runs keep their hash
     if d["min_confidence"] == 0:
         d.pop("min_confidence")
+    if d["judge_norm"] == "sum":
+        d.pop("judge_norm")
     return d
 
 

@@ -175,3 +175,31 @@ def test_runs_made_before_the_new_settings_keep_their_hash(tiny_recipe):
     assert stage_config(on, Stage("expand", 1))["expand"]["min_confidence"] == 0.6
     assert stage_hash(off, Stage("expand", 1)) != stage_hash(on, Stage("expand", 1))
     assert stage_hash(off, Stage("seed", 0)) == stage_hash(on, Stage("seed", 0))
+
+
+def test_per_token_judge_divides_each_log_ratio_by_its_length(tiny_model_dir, adapters, pi0_and_init):
+    """expand.judge_norm: per_token: r(y) = beta * (log pi_0(y) - log pi_init(y)) / |y| from separately loaded merged
+    models, in score_responses and in the pair judge (a length penalty cancels there: it shifts every r by -beta*a)."""
+    stack = _stack(tiny_model_dir, adapters)
+    tok = stack.tokenizer
+    pol, ref = pi0_and_init
+    prompts = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in PROMPTS]
+    ys = [encode_response(tok, t) for t in Y1 + Y2]
+    beta = 0.1
+    got = score_responses(stack, ["seed"], [], prompts * 2, ys, beta=beta, per_token=True)
+    for x, y, g in zip(prompts * 2, ys, got):
+        p, q = _naive_logp(pol, x, y), _naive_logp(ref, x, y)
+        assert g["reward"] == pytest.approx(beta * (p - q) / len(y), abs=beta * _tol(p, q) / len(y))
+    for a in (0.0, 0.3):
+        rows = judge_logprob(stack, ["seed"], [], prompts, ys[:3], ys[3:], beta=beta, length_penalty=a, per_token=True)
+        for i, row in enumerate(rows):
+            assert row["p"] == pytest.approx(_sigmoid(got[i]["reward"] - got[3 + i]["reward"]), abs=TOL)
+
+
+def test_judge_norm_sum_keeps_old_hashes_and_per_token_changes_them(tiny_recipe):
+    from spa_lite.runs import Stage, stage_config, stage_hash
+
+    base = tiny_recipe()
+    assert "judge_norm" not in json.dumps(stage_config(base, Stage("expand", 1)))
+    per = tiny_recipe(**{"expand.judge_norm": "per_token"})
+    assert stage_hash(per, Stage("expand", 1)) != stage_hash(base, Stage("expand", 1))

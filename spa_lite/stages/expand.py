@@ -14,13 +14,14 @@ import time
 from dataclasses import replace
 
 from spa_lite.config import REWARD_JUDGES, Recipe
-from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
+from spa_lite.data import iteration_prompts, load_pairs, load_prompts, pair_texts, shuffled, to_trl_conversational
 from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DataError, SpaError
 from spa_lite.generation import dtype_name, encode_prompt, sample_responses, sampling_dtype
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob, score_responses
+from spa_lite.label_signs import label_signs, warn_signs
 from spa_lite.metrics import confidence_histogram
 from spa_lite.loading import load_stack
 from spa_lite.layout import REWARD_STAGE
@@ -173,7 +174,8 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
     return keep, judge_logprob(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
                                [a.token_ids for _, a, _ in keep], [b.token_ids for _, _, b in keep],
                                beta=c.beta, length_penalty=c.length_penalty, batch_size=c.judge_batch_size,
-                               on_batch=on_judge, judge_logps=known, check=check)
+                               on_batch=on_judge, judge_logps=known, check=check,
+                               per_token=c.judge_norm == "per_token")
 
 
 def _row(rec: dict, y1, y2, j: dict) -> dict:
@@ -247,7 +249,8 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
         names = stack.prev
         scores = score_responses(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
                                  [y.token_ids for _, y in flat], beta=c.beta, length_penalty=c.length_penalty,
-                                 batch_size=2 * c.judge_batch_size, judge_logps=known, check=check)
+                                 batch_size=2 * c.judge_batch_size, judge_logps=known, check=check,
+                                 per_token=c.judge_norm == "per_token")
     rows, at = [], 0
     for rec, usable in cands:
         sc = scores[at : at + len(usable)]
@@ -349,6 +352,9 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     if dist.main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
         atomic_write_jsonl(out / "data.jsonl", [to_trl_conversational(r) for r in rows])
     summary = summarize_pairs(rows, counts)
+    summary["label_signs"] = d_label_signs(recipe, rows)
+    if dist.main:
+        warn_signs(summary["label_signs"], f"expand --iter {iteration}")
     summary["sample_dtype"] = sorted(dtypes)
     if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
         summary["sampler_logps"] = {"shards_reused": sum(bool(x["reused"]) for x in checks), "shards": len(checks),
@@ -356,6 +362,17 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
                                     "checked_sequences": sum(x["checked"] for x in checks),
                                     "per_token": any(x.get("per_token") for x in checks)}
     return finish_stage(recipe, stage, summary, {"prompts": recipe.data.prompts, "shards": len(shards)}, t0)
+
+
+def d_label_signs(recipe: Recipe, rows: list[dict]) -> list[dict]:
+    """Verifier-free signs of poor self-labels in D_i (spa_lite/label_signs.py), against the gold pairs D0."""
+    if recipe.expand.judge == "verifier" or not rows:
+        return []
+    gold = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
+    gold = [pair_texts(r) for r in gold[: recipe.data.seed_limit or len(gold)]]
+    probs = [(r["p_logprob"], r["p_reward"]) for r in rows if "p_logprob" in r and "p_reward" in r]
+    return label_signs([(r["chosen"], r["rejected"]) for r in rows], [(g["chosen"], g["rejected"]) for g in gold],
+                       probs if len(probs) == len(rows) else ())
 
 
 def summarize_pairs(rows: list[dict], counts: dict) -> dict:

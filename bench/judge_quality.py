@@ -1,0 +1,385 @@
+"""Judge quality on the policy's own samples (issue 19; protocol: bench/judge_quality_protocol.md).
+
+For each gold size G: seed DPO on G gold pairs gives pi_0; pi_0 samples N responses for each dev prompt;
+each judge labels pairs of them; the demo task's verifier says which labels are right. No iteration is
+trained, so a setting costs minutes, not hours.
+
+    python bench/judge_quality.py --gold 64,128            # pieces: pi_0, reward adapter, samples, scores
+    python bench/judge_quality.py --report                 # tables from bench/results/judge_quality.json
+
+Every piece is cached under --run-dir (stages are spa-lite stages; samples per chunk of 32 prompts), so a
+killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_info  # noqa: E402
+
+JUDGES = ("eq7", "eq7_tok", "reward", "ensemble", "shorter")
+CHUNK = 32
+# The reward adapter trains with seed DPO's optimizer settings (same pairs, epochs, lr and pairs per step), untuned
+REWARD_SETTINGS = {"reward.epochs": 3, "reward.lr": 2e-4, "reward.batch_size": 4, "reward.grad_accum": 2}
+
+
+def log(msg: str) -> None:
+    print(f"[judge_quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ data
+def dev_prompts(recipe, n: int) -> list[dict]:
+    """The last ``n`` prompts of the pool in the recipe's shuffled order (iterations take the front)."""
+    from spa_lite.data import load_prompts, shuffled
+
+    order = shuffled(load_prompts(recipe.data.prompts, recipe.data.format), recipe.data.shuffle_seed)
+    return order[len(order) - n :]
+
+
+def gold_chosen_longer(recipe) -> float:
+    """Share of the G gold pairs whose chosen response has more characters (the gold set's own length lean)."""
+    from spa_lite.data import load_pairs, pair_texts, shuffled
+
+    rows = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
+    rows = rows[: recipe.data.seed_limit]
+    t = [pair_texts(r) for r in rows]
+    return float(np.mean([len(x["chosen"]) > len(x["rejected"]) for x in t]))
+
+
+# ------------------------------------------------------------------------------------------ pieces
+class Piece:
+    """One gold size: its recipe, run folder and caches."""
+
+    def __init__(self, args, gold: int) -> None:
+        from spa_lite.config import load_recipe
+
+        self.args, self.gold = args, gold
+        self.recipe = load_recipe(args.recipe, {"name": f"g{gold}-s{args.seed}", "run_dir": args.run_dir,
+                                                "seed": args.seed, "data.seed_limit": gold, "threads": args.threads,
+                                                **REWARD_SETTINGS})
+        self.dir = self.recipe.run_path / "judge_quality"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def pi0(self) -> None:
+        from spa_lite.stages import seed_dpo
+
+        t = time.time()
+        seed_dpo.run(self.recipe)
+        log(f"g{self.gold}: pi_0 ready ({time.time() - t:.0f}s)")
+
+    def reward(self) -> bool:
+        """Train (or find) the reward adapter; False when this spa-lite has no reward stage."""
+        try:
+            from spa_lite.stages import reward as reward_stage
+        except ImportError:
+            log("no spa_lite.stages.reward: the reward and ensemble judges are skipped")
+            return False
+        t = time.time()
+        man = reward_stage.run(self.recipe)
+        self.reward_heldout = man["summary"].get("heldout")
+        log(f"g{self.gold}: reward adapter ready ({time.time() - t:.0f}s), held-out gold {self.reward_heldout}")
+        return True
+
+    def samples(self, prompts: list[dict]) -> list[dict]:
+        """N samples of pi_0 per dev prompt, with log pi_0 read off the sampling pass; cached per chunk."""
+        from spa_lite.generation import encode_prompt, sample_responses, sampling_dtype
+        from spa_lite.io import atomic_write_json, read_json
+        from spa_lite.judge import response_logps
+        from spa_lite.loading import load_stack
+
+        c, out, stack = self.recipe.expand, [], None
+        for k in range(0, len(prompts), CHUNK):
+            path = self.dir / f"samples_{self.args.samples}_{k // CHUNK:03d}.json"
+            if not path.exists():
+                if stack is None:
+                    stack = load_stack(self.recipe, frozen_upto=0)
+                t = time.time()
+                chunk = prompts[k : k + CHUNK]
+                with stack.use(stack.prev) as m:
+                    # decoding runs on a copy in --sample-dtype (bf16 on CPUs with bf16 units: 3.4x, bench/RESULTS.md);
+                    # Eq. 7's log pi_0 is then a float32 forward of the stack, never the reduced copy's
+                    dtype = sampling_dtype(self.args.sample_dtype, m)
+                    ss = sample_responses(m, stack.tokenizer, [p["prompt"] for p in chunk],
+                                          num_samples=self.args.samples, max_new_tokens=c.max_new_tokens,
+                                          temperature=c.temperature, top_p=c.top_p,
+                                          seed=self.args.sample_seed + k, batch_size=c.batch_size,
+                                          **({"dtype": dtype} if dtype is not None else {}))
+                flat = [(encode_prompt(stack.tokenizer, p["prompt"]), s.token_ids) for p, sl in zip(chunk, ss)
+                        for s in sl]
+                lp0 = iter(response_logps(stack, stack.prev, [f[0] for f in flat], [f[1] for f in flat],
+                                          batch_size=16).tolist())
+                rows = [{"id": p["id"], "constraint": p["constraint"], "prompt": p["prompt"],
+                         "samples": [{"text": s.text, "token_ids": s.token_ids, "num_tokens": s.num_tokens,
+                                      "truncated": s.truncated, "logp_pi0": next(lp0)} for s in sl]}
+                        for p, sl in zip(chunk, ss)]
+                atomic_write_json(path, {"rows": rows, "wall_s": round(time.time() - t, 1),
+                                         "sample_dtype": str(dtype).replace("torch.", "") if dtype else "model"})
+                log(f"g{self.gold}: samples {k + len(chunk)}/{len(prompts)} ({time.time() - t:.0f}s)")
+            out += read_json(path)["rows"]
+        del stack
+        gc.collect()
+        return out
+
+    def scores(self, rows: list[dict], with_reward: bool) -> dict:
+        """Per sample: log pi_init, a forward-pass check of log pi_0, and the reward adapter's r; cached."""
+        from spa_lite.generation import encode_prompt
+        from spa_lite.io import atomic_write_json, read_json
+        from spa_lite.judge import response_logps
+        from spa_lite.loading import load_stack
+
+        path = self.dir / f"scores_{self.args.samples}.json"
+        res = read_json(path) if path.exists() else {}
+        need = ["logp_init", "logp_pi0_check"] + (["reward"] if with_reward else [])
+        if all(k in res for k in need):
+            return res
+        stack = load_stack(self.recipe, frozen_upto=0)
+        flat = [(encode_prompt(stack.tokenizer, r["prompt"]), s["token_ids"]) for r in rows for s in r["samples"]]
+        prompts, resp = [f[0] for f in flat], [f[1] for f in flat]
+        t = time.time()
+        if "logp_init" not in res:
+            res["logp_init"] = response_logps(stack, [], prompts, resp, batch_size=16).tolist()
+            log(f"g{self.gold}: log pi_init of {len(flat)} samples ({time.time() - t:.0f}s)")
+        if "logp_pi0_check" not in res:  # the batched (padded) log pi_0 against one sequence at a time, first 32
+            fwd = response_logps(stack, stack.prev, prompts[:32], resp[:32], batch_size=1).tolist()
+            rec = [s["logp_pi0"] for r in rows for s in r["samples"]][:32]
+            res["logp_pi0_check"] = {"n": 32, "max_abs_dev": max(abs(a - b) for a, b in zip(fwd, rec))}
+        if with_reward and "reward" not in res:
+            from spa_lite.reward import load_run_reward_model, reward_scores
+
+            t = time.time()
+            rm = load_run_reward_model(stack, self.recipe, needed_by="bench/judge_quality.py")
+            res["reward"] = [float(x) for x in reward_scores(rm, prompts, resp, batch_size=16)]
+            log(f"g{self.gold}: reward of {len(flat)} samples ({time.time() - t:.0f}s)")
+        del stack
+        gc.collect()
+        atomic_write_json(path, res)
+        return res
+
+
+# ------------------------------------------------------------------------------------------ judging
+def judge_pair(judge: str, cand: list[int], s: dict, beta: float):
+    """The ordered pair (chosen, rejected) with the highest p(a > b) among ``cand``, and that p."""
+    best = None
+    for a, b in itertools.permutations(cand, 2):
+        p = pref(judge, a, b, s, beta)
+        if best is None or p > best[2]:
+            best = (a, b, p)
+    return best
+
+
+def _sig(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def pref(judge: str, a: int, b: int, s: dict, beta: float) -> float:
+    if judge == "eq7":
+        return _sig(beta * (s["lr"][a] - s["lr"][b]))
+    if judge == "eq7_tok":
+        return _sig(beta * (s["lr"][a] / s["len"][a] - s["lr"][b] / s["len"][b]))
+    if judge == "reward":
+        return _sig(s["r"][a] - s["r"][b])
+    if judge == "ensemble":
+        return 0.5 * (pref("eq7", a, b, s, beta) + pref("reward", a, b, s, beta))
+    if judge == "shorter":
+        return 1.0 if s["len"][a] < s["len"][b] else (0.5 if s["len"][a] == s["len"][b] else 0.0)
+    raise ValueError(judge)
+
+
+def candidates(samples: list[dict], n: int) -> list[int]:
+    """Indices among the first n samples that are non-empty and not a repeat of an earlier one."""
+    seen, out = set(), []
+    for k, smp in enumerate(samples[:n]):
+        if smp["text"].strip() and smp["text"] not in seen:
+            seen.add(smp["text"])
+            out.append(k)
+    return out
+
+
+def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], beta: float) -> dict:
+    """Per (judge, N): the judged pairs and their verifier outcomes (see the protocol's metrics)."""
+    from spa_lite.demo.tasks import question_index, verify
+
+    off = 0
+    per_prompt = []
+    for r in rows:
+        k = len(r["samples"])
+        lp0 = [s["logp_pi0"] for s in r["samples"]]
+        lpi = scores["logp_init"][off : off + k]
+        s = {"lr": [a - b for a, b in zip(lp0, lpi)], "len": [max(1, x["num_tokens"]) for x in r["samples"]],
+             "pass": [verify(x["text"], r["constraint"]) for x in r["samples"]]}
+        if "reward" in scores:
+            s["r"] = scores["reward"][off : off + k]
+        off += k
+        per_prompt.append((question_index(r), s, r["samples"]))
+    out = {}
+    for judge in judges:
+        for n in ns:
+            recs = []
+            for q, s, smp in per_prompt:
+                cand = candidates(smp, n)
+                if len(cand) < 2:
+                    recs.append({"q": q, "pair": False})
+                    continue
+                a, b, p = judge_pair(judge, cand, s, beta)
+                # longer in characters, as the gold pairs' share and expand's length sign count it
+                recs.append({"q": q, "pair": True, "decided": s["pass"][a] != s["pass"][b], "correct": s["pass"][a],
+                             "conf": p, "longer": len(smp[a]["text"]) > len(smp[b]["text"]), "a": a, "b": b})
+            out[f"{judge}/N{n}"] = summarize(recs, len(rows))
+            out[f"{judge}/N{n}"]["_recs"] = recs
+    return out
+
+
+def summarize(recs: list[dict], prompts: int) -> dict:
+    from spa_lite.metrics import accuracy_with_ci
+
+    pairs = [r for r in recs if r["pair"]]
+    dec = [r for r in pairs if r["decided"]]
+    acc = accuracy_with_ci([r["correct"] for r in dec]) if dec else None
+    quint = []
+    if len(dec) >= 10:
+        conf = np.array([r["conf"] for r in dec])
+        order = np.argsort(conf, kind="stable")
+        for part in np.array_split(order, 5):
+            sel = [dec[i] for i in part]
+            quint.append({"conf_min": round(float(conf[part].min()), 4), "conf_max": round(float(conf[part].max()), 4),
+                          **accuracy_with_ci([r["correct"] for r in sel])})
+    n_ok = sum(r["correct"] for r in dec)
+    return {"prompts": prompts, "pairs": len(pairs), "decided": len(dec),
+            "undecided_frac": round(1 - len(dec) / len(pairs), 4) if pairs else None,
+            "accuracy": acc, "by_conf_quintile": quint,
+            "correct_minus_wrong_per_prompt": round((2 * n_ok - len(dec)) / prompts, 4),
+            "chosen_longer_frac": round(float(np.mean([r["longer"] for r in pairs])), 4) if pairs else None,
+            # verifier-free signs (issue 19 point 5): how flat the confidences are over all judged pairs
+            "median_conf": round(float(np.median([r["conf"] for r in pairs])), 4) if pairs else None,
+            "frac_conf_below_055": round(float(np.mean([r["conf"] < 0.55 for r in pairs])), 4) if pairs else None}
+
+
+def paired_vs(recs_a: list[dict], recs_b: list[dict], n_boot: int = 10000, seed: int = 0) -> dict | None:
+    """Accuracy difference a - b on the prompts both decide, bootstrapped over questions."""
+    both = [(ra["q"], float(ra["correct"]) - float(rb["correct"])) for ra, rb in zip(recs_a, recs_b)
+            if ra["pair"] and rb["pair"] and ra["decided"] and rb["decided"]]
+    if not both:
+        return None
+    qs = sorted({q for q, _ in both})
+    by_q = {q: [d for qq, d in both if qq == q] for q in qs}
+    sums = np.array([sum(by_q[q]) for q in qs])
+    cnts = np.array([len(by_q[q]) for q in qs])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(qs), size=(n_boot, len(qs)))
+    boot = sums[idx].sum(1) / cnts[idx].sum(1)
+    return {"n": len(both), "questions": len(qs), "diff": round(float(sums.sum() / cnts.sum()), 4),
+            "ci_low": round(float(np.percentile(boot, 2.5)), 4), "ci_high": round(float(np.percentile(boot, 97.5)), 4)}
+
+
+# ------------------------------------------------------------------------------------------ run and report
+def run_gold(args, gold: int, res: dict) -> None:
+    from spa_lite.demo.tasks import verify
+
+    t0 = time.time()
+    piece = Piece(args, gold)
+    piece.pi0()
+    with_reward = "reward" in args.judges and piece.reward()
+    prompts = dev_prompts(piece.recipe, args.dev)
+    ts = time.time()
+    rows = piece.samples(prompts)
+    sample_s = time.time() - ts
+    scores = piece.scores(rows, with_reward)
+    judges = [j for j in args.judges if with_reward or j not in ("reward", "ensemble")]
+    ns = [n for n in args.ns if n <= args.samples]
+    table = evaluate(rows, scores, judges, ns, piece.recipe.expand.beta)
+    versus = {}
+    for j in judges:
+        if j != "eq7" and f"{j}/N2" in table:
+            versus[f"{j} - eq7 (N2)"] = paired_vs(table[f"{j}/N2"]["_recs"], table["eq7/N2"]["_recs"])
+    agree = {}
+    for j in judges:  # verifier-free sign: how often two judges choose the same response of the same N = 2 pair
+        for k in judges:
+            if j < k and f"{j}/N2" in table and f"{k}/N2" in table:
+                both = [(a["a"], b["a"]) for a, b in zip(table[f"{j}/N2"]["_recs"], table[f"{k}/N2"]["_recs"])
+                        if a["pair"] and b["pair"]]
+                agree[f"{j}~{k}"] = round(float(np.mean([x == y for x, y in both])), 4) if both else None
+    for v in table.values():
+        v.pop("_recs")
+    toks = [s["num_tokens"] for r in rows for s in r["samples"]]
+    res.setdefault("gold", {})[str(gold)] = {
+        "judges": table, "paired_vs_eq7": versus, "agreement_N2": agree,
+        "gold_chosen_longer_frac": gold_chosen_longer(piece.recipe),
+        "dev_prompts": len(rows), "samples_per_prompt": args.samples, "sampled_tokens": int(sum(toks)),
+        "sample_pass_rate": round(float(np.mean([verify(s["text"], r["constraint"]) for r in rows
+                                                 for s in r["samples"]])), 4),
+        "logp_pi0_check": scores.get("logp_pi0_check"),
+        "reward_heldout_gold": getattr(piece, "reward_heldout", None), "wall_s": round(time.time() - t0, 1),
+        "sampling_wall_s_this_call": round(sample_s, 1)}
+    log(f"g{gold}: " + "; ".join(f"{k} {v['accuracy']['accuracy']:.3f} ({v['decided']})"
+                                 for k, v in table.items() if v["accuracy"]))
+
+
+def fmt_acc(a) -> str:
+    return "-" if not a else f"{a['accuracy']:.3f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
+
+
+def markdown(res: dict) -> str:
+    lines = ["| gold | judge | N | accuracy on decided [95% CI] | decided / pairs | net correct per prompt | "
+             "chosen longer |", "|---|---|---|---|---|---|---|"]
+    for g, gr in sorted(res.get("gold", {}).items(), key=lambda kv: int(kv[0])):
+        for key, v in gr["judges"].items():
+            j, n = key.split("/N")
+            lines.append(f"| {g} | {j} | {n} | {fmt_acc(v['accuracy'])} | {v['decided']} / {v['pairs']} | "
+                         f"{v['correct_minus_wrong_per_prompt']:+.3f} | {v['chosen_longer_frac']} |")
+    lines += ["", "| gold | paired (same N = 2 pairs) | difference [95% CI] | pairs |", "|---|---|---|---|"]
+    for g, gr in sorted(res.get("gold", {}).items(), key=lambda kv: int(kv[0])):
+        for k, v in gr["paired_vs_eq7"].items():
+            if v:
+                lines.append(f"| {g} | {k} | {v['diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}] | {v['n']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="smollm2-ratio")
+    ap.add_argument("--gold", default="64", help="gold sizes G, comma-separated")
+    ap.add_argument("--seed", type=int, default=42, help="training seed of pi_0 (recipe seed)")
+    ap.add_argument("--dev", type=int, default=256, help="dev prompts (the last ones of the shuffled pool)")
+    ap.add_argument("--samples", type=int, default=8, help="samples per dev prompt (N = 2, 4 use the first ones)")
+    ap.add_argument("--ns", default="2,4,8")
+    ap.add_argument("--judges", default=",".join(JUDGES))
+    ap.add_argument("--sample-seed", type=int, default=2026)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (results do not depend on it)")
+    ap.add_argument("--sample-dtype", default="auto", help="decoding copy: auto (bf16 where the CPU has bf16 units) | "
+                    "float32 | bfloat16 | float16 (expand.sample_dtype's values)")
+    ap.add_argument("--run-dir", default="runs/judge-quality")
+    ap.add_argument("--out", default="bench/results/judge_quality.json")
+    ap.add_argument("--report", action="store_true", help="only print the tables of --out")
+    args = ap.parse_args()
+    args.judges = args.judges.split(",")
+    args.ns = [int(x) for x in args.ns.split(",")]
+    out = Path(args.out)
+    res = json.loads(out.read_text()) if out.exists() else {}
+    if not args.report:
+        from spa_lite.io import atomic_write_json
+
+        res["protocol"] = "bench/judge_quality_protocol.md"
+        res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+        res["machine"] = machine_info()
+        cpuinfo = Path("/proc/cpuinfo")
+        res["machine"]["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                                            if ln.startswith("model name")), None) if cpuinfo.exists() else None
+        for g in [int(x) for x in args.gold.split(",")]:
+            run_gold(args, g, res)
+            atomic_write_json(out, res)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Signs that a D_i's self-labels are poor, read without a verifier (issue 19, point 5).
+
+A judge can label its own policy's samples at chance while every summary number looks healthy
+(bench/judge_quality.py measured it on the demo task). The signs below need no gold label, only D_i and the gold
+seed pairs D0. Each is one line printed by ``expand`` and kept in its manifest (``summary.label_signs``); the
+README's "Signs of bad self-labels" says what each means and what to try. Which signs are kept, and their
+thresholds, come from the dev sweep of bench/judge_quality.py (bench/RESULTS.md, "Judge quality"), not from the
+evaluation prompts. A confidence histogram piled at 0.5 is not a sign: in the sweep the flattest judge (per-token
+Eq. 7, every confidence under 0.55) was the most accurate, and the reward adapter, far less flat, was at chance.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Sequence
+
+log = logging.getLogger("spa_lite")
+
+# chosen-longer share of D_i (in characters) more than this above the gold pairs' own share: the judge leans on
+# length. In the sweep the judges at chance (reward adapter 0.46-0.49, ensemble 0.48-0.52 on decided pairs) chose
+# the longer response 0.16-0.25 more often than the gold pairs do; Eq. 7 (0.56-0.60) at most 0.07 more. Leaning
+# short is not flagged: the most accurate judge there (per-token Eq. 7, 0.61) chose the longer one less often.
+LENGTH_LEAN = 0.15
+# two judges (expand.judge: logprob+reward) pick the same response in fewer than this share of pairs. If their
+# errors are independent, agreement is acc1*acc2 + (1-acc1)(1-acc2): exactly 0.5 when either is at chance. In the
+# sweep Eq. 7 and the reward adapter (at chance) agreed on 0.55 of pairs; Eq. 7 and per-token Eq. 7 on 0.85.
+AGREE_MIN = 0.6
+
+
+def chosen_longer_share(pairs: Sequence[tuple[str, str]]) -> float | None:
+    """Share of (chosen, rejected) text pairs whose chosen response has more characters."""
+    return statistics.fmean(len(c) > len(r) for c, r in pairs) if pairs else None
+
+
+def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[str, str]],
+                judge_probs: Sequence[tuple[float, float]] = ()) -> list[dict]:
+    """The signs present in one D_i.
+
+    Args:
+        d_pairs: D_i's (chosen, rejected) texts.
+        gold_pairs: D0's (chosen, rejected) texts (the pairs seed DPO was trained on).
+        judge_probs: (p_logprob, p_reward) per pair when two judges labelled D_i, else empty.
+
+    Returns:
+        one dict per sign present: ``sign``, ``value``, ``threshold`` and a one-line ``message``.
+    """
+    out = []
+    d_share, g_share = chosen_longer_share(d_pairs), chosen_longer_share(gold_pairs)
+    if d_share is not None and g_share is not None and d_share - g_share > LENGTH_LEAN:
+        out.append({"sign": "length_lean", "value": round(d_share, 4), "gold": round(g_share, 4),
+                    "threshold": LENGTH_LEAN,
+                    "message": f"the chosen response is the longer one in {d_share:.0%} of pairs, against {g_share:.0%} "
+                               "in the gold pairs: the judge may be ranking by length (audit a sample with `spa-lite inspect`; "
+                               "try expand.judge_norm: per_token or expand.length_penalty)"})
+    if judge_probs:
+        agree = statistics.fmean((a > 0.5) == (b > 0.5) for a, b in judge_probs)
+        if agree < AGREE_MIN:
+            out.append({"sign": "judges_disagree", "value": round(agree, 4), "threshold": AGREE_MIN,
+                        "message": f"Eq. 7 and the reward adapter choose the same response in {agree:.0%} of pairs: "
+                                   "at least one of them is close to chance here"})
+    return out
+
+
+def warn_signs(signs: Sequence[dict], where: str) -> None:
+    """One warning line per sign."""
+    for s in signs:
+        log.warning("%s: %s", where, s["message"])

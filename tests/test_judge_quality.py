@@ -1,0 +1,100 @@
+"""bench/judge_quality.py: the pair each judge picks, the metrics against the verifier, and the paired test,
+checked against hand computations on made-up samples (the smoke test on the tiny model is in
+test_bench_smoke.py)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import judge_quality as jq  # noqa: E402
+
+INC = {"kind": "include_word", "params": {"word": "cat"}}
+
+
+def sample(text: str, logp: float, tokens: int) -> dict:
+    return {"text": text, "token_ids": [1] * tokens, "num_tokens": tokens, "truncated": False, "logp_pi0": logp}
+
+
+def rows_and_scores():
+    """Two prompts, 4 samples each; 'cat' in a response passes the verifier.
+
+    Prompt q1: log-ratios (pi_0 - init) 5, 1, -2, 3 with passes T, F, F, T; lengths 10, 2, 4, 5.
+    Prompt q2: log-ratios 0, 4, 4.5, -1 with passes F, T, F, T; sample 3 repeats sample 2's text.
+    """
+    r1 = {"id": "q0001-c00", "constraint": INC, "prompt": [{"role": "user", "content": "x"}],
+          "samples": [sample("a cat", 5, 10), sample("b", 1, 2), sample("c", -2, 4), sample("cat d", 3, 5)]}
+    r2 = {"id": "q0002-c00", "constraint": INC, "prompt": [{"role": "user", "content": "y"}],
+          "samples": [sample("e", 0, 3), sample("cat f", 4, 6), sample("g", 4.5, 3), sample("g", -1, 3)]}
+    init = [0.0] * 8  # log pi_init 0: the log-ratio is log pi_0
+    return [r1, r2], {"logp_init": init, "reward": [1.0, 0.0, 2.0, -1.0, 0.5, 0.0, 3.0, 9.0]}
+
+
+def test_single_score_judges_pick_best_vs_worst_and_the_metrics_follow():
+    rows, scores = rows_and_scores()
+    res = jq.evaluate(rows, scores, ["eq7", "reward", "shorter"], [2, 4], beta=0.1)
+    # N = 2: q1 pair (0, 1): eq7 picks 0 (5 > 1) = pass over fail: correct. q2 pair (0, 1): picks 1 (4 > 0): correct
+    e2 = res["eq7/N2"]
+    assert (e2["decided"], e2["accuracy"]["accuracy"]) == (2, 1.0)
+    assert [r["a"] for r in e2["_recs"]] == [0, 1]
+    assert e2["_recs"][0]["conf"] == pytest.approx(1 / (1 + math.exp(-0.1 * 4)))
+    # N = 4: q1 best 0 (5), worst 2 (-2): pass vs fail, correct. q2 candidates 0, 1, 2 (3 repeats 2):
+    # best 2 (4.5, fail), worst 0 (0, fail): undecided
+    e4 = res["eq7/N4"]
+    assert [(r["a"], r["b"]) for r in e4["_recs"]] == [(0, 2), (2, 0)]
+    assert (e4["pairs"], e4["decided"], e4["undecided_frac"]) == (2, 1, 0.5)
+    assert e4["correct_minus_wrong_per_prompt"] == 0.5
+    # reward N = 4: q1 best 2 (2.0, fail) worst 3 (-1, pass): wrong. q2: best 2 (3.0), worst 1 (0.0): 2 fails, 1
+    # passes: wrong. The repeat (9.0) is not a candidate.
+    r4 = res["reward/N4"]
+    assert [(r["a"], r["b"]) for r in r4["_recs"]] == [(2, 3), (2, 1)]
+    assert (r4["decided"], r4["accuracy"]["accuracy"], r4["correct_minus_wrong_per_prompt"]) == (2, 0.0, -1.0)
+    # shorter N = 2: q1 picks 1 (2 tokens, fail) over 0: wrong; q2 picks 0 (3 tokens, fail) over 1: wrong
+    s2 = res["shorter/N2"]
+    assert s2["accuracy"]["accuracy"] == 0.0 and s2["chosen_longer_frac"] == 0.0
+
+
+def test_ensemble_is_the_mean_of_both_probabilities_and_picks_its_argmax_pair():
+    rows, scores = rows_and_scores()
+    s = {"lr": [5, 1, -2, 3], "len": [10, 2, 4, 5], "r": [1.0, 0.0, 2.0, -1.0]}
+    brute = max(((a, b) for a in range(4) for b in range(4) if a != b),
+                key=lambda ab: 0.5 * (1 / (1 + math.exp(-0.1 * (s["lr"][ab[0]] - s["lr"][ab[1]])))
+                                      + 1 / (1 + math.exp(-(s["r"][ab[0]] - s["r"][ab[1]])))))
+    a, b, p = jq.judge_pair("ensemble", [0, 1, 2, 3], s, 0.1)
+    assert (a, b) == brute
+    res = jq.evaluate(rows, scores, ["ensemble"], [4], beta=0.1)
+    assert (res["ensemble/N4"]["_recs"][0]["a"], res["ensemble/N4"]["_recs"][0]["b"]) == brute
+    assert p == pytest.approx(jq.pref("ensemble", a, b, s, 0.1))
+
+
+def test_sigmoid_is_stable_at_extremes():
+    assert jq._sig(-1000.0) == 0.0 and jq._sig(1000.0) == 1.0 and jq._sig(0.0) == 0.5
+
+
+def test_paired_difference_is_bootstrapped_over_questions():
+    def rec(q, correct, decided=True):
+        return {"q": q, "pair": True, "decided": decided, "correct": correct}
+
+    a = [rec(1, True), rec(1, True), rec(2, False), rec(3, True, decided=False)]
+    b = [rec(1, False), rec(1, True), rec(2, False), rec(3, False)]
+    out = jq.paired_vs(a, b, n_boot=2000)
+    # pairs decided by both: the first three; differences 1, 0, 0 -> mean 1/3
+    assert out["n"] == 3 and out["questions"] == 2
+    assert out["diff"] == pytest.approx(1 / 3, abs=1e-4)
+    # question 1 alone gives 1/2, question 2 alone gives 0: every resample lies in [0, 1/2]
+    assert 0.0 <= out["ci_low"] <= out["diff"] <= out["ci_high"] <= 0.5
+
+
+def test_confidence_quintiles_partition_the_decided_pairs():
+    recs = [{"q": i, "pair": True, "decided": True, "correct": i % 2 == 0, "conf": 0.5 + i / 100, "longer": False}
+            for i in range(25)]
+    s = jq.summarize(recs, 25)
+    assert sum(x["n"] for x in s["by_conf_quintile"]) == 25
+    assert [x["conf_min"] for x in s["by_conf_quintile"]] == sorted(x["conf_min"] for x in s["by_conf_quintile"])
+    assert np.isclose(s["accuracy"]["accuracy"], 13 / 25)

@@ -1,0 +1,61 @@
+"""Verifier-free signs of poor self-labels (spa_lite/label_signs.py) and expand's manifest/warning for them."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from spa_lite.label_signs import AGREE_MIN, LENGTH_LEAN, chosen_longer_share, label_signs
+
+
+def test_chosen_longer_share_counts_characters():
+    assert chosen_longer_share([("aaa", "a"), ("a", "aaa"), ("ab", "ab"), ("abcd", "")]) == 0.5
+    assert chosen_longer_share([]) is None
+
+
+def test_each_sign_fires_past_its_threshold_and_not_before():
+    gold = [("long answer", "x")] * 5 + [("x", "long answer")] * 5  # gold: chosen longer in half
+    lean = [("long answer", "x")] * 7 + [("x", "long answer")] * 3  # 0.7: 0.2 above gold
+    even = [("long answer", "x")] * 6 + [("x", "long answer")] * 4  # 0.6: 0.1 above gold
+    short = [("x", "long answer")] * 10  # 0.0: leaning short is not a sign
+    assert 0.6 - 0.5 < LENGTH_LEAN < 0.7 - 0.5
+    sig = label_signs(lean, gold)
+    assert [s["sign"] for s in sig] == ["length_lean"] and (sig[0]["value"], sig[0]["gold"]) == (0.7, 0.5)
+    assert label_signs(even, gold) == [] and label_signs(short, gold) == []
+    agree_half = [(0.7, 0.3), (0.7, 0.8)] * 5  # same side in 50% of pairs
+    agree_most = [(0.7, 0.6)] * 8 + [(0.7, 0.3)] * 2
+    assert 0.5 < AGREE_MIN < 0.8
+    sig = label_signs(even, gold, agree_half)
+    assert [s["sign"] for s in sig] == ["judges_disagree"] and sig[0]["value"] == 0.5
+    assert label_signs(even, gold, agree_most) == []
+
+
+def test_expand_records_the_signs_and_warns_once_each(tiny_recipe, caplog):
+    """A tiny random policy's D_1: the manifest holds exactly the signs label_signs computes from D_1's own rows
+    and the gold pairs, and each is one warning line."""
+    from spa_lite.data import load_pairs, pair_texts, shuffled
+    from spa_lite.io import read_jsonl
+    from spa_lite.runs import Stage, read_manifest, stage_dir
+    from spa_lite.stages import expand, seed_dpo
+
+    recipe = tiny_recipe()
+    seed_dpo.run(recipe)
+    with caplog.at_level(logging.WARNING, logger="spa_lite"):
+        man = expand.run(recipe, 1)
+    rows = [pair_texts(r) for _, r in read_jsonl(stage_dir(recipe, Stage("expand", 1)) / "data.jsonl")]
+    gold = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
+    gold = [pair_texts(g) for g in gold[: recipe.data.seed_limit or len(gold)]]
+    want = label_signs([(r["chosen"], r["rejected"]) for r in rows], [(g["chosen"], g["rejected"]) for g in gold])
+    # the tiny gold pairs' chosen answer is never the longer one; a random policy's labels are: the sign is there
+    assert [s["sign"] for s in want] == ["length_lean"]
+    assert man["summary"]["label_signs"] == json.loads(json.dumps(want))
+    assert read_manifest(recipe, Stage("expand", 1))["summary"]["label_signs"] == man["summary"]["label_signs"]
+    lines = [r.getMessage() for r in caplog.records if "expand --iter 1" in r.getMessage()]
+    assert len(lines) == len(want)
+
+
+@pytest.mark.parametrize("bad", [[], [("", "")]])
+def test_no_sign_without_data(bad):
+    assert label_signs(bad, []) == [] and label_signs([], bad) == []
