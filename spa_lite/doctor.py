@@ -49,6 +49,21 @@ def _bnb_cpu_kernel_row() -> tuple[str, str, str]:
     return ("bnb CPU 4-bit kernel", "ok", "kernels installed: bitsandbytes fetches its CPU gemm_4bit kernel from the hub")
 
 
+def _malloc_row() -> tuple[str, str, str]:
+    """The glibc heap policy a recipe with the default ``memory.malloc`` gets here (SPA_LITE_MALLOC included)."""
+    from spa_lite.config import MemoryConfig
+    from spa_lite.memory import resolve_malloc
+
+    m = MemoryConfig()
+    try:
+        mode, why = resolve_malloc(m.malloc, "cuda" if torch.cuda.is_available() else "cpu")
+    except ValueError as e:
+        return ("malloc", "warn", str(e))
+    detail = f"mmap threshold {m.mmap_threshold_kib} KiB, heap trimmed every optimizer step" if mode == "tuned" \
+        else "glibc's own heap, trimmed between stages"
+    return ("malloc", "ok", f"{mode} ({why}): {detail}; recipe key memory.malloc")
+
+
 def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     """(item, status ok|warn|missing, detail) rows."""
     rows = [("torch", "ok", f"{torch.__version__}, {torch.get_num_threads()} CPU threads")]
@@ -95,5 +110,6 @@ def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     probe = target if target.exists() else Path.cwd()
     free = shutil.disk_usage(probe).free / 2**30
     rows.append(("disk", "ok" if free > 5 else "warn", f"{free:.1f} GiB free at {probe.resolve()}"))
+    rows.append(_malloc_row())
     rows.append(("threads", "ok", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"))
     return rows
