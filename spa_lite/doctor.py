@@ -35,10 +35,11 @@ def _bnb_cpu_kernel_row() -> tuple[str, str, str]:
     """bitsandbytes (>= 0.49) on an AVX512-BF16 CPU tries to fetch a faster 4-bit CPU kernel from the hub with the
     optional `kernels` package and logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every
     import when it cannot; spa-lite hides that line (spa_lite/__init__.py) and explains it here, once."""
-    try:
-        from bitsandbytes.functional import has_avx512bf16 as probe  # older releases: no CPU kernel probe
-    except Exception:
-        return ("bnb CPU 4-bit kernel", "ok", "no hub kernel probe in this bitsandbytes")
+    from spa_lite.compat import bnb_cpu_kernel_probe
+
+    probe = bnb_cpu_kernel_probe()  # None: no probe in this bitsandbytes, or a release outside the tested range
+    if probe is None:
+        return ("bnb CPU 4-bit kernel", "ok", "no hub kernel probe known for this bitsandbytes")
     if not probe():
         return ("bnb CPU 4-bit kernel", "ok", "CPU without AVX512-BF16: bitsandbytes' built-in 4-bit path")
     if importlib.util.find_spec("kernels") is None:
@@ -62,6 +63,17 @@ def _malloc_row() -> tuple[str, str, str]:
     detail = f"mmap threshold {m.mmap_threshold_kib} KiB, heap trimmed every optimizer step" if mode == "tuned" \
         else "glibc's own heap, trimmed between stages"
     return ("malloc", "ok", f"{mode} ({why}): {detail}; recipe key memory.malloc")
+
+
+def _compat_row() -> tuple[str, str, str]:
+    """Which library-internals patches (spa_lite.compat) apply with the installed releases."""
+    from spa_lite.compat import report
+
+    rows = report()
+    off = [f"{p} ({v})" for p, v, ok in rows if not ok]
+    if not off:
+        return ("internals patches", "ok", f"all {len(rows)} apply (tested releases installed)")
+    return ("internals patches", "warn", "outside their tested releases, public-API fallbacks used: " + ", ".join(off))
 
 
 def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
@@ -111,5 +123,6 @@ def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     free = shutil.disk_usage(probe).free / 2**30
     rows.append(("disk", "ok" if free > 5 else "warn", f"{free:.1f} GiB free at {probe.resolve()}"))
     rows.append(_malloc_row())
+    rows.append(_compat_row())
     rows.append(("threads", "ok", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"))
     return rows
