@@ -14,6 +14,7 @@ Sides (name: recipe overrides):
   tuned4m   : memory.malloc=tuned with a 4 MiB threshold, micro-batches of 2
   tuned1m   : memory.malloc=tuned with a 1 MiB threshold, micro-batches of 2
   tuned64_b4: memory.malloc=tuned, 64 KiB, micro-batches of 4
+  tuned64_thp: as tuned64, with THP_MEM_ALLOC_ENABLE=1 (torch's 2 MiB+ blocks on transparent huge pages)
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ SIDES = {
     "tuned4m": ["memory.malloc=tuned", "memory.mmap_threshold_kib=4096"] + B2,
     "tuned1m": ["memory.malloc=tuned", "memory.mmap_threshold_kib=1024"] + B2,
     "tuned64_b4": ["memory.malloc=tuned", "memory.mmap_threshold_kib=64"] + B4,
+    "tuned64_thp": ["memory.malloc=tuned", "memory.mmap_threshold_kib=64"] + B2,
 }
+# environment of a side's process: torch's CPU allocator puts blocks of 2 MiB or more on transparent huge pages
+SIDE_ENV = {"tuned64_thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
 
 
 def _cli() -> list[str]:
@@ -56,7 +60,8 @@ def run_side(name: str, sets: list[str], run_dir: Path, recipe: str, stage: str)
     step times, the process's wall and CPU seconds (user, system: page faults are system time)."""
     args = [x for kv in sets for x in ("--set", kv)]
     env = {k: v for k, v in os.environ.items() if k not in ("SPA_LITE_MALLOC", "SPA_LITE_GLIBC_MALLOC",
-                                                            "MALLOC_MMAP_THRESHOLD_")}
+                                                            "MALLOC_MMAP_THRESHOLD_", "THP_MEM_ALLOC_ENABLE")}
+    env.update(SIDE_ENV.get(name, {}))
     cmd = ["seed-dpo"] if stage == "seed" else ["train", "--iter", "1", "--force"]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
