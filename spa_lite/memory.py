@@ -188,4 +188,4 @@ class StagePeak:
 
     def read(self) -> dict:
         return {"peak_rss_gb": peak_rss_gb(), "start_rss_gb": self.start_rss, "end_rss_gb": rss_gb(),
-                "peak_is_stage": self.reset}
+                "peak_is_stage": self.reset, "malloc": _policy["mode"]}  # the heap policy the peak was made under

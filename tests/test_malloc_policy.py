@@ -63,3 +63,8 @@ def test_doctor_reports_the_policy(monkeypatch):
     monkeypatch.setenv("SPA_LITE_MALLOC", "glibc")
     row = next(r for r in checks() if r[0] == "malloc")
     assert row[1] == "ok" and row[2].startswith("glibc (SPA_LITE_MALLOC=glibc)")
+
+
+def test_stage_peak_names_the_policy_it_was_measured_under():
+    memory.apply_malloc("glibc", 64, "cpu")
+    assert memory.StagePeak().read()["malloc"] == "glibc"
