@@ -17,6 +17,7 @@ trying a new release before this table is updated).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import inspect
 import logging
@@ -40,6 +41,7 @@ PATCHES = {"kv_cache_in_place": "transformers", "cache_argument": "transformers"
 _warned: set[str] = set()
 
 
+@functools.lru_cache(maxsize=None)  # a metadata lookup scans site-packages; versions do not change in a process
 def installed(package: str) -> tuple[int, int] | None:
     """(major, minor) of an installed package, None where it is not installed or its version is unreadable."""
     try:
