@@ -57,7 +57,7 @@ def main(argv=None):
     for st in STAGES:
         m = json.loads((root / st / "manifest.json").read_text())
         raw[st.replace("/", "_")] = [{"peak_rss_gb": m["memory"]["peak_rss_gb"], "wall_s": m.get("timings", {}).get("wall_s"),
-                                     "peak_is_stage": m["memory"].get("peak_is_stage"),
+                                     "peak_is_stage": m["memory"].get("peak_is_stage"), "malloc": m["memory"].get("malloc"),
                                      "summary_sample_dtype": m.get("summary", {}).get("sample_dtype")}]
     sides = {k: common.side("stage peak RSS (manifest)", "GB", False, v, "peak_rss_gb") for k, v in raw.items()}
     sides["run_wall"] = common.side("wall seconds of `spa-lite run`", "s", False,

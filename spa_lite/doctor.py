@@ -36,10 +36,11 @@ def _bnb_cpu_kernel_row() -> tuple[str, str, str]:
     the `kernels` package on import; offline or without the package it falls back to its built-in path and logs
     a line on every command, which spa-lite hides (spa_lite/__init__.py). This row says which path 4-bit on
     CPU takes here: whether the kernel actually loaded, not whether `kernels` is installed."""
-    try:
-        from bitsandbytes.functional import has_avx512bf16 as probe  # older releases: no CPU kernel probe
-    except Exception:
-        return ("bnb CPU 4-bit kernel", "ok", "no hub kernel probe in this bitsandbytes")
+    from spa_lite.compat import bnb_cpu_kernel_probe
+
+    probe = bnb_cpu_kernel_probe()  # None: no probe in this bitsandbytes, or a release outside the tested range
+    if probe is None:
+        return ("bnb CPU 4-bit kernel", "ok", "no hub kernel probe known for this bitsandbytes")
     if not probe():
         return ("bnb CPU 4-bit kernel", "ok", "CPU without AVX512-BF16: bitsandbytes' built-in 4-bit path")
     builtin = "4-bit on CPU uses bitsandbytes' built-in path (correct, slower)"
@@ -56,6 +57,32 @@ def _bnb_cpu_kernel_row() -> tuple[str, str, str]:
     why = ("offline (HF_HUB_OFFLINE) and not in the hub cache" if offline
            else "it could not be fetched or trusted from the hub")
     return ("bnb CPU 4-bit kernel", "warn", f"kernels-community/quantization-bitsandbytes not loaded: {why}; {builtin}")
+
+
+def _malloc_row() -> tuple[str, str, str]:
+    """The glibc heap policy a recipe with the default ``memory.malloc`` gets here (SPA_LITE_MALLOC included)."""
+    from spa_lite.config import MemoryConfig
+    from spa_lite.memory import resolve_malloc
+
+    m = MemoryConfig()
+    try:
+        mode, why = resolve_malloc(m.malloc, "cuda" if torch.cuda.is_available() else "cpu")
+    except ValueError as e:
+        return ("malloc", "warn", str(e))
+    detail = f"mmap threshold {m.mmap_threshold_kib} KiB, heap trimmed every optimizer step" if mode == "tuned" \
+        else "glibc's own heap, trimmed between stages"
+    return ("malloc", "ok", f"{mode} ({why}): {detail}; recipe key memory.malloc")
+
+
+def _compat_row() -> tuple[str, str, str]:
+    """Which library-internals patches (spa_lite.compat) apply with the installed releases."""
+    from spa_lite.compat import report
+
+    rows = report()
+    off = [f"{p} ({v})" for p, v, ok in rows if not ok]
+    if not off:
+        return ("internals patches", "ok", f"all {len(rows)} apply (tested releases installed)")
+    return ("internals patches", "warn", "outside their tested releases, public-API fallbacks used: " + ", ".join(off))
 
 
 def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
@@ -104,5 +131,7 @@ def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:
     probe = target if target.exists() else Path.cwd()
     free = shutil.disk_usage(probe).free / 2**30
     rows.append(("disk", "ok" if free > 5 else "warn", f"{free:.1f} GiB free at {probe.resolve()}"))
+    rows.append(_malloc_row())
+    rows.append(_compat_row())
     rows.append(("threads", "ok", f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"))
     return rows

@@ -12,8 +12,9 @@ Two engines give the same interface (``sample_responses``):
   the prompts or the other rows of its batch.
 * ``hf`` (spa_lite/generation_hf.py): ``transformers.GenerationMixin.generate`` on the (unmerged) stack,
   batches in file order, one seed per batch; the engine spa-lite used before, kept as the reference of
-  bench/bench_generation.py and for models whose generation_config asks for logits processors the fast loop
-  does not apply.
+  bench/bench_generation.py, for models whose generation_config asks for logits processors the fast loop
+  does not apply, and wherever the fast loop's KV-cache patches fall outside the transformers releases they
+  were tested with (``spa_lite.compat``).
 
 The two engines draw different (equally distributed) samples for the same seed; greedy decoding (temperature
 0) gives the same tokens up to float rounding (merged vs unmerged weights, other batch shapes), which can
@@ -23,13 +24,12 @@ flip an argmax between two near-equal logits.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
+from spa_lite import compat
 from spa_lite.generation_hf import generate_hf
 from spa_lite.sampling_copy import (SAMPLE_DTYPES, dtype_name, fast_bf16_cpu, merged_copy,  # noqa: F401 (re-exported)
                                     release_sampling_copy, resolve_sample_dtype, sampling_dtype, sampling_model)
@@ -141,7 +141,8 @@ def sample_responses(
     if max_new_tokens < 1 or batch_size < 1 or num_samples < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}), batch_size ({batch_size}) and num_samples "
                          f"({num_samples}) must be >= 1")
-    if engine == "hf" or unsupported_settings(model):
+    # outside the transformers releases its cache patches were tested with, the fast engine is not used
+    if engine == "hf" or unsupported_settings(model) or not compat.fast_decoding_supported():
         return _sample_hf(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, on_batch=on_batch,
                           record_logps=record_logps)
@@ -231,62 +232,12 @@ KV_ROOM = 16  # tokens of spare room a row's KV buffer gets whenever it is (re)a
 
 
 def _kv_buffers(cache) -> None:
-    """Let every layer of the transformers DynamicCache ``cache`` append a decoding step in place.
-
-    A DynamicLayer appends by ``torch.cat`` (a copy of the whole cache per layer and step: 12% of a step's time
-    on CPU, bench/RESULTS.md, generation). Here its keys and values become the leading part of buffers with
-    ``KV_ROOM`` spare positions; ``_GrowingLayer.update`` writes the new step into the room and only reallocates
-    when it runs out or when the views were replaced (rows left the batch, columns were trimmed). The tensors the
-    attention reads are the same values either way.
-    """
-    for layer in cache.layers:
-        if type(layer) is DynamicLayer:
-            layer.__class__ = _GrowingLayer
+    """Let every layer of the transformers DynamicCache ``cache`` append a decoding step in place, with
+    ``KV_ROOM`` spare positions per (re)allocation (``spa_lite.compat.grow_kv_in_place``, a class swap)."""
+    compat.grow_kv_in_place(cache, KV_ROOM)
 
 
-class _GrowingLayer(DynamicLayer):
-    """A DynamicLayer whose keys/values are views into buffers with room to append (``_kv_buffers``)."""
-
-    kbuf: torch.Tensor | None = None
-    vbuf: torch.Tensor | None = None
-
-    def _in_buffer(self, extra: int) -> bool:
-        """The keys/values are still the leading part of the buffers, with room for ``extra`` more positions."""
-        k, v, kb, vb = self.keys, self.values, self.kbuf, self.vbuf
-        return (kb is not None and k.data_ptr() == kb.data_ptr() and v.data_ptr() == vb.data_ptr()
-                and k.shape[:2] == kb.shape[:2] and k.stride() == kb.stride() and v.stride() == vb.stride()
-                and k.shape[2] + extra <= kb.shape[2])
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
-            return super().update(key_states, value_states, *args, **kwargs)
-        n, q = self.keys.shape[2], key_states.shape[2]
-        if not self._in_buffer(q):
-            shape = (*self.keys.shape[:2], n + q + KV_ROOM, self.keys.shape[3])
-            self.kbuf, self.vbuf = self.keys.new_empty(shape), self.values.new_empty(shape)
-            self.kbuf[:, :, :n] = self.keys
-            self.vbuf[:, :, :n] = self.values
-        self.kbuf[:, :, n : n + q] = key_states
-        self.vbuf[:, :, n : n + q] = value_states
-        self.keys, self.values = self.kbuf[:, :, : n + q], self.vbuf[:, :, : n + q]
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep rows ``indices``: one copy of the buffers (room included), so the next step still appends in place."""
-        if not self._in_buffer(0):
-            return super().batch_select_indices(indices)
-        n = self.keys.shape[2]
-        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
-        self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
-
-    def drop_columns(self, first: int) -> None:
-        """Drop the first ``first`` positions (padding in every row): views of the same buffers, no copy."""
-        if not self._in_buffer(0):
-            self.keys, self.values = self.keys[:, :, first:], self.values[:, :, first:]
-            return
-        n = self.keys.shape[2]
-        self.kbuf, self.vbuf = self.kbuf[:, :, first:], self.vbuf[:, :, first:]
-        self.keys, self.values = self.kbuf[:, :, : n - first], self.vbuf[:, :, : n - first]
+_GrowingLayer = compat.GrowingLayer  # the swapped-in layer class (tests look for it here)
 
 
 def _out_cache(out):
@@ -317,8 +268,7 @@ def _decode(model, encoded: list[list[int]], order: list[int], *, capacity: int,
     sampling = temperature > 0
     top_p_warper = TopPLogitsWarper(top_p) if sampling and top_p < 1.0 else None
     stop_t = torch.tensor(stops, device=device)
-    # transformers >= 5.2x names the KV cache argument `cache` (past_key_values still works, with a warning)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = compat.cache_argument(model)
     rows = _Rows()
     uniform: dict[tuple[int, int], torch.Tensor] = {}
     out_tokens: dict[tuple[int, int], list[int]] = {}

@@ -16,6 +16,14 @@ from spa_lite.pairwise import LLM_JUDGE_PROMPT
 from spa_lite.stack import PolicyStack
 
 
+def stable_sigmoid(z: float) -> float:
+    """1 / (1 + exp(-z)) without OverflowError: math.exp overflows above 709, so exponentiate -|z| only."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)  # z < 0: exp(z) in (0, 1), underflows to 0.0 at worst
+    return e / (1.0 + e)
+
+
 @torch.no_grad()
 def response_logps(stack: PolicyStack, names: Sequence[str], prompts: Sequence[list[int]],
                    responses: Sequence[list[int]], batch_size: int = 8) -> torch.Tensor:
@@ -139,7 +147,7 @@ def _judge_in_order(stack, judge, ref, prompts, y1, y2, beta, length_penalty, ba
             l1, l2 = len(a[i]), len(b[i])
             z = (implicit_reward(r1, l1, beta, length_penalty, per_token)
                  - implicit_reward(r2, l2, beta, length_penalty, per_token))
-            rows.append({"p": 1.0 / (1.0 + math.exp(-z)), "logratio_1": r1, "logratio_2": r2, "len_1": l1, "len_2": l2})
+            rows.append({"p": stable_sigmoid(z), "logratio_1": r1, "logratio_2": r2, "len_1": l1, "len_2": l2})
         if on_batch:
             on_batch(n)
     return rows

@@ -15,7 +15,7 @@ from spa_lite.config import Recipe
 from spa_lite.distributed import get_dist, local_device
 from spa_lite.errors import SpaError
 from spa_lite.fsdp import fsdp_requested, shard_stack
-from spa_lite.memory import fix_mmap_threshold
+from spa_lite.memory import apply_malloc
 from spa_lite.models import ALIASES, load_base_model
 from spa_lite.runs import adapter_dir, verify_inputs
 from spa_lite.stack import LoraSettings, PolicyStack, adapter_name, build_stack
@@ -23,10 +23,18 @@ from spa_lite.stack import LoraSettings, PolicyStack, adapter_name, build_stack
 __all__ = ["load_stack", "setup_torch"]
 
 
+def _device_type(recipe: Recipe) -> str:
+    device = local_device() or recipe.model.device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
 def setup_torch(recipe: Recipe) -> None:
+    """Threads and the recipe's ``memory.malloc`` heap policy (never on CUDA), before any model is built."""
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    fix_mmap_threshold()  # large CPU tensors outside glibc's arenas: a stage's peak follows what it holds
+    apply_malloc(recipe.memory.malloc, recipe.memory.mmap_threshold_kib, _device_type(recipe))
 
 
 def _check_model_path(name: str) -> None:

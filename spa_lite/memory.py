@@ -4,8 +4,12 @@ Linux keeps a process's peak resident set (VmHWM in /proc/self/status) and lets 
 (writing 5 to /proc/self/clear_refs), so each stage can report its own peak even when several stages run in
 one process (``spa-lite run``). glibc keeps freed heap memory in its arenas instead of unmapping it; after a
 stage's model is dropped, ``release_memory`` collects cyclic garbage (peft models hold reference cycles, so
-they are not freed when the last name goes) and asks glibc to return free pages (``malloc_trim``). Before a
-model is loaded, ``fix_mmap_threshold`` keeps large tensors out of the heap arenas altogether.
+they are not freed when the last name goes) and asks glibc to return free pages (``malloc_trim``).
+
+How glibc's heap is tuned is the recipe's explicit choice, ``memory.malloc`` (or ``SPA_LITE_MALLOC``), applied
+by ``apply_malloc`` when a stage or task sets up torch: ``tuned`` fixes the mmap threshold
+(``fix_mmap_threshold``) and trims the heap after every optimizer step; ``glibc`` leaves glibc's heap as it is. CUDA runs
+are never tuned: their tensors are not on this heap.
 """
 
 from __future__ import annotations
@@ -100,6 +104,54 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     return ok
 
 
+MALLOC_MODES = ("auto", "tuned", "glibc")
+_policy: dict = {"mode": "glibc", "why": "not applied yet (no stage or task has set up torch)"}
+
+
+def resolve_malloc(setting: str, device_type: str) -> tuple[str, str]:
+    """(mode, why): the heap policy a process on ``device_type`` gets for ``memory.malloc: setting``.
+
+    ``SPA_LITE_MALLOC`` (auto|tuned|glibc) overrides the recipe, ``SPA_LITE_GLIBC_MALLOC=1`` means glibc, and a
+    ``MALLOC_MMAP_THRESHOLD_`` the user exported is left to glibc (glibc).
+    """
+    env = os.environ.get("SPA_LITE_MALLOC")
+    if env is not None and env not in MALLOC_MODES:
+        raise ValueError(f"SPA_LITE_MALLOC='{env}' is not one of {', '.join(MALLOC_MODES)}")
+    if os.environ.get("SPA_LITE_GLIBC_MALLOC") == "1":
+        return "glibc", "SPA_LITE_GLIBC_MALLOC=1"
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return "glibc", "MALLOC_MMAP_THRESHOLD_ set by the user: glibc applies it"
+    mode, source = (env, "SPA_LITE_MALLOC") if env else (setting, "memory.malloc")
+    if device_type == "cuda":
+        return "glibc", f"{source}={mode}, on CUDA: the model's tensors are not on glibc's heap"
+    if mode == "auto":
+        return "tuned", f"{source}=auto on CPU"
+    return mode, f"{source}={mode}"
+
+
+def apply_malloc(setting: str, threshold_kib: int, device_type: str) -> dict:
+    """Apply ``memory.malloc`` for this process (see ``resolve_malloc``); returns what applies, for doctor.
+
+    glibc cannot go back to its dynamic threshold once one is fixed, so a later ``glibc`` in the same process
+    only stops the per-step trim.
+    """
+    mode, why = resolve_malloc(setting, device_type)
+    if mode == "tuned" and not fix_mmap_threshold(threshold_kib << 10):
+        mode, why = "glibc", why + "; not glibc on Linux"
+    _policy.update(mode=mode, why=why, mmap_threshold_kib=threshold_kib if mode == "tuned" else None)
+    return dict(_policy)
+
+
+def malloc_policy() -> dict:
+    """The heap policy this process applied last: mode (tuned|glibc), why, mmap_threshold_kib."""
+    return dict(_policy)
+
+
+def trim_after_step() -> bool:
+    """Trim the heap after an optimizer step where the tuned policy applies (else a no-op, returns False)."""
+    return _policy["mode"] == "tuned" and trim_heap()
+
+
 def trim_heap() -> bool:
     """Hand the heap arenas' free pages back to the OS (``malloc_trim``); training calls it after each step."""
     libc = _libc()
@@ -136,4 +188,4 @@ class StagePeak:
 
     def read(self) -> dict:
         return {"peak_rss_gb": peak_rss_gb(), "start_rss_gb": self.start_rss, "end_rss_gb": rss_gb(),
-                "peak_is_stage": self.reset}
+                "peak_is_stage": self.reset, "malloc": _policy["mode"]}  # the heap policy the peak was made under

@@ -7,10 +7,11 @@ Split from ``spa_lite.generation`` (which re-exports these names): the decoding 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
+
+from spa_lite import compat
 
 
 def _is_plain_lora_linear(mod) -> bool:
@@ -25,15 +26,10 @@ def _is_plain_lora_linear(mod) -> bool:
 def _can_merge(model) -> bool:
     from peft.tuners.lora import LoraLayer
 
+    if not compat.module_tree_supported():  # the copy is built on nn.Module internals (spa_lite.compat)
+        return False
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     return bool(layers) and all(_is_plain_lora_linear(m) for m in layers)
-
-
-def _clone_tree(mod: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the module tree: new module objects, the very same parameter and buffer tensors."""
-    new = copy.copy(mod)  # a new instance whose __dict__ is a shallow copy: _parameters, _buffers shared
-    new._modules = {k: None if v is None else _clone_tree(v) for k, v in mod._modules.items()}
-    return new
 
 
 def _active_lora_state(model) -> tuple:
@@ -47,7 +43,7 @@ def _active_lora_state(model) -> tuple:
             key.append(active)
             for a in active:
                 for w in (mod.lora_A[a].weight, mod.lora_B[a].weight):
-                    key.append((w.data_ptr(), w._version))
+                    key.append((w.data_ptr(), compat.tensor_version(w)))
             key.append(tuple(mod.scaling.get(a) for a in active))
     return tuple(key)
 
@@ -55,21 +51,21 @@ def _active_lora_state(model) -> tuple:
 def _cast_params(work: torch.nn.Module, dtype: torch.dtype) -> None:
     """Give every module of the cloned tree ``work`` its own floating-point parameters in ``dtype``.
 
-    The tree's modules share their ``_parameters`` dicts with the original (``_clone_tree``), so each dict is
+    The tree's modules share their ``_parameters`` dicts with the original (``compat.clone_module_tree``), so each dict is
     replaced, never mutated; a parameter used twice (tied embeddings and LM head) is converted once and stays
     tied. Buffers (rotary frequencies) keep their dtype: the model computes positions from them in float32.
     """
     seen: dict[int, torch.nn.Parameter] = {}
     for mod in work.modules():
         new = {}
-        for k, p in mod._parameters.items():
+        for k, p in compat.own_parameters(mod).items():
             if p is None or not p.is_floating_point() or p.dtype == dtype:
                 new[k] = p
                 continue
             if id(p) not in seen:
                 seen[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
             new[k] = seen[id(p)]
-        mod._parameters = new
+        compat.replace_parameters(mod, new)
 
 
 @torch.no_grad()
@@ -88,7 +84,7 @@ def merged_copy(model, dtype: torch.dtype | None = None):
     from peft.tuners.lora import LoraLayer
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    work = _clone_tree(inner)
+    work = compat.clone_module_tree(inner)
     for name, mod in list(work.named_modules()):
         if not isinstance(mod, LoraLayer):
             continue
@@ -142,11 +138,7 @@ SAMPLE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 
 def fast_bf16_cpu() -> bool:
     """True where this CPU multiplies bfloat16 matrices in hardware (AMX tiles and AVX512-BF16, oneDNN)."""
-    cpu = getattr(torch, "cpu", None)
-    try:
-        return bool(cpu._is_amx_tile_supported() and cpu._is_avx512_bf16_supported())
-    except AttributeError:  # older torch without the probes
-        return False
+    return compat.cpu_has_amx_bf16()
 
 
 def resolve_sample_dtype(setting: str, device_type: str, model_dtype: torch.dtype) -> torch.dtype | None:

@@ -14,7 +14,7 @@ from spa_lite.distributed import get_dist
 from spa_lite.errors import DivergedError
 from spa_lite.loading import load_stack  # noqa: F401 - importable from here as before
 from spa_lite.logps import TokenizedPair, tokenize_pair, truncate_pair
-from spa_lite.memory import trim_heap
+from spa_lite.memory import trim_after_step
 from spa_lite.stack import PolicyStack
 from spa_lite.tracking import log_step
 from spa_lite.training import run_dpo_loop, total_steps
@@ -87,7 +87,7 @@ def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair],
         task = p.add_task(title, total=total_steps(len(pairs), spec), info="")
 
         def on_step(step: int, total: int, row: dict) -> None:
-            trim_heap()  # the step's freed activations back to the OS, so the next step starts from what is held
+            trim_after_step()  # memory.malloc tuned: the step's freed activations back to the OS before the next
             p.update(task, completed=step, info=progress_info(row, spec.refine))
             if dist.main:
                 log_step(recipe, stage_key, row)  # report_to trackers, live

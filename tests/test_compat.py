@@ -1,0 +1,80 @@
+"""spa_lite.compat: each library-internals patch applies only inside the releases it was tested with; outside
+them spa-lite takes the public-API fallback (the hf engine for decoding, the peft model instead of a merged copy,
+no bf16 probe), and its results stay those of the fallback path."""
+
+from __future__ import annotations
+
+import pytest
+
+from spa_lite import compat, generation, generation_hf
+from spa_lite.generation import merged_copy, sample_responses
+from spa_lite.models import load_base_model
+from spa_lite.sampling_copy import fast_bf16_cpu, sampling_model
+from spa_lite.stack import build_stack
+
+from test_math import adapters  # noqa: F401  (module fixture)
+
+PROMPTS = [[{"role": "user", "content": q}] for q in ("Hi?", "Name a fast animal.", "Why is the sky blue at noon?")]
+
+
+@pytest.fixture
+def stack(tiny_model_dir, adapters):  # noqa: F811
+    base, tok = load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu")
+    return build_stack(base, tok, [("seed", adapters["seed"])])
+
+
+def _untested(monkeypatch, package: str) -> None:
+    """Pretend the installed ``package`` is a release after the tested range."""
+    real = compat.installed
+    hi = compat.TESTED[package][1]
+    monkeypatch.setattr(compat, "installed", lambda p: (hi[0], hi[1] + 1) if p == package else real(p))
+    monkeypatch.delenv("SPA_LITE_TRUST_INTERNALS", raising=False)
+
+
+def test_installed_releases_are_inside_the_tested_ranges():
+    # the table describes this environment: a stale table would silently switch every patch off
+    for patch, pkg in compat.PATCHES.items():
+        if compat.installed(pkg) is not None:
+            assert compat.supported(patch), (patch, pkg, compat.installed(pkg), compat.TESTED[pkg])
+
+
+def test_version_check(monkeypatch):
+    _untested(monkeypatch, "transformers")
+    assert not compat.supported("kv_cache_in_place") and not compat.fast_decoding_supported()
+    assert compat.supported("module_tree")  # a torch patch does not depend on transformers' release
+    monkeypatch.setenv("SPA_LITE_TRUST_INTERNALS", "1")
+    assert compat.fast_decoding_supported()
+    monkeypatch.setattr(compat, "installed", lambda p: None)  # not installed / unreadable version
+    monkeypatch.delenv("SPA_LITE_TRUST_INTERNALS")
+    assert not compat.supported("bnb_cpu_probe")
+    assert all(not ok for _, _, ok in compat.report())
+
+
+def test_decoding_falls_back_to_generate_outside_the_tested_transformers(stack, monkeypatch):
+    kw = dict(num_samples=2, max_new_tokens=6, temperature=0.9, seed=5, batch_size=2, record_logps=True)
+    with stack.use(["seed"]) as m:
+        hf = sample_responses(m, stack.tokenizer, PROMPTS, engine="hf", **kw)
+        fast = sample_responses(m, stack.tokenizer, PROMPTS, engine="fast", **kw)
+        _untested(monkeypatch, "transformers")
+        calls = []
+        real = generation_hf.generate_hf
+        monkeypatch.setattr(generation, "generate_hf", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(generation, "_decode", lambda *a, **k: pytest.fail("the fast loop ran"))
+        fallback = sample_responses(m, stack.tokenizer, PROMPTS, engine="fast", **kw)
+    assert calls  # transformers' generate drew them
+    ids = lambda res: [[s.token_ids for s in ss] for ss in res]  # noqa: E731
+    # the hf engine's draws (batch-seeded), not the fast engine's (row-seeded): the fallback is the hf path itself
+    assert ids(fallback) == ids(hf) and ids(fast) != ids(hf)
+    assert [[s.logp for s in ss] for ss in fallback] == [[s.logp for s in ss] for ss in hf]
+
+
+def test_no_merged_copy_and_no_bf16_probe_outside_the_tested_torch(stack, monkeypatch):
+    with stack.use(["seed"]) as m:
+        assert merged_copy(m) is not None
+        _untested(monkeypatch, "torch")
+        assert merged_copy(m) is None
+        with sampling_model(m) as work:
+            assert work is m  # decoding runs on the peft model itself
+        out = sample_responses(m, stack.tokenizer, PROMPTS, num_samples=2, max_new_tokens=4, seed=1)
+    assert len(out) == len(PROMPTS) and all(len(ss) == 2 for ss in out)
+    assert fast_bf16_cpu() is False
