@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spa_lite import compat
+import spa_lite.compat as compat
 from spa_lite.generation_hf import generate_hf
 from spa_lite.sampling_copy import (SAMPLE_DTYPES, dtype_name, fast_bf16_cpu, merged_copy,  # noqa: F401 (re-exported)
                                     release_sampling_copy, resolve_sample_dtype, sampling_dtype, sampling_model)

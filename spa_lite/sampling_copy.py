@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from spa_lite import compat
+import spa_lite.compat as compat
 
 
 def _is_plain_lora_linear(mod) -> bool:
