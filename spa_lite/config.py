@@ -182,6 +182,9 @@ class Recipe:
     expand: ExpandConfig = setting(factory=ExpandConfig, help="sampling and judging (Eq. 7) per iteration")
     train: TrainConfig = setting(factory=TrainConfig, help="iteration training: seed_dpo's keys plus refinement "
                                  "and DND")
+    # how the user named this recipe on the command line (recipe, --name, --run-dir, --set), for the rerun commands
+    # that error messages suggest; set by the CLI (``tasks.RecipeArgs.load``), not a setting (no field, no hash)
+    rerun_args: typing.ClassVar[str] = "RECIPE"
 
     @property
     def run_path(self) -> Path:
@@ -293,6 +296,9 @@ def _bounds_problems(obj: Any, section: str) -> list[str]:
         for x in v if isinstance(v, list) else [v]:
             if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
                 continue  # None means "not set" (threads, seed_limit); types were checked when filling
+            if isinstance(x, float) and not math.isfinite(x):  # .inf and .nan pass no comparison: say why
+                problems.append(f"{where}: {x!r} must be a finite number ({bounds})")
+                break
             if not bounds.allows(x):
                 problems.append(f"{where}: {x!r} must be {bounds}" + (f" ({bounds.why})" if bounds.why else ""))
                 break
@@ -353,7 +359,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
     # every problem is reported at once: unknown keys and bad values of the file, of the overrides, and the
     # checks of the merged recipe
     override_problems: list[str] = []
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for keys, value in items:
         if isinstance(keys, str):
             keys = keys.split(".")
@@ -361,9 +367,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
         for k in reversed(keys):
             nested = {k: nested}
         _fill(recipe, nested, "", override_problems)
-    problems += validate(recipe)
+    # a bad value is blamed where it was given: the file, or the overrides (--set, --name, --run-dir, flags)
+    given = {k if isinstance(k, str) else ".".join(k) for k, _ in items}
+    for p in validate(recipe):
+        key = p.split(":", 1)[0].split("[", 1)[0]
+        by_override = any(key == g or key.startswith(g + ".") for g in given)
+        (override_problems if by_override else problems).append(p)
     parts = ([f"{source}: " + "; ".join(problems)] if problems else []) + (
-        ["overrides: " + "; ".join(override_problems)] if override_problems else [])
+        ["overrides (--set, --name, --run-dir, flags): " + "; ".join(override_problems)] if override_problems else [])
     if parts:
         raise SpaError(" | ".join(parts))
     return recipe

@@ -163,13 +163,20 @@ def stage_identity(recipe: Recipe, stage: Stage) -> dict:
     return out
 
 
-def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, recipe_arg: str = "RECIPE") -> None:
+def rerun_args(recipe: Recipe, recipe_arg: str | None) -> str:
+    """The recipe options of a suggested command: ``recipe_arg`` when a caller knows them, else the ones the CLI
+    recorded on the recipe (``Recipe.rerun_args``: recipe, --name, --run-dir, --set)."""
+    return recipe_arg if recipe_arg not in (None, "RECIPE") else recipe.rerun_args
+
+
+def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, recipe_arg: str | None = None) -> None:
     """Check the base weights and the adapters pi_0..pi_{frozen_upto} (and D_{data_of}) are the ones their
     stages recorded.
 
     Raises:
         InputChangedError: naming the file, what is wrong with it, and the stage to rerun.
     """
+    recipe_arg = rerun_args(recipe, recipe_arg)
     base_now = None
     for k in range(frozen_upto + 1):
         st = policy_stage(k)
@@ -212,7 +219,7 @@ def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, 
             raise InputChangedError(f"{path} differs from the D_{data_of} that {st.key} wrote; {redo}")
 
 
-def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str = "RECIPE") -> None:
+def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str | None = None) -> None:
     """Refuse to run ``stage`` before the stage it reads, on one made from another config, or on inputs
     (base weights, adapters, D_i) that changed since they were made.
 
@@ -223,6 +230,7 @@ def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str = "RECIPE") -
     up = stage.upstream()
     if up is None:
         return
+    recipe_arg = rerun_args(recipe, recipe_arg)
     m = read_manifest(recipe, up)
     where = stage_dir(recipe, up)
     if m is None or m.get("status") != "complete":
