@@ -335,6 +335,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _read_yaml(path: Path) -> Any:
+    """A recipe file's YAML (safe_load; a UTF-8 byte-order mark allowed); every way it can be unreadable is a
+    SpaError naming the file (and the line, where YAML knows it)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpaError(f"{path}: not UTF-8 text (byte offset {e.start}); save the recipe as UTF-8") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SpaError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise SpaError(f"{path}: YAML nested too deeply to read") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise SpaError(f"{path}: invalid YAML ({e})") from None
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Recipe:
     """Load a recipe from YAML and apply ``section.key=value`` overrides.
 
@@ -347,12 +366,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = resolve_recipe_path(path)
         source = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise SpaError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data = _read_yaml(path)
         if not isinstance(data, dict):
             raise SpaError(f"{path}: a recipe must be a mapping of sections")
         _fill(recipe, data, "", problems)
