@@ -16,6 +16,7 @@ Schemas recognised (``format: auto`` picks by the first record's fields):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -78,7 +79,15 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
             ds = datasets.load_dataset(src, split=split)
         except Exception as e:  # hub errors come in many types; the message is what the user needs
             raise SpaError(f"cannot load dataset '{src}' (split {split}): {e}") from None
-    for i, rec in enumerate(ds, start=1):
+    rows = iter(ds)
+    for i in itertools.count(1):
+        try:
+            rec = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a damaged Parquet page surfaces as any of arrow's errors, or bad UTF-8
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(src, i, None, f"cannot read this record ({type(e).__name__}: {detail})") from None
         yield str(src), i, dict(rec)
 
 

@@ -85,6 +85,8 @@ FAULTS = [
           "tests/test_safety.py::test_byte_order_mark_is_accepted"),
     Fault("non-UTF-8 bytes, malformed JSON, wrong types", "one `error:` line naming file, line and field",
           "tests/test_faults.py::test_non_utf8_bytes_name_file_and_line"),
+    Fault("Parquet page with bytes that are not UTF-8", "one `error:` line naming the file and record",
+          "tests/test_safety.py::test_parquet_with_bad_utf8_is_named"),
     Fault("truncated or damaged gzip", "one `error:` line naming the file",
           "tests/test_faults.py::test_truncated_gzip_is_named_not_aborted"),
     Fault("random truncation, byte flips, wrong types, deep nesting, huge fields, odd encodings in JSONL, JSON, "
@@ -458,3 +460,22 @@ def test_report_pngs_have_the_mode_of_report_md(env, tmp_path):
     pngs = sorted(out.glob("*.png"))
     assert pngs
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in pngs} == {p.name: md_mode for p in pngs}
+
+
+def test_parquet_with_bad_utf8_is_named(tmp_path):
+    """Found by the fuzzer: a Parquet page whose string bytes are not UTF-8 raised UnicodeDecodeError from inside
+    datasets' iteration; now a DataError naming the file and the record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spa_lite.data import load_pairs
+    from spa_lite.errors import DataError
+
+    rows = [{"prompt": f"question {i}", "chosen": f"answer {i}", "rejected": f"nope {i}"} for i in range(4)]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, compression="none", use_dictionary=False, write_statistics=False)
+    data = path.read_bytes()
+    assert data.count(b"answer 2") == 1
+    path.write_bytes(data.replace(b"answer 2", b"\xc8nswer 2"))
+    with pytest.raises(DataError, match=r"pairs\.parquet:3: cannot read this record \(UnicodeDecodeError"):
+        load_pairs(str(path))

@@ -95,6 +95,8 @@ def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("SPA_LITE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # datasets logs a damaged Parquet file as ERROR lines before it raises; spa-lite reports that error once
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft reads transformers' deprecated `is_gradient_checkpointing` alias: nothing a spa-lite user can act on
     # (the tests still show it). Every other warning stays visible.
