@@ -60,7 +60,10 @@ def load_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, window: Confi
     """
     ck = _checkpoint_paths(out_dir)
     if not (ck / "state.json").exists():
-        return 0
+        # killed between atomic_dir's two renames: the previous checkpoint waits under its .old name
+        ck = ck.with_name(f".{ck.name}.old")
+        if not (ck / "state.json").exists():
+            return 0
     st = torch.load(ck / "optim.pt", map_location="cpu", weights_only=True)
     if bool(st.get("sharded", False)) != stack.sharded:
         raise SpaError(f"{ck}: the checkpoint was written {'with' if st.get('sharded') else 'without'} FSDP; "

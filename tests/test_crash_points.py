@@ -270,3 +270,16 @@ def test_kill_9_at_sampled_write_points(reference, tmp_path, point):
     bench run: seed-dpo's checkpoint and train's adapter too)."""
     k = next(i for i, (kind, p) in enumerate(reference["writes"], 1) if KILL_POINTS[point](kind, p))
     kill_9_at(reference, k, tmp_path)
+
+
+def test_crash_between_checkpoint_renames_resumes_from_the_old_one(reference):
+    """atomic_dir replaces a checkpoint in two renames (checkpoint -> .checkpoint.old, new -> checkpoint); killed
+    between them, the run resumes from the previous checkpoint under its .old name instead of from step 0."""
+    writes = reference["writes"]
+    points = [i + 1 for i, (kind, p) in enumerate(writes) if kind == "rename" and p.endswith(".checkpoint.old")]
+    assert len(points) == 2  # seed-dpo's and train's second checkpoint
+    for k in points:
+        crash_and_resume(reference, k + 1)  # crash before the second rename
+        stage = "seed" if "/seed/" in writes[k][1] else "iter1/train"
+        m = json.loads((reference["root"] / "runs" / f"crash{k + 1}" / stage / "manifest.json").read_text())
+        assert m["summary"]["resumed_from"] == 1, m["summary"]

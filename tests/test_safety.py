@@ -43,6 +43,9 @@ FAULTS = [
     Fault("crash at any durable write of seed-dpo, expand, train (each checkpoint, shard, adapter, manifest, "
           "metrics line, rename)", "rerun resumes; D_1, adapters and metrics byte-identical to an uninterrupted run; "
           "no stage marked complete with missing files", "tests/test_crash_points.py::test_crash_at_every_write_point"),
+    Fault("crash between the two renames that replace a checkpoint", "resumes from the previous checkpoint "
+          "(kept as .checkpoint.old), not from step 0", "tests/test_crash_points.py::"
+          "test_crash_between_checkpoint_renames_resumes_from_the_old_one"),
     Fault("`kill -9` of the CLI process mid-stage", "rerun resumes to byte-identical results",
           "tests/test_crash_points.py::test_kill_9_at_sampled_write_points"),
     Fault("expand killed after a shard", "resumes at the first missing shard; same D_i",
