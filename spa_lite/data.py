@@ -42,8 +42,35 @@ def resolve_data_path(spec: str) -> Path | str:
     return p if p.exists() or "/" not in spec or spec.startswith((".", "/")) else spec
 
 
+MAX_DEPTH = 32  # nesting levels a record may have (messages are 3): deeper is refused, not recursed into
+
+
+def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``obj`` nests lists and dicts more than ``limit`` levels (walked without recursion)."""
+    stack = [(obj, 0)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (list, dict)):
+            if d >= limit:
+                return True
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return False
+
+
 def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, dict]]:
-    """Yield (source, line, record) from JSONL, JSON, Parquet, a saved dataset folder or a hub dataset."""
+    """Yield (source, line, record) from JSONL, JSON, Parquet, a saved dataset folder or a hub dataset.
+
+    Raises:
+        DataError: naming the file and line of a record that cannot be read, or that nests deeper than
+            ``MAX_DEPTH`` levels (the writers of D_i and split files would not get through it).
+    """
+    for src, line, rec in _records(spec, split):
+        if _too_deep(rec):
+            raise DataError(src, line, None, f"record nested more than {MAX_DEPTH} levels deep")
+        yield src, line, rec
+
+
+def _records(spec: str, split: str) -> Iterator[tuple[str, int, dict]]:
     src = resolve_data_path(spec)
     if isinstance(src, Path):
         if not src.exists():

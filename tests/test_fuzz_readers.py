@@ -80,12 +80,14 @@ def _serialize(rows: list, fmt: str, raw_value: str | None = None) -> bytes:
 
         flat = [{k: json.dumps(v) if isinstance(v, (list, dict)) and k != "prompt" else v for k, v in r.items()}
                 for r in rows]
-        try:
-            table = pa.Table.from_pylist(flat)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):  # mixed or empty types: as JSON text
-            table = pa.Table.from_pylist([{k: json.dumps(v) for k, v in r.items()} for r in rows])
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
+        as_text = [{k: json.dumps(v) for k, v in r.items()} for r in rows]
+        for table_rows in (flat, as_text):  # mixed or empty types in a column: the mutated values as JSON text
+            buf = io.BytesIO()
+            try:
+                pq.write_table(pa.Table.from_pylist(table_rows), buf)
+                break
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                continue
         return buf.getvalue()
     if fmt == "json":
         text = json.dumps(rows, ensure_ascii=False)

@@ -90,6 +90,8 @@ FAULTS = [
           "tests/test_faults.py::test_non_utf8_bytes_name_file_and_line"),
     Fault("Parquet page with bytes that are not UTF-8", "one `error:` line naming the file and record",
           "tests/test_safety.py::test_parquet_with_bad_utf8_is_named"),
+    Fault("record nested hundreds of levels deep", "one `error:` line naming file and line (no RecursionError "
+          "later, when the record is written)", "tests/test_safety.py::test_deeply_nested_record_is_refused_by_the_reader"),
     Fault("truncated or damaged gzip", "one `error:` line naming the file",
           "tests/test_faults.py::test_truncated_gzip_is_named_not_aborted"),
     Fault("random truncation, byte flips, wrong types, deep nesting, huge fields, odd encodings in JSONL, JSON, "
@@ -482,3 +484,14 @@ def test_parquet_with_bad_utf8_is_named(tmp_path):
     path.write_bytes(data.replace(b"answer 2", b"\xc8nswer 2"))
     with pytest.raises(DataError, match=r"pairs\.parquet:3: cannot read this record \(UnicodeDecodeError"):
         load_pairs(str(path))
+
+
+def test_deeply_nested_record_is_refused_by_the_reader(env, tmp_path):
+    """Found by the fuzzer: a pair with an extra field nested 900 levels deep loaded, then `split` crashed with
+    RecursionError writing it; the reader now refuses records nested deeper than data.MAX_DEPTH."""
+    p = write_pairs(tmp_path / "pairs.jsonl")
+    rows = [json.loads(x) for x in p.read_text().splitlines()]
+    text = "".join(json.dumps(r) + "\n" for r in rows[:3]).replace('"p2"', "[" * 900 + "]" * 900)
+    p.write_text(text)
+    refused(invoke("split", p, "--out", tmp_path / "split", "--seed-size", 1, "--iter-sizes", "1"),
+            f"{p}:3", "nested more than")
