@@ -9,18 +9,26 @@ import logging as _logging
 __version__ = "0.1.0"
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
-           "resolve_policy", "plan", "size_for_gpu"]
+           "resolve_policy", "plan", "size_for_gpu", "inspect_html"]
 
 
 class _DropBnbKernelNotice(_logging.Filter):
-    """bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every import on an
-    AVX512-BF16 CPU without the optional `kernels` package; `spa-lite doctor` explains it once instead."""
+    """bitsandbytes (>= 0.49) on an AVX512-BF16 CPU asks the `kernels` package (a dependency of transformers 5)
+    for a faster 4-bit CPU kernel on every import. Offline, `kernels` logs "Skipping publisher trust check for
+    'kernels-community/quantization-bitsandbytes' ..." and bitsandbytes then "Failed to load CPU
+    gemm_4bit_forward from kernels-community"; neither library reads a setting that turns the attempt off, so
+    spa-lite drops these two lines (only these: other repositories' trust notices stay) and `spa-lite doctor`
+    says once whether the kernel loaded."""
+
+    PREFIXES = ("Failed to load CPU gemm_4bit_forward from kernels-community",
+                "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'")
 
     def filter(self, record: _logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+        return not str(record.msg).startswith(self.PREFIXES)
 
 
-_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBnbKernelNotice())
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    _logging.getLogger(_name).addFilter(_DropBnbKernelNotice())
 
 
 def __getattr__(name: str):

@@ -25,11 +25,13 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from spa_lite.audit import run_agreement
 from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_description, shipped_recipes
 from spa_lite.config import load_recipe as _load
 from spa_lite.data import load_pairs
 from spa_lite.errors import SpaError
 from spa_lite.export import generate_answers
+from spa_lite.inspect_page import page_payload, render
 from spa_lite.io import read_json, read_jsonl
 from spa_lite.layout import (Stage, complete_policies, data_path, policy_label, policy_names, read_manifest,
                              resolve_policy, stage_dir, stage_keys)
@@ -39,10 +41,10 @@ from spa_lite.losses import lambda_for_iteration
 from spa_lite.models import resolve_model_path
 from spa_lite.plan import QUANTIZATIONS, fit
 from spa_lite.stages import evaluate as evaluate_stage
-from spa_lite.stages import expand, pipeline, seed_dpo, train
+from spa_lite.stages import expand, pipeline, reward, seed_dpo, train
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
-           "resolve_policy", "plan", "size_for_gpu"]
+           "resolve_policy", "plan", "size_for_gpu", "inspect_html"]
 
 
 def list_recipes() -> dict[str, str]:
@@ -87,22 +89,23 @@ def _as_recipe(recipe: str | Path | Recipe) -> Recipe:
 
 def _stage(stage: str, iteration: int | None) -> Stage:
     s = stage.strip().replace("seed-dpo", "seed")
-    if s == "seed":
-        return Stage("seed", 0)
+    if s in ("seed", "reward"):
+        return Stage(s, 0)
     if "/" in s:  # iter2/train
         it, kind = s.split("/", 1)
         if not it.startswith("iter") or not it[4:].isdigit():
             raise SpaError(f"stage '{stage}' is not seed, iter<i>/expand or iter<i>/train")
         iteration, s = int(it[4:]), kind
     if s not in {"expand", "train"}:
-        raise SpaError(f"stage '{stage}' is not seed-dpo, expand or train")
+        raise SpaError(f"stage '{stage}' is not seed-dpo, reward, expand or train")
     if not iteration or iteration < 1:
         raise SpaError(f"stage '{stage}' needs an iteration >= 1")
     return Stage(s, iteration)
 
 
 def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = None, *, force: bool = False) -> dict:
-    """Run one stage ("seed-dpo", "expand" or "train" with ``iteration``, or "iter2/train"); returns its manifest.
+    """Run one stage ("seed-dpo", "reward", "expand" or "train" with ``iteration``, or "iter2/train"); returns its
+    manifest.
 
     A complete stage made from the same config is not redone (``force=True`` redoes it); a stage whose upstream
     is missing raises StageOrderError naming the command that makes it.
@@ -112,6 +115,8 @@ def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = N
     arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
     if st.kind == "seed":
         return seed_dpo.run(r, force=force)
+    if st.kind == "reward":
+        return reward.run(r, force=force)
     if st.kind == "expand":
         return expand.run(r, st.iteration, force=force, recipe_arg=str(arg))
     return train.run(r, st.iteration, force=force, recipe_arg=str(arg))
@@ -126,6 +131,34 @@ def run(recipe: str | Path | Recipe = "smollm2-demo", *, force: bool = False) ->
 def evaluate(recipe: str | Path | Recipe, **kwargs) -> dict:
     """`spa-lite eval` (keyword arguments of ``spa_lite.stages.evaluate.run``); returns the report it writes."""
     return evaluate_stage.run(_as_recipe(recipe), **kwargs)
+
+
+def inspect_html(run: str | Path | Recipe, iteration: int = 1, *, fragment: bool = True, sample: int = 50,
+                 seed: int = 0, pairs: str | Path | None = None) -> str:
+    """The label page of D_i (iteration 0: the gold seed pairs D0) with its blind audit, as HTML.
+
+    ``fragment`` (default) gives a block for a notebook: ``IPython.display.HTML(spa_lite.inspect_html(...))``;
+    ``fragment=False`` a whole document (what `spa-lite inspect` writes). Annotations made in the page are
+    downloaded and imported with `spa-lite audit import`.
+
+    Args:
+        run: a run directory, or a recipe (its ``run_path``).
+        sample, seed: size and seed of the blind-audit sample.
+        pairs: a pair file to show instead of the run's.
+    """
+    path = run.run_path if isinstance(run, Recipe) else Path(run)
+    return render(page_payload(path, iteration, pairs=pairs, sample=sample, seed=seed), fragment=fragment)
+
+
+def _config_error(src: str, e: Exception) -> str:
+    """Why a model config could not be read and, for a hub id, how to plan without the hub."""
+    why = str(e).splitlines()[0].rstrip(". ") if str(e).strip() else type(e).__name__
+    msg = f"cannot read a model config from '{src}': {why}"
+    if src.endswith(".json") or Path(src).exists() or src.count("/") != 1:
+        return msg
+    return (f"{msg}. plan needs only the model's config.json: on a machine with the hub, fetch "
+            f"https://huggingface.co/{src}/resolve/main/config.json and run `spa-lite plan --model config.json` "
+            "(with the same --recipe) here")
 
 
 def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = None, gpu_mem: float = 16.0,
@@ -150,7 +183,7 @@ def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = No
     try:
         cfg = AutoConfig.from_pretrained(src if str(src).endswith(".json") else resolve_model_path(src))
     except (OSError, ValueError) as e:
-        raise SpaError(f"cannot read a model config from '{src}': {e}") from None
+        raise SpaError(_config_error(str(src), e)) from None
     dtype_bytes = 4 if r.model.dtype in {"float32", "fp32"} else 2
     res = fit(cfg, gpu_mem, quantization, dtype_bytes, r.model.lora_r, r.model.max_length, r.train.batch_size,
               r.train.grad_accum, r.model.gradient_checkpointing, r.train.dnd, lam=lambda_for_iteration(1, r.train.lambdas),
@@ -263,6 +296,15 @@ class Run:
     def pairs(self, iteration: int) -> list[dict]:
         """D_i normalised: {"prompt": messages, "chosen": str, "rejected": str, "confidence": ..., ...}."""
         return load_pairs(str(data_path(self.path, iteration)))
+
+    def inspect_html(self, iteration: int = 1, **kwargs) -> str:
+        """``spa_lite.inspect_html`` for this run's D_i."""
+        return inspect_html(self.path, iteration, **kwargs)
+
+    def audit(self) -> dict[str, dict]:
+        """Each judge's agreement with the human audit of every audited pair file ({"D_1": ...}), as
+        `spa-lite eval` reports it (``spa_lite.audit.agreement``)."""
+        return run_agreement(self.path, self.recipe.iterations)
 
     def evals(self) -> dict[str, dict]:
         """Eval reports under runs/<name>/eval, by tag."""

@@ -62,6 +62,17 @@ def seed_dpo_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: 
                                          | {"report_to": report_to}), force)
 
 
+@_command("reward")
+def reward_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None,
+               run_dir: RunDirOpt = None, force: ForceOpt = False, report_to: ReportOpt = None) -> None:
+    """A Bradley-Terry reward model on the gold seed pairs (LoRA adapter + scalar head): the judge of
+    expand.judge reward (and logprob+reward); its held-out gold accuracy is in the manifest.
+
+    Example: spa-lite reward --recipe smollm2-demo --set reward.epochs=2 && spa-lite expand --iter 1 --judge reward
+    """
+    tasks.stages.run_reward(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}), force)
+
+
 @_command("expand")
 def expand_cmd(
     iteration: IterOpt, recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None,
@@ -72,7 +83,7 @@ def expand_cmd(
     max_new_tokens: Annotated[Optional[int], _key("expand", "max_new_tokens")] = None,
     report_to: ReportOpt = None,
 ) -> None:
-    """Sample 2 responses per prompt of X_i from pi_{i-1} and judge them (Eq. 7): writes D_i.
+    """Sample expand.num_samples responses per prompt of X_i from pi_{i-1}, judge them (Eq. 7), keep a pair: writes D_i.
 
     Example: spa-lite expand --iter 1 --recipe smollm2-demo --judge-ref init
     """
@@ -144,16 +155,19 @@ def eval_cmd(
     samples: Annotated[int, typer.Option(help="Responses per held-out prompt (with --temperature > 0).")] = 1,
     temperature: Annotated[float, typer.Option(help="Decoding for the pass rate: 0 is greedy (paired across policies).")] = 0.0,
     tag: Annotated[Optional[str], typer.Option(help="Name of the result file runs/<name>/eval/<tag>.json.")] = None,
+    audit_only: Annotated[bool, typer.Option(
+        "--audit-only", help="Only the judges' agreement with the human audit (no model is loaded).")] = False,
     report_to: ReportOpt = None,
 ) -> None:
     """Measure every policy of a run: judge accuracy (95% CI), noise detection (AUROC), self-labelling noise,
-    verifier pass rate.
+    verifier pass rate, and each judge's agreement with a human audit (`spa-lite inspect`).
 
     Example: spa-lite eval --recipe smollm2-demo --pairs ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz --limit 200
     """
     tasks.stages.run_eval(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}), pairs=pairs, fmt=fmt,
                     limit=limit, methods=methods, flip=flip, lambdas=lambdas, pass_rate=pass_rate,
-                    prompt_limit=prompt_limit, samples=samples, temperature=temperature, tag=tag)
+                    prompt_limit=prompt_limit, samples=samples, temperature=temperature, tag=tag,
+                    audit_only=audit_only)
 
 
 @_command("winrate")
@@ -245,6 +259,44 @@ def export_cmd(
     Example: spa-lite export --iter 2 --out exported/pi2 --recipe smollm2-demo
     """
     tasks.export.run_export(RecipeArgs(recipe, set_, name, run_dir), iteration, out, merged=merged, dtype=dtype)
+
+
+@_command("inspect")
+def inspect_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/smollm2-demo.")],
+    iteration: Annotated[int, typer.Option("--iter", "-i", min=0, help="Show D_i (0: the gold seed pairs D0).")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default RUN/iter{i}/inspect.html).")] = None,
+    serve: Annotated[bool, typer.Option(
+        "--serve", help="Serve the page on 127.0.0.1 and write each annotation to RUN/iter{i}/audit.jsonl.")] = False,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port for --serve (0: any free port).")] = 8765,
+    sample: Annotated[int, typer.Option(min=1, help="Pairs in the blind audit's sample.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the blind audit's sample and A/B order.")] = 0,
+    pairs: Annotated[Optional[str], typer.Option(help="Show this pair file instead of the run's (no audit saving).")] = None,
+) -> None:
+    """A self-contained HTML page of a pair file's labels (filters, sorting, confidence histogram) with a blind
+    human audit: open it from disk, or --serve it to save each annotation to the run as it is made.
+
+    Example: spa-lite inspect runs/smollm2-demo --iter 1 --serve
+    """
+    tasks.labels.inspect(run, iteration, pairs=pairs, out=out, serve=serve, port=port, sample=sample, seed=seed)
+
+
+audit_app = typer.Typer(help="Human audit of the labels: `spa-lite audit import FILE --run RUN --iter i`.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("import")
+@user_errors
+def audit_import_cmd(
+    file: Annotated[Path, typer.Argument(help="Annotations downloaded from the page (JSONL or JSON).")],
+    run: Annotated[Path, typer.Option("--run", help="Run directory, e.g. runs/smollm2-demo.")],
+    iteration: Annotated[int, typer.Option("--iter", "-i", min=0, help="The pair file audited (0: D0).")] = 1,
+) -> None:
+    """Check downloaded annotations against the run's pairs and add them to RUN/iter{i}/audit.jsonl.
+
+    Example: spa-lite audit import ~/Downloads/audit-smollm2-demo-iter1.jsonl --run runs/smollm2-demo --iter 1
+    """
+    tasks.labels.audit_import(file, run, iteration)
 
 
 recipes_app = typer.Typer(help="Shipped recipes: list them, or copy one out to edit (`spa-lite recipes copy NAME [DEST]`).",

@@ -76,9 +76,13 @@ class ModelConfig:
     lora_alpha: int = setting(32, "LoRA scaling numerator (scale = alpha / r)", gt=0)
     lora_dropout: float = setting(0.0, "0 keeps training deterministic and pi_theta == pi_{i-1} at step 0", ge=0, lt=1)
     lora_target_modules: Any = setting("all-linear", "modules with LoRA: all-linear or a list of module names")
-    max_length: int = setting(512, "prompt + response tokens; longer pairs are skipped and counted", ge=2)
-    max_prompt_length: int = setting(256, "prompt tokens; longer prompts are skipped and counted (training and "
-                                     "expand)", ge=1)
+    max_length: int = setting(512, "prompt + response tokens; longer pairs are truncated (or skipped: "
+                              "`model.truncation`) and counted", ge=2)
+    max_prompt_length: int = setting(256, "prompt tokens: an over-long pair's prompt keeps its last this many; "
+                                     "expand skips longer prompts and counts them", ge=1)
+    truncation: str = setting("truncate", "truncate | skip: pairs over max_length keep the prompt's end and the "
+                              "responses' start, as TRL and the paper (truncate), or are left out (skip); counted "
+                              "in each manifest", choices=("truncate", "skip"))
     fsdp: str = setting("auto", "auto (on under `accelerate launch` with an FSDP config) | on | off: shard training "
                         "(FSDP2)", choices=("auto", "on", "off"))
 
@@ -125,15 +129,18 @@ class SeedDPOConfig:
 
 @dataclass
 class ExpandConfig:
-    num_samples: int = setting(2, "responses per prompt; a pair is (y1, y2)", ge=2, why="a pair needs two responses")
+    num_samples: int = setting(2, "responses per prompt: 2 is the paper's pair (y1, y2); N > 2 keeps the best and the "
+                               "worst of the N by judged reward (judge logprob or reward; more samples and judging)",
+                               ge=2, why="a pair needs two responses")
     temperature: float = setting(0.7, "sampling temperature", ge=0)
     top_p: float = setting(1.0, "nucleus sampling", gt=0, le=1)
     max_new_tokens: int = setting(300, "response length limit in tokens", ge=1)
     batch_size: int = setting(16, "prompts per generation batch", ge=1)
     shard_size: int = setting(64, "prompts per resumable shard", ge=1)
-    judge: str = setting("logprob", "logprob (Eq. 7) | llm (LLM-as-judge prompt) | verifier (demo task's gold "
-                         "verifier: the oracle-label control; undecided pairs dropped)",
-                         choices=("logprob", "llm", "verifier"))
+    judge: str = setting("logprob", "logprob (Eq. 7) | reward (the Bradley-Terry reward adapter of `spa-lite reward`: "
+                         "p = sigmoid(r(y1) - r(y2)), no beta) | logprob+reward (the mean of both p) | llm "
+                         "(LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control; "
+                         "undecided pairs dropped)", choices=("logprob", "reward", "logprob+reward", "llm", "verifier"))
     judge_ref: str = setting("init", "init | prev | none: the reference in Eq. 7's log-ratio",
                              choices=("init", "prev", "none"))
     judge_batch_size: int = setting(8, "pairs per judging forward pass", ge=1)
@@ -141,6 +148,8 @@ class ExpandConfig:
                                "saved, self-checked) | forward", choices=("sampler", "forward"))
     beta: float = setting(0.1, "beta of Eq. 7's implicit reward", gt=0)
     length_penalty: float = setting(0.0, "a in Eq. 13: reward - a * |y| tokens")
+    min_confidence: float = setting(0.0, "drop judged pairs with confidence max(p, 1-p) below this (counted as "
+                                    "below_min_confidence; 0: off)", ge=0.5, le=1, off=0)
     drop_truncated: bool = setting(False, "drop pairs where a response hit max_new_tokens (counted either way)")
     backend: str = setting("hf", "hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', "
                            "CUDA)", choices=("hf", "vllm"))
@@ -150,6 +159,28 @@ class ExpandConfig:
                                 "A reduced dtype named here with judge_logps: sampler also gives Eq. 7 the reduced "
                                 "copy's log-probs (approximate labels); judge_logps: forward keeps Eq. 7 exact",
                                 choices=("auto", "model", "bfloat16", "float16", "float32"))
+
+
+@dataclass
+class RewardConfig:
+    """`spa-lite reward`: a Bradley-Terry reward model on the gold pairs D0 (one more LoRA adapter on the base plus
+    a scalar head), the judge of ``expand.judge: reward``."""
+
+    epochs: float = setting(2.0, "passes over the gold pairs", gt=0)
+    lr: float = setting(1e-4, "AdamW learning rate of the reward adapter and its head", gt=0)
+    batch_size: int = setting(4, "pairs per micro-batch", ge=1)
+    grad_accum: int = setting(4, "micro-batches per optimizer step", ge=1)
+    warmup_ratio: float = setting(0.1, "fraction of optimizer steps of linear warmup", ge=0, le=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
+    save_every: int = setting(20, "optimizer steps between resumable checkpoints", ge=1)
+    center_rewards_coefficient: float = setting(0.0, "TRL's center_rewards_coefficient: adds c * mean((r_chosen + "
+                                                "r_rejected)^2) to the loss (0: off)", ge=0)
+    holdout: float = setting(0.1, "fraction of D0 held out for the manifest's gold accuracy when data.eval_pairs is "
+                             "unset (those pairs are not trained on)", ge=0, lt=1)
+    eval_limit: int = setting(500, "held-out gold pairs scored for the manifest's accuracy", ge=1)
+    lora_r: int | None = setting(None, "LoRA rank of the reward adapter (None: model.lora_r)", ge=1)
+    lora_alpha: int | None = setting(None, "LoRA alpha of the reward adapter (None: model.lora_alpha)", gt=0)
 
 
 @dataclass
@@ -165,6 +196,9 @@ class TrainConfig(SeedDPOConfig):
     dnd: bool = setting(True, "de-coupled noise detection, Eq. 11-12")
     lambdas: list[float] = setting(factory=lambda: [0.5, 0.25, 0.125],
                                    help="DND's lambda for iterations 1, 2, 3, then halving", ge=0)
+    audit_labels: bool = setting(False, "pairs of D_i a person audited (`spa-lite inspect`, iter{i}/audit.jsonl) "
+                                 "train on the human label (ties and skips keep the self-label); the manifest "
+                                 "counts gold and self labels")
 
 
 @dataclass
@@ -179,6 +213,8 @@ class Recipe:
     model: ModelConfig = setting(factory=ModelConfig, help="the base model (pi_init) and the LoRA adapters")
     data: DataConfig = setting(factory=DataConfig, help="seed pairs, prompt pool and held-out data")
     seed_dpo: SeedDPOConfig = setting(factory=SeedDPOConfig, help="stage 0: DPO on the gold seed pairs")
+    reward: RewardConfig = setting(factory=RewardConfig, help="`spa-lite reward`: the reward adapter that "
+                                   "expand.judge: reward labels with")
     expand: ExpandConfig = setting(factory=ExpandConfig, help="sampling and judging (Eq. 7) per iteration")
     train: TrainConfig = setting(factory=TrainConfig, help="iteration training: seed_dpo's keys plus refinement "
                                  "and DND")
@@ -194,7 +230,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "data", "seed_dpo", "expand", "train")
+SECTIONS = ("model", "data", "seed_dpo", "reward", "expand", "train")
 
 
 def field_help(section: str, key: str) -> str:
@@ -305,6 +341,12 @@ def _bounds_problems(obj: Any, section: str) -> list[str]:
     return problems
 
 
+#: judges that score single responses, so expand can keep the best and the worst of N > 2 samples
+BEST_WORST_JUDGES = ("logprob", "reward")
+#: judges that read the reward stage's adapter
+REWARD_JUDGES = ("reward", "logprob+reward")
+
+
 def validate(recipe: Recipe) -> list[str]:
     problems = []
     for what, value in (("name", recipe.name),):
@@ -323,6 +365,9 @@ def validate(recipe: Recipe) -> list[str]:
     bad = [t for t in recipe.report_to if t not in trackers]
     if bad:
         problems.append(f"report_to: {', '.join(map(str, bad))} not among {', '.join(sorted(trackers))}")
+    if recipe.expand.num_samples > 2 and recipe.expand.judge not in BEST_WORST_JUDGES:
+        problems.append(f"expand.num_samples: {recipe.expand.num_samples} (best vs worst of N) needs a judge that scores "
+                        f"single responses ({', '.join(BEST_WORST_JUDGES)}), not '{recipe.expand.judge}'")
     if recipe.model.max_prompt_length >= recipe.model.max_length:
         problems.append("model.max_prompt_length: must be < model.max_length")
     return problems

@@ -32,21 +32,30 @@ def _meminfo_gb(key: str) -> float | None:
 
 
 def _bnb_cpu_kernel_row() -> tuple[str, str, str]:
-    """bitsandbytes (>= 0.49) on an AVX512-BF16 CPU tries to fetch a faster 4-bit CPU kernel from the hub with the
-    optional `kernels` package and logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every
-    import when it cannot; spa-lite hides that line (spa_lite/__init__.py) and explains it here, once."""
+    """bitsandbytes (>= 0.49) on an AVX512-BF16 CPU tries to fetch a faster 4-bit CPU kernel from the hub with
+    the `kernels` package on import; offline or without the package it falls back to its built-in path and logs
+    a line on every command, which spa-lite hides (spa_lite/__init__.py). This row says which path 4-bit on
+    CPU takes here: whether the kernel actually loaded, not whether `kernels` is installed."""
     try:
         from bitsandbytes.functional import has_avx512bf16 as probe  # older releases: no CPU kernel probe
     except Exception:
         return ("bnb CPU 4-bit kernel", "ok", "no hub kernel probe in this bitsandbytes")
     if not probe():
         return ("bnb CPU 4-bit kernel", "ok", "CPU without AVX512-BF16: bitsandbytes' built-in 4-bit path")
+    builtin = "4-bit on CPU uses bitsandbytes' built-in path (correct, slower)"
     if importlib.util.find_spec("kernels") is None:
-        return ("bnb CPU 4-bit kernel", "warn",
-                "bitsandbytes' faster CPU gemm_4bit kernel needs `pip install kernels` and the hub; without it 4-bit "
-                "on CPU uses the built-in path (correct, slower). spa-lite hides bitsandbytes' "
-                "'Failed to load CPU gemm_4bit_forward from kernels-community' line on every command")
-    return ("bnb CPU 4-bit kernel", "ok", "kernels installed: bitsandbytes fetches its CPU gemm_4bit kernel from the hub")
+        return ("bnb CPU 4-bit kernel", "warn", f"the faster hub kernel needs `pip install kernels`; {builtin}")
+    try:
+        import bitsandbytes.backends.cpu.ops as ops  # the import is the attempt; spa-lite hides its log lines
+        loaded = getattr(ops, "gemm_4bit_forward_kernel", None) is not None
+    except Exception as e:
+        return ("bnb CPU 4-bit kernel", "warn", f"bitsandbytes' CPU backend did not import ({e}); {builtin}")
+    if loaded:
+        return ("bnb CPU 4-bit kernel", "ok", "kernels-community/quantization-bitsandbytes loaded (faster 4-bit on CPU)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    why = ("offline (HF_HUB_OFFLINE) and not in the hub cache" if offline
+           else "it could not be fetched or trusted from the hub")
+    return ("bnb CPU 4-bit kernel", "warn", f"kernels-community/quantization-bitsandbytes not loaded: {why}; {builtin}")
 
 
 def checks(run_dir: str = "runs") -> list[tuple[str, str, str]]:

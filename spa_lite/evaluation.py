@@ -15,7 +15,7 @@ from spa_lite.data import pair_texts
 from spa_lite.generation import encode_prompt, sample_responses, sampling_dtype
 from spa_lite.judge import judge_llm, judge_logprob
 from spa_lite.logps import (backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
-                            hidden_sequence_logps, sequence_logps, tokenize_pair)
+                            hidden_sequence_logps, sequence_logps, tokenize_pair, truncate_pair)
 from spa_lite.losses import dpo_logits
 from spa_lite.metrics import accuracy_with_ci, auroc, flip_labels, pass_rate_with_ci, precision_at_k_percent, summarize
 from spa_lite.layout import policy_label, policy_names
@@ -167,14 +167,20 @@ def self_label_noise(rows: Sequence[dict], verify, flags: Sequence[dict] | None 
     return out
 
 
-def encode_pairs_for_eval(tokenizer, rows: Sequence[dict], max_length: int) -> list:
-    """Tokenised pairs that also keep their texts (the LLM judge reads text)."""
+def encode_pairs_for_eval(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_length: int | None = None,
+                          truncation: str = "skip") -> list:
+    """Tokenised pairs that also keep their texts (the LLM judge reads text; it reads them whole).
+
+    A pair longer than ``max_length`` is left out (``skip``) or cut by :func:`~spa_lite.logps.truncate_pair`
+    (``truncate``, which needs ``max_prompt_length``) and marked ``meta["truncated"]``."""
     out = []
     for r in rows:
         tp = tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"],
                            {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
         if len(tp.prompt_ids) + max(len(tp.chosen_ids), len(tp.rejected_ids)) <= max_length:
             out.append(tp)
+        elif truncation == "truncate":
+            out.append(truncate_pair(tp, max_length, max_prompt_length))
     return out
 
 

@@ -136,6 +136,66 @@ def _judge_in_order(stack, judge, ref, prompts, y1, y2, beta, length_penalty, ba
     return rows
 
 
+@torch.no_grad()
+def score_responses(
+    stack: PolicyStack,
+    judge: Sequence[str],
+    ref: Sequence[str] | None,
+    prompts: Sequence[list[int]],
+    responses: Sequence[list[int]],
+    beta: float = 0.1,
+    length_penalty: float = 0.0,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+    judge_logps: Sequence[float] | None = None,
+    check: dict | None = None,
+    check_responses: int = 4,
+) -> list[dict]:
+    """Eq. 7's implicit reward of single responses: r(y) = beta * [log pi_judge(y|x) - log pi_ref(y|x) - a * |y|].
+
+    ``judge_logprob``'s p for a pair is sigmoid(r(y1) - r(y2)) with this r (up to float rounding), so N samples
+    scored once can be paired offline (best vs worst: ``expand.num_samples`` > 2).
+
+    Args:
+        judge, ref, length_penalty: as in ``judge_logprob`` (ref None: no reference).
+        batch_size: responses per forward pass.
+        judge_logps: log pi_judge(y|x) per response, recorded while sampling: only the reference runs, after a
+            self-check of the first ``check_responses`` (longest) responses against a forward pass, as in
+            ``judge_logprob`` (``check`` takes and returns the same keys).
+
+    Returns:
+        per response, in the given order: reward, logratio (before the penalty and beta) and len (tokens).
+    """
+    n = len(prompts)
+    order = sorted(range(n), key=lambda i: -(len(prompts[i]) + len(responses[i])))  # batches pad little
+    ps, ys = [prompts[i] for i in order], [responses[i] for i in order]
+    known = None if judge_logps is None else torch.tensor([float(judge_logps[i]) for i in order])
+    check = check if check is not None else {}
+    tol, per_token = check.setdefault("tol", 0.05), check.setdefault("per_token", False)
+    check.update(max_abs_dev=None, checked=0, reused=known is not None)
+    if known is not None and n:
+        k = min(n, check_responses)
+        dev = (response_logps(stack, judge, ps[:k], ys[:k], batch_size=k) - known[:k]).abs()
+        if per_token:
+            dev = dev / torch.tensor([max(1, len(y)) for y in ys[:k]])
+        check.update(max_abs_dev=dev.max().item(), checked=k)
+        if not check["max_abs_dev"] <= tol:
+            check["reused"] = False
+    scored: list[dict] = []
+    for s in range(0, n, batch_size):
+        p_, y_ = ps[s : s + batch_size], ys[s : s + batch_size]
+        pol = known[s : s + batch_size] if check["reused"] else response_logps(stack, judge, p_, y_, len(p_))
+        refl = torch.zeros_like(pol) if ref is None else response_logps(stack, ref, p_, y_, len(p_))
+        for lr, y in zip((pol - refl).tolist(), y_):
+            scored.append({"reward": beta * (lr - length_penalty * len(y)), "logratio": lr, "len": len(y)})
+        if on_batch:
+            on_batch(len(p_))
+    out: list[dict] = [{}] * n
+    for k, i in enumerate(order):
+        out[i] = scored[k]
+    return out
+
+
 def _option_token(tokenizer, letter: str) -> int:
     ids = tokenizer(letter, add_special_tokens=False)["input_ids"]
     return ids[-1]

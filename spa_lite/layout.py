@@ -1,8 +1,10 @@
 """The run layout: every path of a run directory, every stage key and every policy name, in one place.
 
 runs/<name>/seed/                 adapter/, metrics.jsonl, manifest.json          (pi_0)
+runs/<name>/reward/               adapter/, head.safetensors, metrics.jsonl, manifest.json (reward model)
 runs/<name>/iter{i}/expand/       shards/, data.jsonl, manifest.json              (D_i)
 runs/<name>/iter{i}/train/        adapter/, metrics.jsonl, manifest.json          (pi_i)
+runs/<name>/iter{i}/audit.jsonl   human audit of D_i (d0/audit.jsonl: of D0)       (`spa-lite inspect`)
 runs/<name>/eval/                 <tag>.json, cache/, winrate_cache/              (`spa-lite eval`, `winrate`)
 
 Policies: pi_init is the base with every adapter off (k = None); pi_k is the base plus the adapters
@@ -19,29 +21,38 @@ from spa_lite.config import Recipe
 from spa_lite.errors import SpaError
 from spa_lite.io import read_json
 
-__all__ = ["Stage", "stage_dir", "adapter_dir", "data_path", "eval_dir", "read_manifest", "stage_keys",
+__all__ = ["Stage", "REWARD_STAGE", "REWARD_HEAD_FILE", "stage_dir",
+           "adapter_dir", "data_path", "audit_path", "eval_dir", "read_manifest", "stage_keys",
            "adapter_name", "policy_stage", "policy_names", "policy_label", "complete_policies", "resolve_policy"]
 
 
 @dataclass(frozen=True)
 class Stage:
-    kind: str  # seed | expand | train
-    iteration: int  # 0 for seed
+    kind: str  # seed | reward | expand | train
+    iteration: int  # 0 for seed and reward
 
     @property
     def key(self) -> str:
-        return "seed" if self.kind == "seed" else f"iter{self.iteration}/{self.kind}"
+        return self.kind if self.kind in ("seed", "reward") else f"iter{self.iteration}/{self.kind}"
 
     @property
     def command(self) -> str:
-        return "spa-lite seed-dpo" if self.kind == "seed" else f"spa-lite {self.kind} --iter {self.iteration}"
+        if self.kind in ("seed", "reward"):
+            return "spa-lite seed-dpo" if self.kind == "seed" else "spa-lite reward"
+        return f"spa-lite {self.kind} --iter {self.iteration}"
 
     def upstream(self) -> Stage | None:
-        if self.kind == "seed":
+        """The stage this one reads (expand with a reward judge also reads the reward stage: ``runs.require_stage``)."""
+        if self.kind in ("seed", "reward"):
             return None
         if self.kind == "train":
             return Stage("expand", self.iteration)
         return Stage("seed", 0) if self.iteration == 1 else Stage("train", self.iteration - 1)
+
+
+#: the reward model's stage (``spa-lite reward``) and the file of its scalar head
+REWARD_STAGE = Stage("reward", 0)
+REWARD_HEAD_FILE = "head.safetensors"
 
 
 def stage_keys(iterations: int) -> list[str]:
@@ -56,6 +67,14 @@ def stage_dir(recipe: Recipe, stage: Stage) -> Path:
 def data_path(run_path: Path, iteration: int) -> Path:
     """D_i, the judged pairs the expand stage of iteration ``iteration`` writes."""
     return Path(run_path) / Stage("expand", iteration).key / "data.jsonl"
+
+
+def audit_path(run_path: Path, iteration: int) -> Path:
+    """The human audit of D_i, ``iter{i}/audit.jsonl``; of the gold seed pairs D0 (iteration 0), ``d0/audit.jsonl``.
+
+    Never inside a stage directory: ``--force`` clears a stage's directory, and an audit outlives the stage.
+    """
+    return Path(run_path) / ("d0" if iteration == 0 else f"iter{iteration}") / "audit.jsonl"
 
 
 def eval_dir(recipe: Recipe) -> Path:

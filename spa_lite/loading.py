@@ -37,10 +37,12 @@ def check_model_path(name: str) -> None:
         raise SpaError(f"model.name_or_path: '{name}' does not exist (give a model folder, a hub id or a bundled alias)")
 
 
-def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None, shard: bool = False) -> PolicyStack:
+def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None, shard: bool = False,
+               lora: LoraSettings | None = None) -> PolicyStack:
     """The base model with adapters pi_0..pi_{frozen_upto} frozen (-1: none) and an optional new one.
 
     ``shard``: a training stage; the base is sharded with FSDP2 when ``model.fsdp`` asks for it.
+    ``lora``: the new adapter's settings (default: the model section's).
     """
     setup_torch(recipe)
     m = recipe.model
@@ -49,7 +51,7 @@ def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None, s
     device = local_device() or m.device  # under a launcher each process takes its own GPU
     base, tok = load_base_model(m.name_or_path, m.quantization, m.dtype, device, m.gradient_checkpointing)
     frozen = [(adapter_name(k), adapter_dir(recipe, k)) for k in range(frozen_upto + 1)]
-    lora = LoraSettings(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+    lora = lora or LoraSettings(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
     if frozen or trainable is not None:
         # the new adapter's A matrices are drawn from torch's global RNG: seed it from the recipe, so that a
         # stage gives the same pi_i whether it runs in a fresh process, after other stages (`run`), or in a test

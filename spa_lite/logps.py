@@ -42,6 +42,23 @@ def tokenize_pair(tokenizer, prompt: Sequence[dict], chosen: str, rejected: str,
     )
 
 
+def truncate_pair(tp: TokenizedPair, max_length: int, max_prompt_length: int) -> TokenizedPair:
+    """A pair that fits ``max_length`` as it is, or its truncation as the paper's TRL fork did it (``keep_end``).
+
+    A pair fits when prompt + longer response <= ``max_length``; then nothing changes, a prompt longer than
+    ``max_prompt_length`` included. Otherwise the prompt keeps its last ``max_prompt_length`` tokens (the turn the
+    response answers) and each response its first ``max_length - len(prompt)`` tokens, which is TRL's
+    ``DataCollatorForPreference(max_length, truncation_mode="keep_start")`` on the shortened prompt. A truncated
+    pair's ``meta["truncated"]`` is True (a cut response loses its end-of-turn token, as in TRL).
+    """
+    p, c, r = tp.prompt_ids, tp.chosen_ids, tp.rejected_ids
+    if len(p) + max(len(c), len(r)) <= max_length:
+        return tp
+    p = p[-max_prompt_length:]
+    room = max_length - len(p)  # >= 1: the recipe checks max_prompt_length < max_length
+    return TokenizedPair(p, c[:room], r[:room], {**tp.meta, "truncated": True})
+
+
 def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response rows with a mask over the response tokens."""
     rows = [p + r for p, r in zip(prompts, responses)]

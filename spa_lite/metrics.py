@@ -22,6 +22,7 @@ __all__ = [
     "win_rate",
     "summarize",
     "paired_difference",
+    "confidence_histogram",
 ]
 
 
@@ -245,3 +246,12 @@ def paired_difference(
     low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return {"diff": float(x.mean()), "ci_low": float(low), "ci_high": float(high), "n": int(x.size),
             "n_clusters": n_c, "n_boot": n_boot}
+
+
+def confidence_histogram(conf: list[float], bins: int = 10) -> dict:
+    """Counts of judged confidences max(p, 1-p) in ``bins`` equal bins over [0.5, 1] (the last bin closed)."""
+    edges = [round(0.5 + 0.5 * k / bins, 4) for k in range(bins + 1)]
+    counts = [0] * bins
+    for c in conf:
+        counts[min(bins - 1, max(0, int((c - 0.5) * 2 * bins)))] += 1
+    return {"edges": edges, "counts": counts}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from spa_lite.errors import SpaError
@@ -35,6 +36,19 @@ def recipe_description(path: Path) -> str:
         if line.strip():
             break
     return ""
+
+
+def listing_line(name: str, path: Path) -> str:
+    """A recipe's line in `spa-lite recipes`: its description, where an accelerate config's is its launch command
+    as a checkout runs it (``cli.py``, ``recipes/...`` paths), rewritten to one that works wherever spa-lite is
+    installed: copy the config out, then launch the installed module."""
+    text = recipe_description(path)
+    if not text.startswith("accelerate launch"):
+        return text
+    cmd = text.replace(f"--config_file recipes/{name}.yaml", f"--config_file {path.name}")
+    cmd = re.sub(r"(?<!\S)cli\.py(?!\S)", "-m spa_lite.cli", cmd)
+    cmd = re.sub(r"--recipe recipes/([\w.-]+)\.yaml", r"--recipe \1", cmd)
+    return f"spa-lite recipes copy {name}, then: {cmd}"
 
 
 def resolve_recipe_path(path: str | Path) -> Path:

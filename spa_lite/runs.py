@@ -20,12 +20,13 @@ import yaml
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
-from spa_lite.config import Recipe
+from spa_lite.config import REWARD_JUDGES, Recipe
 from spa_lite.data import resolve_data_path
 from spa_lite.distributed import get_dist
 from spa_lite.errors import InputChangedError, StageOrderError
 from spa_lite.io import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_obj
-from spa_lite.layout import Stage, adapter_dir, policy_stage, read_manifest, stage_dir
+from spa_lite.layout import (REWARD_HEAD_FILE, REWARD_STAGE, Stage, adapter_dir, audit_path, policy_stage, read_manifest,
+                             stage_dir)
 from spa_lite.locks import LOCK_NAME, StageLock, lock_stage, release_stage_locks, unlock_stage
 from spa_lite.memory import StagePeak, peak_rss_gb
 from spa_lite.models import ALIASES, cache_root
@@ -33,13 +34,15 @@ from spa_lite.tracking import log_stage_summary, require
 
 __all__ = ["Stage", "stage_dir", "adapter_dir", "read_manifest", "StageLock", "release_stage_locks", "stage_config",
            "stage_hash", "base_fingerprint", "adapter_files_hash", "stage_identity", "verify_inputs",
-           "require_upstream", "versions", "begin_stage", "finish_stage", "dump_recipe"]
+           "require_upstream", "require_stage", "versions", "begin_stage", "finish_stage", "dump_recipe"]
 
 
 def _model_key(recipe: Recipe) -> dict:
     m = dataclasses.asdict(recipe.model)
     for k in ("device", "gradient_checkpointing", "fsdp"):  # these change speed and memory, not the numbers trained
         m.pop(k)
+    if m["truncation"] == "skip":  # what every run made before the setting existed did: their hashes still hold
+        m.pop("truncation")
     return m
 
 
@@ -60,12 +63,17 @@ def _expand_key(recipe: Recipe) -> dict:
     # the precision of decoding is, like the device, how pi_{i-1} is sampled rather than what: left out, so a
     # run keeps its hash across machines and versions; expand's manifest records the dtype used
     d.pop("sample_dtype")
+    # settings added after runs were made, left out at their "off" value: such runs keep their hash
+    if d["min_confidence"] == 0:
+        d.pop("min_confidence")
     return d
 
 
 def _loop_key(section) -> dict:
     d = dataclasses.asdict(section)
     d.pop("diverge_factor", None)  # stops a diverging run; a run that finishes is the same with or without it
+    if not d.get("audit_labels"):  # off: the hash of every run made before the setting existed stays the same
+        d.pop("audit_labels", None)
     return d
 
 
@@ -75,14 +83,24 @@ def stage_config(recipe: Recipe, stage: Stage) -> dict:
         return {"model": _model_key(recipe), "seed_dpo": _loop_key(recipe.seed_dpo), "seed": recipe.seed,
                 "data": {"seed_pairs": _data_key(recipe.data.seed_pairs), "format": recipe.data.format,
                          "seed_limit": recipe.data.seed_limit, "shuffle_seed": recipe.data.shuffle_seed}}
+    if stage.kind == "reward":
+        return {"model": _model_key(recipe), "reward": dataclasses.asdict(recipe.reward), "seed": recipe.seed,
+                "data": {"seed_pairs": _data_key(recipe.data.seed_pairs), "format": recipe.data.format,
+                         "seed_limit": recipe.data.seed_limit, "shuffle_seed": recipe.data.shuffle_seed,
+                         "eval_pairs": _data_key(recipe.data.eval_pairs)}}
     up = stage.upstream()
     base = {"upstream": stage_hash(recipe, up), "seed": recipe.seed}
+    if stage.kind == "expand" and recipe.expand.judge in REWARD_JUDGES:  # D_i depends on the reward model too
+        base["reward"] = stage_hash(recipe, REWARD_STAGE)
     if stage.kind == "expand":
         base.update(expand=_expand_key(recipe),
                     data={"prompts": _data_key(recipe.data.prompts), "format": recipe.data.format,
                           "sizes": recipe.data.iter_prompts[: stage.iteration], "shuffle_seed": recipe.data.shuffle_seed})
     else:
         base.update(train=_loop_key(recipe.train))
+        if recipe.train.audit_labels:  # the human labels are an input: a new annotation makes a new stage
+            audit = audit_path(recipe.run_path, stage.iteration)
+            base["audit"] = sha256_file(audit) if audit.exists() else None
     return base
 
 
@@ -156,8 +174,10 @@ def stage_identity(recipe: Recipe, stage: Stage) -> dict:
     """What a finished stage records so that later stages can check their inputs are the ones it used."""
     d = stage_dir(recipe, stage)
     out: dict = {"base": base_fingerprint(recipe.model.name_or_path)}
-    if stage.kind in ("seed", "train") and (d / "adapter").is_dir():
+    if stage.kind in ("seed", "train", "reward") and (d / "adapter").is_dir():
         out["adapter"] = adapter_files_hash(d / "adapter")
+    if stage.kind == "reward" and (d / REWARD_HEAD_FILE).is_file():
+        out["head"] = _file_hash(d / REWARD_HEAD_FILE)
     if stage.kind == "expand" and (d / "data.jsonl").exists():
         out["data"] = _file_hash(d / "data.jsonl")
     return out
@@ -231,19 +251,40 @@ def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str | None = None
     if up is None:
         return
     recipe_arg = rerun_args(recipe, recipe_arg)
+    require_stage(recipe, up, stage.command, recipe_arg)
+    verify_inputs(recipe, stage.iteration - 1, stage.iteration if stage.kind == "train" else None, recipe_arg)
+
+
+def require_stage(recipe: Recipe, up: Stage, needed_by: str, recipe_arg: str | None = None) -> None:
+    """Refuse to go on unless stage ``up`` is complete and made from this recipe's config; for the reward stage
+    also that its adapter and head are the files it wrote.
+
+    Raises:
+        StageOrderError: naming the missing stage and the command that makes it.
+        InputChangedError: naming the changed file and the stage to rerun.
+    """
+    recipe_arg = rerun_args(recipe, recipe_arg)
     m = read_manifest(recipe, up)
     where = stage_dir(recipe, up)
     if m is None or m.get("status") != "complete":
-        raise StageOrderError(
-            f"{stage.command} needs {where} (not complete); run `{up.command} --recipe {recipe_arg}` first"
-        )
+        raise StageOrderError(f"{needed_by} needs {where} (not complete); run `{up.command} --recipe {recipe_arg}` first")
     expected = stage_hash(recipe, up)
     if m.get("config_hash") != expected:
         raise StageOrderError(
             f"{where} was made from another config (hash {m.get('config_hash')}, this recipe gives {expected}); "
             f"rerun `{up.command} --recipe {recipe_arg} --force` or give the run a new name"
         )
-    verify_inputs(recipe, stage.iteration - 1, stage.iteration if stage.kind == "train" else None, recipe_arg)
+    if up.kind != "reward":
+        return
+    ident = m.get("identity") or {}
+    redo = f"rerun `{up.command} --recipe {recipe_arg} --force`"
+    want = {**{f"adapter/{k}": v for k, v in (ident.get("adapter") or {}).items()}, REWARD_HEAD_FILE: ident.get("head")}
+    for rel, h in want.items():
+        path = where / rel
+        if not path.is_file():
+            raise InputChangedError(f"{path} is missing: the reward model of {up.key} is gone; {redo}")
+        if h and _file_hash(path) != h:
+            raise InputChangedError(f"{path} differs from the one {up.key} wrote (damaged or replaced); {redo}")
 
 
 def versions() -> dict:

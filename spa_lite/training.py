@@ -332,6 +332,7 @@ def run_dpo_loop(
                     total += loss / spec.grad_accum
                     for i, c, f in zip(sidx, conf, flg):
                         flag_rows.append({"step": step + 1, "pair": i, "row": pairs[i].meta.get("row"),
+                                          "truncated": bool(pairs[i].meta.get("truncated")),
                                           "confidence": c, "flagged": f})
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * len(sidx)  # pair-weighted means over processes

@@ -58,6 +58,42 @@ def write_prompts(path: Path, n: int = 24) -> Path:
     return path
 
 
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def float32_bound(model, scale: float, k: float = 32.0) -> float:
+    """Largest |a - b| to expect between two float32 evaluations of one model output that differ only in the order
+    of their sums (LoRA merged into W or applied beside it, another matmul kernel, a copy loaded again).
+
+    A float32 dot product of length n is off by about eps32 * sqrt(n) * |its terms| (rounding errors of a sum
+    add up like a random walk; the worst case is n instead of sqrt(n): Higham, Accuracy and Stability of
+    Numerical Algorithms, 2nd ed., 3.1 and 2.8), and each of the L layers (decoder layers plus the LM head)
+    passes its error on and adds its own, so an output of size ``scale`` (its largest |value|) is off by about
+    eps32 * sqrt(n) * L * scale, n being the widest contraction (hidden or intermediate size). ``k`` covers
+    what the estimate leaves out (terms larger than their sum, norms, softmax): with k = 32, the tiny model's
+    logits (width 128, L = 3, max |logit| ~0.6) get 8.0e-5, where merged and separate LoRA logits differed by
+    4.0e-6 on an Intel Xeon (AMX) and 1.03e-5 on an AMD EPYC (AVX512-BF16), and a defect (a lost adapter or
+    a wrong LoRA scale) moves them by more than 1e-2.
+    """
+    cfg = getattr(model, "config", model)
+    width = max(cfg.hidden_size, getattr(cfg, "intermediate_size", 0) or 0)
+    depth = cfg.num_hidden_layers + 1
+    return k * EPS32 * width ** 0.5 * depth * float(scale)
+
+
+def margin_bound(model, logits_scale: float, tokens: int, beta: float, lam: float = 0.0) -> float:
+    """Largest float32 difference to expect in beta * m, m = the DPO / Eq. 7 margin: a difference of four
+    response log-prob sums (chosen and rejected, under pi_theta and pi_ref) of at most ``tokens`` tokens each.
+
+    The logits are off by at most d = float32_bound(model, logits_scale), the extrapolated ones of DND,
+    (1 + lam) h_theta - lam h_ref, by (1 + 2 lam) d; a token's log-prob by twice that (log_softmax is
+    2-Lipschitz in the max norm); so beta * m is off by beta * 4 * tokens * 2 (1 + 2 lam) d. A confidence
+    sigmoid(beta * m) moves by a quarter of that at most, and the DPO loss (-log sigmoid, refined or not) by
+    no more than it.
+    """
+    return beta * 8 * tokens * (1 + 2 * lam) * float32_bound(model, logits_scale)
+
+
 def nested(overrides: dict) -> dict:
     """tiny_overrides' dotted keys as the nested mapping of a recipe YAML (Paths as strings)."""
     out: dict = {}

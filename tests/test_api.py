@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spa_lite
-from conftest import tiny_overrides
+from conftest import float32_bound, tiny_overrides
 from spa_lite.errors import SpaError, StageOrderError
 
 
@@ -88,7 +88,7 @@ def test_policy_generates_and_is_the_trained_stack(done):
         base = m(input_ids=ids).logits
     assert not torch.allclose(last, base)  # pi_1's adapters are active
     with r.policy(1).model() as m:  # loaded again from disk: the same policy
-        assert torch.allclose(m(input_ids=ids).logits, last, atol=1e-5)
+        assert (m(input_ids=ids).logits - last).abs().max() < float32_bound(m, last.abs().max())
     with pytest.raises(SpaError, match="pi_2 is not complete"):
         r.policy(2)
     assert r.policy("init").names == []

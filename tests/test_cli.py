@@ -8,7 +8,9 @@ The recipe sets ``threads: 1``: on 2 shared cores two torch threads per matmul a
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -373,3 +375,44 @@ def test_doctor_reports_each_component(tmp_path):
     assert ("cuda" in rows) == (not torch.cuda.is_available())
     out = ok(invoke("doctor", "--run-dir", tmp_path)).output
     assert "fsdp" in out and "bitsandbytes" in out
+
+
+def test_offline_bnb_kernel_notices_are_silenced_and_doctor_says_why(tmp_path):
+    """On an AVX512-BF16 CPU, importing bitsandbytes offline makes `kernels` log "Skipping publisher trust check for
+    'kernels-community/quantization-bitsandbytes'" (and bitsandbytes a "Failed to load" line). Without spa_lite
+    the lines appear (so this test can fail); with spa_lite imported first they do not, and doctor's row says
+    the kernel is not loaded rather than ok."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import has_avx512bf16
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    code = "import bitsandbytes.backends.cpu.ops as o; print(o.__name__)"
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    ours = subprocess.run([sys.executable, "-c", "import spa_lite; " + code], env=env, capture_output=True, text=True,
+                          check=True)
+    notice = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
+    if has_avx512bf16() and importlib.util.find_spec("kernels") is not None:
+        assert notice in plain.stderr
+    assert notice not in ours.stderr and "gemm_4bit_forward" not in ours.stderr
+    rows = subprocess.run([sys.executable, "-c", "from spa_lite.doctor import checks; import json; "
+                           "print(json.dumps([r for r in checks() if r[0] == 'bnb CPU 4-bit kernel']))"],
+                          env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+    (item, status, detail), = json.loads(rows.stdout.strip().splitlines()[-1])
+    if has_avx512bf16() and importlib.util.find_spec("kernels") is not None:
+        assert status == "warn" and "not loaded: offline" in detail, detail
+
+
+def test_recipes_lists_commands_an_installed_user_can_run():
+    """`spa-lite recipes` names no checkout path: no `cli.py`, no `recipes/...` file; an accelerate config's line
+    copies the config out and launches the installed module."""
+    out = ok(invoke("recipes")).output
+    lines = {ln.split()[0]: ln for ln in out.strip().splitlines()}
+    assert "cli.py" not in out and "recipes/" not in out, out
+    for name in ("accelerate/cpu_2proc", "accelerate/fsdp", "accelerate/multi_gpu"):
+        short = name.split("/")[1]
+        assert f"spa-lite recipes copy {name}, then: accelerate launch --config_file {short}.yaml -m spa_lite.cli " \
+            in lines[name], lines[name]
+    assert "--recipe zephyr-7b-qlora" in lines["accelerate/multi_gpu"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import margin_bound
 from spa_lite import evaluation, logps
 from spa_lite.logps import tokenize_pair
 from spa_lite.models import load_base_model
@@ -37,8 +38,13 @@ def test_fused_and_logits_paths_give_the_same_confidences(stack, monkeypatch):
     fused = evaluation.pair_confidences(stack, pairs, ["seed"], [], [0.5, 0.25], 0.1, flipped)
     monkeypatch.setattr(evaluation, "fused_head", lambda model: None)
     plain = evaluation.pair_confidences(stack, pairs, ["seed"], [], [0.5, 0.25], 0.1, flipped)
+    with torch.no_grad():
+        batch = logps.collate_pairs(pairs, stack.tokenizer.pad_token_id)
+        scale = logps.forward_logits(stack.model, batch).abs().max()
+    tokens = int(batch["loss_mask"].sum(1).max())
+    tol = margin_bound(stack.model, scale, tokens, beta=0.1, lam=0.5) / 4  # sigmoid's slope is at most 1/4
     for k in plain:
-        np.testing.assert_allclose(fused[k], plain[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fused[k], plain[k], rtol=0, atol=tol)
     # a flipped label turns the confidence c into 1 - c
     unflipped = evaluation.pair_confidences(stack, pairs, ["seed"], [], [0.5], 0.1, None)
     np.testing.assert_allclose(fused["eq9"][flipped], 1 - unflipped["eq9"][flipped], rtol=1e-5)

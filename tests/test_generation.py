@@ -15,6 +15,7 @@ from spa_lite.generation import merged_copy, sample_responses
 from spa_lite.models import load_base_model
 from spa_lite.stack import build_stack
 
+from conftest import float32_bound
 from test_math import adapters  # noqa: F401  (module fixture)
 
 # prompts of different lengths, so that batches pad and sort
@@ -40,7 +41,8 @@ def test_merged_copy_computes_the_stack_and_leaves_the_base_alone(stack):
             want = m(input_ids=ids).logits
             work = merged_copy(m)
             got = work(input_ids=ids).logits
-        assert (got - want).abs().max().item() < 1e-5, names
+        # float32 rounding at this model's depth and width (conftest.float32_bound), not one machine's 1e-5
+        assert (got - want).abs().max().item() < float32_bound(m, want.abs().max()), names
         assert not any("lora" in n for n, _ in work.named_parameters())
         # tensors no adapter touches are shared, not copied
         emb = work.get_input_embeddings().weight
@@ -153,9 +155,13 @@ def test_kv_buffers_append_in_place_and_match_a_cache_free_forward(stack, monkey
             x = encode_prompt(stack.tokenizer, _prompts()[k])
             for s, s_cat in zip(ss, runs["cat"][k]):
                 full = torch.tensor([x + s.token_ids])
-                lp = torch.log_softmax(m(input_ids=full).logits[0, len(x) - 1 : -1].double(), -1)
+                logits = m(input_ids=full).logits[0, len(x) - 1 : -1]
+                lp = torch.log_softmax(logits.double(), -1)
                 want = lp.gather(1, torch.tensor(s.token_ids)[:, None]).sum().item()
-                assert abs(s.logp - want) < 1e-4 and abs(s.logp - s_cat.logp) < 1e-5
+                # a token's log-prob moves by at most twice its logits' float32 error (log_softmax is 2-Lipschitz
+                # in the max norm), and the sum adds one such error per token
+                tol = 2 * len(s.token_ids) * float32_bound(m, logits.abs().max())
+                assert abs(s.logp - want) < tol and abs(s.logp - s_cat.logp) < tol
     grown = [lay for c in caches for lay in c.layers if isinstance(lay, G._GrowingLayer) and lay.kbuf is not None]
     assert grown, "the buffers were never used"
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import margin_bound
 from spa_lite import logps, training
 from spa_lite.logps import TokenizedPair, chunked_target_logps, collate_pairs, encode_response
 from spa_lite.losses import ConfidenceWindow
@@ -159,8 +160,11 @@ def test_dpo_step_through_hidden_states_equals_logits_path(stack, kernel, monkey
     monkeypatch.setattr(training, "fused_head", lambda model: None)
     plain, plain_grads = step()
     assert abs(plain.loss.item() - 0.6931) > 1e-3  # the random adapter moves pi_theta off pi_ref
-    assert fused.loss.item() == pytest.approx(plain.loss.item(), abs=1e-5)
-    torch.testing.assert_close(fused.confidences, plain.confidences, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        scale = logps.forward_logits(stack.model, batch).abs().max()
+    tol = margin_bound(stack.model, scale, int(batch["loss_mask"].sum(1).max()), spec.beta, spec.lam)
+    assert fused.loss.item() == pytest.approx(plain.loss.item(), abs=tol)
+    torch.testing.assert_close(fused.confidences, plain.confidences, atol=tol / 4, rtol=0)  # sigmoid slope <= 1/4
     assert torch.equal(fused.flagged, plain.flagged) and plain.flagged.any()
     nonzero = 0
     for n, g in plain_grads.items():

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import float32_bound
 from spa_lite.errors import SpaError
 
 
@@ -76,7 +77,7 @@ def test_single_adapter_equals_stack(run_with_stack, tiny_model_dir, tmp_path):
         single = PeftModel.from_pretrained(fresh, str(out))
         assert sum("lora_" in n for n, _ in single.named_parameters()) == n_tensors  # every tensor was loaded
         diff = (_logits(single, batch) - ref).abs().max().item()
-        assert diff < 1e-5, (k, diff)
+        assert diff < float32_bound(fresh, ref.abs().max()), (k, diff)
     assert stack.model.peft_config.keys() >= {"seed", "iter1"} and "pi1" not in stack.model.peft_config
 
 

@@ -319,3 +319,23 @@ def test_torch_kernel_tile_matches_measured_peak():
     est = kernel_tile_bytes("torch", R, V, 4) + R * H * 4
     assert 0.8 < est / measured < 1.25, (est / 2**20, measured / 2**20)
     assert kernel_tile_bytes("trl", R, V, 4) > 1.5 * measured
+
+
+def test_plan_offline_hub_model_suggests_config_json(tmp_path, monkeypatch):
+    """Offline, `plan --recipe zephyr-7b-qlora` cannot fetch the hub model's config: the one error line names
+    the `--model config.json` route, which then works with the same recipe."""
+    from transformers import MistralConfig
+
+    from conftest import invoke
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached
+    bad = invoke("plan", "--recipe", "zephyr-7b-qlora")
+    assert bad.exit_code == 2, bad.output
+    assert "alignment-handbook/zephyr-7b-sft-full" in bad.output and "--model config.json" in bad.output
+    assert "huggingface.co/alignment-handbook/zephyr-7b-sft-full/resolve/main/config.json" in bad.output
+    cfg = tmp_path / "config.json"
+    MistralConfig().to_json_file(cfg)  # zephyr-7b's shape: Mistral-7B defaults
+    good = invoke("plan", "--recipe", "zephyr-7b-qlora", "--model", cfg, "--gpu-mem", "24")
+    assert good.exit_code == 0, good.output
+    assert "memory plan" in good.output

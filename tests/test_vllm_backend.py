@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import float32_bound
 from spa_lite.errors import SpaError
 from spa_lite.generation import Sample, encode_prompt
 from spa_lite.vllm_backend import (INSTALL_HINT, VLLMSampler, adapter_rank, completion_to_sample, import_vllm,
@@ -272,7 +273,7 @@ def test_prepared_adapter_reproduces_stack(tiny_recipe, tiny_model_dir, tmp_path
     single = PeftModel.from_pretrained(fresh, str(out))
     got = single(**batch, use_cache=False).logits
     assert (ref - base_logits).abs().max() > 1e-2  # the adapters matter
-    assert (got - ref).abs().max().item() < 1e-5
+    assert (got - ref).abs().max().item() < float32_bound(fresh, ref.abs().max())
 
 
 def test_prepare_adapter_refuses_modules_vllm_cannot_serve(tiny_recipe, tiny_model_dir, tmp_path):

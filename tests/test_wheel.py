@@ -39,6 +39,7 @@ def test_wheel_ships_recipes_license_and_demo_data(installed_wheel):
         assert f"spa_lite/recipes/{name}.yaml" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "spa_lite/demo/data/seed_pairs.jsonl" in names
+    assert "spa_lite/inspect_page.html" in names  # the template of `spa-lite inspect`'s page
     meta = zipfile.ZipFile(installed_wheel.wheel).read(
         next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in meta
@@ -58,6 +59,7 @@ def test_recipes_list_and_copy(installed_wheel, tmp_path):
     lines = out.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == sorted(SHIPPED, key=lambda n: (n.count("/"), n))
     assert all(len(ln.split(None, 1)) == 2 for ln in lines), "every recipe has a one-line description"
+    assert "cli.py" not in out and "recipes/" not in out, "only commands that exist outside a checkout"
     _cli(installed_wheel, "recipes", "copy", "smollm2-demo", cwd=tmp_path)
     assert (tmp_path / "smollm2-demo.yaml").read_text() == (ROOT / "recipes" / "smollm2-demo.yaml").read_text()
     (tmp_path / "mine").mkdir()

@@ -13,7 +13,7 @@ from spa_lite.config import Recipe
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DivergedError
 from spa_lite.loading import load_stack  # noqa: F401 - importable from here as before
-from spa_lite.logps import TokenizedPair, tokenize_pair
+from spa_lite.logps import TokenizedPair, tokenize_pair, truncate_pair
 from spa_lite.memory import trim_heap
 from spa_lite.stack import PolicyStack
 from spa_lite.tracking import log_step
@@ -21,17 +21,34 @@ from spa_lite.training import run_dpo_loop, total_steps
 from spa_lite.ui import progress
 
 
-def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_length: int) -> tuple[list[TokenizedPair], int]:
-    """Tokenise normalised pairs; pairs over the length limits are skipped and counted (returned second)."""
+def tokenize_pairs(tokenizer, rows: Sequence[dict], max_length: int, max_prompt_length: int,
+                   truncation: str = "truncate") -> tuple[list[TokenizedPair], int]:
+    """Tokenise normalised pairs and apply ``model.truncation`` to those over the length limits.
+
+    ``truncate`` (the default, as TRL and the paper): a pair longer than ``max_length`` is cut by
+    :func:`~spa_lite.logps.truncate_pair` and marked ``meta["truncated"]``. ``skip``: a pair longer than
+    ``max_length`` or with a prompt over ``max_prompt_length`` is left out. Returns (pairs, skipped count); the
+    truncated count is ``truncated_count(pairs)``.
+    """
+    if truncation not in ("truncate", "skip"):
+        raise ValueError(f"truncation must be 'truncate' or 'skip', not {truncation!r}")
     out, skipped = [], 0
     for k, r in enumerate(rows):
         tp = tokenize_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], {"row": k, "source": r.get("source")})
+        if truncation == "truncate":
+            out.append(truncate_pair(tp, max_length, max_prompt_length))
+            continue
         longest = len(tp.prompt_ids) + max(len(tp.chosen_ids), len(tp.rejected_ids))
         if len(tp.prompt_ids) > max_prompt_length or longest > max_length:
             skipped += 1
             continue
         out.append(tp)
     return out, skipped
+
+
+def truncated_count(pairs: Sequence[TokenizedPair]) -> int:
+    """How many of ``pairs`` :func:`~spa_lite.logps.truncate_pair` cut."""
+    return sum(bool(p.meta.get("truncated")) for p in pairs)
 
 
 def progress_info(row: dict, refine: bool) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from spa_lite.audit import run_agreement
 from spa_lite.config import Recipe
 from spa_lite.data import load_pairs, load_prompts, pair_texts, shuffled
 from spa_lite.demo.tasks import question_index, verify
@@ -27,7 +28,7 @@ from spa_lite.ui import console, progress
 def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200, *,
         methods: list[str] | None = None, flip: float = 0.2, lambdas: list[float] | None = None,
         do_pass_rate: bool = True, prompt_limit: int | None = 100, samples: int = 1, tag: str | None = None,
-        policies: list[int | None] | None = None, temperature: float = 0.0) -> dict:
+        policies: list[int | None] | None = None, temperature: float = 0.0, audit_only: bool = False) -> dict:
     """Evaluate pi_init, pi_0, ..., pi_T of a run (or only ``policies``; None is pi_init);
     writes runs/<name>/eval/<tag>.json and returns it.
 
@@ -35,8 +36,17 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     answer is a function of the prompt and differences between policies are paired exactly; each policy's
     per-prompt outcomes are cached under runs/<name>/eval/cache/, keyed by the hash of its adapters, the
     prompts and the decoding settings, so a policy already evaluated is not decoded again.
+
+    Pair files with a human audit (``spa-lite inspect``) get each judge's agreement with the person
+    (``human_audit``); ``audit_only`` reports only that, without loading a model (tag ``audit``).
     """
     t0 = time.time()
+    audits = run_agreement(recipe.run_path, recipe.iterations)
+    if audit_only:
+        if not audits:
+            raise SpaError(f"{recipe.run_path} has no audit: annotate pairs with `spa-lite inspect "
+                           f"{recipe.run_path} --iter 1 --serve` (or import a download with `spa-lite audit import`)")
+        return _write_report(recipe, {"run": str(recipe.run_path), "human_audit": audits}, tag or "audit", t0)
     ks = complete_policies(recipe)
     if not ks:
         raise StageOrderError(f"{recipe.run_path} has no complete stage; run `spa-lite seed-dpo` first")
@@ -50,12 +60,16 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     stack = load_stack(recipe, frozen_upto=max(ks))
 
     report: dict = {"run": str(recipe.run_path), "policies": [policy_label(None)] + [policy_label(k) for k in ks]}
+    if audits:
+        report["human_audit"] = audits
     beta = recipe.expand.beta
     if pairs_spec:
         dropped: dict = {}  # blank prompts, empty or identical responses: skipped and counted
         rows = shuffled(load_pairs(pairs_spec, fmt or recipe.data.format, dropped=dropped), recipe.seed)[:limit]
-        pairs = encode_pairs_for_eval(stack.tokenizer, rows, recipe.model.max_length)
+        m = recipe.model
+        pairs = encode_pairs_for_eval(stack.tokenizer, rows, m.max_length, m.max_prompt_length, m.truncation)
         report["pairs"] = {"spec": pairs_spec, "n": len(pairs), "skipped_length": len(rows) - len(pairs),
+                           "truncated": sum(bool(p.meta.get("truncated")) for p in pairs), "truncation": m.truncation,
                            "dropped": dropped}
         acc, noise = {}, {}
         with progress() as p:
@@ -117,8 +131,12 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             report["pass_rate"] = {lab: summarize_outcomes(rows) for lab, rows in outcomes.items()}
             report["pass_rate_settings"] = {**settings, "n_prompts": len(recs), "cached": cached}
             report["pass_rate_diff"] = paired_pass_rate_diffs(outcomes)
-    report["wall_s"] = round(time.time() - t0, 1)
     tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
+    return _write_report(recipe, report, tag, t0)
+
+
+def _write_report(recipe: Recipe, report: dict, tag: str, t0: float) -> dict:
+    report["wall_s"] = round(time.time() - t0, 1)
     out = eval_dir(recipe) / f"{tag}.json"
     atomic_write_json(out, report)
     log_eval(recipe, tag, report)
@@ -184,6 +202,8 @@ def print_report(report: dict) -> None:
         for pol, v in nd.items():
             t.add_row(pol, *[f"{v[d]['auroc']:.3f}" if v[d]["auroc"] is not None else "-" for d in dets])
         console.print(t)
+    if report.get("human_audit"):
+        print_audit(report["human_audit"])
     if report.get("self_label_noise"):
         t = Table(title="self-labelling noise (verifier vs Eq. 7 labels)")
         for c in ("D_i", "n", "confirmed", "contradicted", "undetermined", "contradicted | flagged", "contradicted | unflagged"):
@@ -209,3 +229,17 @@ def print_report(report: dict) -> None:
             t.add_row(f"{d['a']} - {d['b']}", f"{d['diff']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", str(d["n"]))
         console.print(t)
     console.print(f"written: {report.get('path')}")
+
+
+def print_audit(audits: dict) -> None:
+    """The human audit's table: each judge's agreement with the person on the audited pairs of each D_i."""
+    t = Table(title="agreement with the human audit (ties and skips excluded), Wilson 95% CI")
+    for c in ("pairs", "judge", "agrees", "rate", "CI", "audited", "ties", "skips", "stale"):
+        t.add_column(c)
+    for d, a in audits.items():
+        for name, v in a["judges"].items():
+            rate = "-" if v["rate"] is None else f"{v['rate']:.3f}"
+            ci = "-" if v["rate"] is None else f"[{v['ci_low']:.2f}, {v['ci_high']:.2f}]"
+            t.add_row(d, name, f"{v['agree']}/{v['n']}", rate, ci, str(a["audited"]), str(a["ties"]), str(a["skips"]),
+                      str(a["stale"]))
+    console.print(t)

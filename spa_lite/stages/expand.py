@@ -1,4 +1,5 @@
-"""Stage expand --iter i: sample two responses per prompt of X_i from pi_{i-1}, judge them with Eq. 7, write D_i.
+"""Stage expand --iter i: sample N responses per prompt of X_i from pi_{i-1} (N = 2: the paper), judge them with
+Eq. 7 (or the judge the recipe names), keep one pair per prompt, write D_i.
 
 Work is done in shards of ``shard_size`` prompts, each written atomically when finished and seeded by its
 index alone, so a killed expand resumes at the first missing shard and gives the same D_i as an
@@ -7,19 +8,24 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from dataclasses import replace
 
-from spa_lite.config import Recipe
+from spa_lite.config import REWARD_JUDGES, Recipe
 from spa_lite.data import iteration_prompts, load_prompts, to_trl_conversational
 from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
-from spa_lite.errors import DataError
+from spa_lite.errors import DataError, SpaError
 from spa_lite.generation import dtype_name, encode_prompt, sample_responses, sampling_dtype
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
-from spa_lite.judge import judge_llm, judge_logprob
+from spa_lite.judge import judge_llm, judge_logprob, score_responses
+from spa_lite.metrics import confidence_histogram
 from spa_lite.loading import load_stack
-from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream
+from spa_lite.layout import REWARD_STAGE
+from spa_lite.reward import RewardModel, load_run_reward_model, reward_scores
+from spa_lite.runs import Stage, begin_stage, finish_stage, require_stage, require_upstream
 from spa_lite.stack import PolicyStack, adapter_name
 from spa_lite.ui import progress
 from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
@@ -41,44 +47,78 @@ def judge_reference(stack_names: list[str], judge_ref: str) -> list[str] | None:
 
 
 def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: int, on_gen=None, on_judge=None,
-                 sample_fn=sample_responses) -> dict:
+                 sample_fn=sample_responses, reward_model: RewardModel | None = None) -> dict:
     """Sample, judge and pair up one shard of prompts. Returns {"rows": [...], "counts": {...}}.
 
     ``sample_fn`` is transformers' batched sampling on the stack, or a vLLM sampler serving pi_{i-1} as one
-    exported adapter (``expand.backend: vllm``); judging always runs on the stack.
+    exported adapter (``expand.backend: vllm``); judging always runs on the stack. With ``expand.num_samples``
+    N = 2 each prompt's pair is its two samples (the paper); with N > 2 it is the best and the worst of the N by
+    judged reward (``best_worst_pairs``). ``reward_model``: the judge of ``expand.judge: reward`` (and of
+    logprob+reward), loaded into ``stack`` by ``spa_lite.reward.load_reward_model``.
     """
     c = recipe.expand
-    names = stack.prev
+    if c.judge in REWARD_JUDGES and reward_model is None:
+        raise SpaError(f"expand.judge: {c.judge} needs the reward model (spa_lite.reward.load_reward_model)")
     # Eq. 7's log pi_{i-1}(y|x) read off the sampling pass (transformers backend): judging runs only the reference
-    record = c.judge == "logprob" and c.judge_logps == "sampler" and sample_fn is sample_responses
+    record = c.judge in ("logprob", "logprob+reward") and c.judge_logps == "sampler" and sample_fn is sample_responses
     # prompts over model.max_prompt_length are skipped and counted, as in training (a 100,000-character
     # prompt would otherwise make generation allocate gigabytes)
     fits = [len(encode_prompt(stack.tokenizer, p["prompt"])) <= recipe.model.max_prompt_length for p in prompts]
     kept_prompts = [p for p, f in zip(prompts, fits) if f]
-    samples, dtype = [], None
-    if kept_prompts:
-        with stack.use(names) as m:
-            extra = {}
-            if sample_fn is sample_responses and not (record and c.sample_dtype == "auto"):
-                # auto keeps full precision where Eq. 7 reads pi_{i-1}'s log-probs off the sampling pass: a bf16
-                # copy's log-probs are not pi_{i-1}'s, and a float32 forward of pi_{i-1} costs more than bf16
-                # decoding saves (bench/RESULTS.md, generation). A dtype asked for by name with judge_logps:
-                # sampler reads Eq. 7 off the reduced copy: approximate labels (README, "Sampling precision")
-                dtype = sampling_dtype(c.sample_dtype, m)
-                extra = {"dtype": dtype} if dtype is not None else {}
-            samples = sample_fn(
-                m, stack.tokenizer, [p["prompt"] for p in kept_prompts], num_samples=c.num_samples,
-                max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
-                batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}), **extra,
-            )
+    samples, dtype = _sample(stack, recipe, kept_prompts, seed, on_gen, sample_fn, record)
     if on_gen is not None and len(kept_prompts) < len(prompts):
         on_gen(len(prompts) - len(kept_prompts))
     counts = {"prompts": len(prompts), "prompt_too_long": len(prompts) - len(kept_prompts), "identical": 0,
-              "truncated": 0, "empty": 0, "dropped_truncated": 0}
+              "truncated": 0, "empty": 0, "dropped_truncated": 0,
+              # the cost of the shard: every response sampled, and their tokens (N per prompt)
+              "samples": sum(len(ss) for ss in samples),
+              "sampled_tokens": sum(y.num_tokens for ss in samples for y in ss)}
     if c.judge == "verifier":
         counts["undecided"] = 0
+    check: dict = {}
+    if c.num_samples > 2:
+        rows = best_worst_pairs(stack, recipe, kept_prompts, samples, counts, record, dtype, check, on_judge,
+                                reward_model)
+    else:
+        keep = _pairs_of_two(kept_prompts, samples, counts, c.drop_truncated)
+        keep, judged = _judge_pairs(stack, recipe, keep, counts, record, dtype, check, on_judge, reward_model)
+        rows = [_row(rec, y1, y2, j) for (rec, y1, y2), j in zip(keep, judged)]
+    if c.min_confidence > 0:  # a confidence floor: pairs the judge barely separates are left out, and counted
+        counts["below_min_confidence"] = sum(r["confidence"] < c.min_confidence for r in rows)
+        rows = [r for r in rows if r["confidence"] >= c.min_confidence]
+    out = {"rows": rows, "counts": counts, "sample_dtype": dtype_name(dtype)}
+    if check.get("checked"):
+        out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked", "per_token")}
+    return out
+
+
+def _sample(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: int, on_gen, sample_fn, record: bool):
+    """N samples per prompt from pi_{i-1}, and the reduced dtype they were decoded in (None: the model's)."""
+    c = recipe.expand
+    if not prompts:
+        return [], None
+    dtype = None
+    with stack.use(stack.prev) as m:
+        extra = {}
+        if sample_fn is sample_responses and not (record and c.sample_dtype == "auto"):
+            # auto keeps full precision where Eq. 7 reads pi_{i-1}'s log-probs off the sampling pass: a bf16
+            # copy's log-probs are not pi_{i-1}'s, and a float32 forward of pi_{i-1} costs more than bf16
+            # decoding saves (bench/RESULTS.md, generation). A dtype asked for by name with judge_logps:
+            # sampler reads Eq. 7 off the reduced copy: approximate labels (README, "Sampling precision")
+            dtype = sampling_dtype(c.sample_dtype, m)
+            extra = {"dtype": dtype} if dtype is not None else {}
+        samples = sample_fn(
+            m, stack.tokenizer, [p["prompt"] for p in prompts], num_samples=c.num_samples,
+            max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
+            batch_size=c.batch_size, on_batch=on_gen, **({"record_logps": True} if record else {}), **extra,
+        )
+    return samples, dtype
+
+
+def _pairs_of_two(prompts: list[dict], samples: list, counts: dict, drop_truncated: bool) -> list[tuple]:
+    """The paper's pairs (y1, y2) = the two samples of each prompt; unusable ones skipped and counted."""
     keep = []
-    for rec, ss in zip(kept_prompts, samples):
+    for rec, ss in zip(prompts, samples):
         y1, y2 = ss[0], ss[1]
         trunc = y1.truncated or y2.truncated
         counts["truncated"] += int(trunc)
@@ -88,45 +128,145 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
         if y1.text == y2.text:
             counts["identical"] += 1
             continue
-        if trunc and c.drop_truncated:
+        if trunc and drop_truncated:
             counts["dropped_truncated"] += 1
             continue
         keep.append((rec, y1, y2))
-    check: dict = {}
+    return keep
+
+
+def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, record: bool, dtype, check: dict,
+                 on_judge, reward_model: RewardModel | None = None) -> tuple[list, list[dict]]:
+    """Label (rec, y1, y2) with the recipe's judge; returns the pairs kept (the verifier drops some) and their
+    judgments (each with p = p(y1 > y2)).
+
+    reward: p = sigmoid(r(y1) - r(y2)) of the Bradley-Terry reward model (no beta: its reward is a logit);
+    logprob+reward: the mean of Eq. 7's p and that p (both kept in the row as p_logprob and p_reward).
+    """
+    c = recipe.expand
+    names = stack.prev
+    if c.judge in REWARD_JUDGES:
+        x = [encode_prompt(stack.tokenizer, r["prompt"]) for r, _, _ in keep]
+        ys = [a.token_ids for _, a, _ in keep] + [b.token_ids for _, _, b in keep]
+        r = reward_scores(reward_model, x + x, ys, batch_size=2 * c.judge_batch_size)
+        n = len(keep)
+        rm = [{"p": 1.0 / (1.0 + math.exp(-(r[i] - r[n + i]))), "reward_1": r[i], "reward_2": r[n + i]} for i in range(n)]
+        if c.judge == "reward":
+            if on_judge:
+                on_judge(n)
+            return keep, rm
+        _, lp = _judge_pairs(stack, replace(recipe, expand=replace(c, judge="logprob")), keep, counts, record, dtype,
+                             check, on_judge)
+        return keep, [{**a, **b, "p": 0.5 * (a["p"] + b["p"]), "p_logprob": a["p"], "p_reward": b["p"]}
+                      for a, b in zip(lp, rm)]
     if c.judge == "verifier":
-        keep, judged = verifier_judge(keep, counts, recipe.data.prompts)
-    elif c.judge == "llm":
-        judged = judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
-                           [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
-    else:
-        prompt_ids = [encode_prompt(stack.tokenizer, r["prompt"]) for r, _, _ in keep]
-        known = None
-        if record and all(a.logp is not None and b.logp is not None for _, a, b in keep):
-            known = ([a.logp for _, a, _ in keep], [b.logp for _, _, b in keep])
-            if dtype is not None:  # a reduced copy's log-probs: the self-check allows its rounding, per token
-                check.update(tol=REDUCED_TOL_PER_TOKEN, per_token=True)
-        judged = judge_logprob(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
+        return verifier_judge(keep, counts, recipe.data.prompts)
+    if c.judge == "llm":
+        return keep, judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
+                               [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
+    prompt_ids = [encode_prompt(stack.tokenizer, r["prompt"]) for r, _, _ in keep]
+    known = None
+    if record and all(a.logp is not None and b.logp is not None for _, a, b in keep):
+        known = ([a.logp for _, a, _ in keep], [b.logp for _, _, b in keep])
+        if dtype is not None:  # a reduced copy's log-probs: the self-check allows its rounding, per token
+            check.update(tol=REDUCED_TOL_PER_TOKEN, per_token=True)
+    return keep, judge_logprob(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
                                [a.token_ids for _, a, _ in keep], [b.token_ids for _, _, b in keep],
                                beta=c.beta, length_penalty=c.length_penalty, batch_size=c.judge_batch_size,
                                on_batch=on_judge, judge_logps=known, check=check)
-    rows = []
-    for (rec, y1, y2), j in zip(keep, judged):
-        first = j["p"] > 0.5  # Eq. 7: y_w = y1 iff p > 0.5 (ties go to y2)
-        w, l = (y1, y2) if first else (y2, y1)
-        row = {k: v for k, v in rec.items() if k not in {"chosen", "rejected"}}
-        row.update(
-            chosen=w.text, rejected=l.text, p_y1=j["p"], confidence=max(j["p"], 1 - j["p"]),
-            chosen_is_y1=first, len_chosen=w.num_tokens, len_rejected=l.num_tokens,
-            truncated_chosen=w.truncated, truncated_rejected=l.truncated,
-        )
-        if "logratio_1" in j:
-            row.update(logratio_chosen=j["logratio_1"] if first else j["logratio_2"],
-                       logratio_rejected=j["logratio_2"] if first else j["logratio_1"])
+
+
+def _row(rec: dict, y1, y2, j: dict) -> dict:
+    """One row of D_i from a judged pair: chosen = y1 iff p(y1 > y2) > 0.5 (Eq. 7; ties go to y2)."""
+    first = j["p"] > 0.5
+    w, l = (y1, y2) if first else (y2, y1)
+    row = {k: v for k, v in rec.items() if k not in {"chosen", "rejected"}}
+    row.update(
+        chosen=w.text, rejected=l.text, p_y1=j["p"], confidence=max(j["p"], 1 - j["p"]),
+        chosen_is_y1=first, len_chosen=w.num_tokens, len_rejected=l.num_tokens,
+        truncated_chosen=w.truncated, truncated_rejected=l.truncated,
+    )
+    for key in ("logratio", "reward"):  # per-response scores, where the judge has them
+        if f"{key}_1" in j:
+            row.update({f"{key}_chosen": j[f"{key}_1"] if first else j[f"{key}_2"],
+                        f"{key}_rejected": j[f"{key}_2"] if first else j[f"{key}_1"]})
+    row.update({k: j[k] for k in ("p_logprob", "p_reward") if k in j})  # the ensemble's two judges, for p(y1 > y2)
+    return row
+
+
+def _candidates(ss: list, drop_truncated: bool) -> tuple[list[tuple[int, object]], str | None]:
+    """A prompt's distinct non-empty samples as (sample index, sample), the first of each text (truncated ones
+    left out with ``drop_truncated``), and why there are fewer than two (a ``counts`` key) or None."""
+    nonempty = [(k, y) for k, y in enumerate(ss) if y.text]
+    seen: set[str] = set()
+    distinct = []
+    for k, y in nonempty:
+        if y.text not in seen:
+            seen.add(y.text)
+            distinct.append((k, y))
+    usable = [(k, y) for k, y in distinct if not (drop_truncated and y.truncated)]
+    why = ("empty" if len(nonempty) < 2 else "identical" if len(distinct) < 2
+           else "dropped_truncated" if len(usable) < 2 else None)
+    return usable, why
+
+
+def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], samples: list, counts: dict,
+                     record: bool, dtype, check: dict, on_judge=None, reward_model: RewardModel | None = None
+                     ) -> list[dict]:
+    """N > 2 samples per prompt: the pair of the highest and the lowest judged reward among its distinct
+    non-empty samples (iterative DPO's usual choice), as rows of D_i.
+
+    The reward is Eq. 7's r(y) = beta * [log pi_{i-1}(y|x) - log pi_ref(y|x) - a * |y|] (``score_responses``), or
+    with ``expand.judge: reward`` the reward model's r(x, y) (``spa_lite.reward.reward_scores``).
+    The pair keeps its sampling order as (y1, y2), so p_y1 = sigmoid(r(y1) - r(y2)) is Eq. 7's p and the
+    confidence is sigmoid(r_best - r_worst). A prompt with fewer than two candidates is counted under ``empty``,
+    ``identical`` or ``dropped_truncated`` (the first that applies); ``judged_responses`` counts the responses
+    scored.
+    """
+    c = recipe.expand
+    cands = []
+    for rec, ss in zip(prompts, samples):
+        counts["truncated"] += int(any(y.truncated for y in ss))
+        usable, why = _candidates(ss, c.drop_truncated)
+        if why:
+            counts[why] += 1
+            continue
+        cands.append((rec, usable))
+    flat = [(rec, y) for rec, usable in cands for _, y in usable]
+    counts["judged_responses"] = len(flat)
+    prompt_ids = [encode_prompt(stack.tokenizer, rec["prompt"]) for rec, _ in flat]
+    if c.judge == "reward":
+        scores = [{"reward": r} for r in reward_scores(reward_model, prompt_ids, [y.token_ids for _, y in flat],
+                                                        batch_size=2 * c.judge_batch_size)]
+    else:
+        known = None
+        if record and all(y.logp is not None for _, y in flat):
+            known = [y.logp for _, y in flat]
+            if dtype is not None:
+                check.update(tol=REDUCED_TOL_PER_TOKEN, per_token=True)
+        names = stack.prev
+        scores = score_responses(stack, names, judge_reference(names, c.judge_ref), prompt_ids,
+                                 [y.token_ids for _, y in flat], beta=c.beta, length_penalty=c.length_penalty,
+                                 batch_size=2 * c.judge_batch_size, judge_logps=known, check=check)
+    rows, at = [], 0
+    for rec, usable in cands:
+        sc = scores[at : at + len(usable)]
+        at += len(usable)
+        r = [x["reward"] for x in sc]
+        hi, lo = r.index(max(r)), r.index(min(r))
+        if hi == lo:  # every reward equal: any two, p = 0.5
+            hi, lo = 0, 1
+        a, b = sorted((hi, lo))  # sampling order: y1 is the earlier sample
+        z = r[a] - r[b]
+        j = {"p": 1.0 / (1.0 + math.exp(-z)), "reward_1": r[a], "reward_2": r[b]}
+        if "logratio" in sc[a]:
+            j.update(logratio_1=sc[a]["logratio"], logratio_2=sc[b]["logratio"])
+        row = _row(rec, usable[a][1], usable[b][1], j)
+        row.update(num_samples=c.num_samples, candidates=len(usable))
         rows.append(row)
-    out = {"rows": rows, "counts": counts, "sample_dtype": dtype_name(dtype)}
-    if check.get("checked"):
-        out["sampler_logps"] = {k: check[k] for k in ("reused", "max_abs_dev", "checked", "per_token")}
-    return out
+    if on_judge:
+        on_judge(len(rows))
+    return rows
 
 
 def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tuple[list, list[dict]]:
@@ -159,6 +299,8 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     stage = Stage("expand", iteration)
     t0 = time.time()
     require_upstream(recipe, stage, recipe_arg)
+    if recipe.expand.judge in REWARD_JUDGES:
+        require_stage(recipe, REWARD_STAGE, stage.command, recipe_arg)
     out, done = begin_stage(recipe, stage, force)
     if done:
         return done
@@ -179,6 +321,9 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
         if c.backend == "vllm":
             adapter = prepare_adapter(stack, iteration - 1, out / "vllm_adapter")
             sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
+        rm = None
+        if c.judge in REWARD_JUDGES:  # the reward adapter joins the stack: still one copy of the base
+            rm = load_run_reward_model(stack, recipe, stage.command, recipe_arg)
         n_todo = sum(len(shards[k]) for k in todo)
         with progress(enabled=dist.main) as p:
             gen = p.add_task(f"sample iter {iteration}", total=n_todo, info=f"{len(shards) - len(todo)} shards done before")
@@ -186,7 +331,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
             for k in todo:
                 seed = recipe.seed * 1_000_003 + iteration * 10_007 + k * 101
                 res = expand_shard(stack, recipe, shards[k], seed, on_gen=lambda n: p.advance(gen, n),
-                                   on_judge=lambda n: p.advance(jud, n), sample_fn=sample_fn)
+                                   on_judge=lambda n: p.advance(jud, n), sample_fn=sample_fn, reward_model=rm)
                 p.advance(jud, len(shards[k]) - len(res["rows"]))
                 atomic_write_json(shard_dir / f"{k:05d}.json", {"shard": k, **res})
                 written += 1
@@ -230,11 +375,3 @@ def summarize_pairs(rows: list[dict], counts: dict) -> dict:
         "confidence_hist": confidence_histogram([r["confidence"] for r in rows]),
     }
 
-
-def confidence_histogram(conf: list[float], bins: int = 10) -> dict:
-    """Counts of judged confidences max(p, 1-p) in ``bins`` equal bins over [0.5, 1] (the last bin closed)."""
-    edges = [round(0.5 + 0.5 * k / bins, 4) for k in range(bins + 1)]
-    counts = [0] * bins
-    for c in conf:
-        counts[min(bins - 1, max(0, int((c - 0.5) * 2 * bins)))] += 1
-    return {"edges": edges, "counts": counts}

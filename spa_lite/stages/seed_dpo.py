@@ -9,7 +9,7 @@ from spa_lite.data import load_pairs, shuffled
 from spa_lite.errors import DataError
 from spa_lite.loading import load_stack
 from spa_lite.runs import Stage, begin_stage, finish_stage
-from spa_lite.stages.common import fit_and_save, tokenize_pairs
+from spa_lite.stages.common import fit_and_save, tokenize_pairs, truncated_count
 from spa_lite.training import LoopSpec
 
 
@@ -30,10 +30,14 @@ def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> d
     if recipe.data.seed_limit:
         rows = rows[: recipe.data.seed_limit]
     stack = load_stack(recipe, frozen_upto=-1, trainable="seed", shard=True)
-    pairs, skipped = tokenize_pairs(stack.tokenizer, rows, recipe.model.max_length, recipe.model.max_prompt_length)
+    m = recipe.model
+    pairs, skipped = tokenize_pairs(stack.tokenizer, rows, m.max_length, m.max_prompt_length, m.truncation)
     if not pairs:
-        raise DataError(recipe.data.seed_pairs, None, None, f"all {len(rows)} pairs exceed model.max_length")
+        raise DataError(recipe.data.seed_pairs, None, None, f"all {len(rows)} pairs exceed model.max_length "
+                        f"{m.max_length} or model.max_prompt_length {m.max_prompt_length} and model.truncation is "
+                        "skip: set it to truncate or raise the limits")
     spec = loop_spec(recipe)
     summary = fit_and_save(recipe, stack, pairs, spec, out, "seed DPO", stop_after)
-    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_dropped=dropped)
+    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_truncated=truncated_count(pairs),
+                   truncation=m.truncation, pairs_dropped=dropped)
     return finish_stage(recipe, stage, summary, {"seed_pairs": recipe.data.seed_pairs}, t0)

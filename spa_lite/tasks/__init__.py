@@ -11,6 +11,7 @@ they need at their top, and ``tasks.<submodule>`` imports a submodule on first u
     tasks.plan        plan
     tasks.info        recipes, recipes copy, report
     tasks.doctor      doctor
+    tasks.labels      inspect, audit import
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from spa_lite.ui import console
 
 __all__ = ["RecipeArgs", "setup_logging", "user_errors"]
 
-_SUBMODULES = ("stages", "winrate", "answers", "export", "plan", "info", "doctor")
+_SUBMODULES = ("stages", "winrate", "answers", "export", "plan", "info", "doctor", "labels")
 
 
 def __getattr__(name: str):

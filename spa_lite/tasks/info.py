@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spa_lite.config import copy_recipe, recipe_description, shipped_recipes
+from spa_lite.config import copy_recipe, shipped_recipes
+from spa_lite.recipe_files import listing_line
 from spa_lite.report import write_report
 from spa_lite.ui import console
 
@@ -14,7 +15,7 @@ def list_recipes() -> None:
     recipes = shipped_recipes()
     width = max(map(len, recipes))
     for name, path in recipes.items():
-        print(f"{name:<{width}}  {recipe_description(path)}")
+        print(f"{name:<{width}}  {listing_line(name, path)}")
 
 
 def copy_shipped_recipe(name: str, dest: Path | None, force: bool) -> Path:

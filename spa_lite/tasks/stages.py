@@ -1,4 +1,4 @@
-"""`spa-lite seed-dpo | expand | train | run | eval | split`: run a stage, then print its summary."""
+"""`spa-lite seed-dpo | reward | expand | train | run | eval | split`: run a stage, then print its summary."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from spa_lite.config import plain_name_problem
 from spa_lite.errors import SpaError
-from spa_lite.stages import evaluate, expand, pipeline, seed_dpo, split, train
+from spa_lite.stages import evaluate, expand, pipeline, reward, seed_dpo, split, train
 from spa_lite.stages.pipeline import stage_rows
 from spa_lite.tasks import RecipeArgs, setup_logging
 from spa_lite.ui import summary_table
@@ -16,6 +16,13 @@ def run_seed_dpo(args: RecipeArgs, force: bool) -> dict:
     setup_logging()
     m = seed_dpo.run(args.load(), force=force)
     summary_table("seed-dpo", stage_rows("seed", m))
+    return m
+
+
+def run_reward(args: RecipeArgs, force: bool) -> dict:
+    setup_logging()
+    m = reward.run(args.load(), force=force)
+    summary_table("reward", stage_rows("reward", m))
     return m
 
 
@@ -50,14 +57,15 @@ def _numbers(text: str | None, kind, option: str, what: str) -> list | None:
 
 def run_eval(args: RecipeArgs, *, pairs: str | None, fmt: str | None, limit: int, methods: str, flip: float,
              lambdas: str | None, pass_rate: bool, prompt_limit: int, samples: int, temperature: float,
-             tag: str | None) -> dict:
+             tag: str | None, audit_only: bool = False) -> dict:
     setup_logging()
     recipe = args.load()
     if tag is not None and plain_name_problem(tag, "--tag"):
         raise SpaError(plain_name_problem(tag, "--tag"))
     rep = evaluate.run(recipe, pairs, fmt, limit, methods=[m.strip() for m in methods.split(",") if m.strip()],
                        flip=flip, lambdas=_numbers(lambdas, float, "--lambdas", "numbers"), do_pass_rate=pass_rate,
-                       prompt_limit=prompt_limit, samples=samples, tag=tag, temperature=temperature)
+                       prompt_limit=prompt_limit, samples=samples, tag=tag, temperature=temperature,
+                       audit_only=audit_only)
     evaluate.print_report(rep)
     return rep
 
