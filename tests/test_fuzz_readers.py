@@ -269,7 +269,7 @@ RECIPE_TEXTS = {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "r
 
 
 @st.composite
-def mutated_recipe(draw, big: bool = False):
+def mutated_recipe(draw):
     text = RECIPE_TEXTS[draw(st.sampled_from(sorted(RECIPE_TEXTS)))]
     data = yaml.safe_load(text)
     kind = draw(st.sampled_from(["bytes", "value", "nest", "huge", "encoding", "yaml"]))
@@ -280,11 +280,12 @@ def mutated_recipe(draw, big: bool = False):
         if kind == "value":
             target[key] = draw(json_values)
         elif kind == "huge":
-            size = draw(st.sampled_from([10_000, 100_000] + ([300_000] if big else [])))  # PyYAML reads in pure Python
+            # PyYAML reads in pure Python (a 300 KB value took seconds on a loaded machine): the bench keeps CI's sizes
+            size = draw(st.sampled_from([10_000, 100_000]))
             target[key] = "x" * size if draw(st.booleans()) else "@BIG@"
         text = yaml.safe_dump(data, sort_keys=False).replace("'@BIG@'", "9" * 5000)  # past int()'s digit limit
         if kind == "nest":
-            depth = draw(st.sampled_from([10, 300, 1_500] + ([5_000] if big else [])))
+            depth = draw(st.sampled_from([10, 300, 1_500]))
             text += f"\n{key}: " + "[" * depth + "]" * depth + "\n"
     elif kind == "yaml":  # YAML's own features: anchors and aliases, tags, several documents, odd scalars
         text += draw(st.sampled_from([
@@ -328,12 +329,11 @@ def read_recipe_case(path: Path, counts: Counter, tiny_model_dir: Path | None) -
 
 
 def _run_recipe_fuzz(tmp: Path, examples: int, derandomize: bool, counts: Counter, tiny_model_dir) -> None:
-    big = not derandomize
     n = {"case": 0}
 
     @settings(max_examples=examples, deadline=None, derandomize=derandomize, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(raw=mutated_recipe(big))
+    @given(raw=mutated_recipe())
     def prop(raw):
         n["case"] += 1
         path = tmp / f"r{n['case']}.yaml"
