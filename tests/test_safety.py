@@ -95,8 +95,11 @@ FAULTS = [
     Fault("truncated or damaged gzip", "one `error:` line naming the file",
           "tests/test_faults.py::test_truncated_gzip_is_named_not_aborted"),
     Fault("random truncation, byte flips, wrong types, deep nesting, huge fields, odd encodings in JSONL, JSON, "
-          "gzip, Parquet and YAML recipes", "a correct load or one `error:` line (exit 2); no traceback, no hang",
+          "gzip and Parquet data files", "a correct load or one `error:` line (exit 2); no traceback, no hang",
           "tests/test_fuzz_readers.py::test_fuzzed_data_files_load_or_fail_cleanly"),
+    Fault("the same mutations, YAML features (anchors, python tags, several documents) and other encodings in "
+          "recipes", "a recipe or one `error:` line (exit 2) naming the file", "tests/test_fuzz_readers.py::"
+          "test_fuzzed_recipes_load_or_fail_cleanly"),
     # ---- recipe and command line
     Fault("infinite or NaN number in a recipe", "refused: `must be a finite number`",
           "tests/test_safety.py::test_infinite_learning_rate_says_finite"),
