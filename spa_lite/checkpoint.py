@@ -4,15 +4,16 @@ step it resumes from."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from spa_lite.errors import SpaError
 from spa_lite.fsdp import copy_full_into
-from spa_lite.io import atomic_dir, atomic_write_text
+from spa_lite.io import atomic_dir, atomic_write_text, write_new_file
 from spa_lite.losses import ConfidenceWindow
 from spa_lite.stack import PolicyStack
 
@@ -38,10 +39,16 @@ def save_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, step: int, wi
     optim = _optimizer_state(stack, opt)
     if not write:
         return
-    with atomic_dir(_checkpoint_paths(out_dir)) as tmp:
-        save_file(params, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "sharded": stack.sharded}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "window": window.state_dict() if window else None}))
+    # serialised in memory (an adapter and its optimizer state: megabytes) and written by spa_lite.io, so a full
+    # disk is an OSError naming the file, not torch's "[enforce fail at inline_container.cc]"
+    buf = io.BytesIO()
+    torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "sharded": stack.sharded}, buf)
+    files = {"trainable.safetensors": save(params), "optim.pt": buf.getvalue(),
+             "state.json": json.dumps({"step": step, "window": window.state_dict() if window else None}).encode()}
+    ck = _checkpoint_paths(out_dir)
+    with atomic_dir(ck) as tmp:
+        for name, data in files.items():
+            write_new_file(tmp / name, data, ck / name)
 
 
 def load_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, window: ConfidenceWindow | None) -> int:
@@ -53,7 +60,10 @@ def load_checkpoint(out_dir: Path, stack: PolicyStack, opt, sched, window: Confi
     """
     ck = _checkpoint_paths(out_dir)
     if not (ck / "state.json").exists():
-        return 0
+        # killed between atomic_dir's two renames: the previous checkpoint waits under its .old name
+        ck = ck.with_name(f".{ck.name}.old")
+        if not (ck / "state.json").exists():
+            return 0
     st = torch.load(ck / "optim.pt", map_location="cpu", weights_only=True)
     if bool(st.get("sharded", False)) != stack.sharded:
         raise SpaError(f"{ck}: the checkpoint was written {'with' if st.get('sharded') else 'without'} FSDP; "

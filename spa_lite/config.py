@@ -233,6 +233,9 @@ class Recipe:
                                  "and DND")
     memory: MemoryConfig = setting(factory=MemoryConfig, help="process memory on CPU: how glibc's heap is tuned "
                                    "(no effect on what a stage computes)")
+    # how the user named this recipe on the command line (recipe, --name, --run-dir, --set), for the rerun commands
+    # that error messages suggest; set by the CLI (``tasks.RecipeArgs.load``), not a setting (no field, no hash)
+    rerun_args: typing.ClassVar[str] = "RECIPE"
 
     @property
     def run_path(self) -> Path:
@@ -344,6 +347,9 @@ def _bounds_problems(obj: Any, section: str) -> list[str]:
         for x in v if isinstance(v, list) else [v]:
             if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
                 continue  # None means "not set" (threads, seed_limit); types were checked when filling
+            if isinstance(x, float) and not math.isfinite(x):  # .inf and .nan pass no comparison: say why
+                problems.append(f"{where}: {x!r} must be a finite number ({bounds})")
+                break
             if not bounds.allows(x):
                 problems.append(f"{where}: {x!r} must be {bounds}" + (f" ({bounds.why})" if bounds.why else ""))
                 break
@@ -389,6 +395,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _read_yaml(path: Path) -> Any:
+    """A recipe file's YAML (safe_load; a UTF-8 byte-order mark allowed); every way it can be unreadable is a
+    SpaError naming the file (and the line, where YAML knows it)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpaError(f"{path}: not UTF-8 text (byte offset {e.start}); save the recipe as UTF-8") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SpaError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise SpaError(f"{path}: YAML nested too deeply to read") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise SpaError(f"{path}: invalid YAML ({e})") from None
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Recipe:
     """Load a recipe from YAML and apply ``section.key=value`` overrides.
 
@@ -401,19 +426,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = resolve_recipe_path(path)
         source = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise SpaError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data = _read_yaml(path)
         if not isinstance(data, dict):
             raise SpaError(f"{path}: a recipe must be a mapping of sections")
         _fill(recipe, data, "", problems)
     # every problem is reported at once: unknown keys and bad values of the file, of the overrides, and the
     # checks of the merged recipe
     override_problems: list[str] = []
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for keys, value in items:
         if isinstance(keys, str):
             keys = keys.split(".")
@@ -421,9 +441,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
         for k in reversed(keys):
             nested = {k: nested}
         _fill(recipe, nested, "", override_problems)
-    problems += validate(recipe)
+    # a bad value is blamed where it was given: the file, or the overrides (--set, --name, --run-dir, flags)
+    given = {k if isinstance(k, str) else ".".join(k) for k, _ in items}
+    for p in validate(recipe):
+        key = p.split(":", 1)[0].split("[", 1)[0]
+        by_override = any(key == g or key.startswith(g + ".") for g in given)
+        (override_problems if by_override else problems).append(p)
     parts = ([f"{source}: " + "; ".join(problems)] if problems else []) + (
-        ["overrides: " + "; ".join(override_problems)] if override_problems else [])
+        ["overrides (--set, --name, --run-dir, flags): " + "; ".join(override_problems)] if override_problems else [])
     if parts:
         raise SpaError(" | ".join(parts))
     return recipe

@@ -16,6 +16,7 @@ Schemas recognised (``format: auto`` picks by the first record's fields):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -26,7 +27,7 @@ from typing import Any
 
 from spa_lite.demo import demo_path
 from spa_lite.errors import DataError, SpaError
-from spa_lite.io import read_jsonl, read_lines
+from spa_lite.io import parse_json, read_jsonl, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,35 @@ def resolve_data_path(spec: str) -> Path | str:
     return p if p.exists() or "/" not in spec or spec.startswith((".", "/")) else spec
 
 
+MAX_DEPTH = 32  # nesting levels a record may have (messages are 3): deeper is refused, not recursed into
+
+
+def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``obj`` nests lists and dicts more than ``limit`` levels (walked without recursion)."""
+    stack = [(obj, 0)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (list, dict)):
+            if d >= limit:
+                return True
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return False
+
+
 def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, dict]]:
-    """Yield (source, line, record) from JSONL, JSON, Parquet, a saved dataset folder or a hub dataset."""
+    """Yield (source, line, record) from JSONL, JSON, Parquet, a saved dataset folder or a hub dataset.
+
+    Raises:
+        DataError: naming the file and line of a record that cannot be read, or that nests deeper than
+            ``MAX_DEPTH`` levels (the writers of D_i and split files would not get through it).
+    """
+    for src, line, rec in _records(spec, split):
+        if _too_deep(rec):
+            raise DataError(src, line, None, f"record nested more than {MAX_DEPTH} levels deep")
+        yield src, line, rec
+
+
+def _records(spec: str, split: str) -> Iterator[tuple[str, int, dict]]:
     src = resolve_data_path(spec)
     if isinstance(src, Path):
         if not src.exists():
@@ -52,21 +80,23 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
             for lineno, rec in read_jsonl(src):
                 yield str(src), lineno, rec
             return
-        import datasets  # slow to import (seconds): only for .json, .parquet, dataset folders and hub names
+        if src.suffix == ".json":
+            for i, rec in _json_records(src):
+                yield str(src), i, rec
+            return
+        import datasets  # slow to import (seconds): only for .parquet, dataset folders and hub names
 
         if src.is_dir():
             ds = datasets.load_from_disk(str(src))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split] if split in ds else ds[next(iter(ds))]
-        elif src.suffix in {".json", ".parquet"}:
+        elif src.suffix == ".parquet":
             try:
-                ds = datasets.load_dataset(src.suffix[1:], data_files=str(src), split="train")
-            except Exception as e:  # noqa: BLE001 - datasets wraps the reader's error; find the line ourselves
-                if src.suffix == ".json":
-                    _check_json_file(src)
+                ds = datasets.load_dataset("parquet", data_files=str(src), split="train")
+            except Exception as e:  # noqa: BLE001 - datasets wraps the reader's error; its first line names it
                 cause = e.__cause__ or e
                 detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-                raise DataError(src, None, None, f"cannot read it as {src.suffix[1:]}: {detail}") from None
+                raise DataError(src, None, None, f"cannot read it as parquet: {detail}") from None
         else:
             raise DataError(src, None, None, "unknown file type (use .jsonl, .jsonl.gz, .json, .parquet or a dataset folder)")
     else:
@@ -76,23 +106,41 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
             ds = datasets.load_dataset(src, split=split)
         except Exception as e:  # hub errors come in many types; the message is what the user needs
             raise SpaError(f"cannot load dataset '{src}' (split {split}): {e}") from None
-    for i, rec in enumerate(ds, start=1):
+    rows = iter(ds)
+    for i in itertools.count(1):
+        try:
+            rec = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a damaged Parquet page surfaces as any of arrow's errors, or bad UTF-8
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(src, i, None, f"cannot read this record ({type(e).__name__}: {detail})") from None
         yield str(src), i, dict(rec)
 
 
-def _check_json_file(src: Path) -> None:
-    """Raise DataError naming the line of the first syntax error in a JSON (or JSON Lines) file."""
-    text = "".join(line for _, line in read_lines(src))
+def _json_records(src: Path) -> Iterator[tuple[int, dict]]:
+    """(index, record) of a .json file: a list of objects or one object, or JSON Lines under a .json name.
+
+    Raises:
+        DataError: naming the line of the first syntax error (or of bytes that are not UTF-8), or the record
+            that is not an object.
+    """
+    text = "".join(line for _, line in read_lines(src))  # a byte-order mark dropped, bad bytes named by line
     try:
-        json.loads(text)
-        return
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        whole = e
-    if text.lstrip().startswith("{"):  # maybe JSON Lines under a .json name
-        for _ in read_jsonl(src):
-            pass
-        return
-    raise DataError(src, whole.lineno, None, f"malformed JSON ({whole.msg} at column {whole.colno})")
+        if text.lstrip().startswith("{"):  # maybe JSON Lines under a .json name: read_jsonl names the bad line
+            yield from read_jsonl(src)
+            return
+        raise DataError(src, e.lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except (RecursionError, ValueError):
+        parse_json(text, src)  # raises the DataError that says why
+        raise
+    records = data if isinstance(data, list) else [data]
+    for i, rec in enumerate(records, start=1):
+        if not isinstance(rec, dict):
+            raise DataError(src, None, f"record {i}", f"expected a JSON object, got {type(rec).__name__}")
+        yield i, rec
 
 
 def detect_format(rec: dict) -> str:
@@ -186,6 +234,13 @@ def _skip(skipped: list[DegeneratePair], err: DegeneratePair, counts: dict | Non
         log.warning("skipping unusable pairs; first: %s", err)
 
 
+def _check_prompt_text(prompt: list[dict], src, line) -> None:
+    """A prompt whose last user message is empty or whitespace asks nothing: sampling and judging it would
+    train on noise, so loaders skip and count it (reason ``empty_prompt``)."""
+    if not prompt[-1]["content"].strip():
+        raise _degenerate(src, line, "prompt", "empty prompt (the user message is blank)", "empty_prompt")
+
+
 def normalize_pair(rec: dict, fmt: str, src: str, line: int, distinct: bool = True) -> dict:
     """One record as a normalised pair. ``distinct``: refuse identical responses (a prompt pool does not care)."""
     for key in ("chosen", "rejected"):
@@ -215,6 +270,7 @@ def normalize_pair(rec: dict, fmt: str, src: str, line: int, distinct: bool = Tr
             raise DataError(src, line, "chosen", "conversation does not start with the prompt")
     if not prompt or prompt[-1]["role"] != "user":
         raise DataError(src, line, "prompt", "must end with a user message")
+    _check_prompt_text(prompt, src, line)
     if not chosen.strip() or not rejected.strip():
         raise _degenerate(src, line, "chosen" if not chosen.strip() else "rejected", "empty response", "empty")
     if distinct and chosen == rejected:  # no preference to learn: DPO's loss is log 2 whatever the policy
@@ -262,8 +318,13 @@ def load_pairs(spec: str, fmt: str = "auto", limit: int | None = None, dropped: 
     return pairs
 
 
-def load_prompts(spec: str, fmt: str = "auto") -> list[dict]:
-    """Prompts from a prompt file (``prompt`` per record) or from the prompts of preference data."""
+def load_prompts(spec: str, fmt: str = "auto", dropped: dict | None = None) -> list[dict]:
+    """Prompts from a prompt file (``prompt`` per record) or from the prompts of preference data.
+
+    Args:
+        dropped: filled with the count of skipped records per reason (``empty_prompt`` for a blank prompt; for
+            preference data also ``empty``, ``diverging``).
+    """
     out: list[dict] = []
     skipped: list[DegeneratePair] = []
     src_name = spec
@@ -275,11 +336,18 @@ def load_prompts(spec: str, fmt: str = "auto") -> list[dict]:
                 raise DataError(src, line, "prompt", "missing")
             item = {k: v for k, v in rec.items() if k != "prompt"}
             item["prompt"] = _msgs(rec["prompt"], src, line, "prompt")
+            if not item["prompt"]:
+                raise DataError(src, line, "prompt", "no messages")
+            try:
+                _check_prompt_text(item["prompt"], src, line)
+            except DegeneratePair as e:
+                _skip(skipped, e, dropped)
+                continue
         else:
             try:
                 pair = normalize_pair(rec, f, src, line, distinct=False)
             except DegeneratePair as e:
-                _skip(skipped, e)
+                _skip(skipped, e, dropped)
                 continue
             item = {k: v for k, v in pair.items() if k not in {"chosen", "rejected"}}
         item.setdefault("source", f"{src}:{line}")

@@ -20,7 +20,7 @@ from spa_lite.models import ALIASES, load_base_model
 from spa_lite.runs import adapter_dir, verify_inputs
 from spa_lite.stack import LoraSettings, PolicyStack, adapter_name, build_stack
 
-__all__ = ["load_stack", "setup_torch"]
+__all__ = ["check_model_path", "load_stack", "setup_torch"]
 
 
 def _device_type(recipe: Recipe) -> str:
@@ -37,7 +37,7 @@ def setup_torch(recipe: Recipe) -> None:
     apply_malloc(recipe.memory.malloc, recipe.memory.mmap_threshold_kib, _device_type(recipe))
 
 
-def _check_model_path(name: str) -> None:
+def check_model_path(name: str) -> None:
     """A base given as a path must exist (else transformers takes it for a malformed hub id)."""
     if name.lower() in ALIASES:
         return
@@ -54,7 +54,7 @@ def load_stack(recipe: Recipe, frozen_upto: int, trainable: str | None = None, s
     """
     setup_torch(recipe)
     m = recipe.model
-    _check_model_path(m.name_or_path)
+    check_model_path(m.name_or_path)
     verify_inputs(recipe, frozen_upto)  # eval, export and winrate load adapters without require_upstream
     device = local_device() or m.device  # under a launcher each process takes its own GPU
     base, tok = load_base_model(m.name_or_path, m.quantization, m.dtype, device, m.gradient_checkpointing)

@@ -44,10 +44,11 @@ from safetensors.torch import save_file
 
 from spa_lite.config import Recipe
 from spa_lite.errors import SpaError
-from spa_lite.io import atomic_dir, read_json
-from spa_lite.loading import load_stack
+from spa_lite.io import atomic_dir, disk_errors, read_json
+from spa_lite.loading import check_model_path, load_stack
 from spa_lite.layout import Stage, adapter_dir, policy_label, policy_names, read_manifest
 from spa_lite.models import load_base_model, name_base_portably, portable_base_id
+from spa_lite.runs import verify_inputs
 from spa_lite.stack import PolicyStack, adapter_name, build_stack
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def export_single_adapter(source: PolicyStack | Recipe, k: int, out_dir: str | P
         fan_in_fan_out=getattr(first, "fan_in_fan_out", False),
     )
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with disk_errors(out_dir), atomic_dir(out_dir) as tmp:
         cfg.save_pretrained(str(tmp))
         name_base_portably(tmp)
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -270,6 +271,10 @@ def export_merged(recipe: Recipe, k: int, out_dir: str | Path, dtype: torch.dtyp
     for n, p in frozen:
         if not (Path(p) / "adapter_config.json").exists():
             raise SpaError(f"{policy_label(k)} needs adapter {n} at {p}; it is missing (finish the run's stages first)")
+    # the checks every other command makes before it loads a policy: the base weights and each adapter are the
+    # ones their stages recorded (a replaced base or a damaged adapter would be merged without a word)
+    check_model_path(recipe.model.name_or_path)
+    verify_inputs(recipe, k)
     base, tok = load_base_model(recipe.model.name_or_path, quantization="none", dtype="float32", device=device)
     stack = build_stack(base, tok, frozen)
     _check_supported(stack.model, names)
@@ -277,7 +282,7 @@ def export_merged(recipe: Recipe, k: int, out_dir: str | Path, dtype: torch.dtyp
     merged = merged.to(dtype)
     merged.config.use_cache = True  # load_base_model turns the KV cache off for training; serving wants it
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with disk_errors(out_dir), atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(recipe, k, dtype), encoding="utf-8")

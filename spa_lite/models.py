@@ -197,6 +197,40 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+_NETWORK_ERRORS = {"TransportError", "ConnectionError", "ConnectError", "TimeoutException", "Timeout", "gaierror"}
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """A failure to reach the server at all (DNS, refused, timed out), as opposed to an answer from it."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & _NETWORK_ERRORS) or (isinstance(e, OSError) and not names & {"HfHubHTTPError"})
+
+
+def hub_model_path(name: str) -> str:
+    """``name`` when the hub answers for it, its cached snapshot when the hub cannot be reached.
+
+    One quick request decides, so that a machine without network fails in one line within seconds instead of
+    after the download's retries (about a minute of ``Retrying in 8s`` lines).
+
+    Raises:
+        SpaError: the hub cannot be reached and the model is not in the local cache.
+    """
+    from huggingface_hub import model_info, snapshot_download  # only for hub ids
+
+    try:
+        model_info(name, timeout=10)
+        return name
+    except Exception as e:  # noqa: BLE001 - an answer (not found, gated) is for from_pretrained to report
+        if not _is_network_error(e):
+            return name
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached either
+        raise SpaError(f"model '{name}': cannot reach the hub ({reason}) and it is not in the local cache; check the "
+                       f"network, or give model.name_or_path a local folder (set HF_HUB_OFFLINE=1 to work offline)") from None
+
+
 def ensure_chat_template(tokenizer) -> None:
     """Give the tokenizer a pad token and a chat template (the documented fallback when it has none)."""
     if tokenizer.pad_token is None:
@@ -235,6 +269,8 @@ def load_base_model(
     path = resolve_model_path(name_or_path)
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise SpaError(f"model '{name_or_path}' is not a local folder and the hub is offline")
+    if not Path(path).exists():
+        path = hub_model_path(path)
     tok = load_tokenizer(path)
     kwargs = dict(dtype=prec.dtype, use_safetensors=True, trust_remote_code=False)
     if prec.quantized:

@@ -10,19 +10,16 @@ Every section whose inputs are missing is skipped, and the Markdown says so. Onl
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from spa_lite.errors import SpaError
-from spa_lite.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from spa_lite.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from spa_lite.layout import Stage, data_path
 
 CONF_BINS = [0.5 + 0.05 * k for k in range(11)]  # confidence = max(p, 1 - p) lies in [0.5, 1]
@@ -175,16 +172,7 @@ def _figure(nrows: int = 1, ncols: int = 1, size=(6.4, 4.0)):
 def _save_png(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)  # Figure without pyplot renders with Agg
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, buf.getvalue())  # 0644 like report.md
 
 
 def _nan(xs):

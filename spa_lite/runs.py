@@ -185,13 +185,20 @@ def stage_identity(recipe: Recipe, stage: Stage) -> dict:
     return out
 
 
-def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, recipe_arg: str = "RECIPE") -> None:
+def rerun_args(recipe: Recipe, recipe_arg: str | None) -> str:
+    """The recipe options of a suggested command: ``recipe_arg`` when a caller knows them, else the ones the CLI
+    recorded on the recipe (``Recipe.rerun_args``: recipe, --name, --run-dir, --set)."""
+    return recipe_arg if recipe_arg not in (None, "RECIPE") else recipe.rerun_args
+
+
+def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, recipe_arg: str | None = None) -> None:
     """Check the base weights and the adapters pi_0..pi_{frozen_upto} (and D_{data_of}) are the ones their
     stages recorded.
 
     Raises:
         InputChangedError: naming the file, what is wrong with it, and the stage to rerun.
     """
+    recipe_arg = rerun_args(recipe, recipe_arg)
     base_now = None
     for k in range(frozen_upto + 1):
         st = policy_stage(k)
@@ -234,7 +241,7 @@ def verify_inputs(recipe: Recipe, frozen_upto: int, data_of: int | None = None, 
             raise InputChangedError(f"{path} differs from the D_{data_of} that {st.key} wrote; {redo}")
 
 
-def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str = "RECIPE") -> None:
+def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str | None = None) -> None:
     """Refuse to run ``stage`` before the stage it reads, on one made from another config, or on inputs
     (base weights, adapters, D_i) that changed since they were made.
 
@@ -245,11 +252,12 @@ def require_upstream(recipe: Recipe, stage: Stage, recipe_arg: str = "RECIPE") -
     up = stage.upstream()
     if up is None:
         return
+    recipe_arg = rerun_args(recipe, recipe_arg)
     require_stage(recipe, up, stage.command, recipe_arg)
     verify_inputs(recipe, stage.iteration - 1, stage.iteration if stage.kind == "train" else None, recipe_arg)
 
 
-def require_stage(recipe: Recipe, up: Stage, needed_by: str, recipe_arg: str = "RECIPE") -> None:
+def require_stage(recipe: Recipe, up: Stage, needed_by: str, recipe_arg: str | None = None) -> None:
     """Refuse to go on unless stage ``up`` is complete and made from this recipe's config; for the reward stage
     also that its adapter and head are the files it wrote.
 
@@ -257,6 +265,7 @@ def require_stage(recipe: Recipe, up: Stage, needed_by: str, recipe_arg: str = "
         StageOrderError: naming the missing stage and the command that makes it.
         InputChangedError: naming the changed file and the stage to rerun.
     """
+    recipe_arg = rerun_args(recipe, recipe_arg)
     m = read_manifest(recipe, up)
     where = stage_dir(recipe, up)
     if m is None or m.get("status") != "complete":

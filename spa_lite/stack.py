@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from spa_lite.errors import SpaError
 from spa_lite.fsdp import full_tensor
-from spa_lite.io import atomic_dir
+from spa_lite.io import atomic_dir, disk_errors
 from spa_lite.layout import adapter_name  # noqa: F401 - the stack's adapter names are the run layout's
 from spa_lite.models import name_base_portably
 
@@ -117,7 +117,7 @@ class PolicyStack:
 
 def save_adapter(model, name: str, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with disk_errors(out_dir), atomic_dir(out_dir) as tmp:
         extra = {"state_dict": state} if state is not None else {}
         model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True, **extra)
         sub = tmp / name  # peft nests every adapter but 'default' in a folder of its name

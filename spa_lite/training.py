@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -27,11 +28,14 @@ from spa_lite.distributed import get_dist
 from spa_lite.dro import dro_dpo_loss
 from spa_lite.errors import DivergedError
 from spa_lite.fsdp import full_tensor
-from spa_lite.io import dumps
+from spa_lite.io import append_text, dumps
 from spa_lite.logps import (TokenizedPair, backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
                             hidden_sequence_logps, sequence_logps)
 from spa_lite.losses import ConfidenceWindow, dpo_logits, label_smoothing_weights, refined_dpo_loss
 from spa_lite.stack import PolicyStack
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -252,6 +256,14 @@ def _all_reduce_grads(params: list[torch.Tensor], dist) -> None:
         offset += k
 
 
+def warn_short_warmup(out_dir: Path, steps: int, warmup: int, spec: LoopSpec) -> None:
+    """Say so when a stage ends before its warmup does: the learning rate never reaches ``lr`` (and a one-step
+    stage applies lr 0: its adapter does not move)."""
+    log.warning("%s: %d optimizer step%s but warmup_ratio %g needs %d to reach lr %g: the peak rate is never "
+                "applied (step 1 applies 0); lower warmup_ratio or train on more pairs or epochs", out_dir, steps,
+                "" if steps == 1 else "s", spec.warmup_ratio, warmup, spec.lr)
+
+
 def run_dpo_loop(
     stack: PolicyStack,
     pairs: Sequence[TokenizedPair],
@@ -277,7 +289,10 @@ def run_dpo_loop(
     params = stack.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     steps = total_steps(len(pairs), spec)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(spec.warmup_ratio * steps), steps)
+    warmup = math.ceil(spec.warmup_ratio * steps)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, steps)
+    if dist.main and warmup >= steps:
+        warn_short_warmup(out_dir, steps, warmup, spec)
     window = ConfidenceWindow(spec.window, spec.k_percent) if spec.refine else None
     start = load_checkpoint(out_dir, stack, opt, sched, window)
     metrics_path = out_dir / "metrics.jsonl"
@@ -329,22 +344,21 @@ def run_dpo_loop(
             first_loss = total if first_loss is None and step == 0 else first_loss
             # finite or fail: a diverged step is logged (NaN as null) but never applied or checkpointed
             diverged = divergence(total, gnorm, first_loss, spec)
+            lr = sched.get_last_lr()[0]  # the rate this step applies (the scheduler moves on after it)
             if diverged is None:
                 opt.step()
                 sched.step()
             opt.zero_grad(set_to_none=True)
             row = {"step": step + 1, "loss": total, **{k: v / max(counted, 1) for k, v in sums.items()},
-                   "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+                   "lr": lr, "grad_norm": gnorm,
                    "refining": step >= refine_from and spec.refine, "elapsed_s": round(time.time() - t0, 3)}
             if window is not None:
                 row["tau"] = window.tau
             # strict JSON: statistics that do not apply (tau without refinement) are null, not NaN
             row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
             if dist.main:
-                ff.write("".join(dumps(r) + "\n" for r in flag_rows))
-                mf.write(dumps(row) + "\n")
-                mf.flush()
-                ff.flush()
+                append_text(ff, "".join(dumps(r) + "\n" for r in flag_rows), flags_path)
+                append_text(mf, dumps(row) + "\n", metrics_path)
             if on_step:
                 on_step(step + 1, steps, row)
             if diverged is not None:

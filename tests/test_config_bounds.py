@@ -39,8 +39,9 @@ OLD_TABLE = [
     ("train.window", 0, "train.window: 0 must be >= 1"),
     ("train.refine_start", 1.5, "train.refine_start: 1.5 must be >= 0 and <= 1"),
     ("train.lambdas", [0.5, -1.0], "train.lambdas: -1.0 must be >= 0"),
-    ("model.lora_dropout", float("nan"), "model.lora_dropout: nan must be >= 0 and < 1"),
-    ("expand.temperature", float("inf"), "expand.temperature: inf must be >= 0"),
+    # a non-finite value is no longer "inf must be >= 0" (it is >= 0): issue 23 made it say finite
+    ("model.lora_dropout", float("nan"), "model.lora_dropout: nan must be a finite number (>= 0 and < 1)"),
+    ("expand.temperature", float("inf"), "expand.temperature: inf must be a finite number (>= 0)"),
 ] + [row for s in ("seed_dpo", "train") for row in [
     (f"{s}.warmup_ratio", -0.1, f"{s}.warmup_ratio: -0.1 must be >= 0 and <= 1"),
     (f"{s}.weight_decay", -1.0, f"{s}.weight_decay: -1.0 must be >= 0"),

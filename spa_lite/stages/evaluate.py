@@ -64,11 +64,13 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
         report["human_audit"] = audits
     beta = recipe.expand.beta
     if pairs_spec:
-        rows = shuffled(load_pairs(pairs_spec, fmt or recipe.data.format), recipe.seed)[:limit]
+        dropped: dict = {}  # blank prompts, empty or identical responses: skipped and counted
+        rows = shuffled(load_pairs(pairs_spec, fmt or recipe.data.format, dropped=dropped), recipe.seed)[:limit]
         m = recipe.model
         pairs = encode_pairs_for_eval(stack.tokenizer, rows, m.max_length, m.max_prompt_length, m.truncation)
         report["pairs"] = {"spec": pairs_spec, "n": len(pairs), "skipped_length": len(rows) - len(pairs),
-                           "truncated": sum(bool(p.meta.get("truncated")) for p in pairs), "truncation": m.truncation}
+                           "truncated": sum(bool(p.meta.get("truncated")) for p in pairs), "truncation": m.truncation,
+                           "dropped": dropped}
         acc, noise = {}, {}
         with progress() as p:
             task = p.add_task("judge accuracy", total=len(chosen), info="")
@@ -98,7 +100,10 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
             noise_rows[f"D_{i}"] = self_label_noise(d, verify, flags)
         report["self_label_noise"] = noise_rows
         if do_pass_rate and recipe.data.eval_prompts:
-            recs = [r for r in load_prompts(recipe.data.eval_prompts) if "constraint" in r][:prompt_limit or None]
+            prompts_dropped: dict = {}
+            recs = [r for r in load_prompts(recipe.data.eval_prompts, dropped=prompts_dropped)
+                    if "constraint" in r][:prompt_limit or None]
+            report["eval_prompts_dropped"] = prompts_dropped
             samples = 1 if temperature == 0 else samples
             settings = {"prompts": sha256_obj([[r.get("id"), r["prompt"], r["constraint"]] for r in recs]),
                         "max_new_tokens": recipe.expand.max_new_tokens, "temperature": temperature,
@@ -173,6 +178,10 @@ def _demo_verifier(recipe: Recipe):
 
 
 def print_report(report: dict) -> None:
+    dropped = {**(report.get("pairs") or {}).get("dropped", {}), **{f"prompts {k}": v for k, v in
+                                                                  report.get("eval_prompts_dropped", {}).items()}}
+    if any(dropped.values()):
+        console.print("skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v))
     if "judge_accuracy" in report:
         t = Table(title=f"judge accuracy on {report['pairs']['spec']} (n={report['pairs']['n']}), 95% CI")
         methods = sorted({m for v in report["judge_accuracy"].values() for m in v})

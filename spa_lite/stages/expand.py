@@ -308,7 +308,8 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     if done:
         return done
     c = recipe.expand
-    pool = load_prompts(recipe.data.prompts, recipe.data.format)
+    pool_dropped: dict = {}  # blank prompts (and unusable pairs of a pair file), skipped and counted
+    pool = load_prompts(recipe.data.prompts, recipe.data.format, dropped=pool_dropped)
     prompts = iteration_prompts(pool, recipe.data.iter_prompts, iteration, recipe.data.shuffle_seed)
     shards = [prompts[s : s + c.shard_size] for s in range(0, len(prompts), c.shard_size)]
     shard_dir = out / "shards"
@@ -356,6 +357,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
     if dist.main:
         warn_signs(summary["label_signs"], f"expand --iter {iteration}")
     summary["sample_dtype"] = sorted(dtypes)
+    summary["pool_dropped"] = pool_dropped
     if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
         summary["sampler_logps"] = {"shards_reused": sum(bool(x["reused"]) for x in checks), "shards": len(checks),
                                     "max_abs_dev": max(x["max_abs_dev"] for x in checks),

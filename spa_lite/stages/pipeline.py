@@ -20,6 +20,14 @@ from spa_lite.memory import release_memory
 from spa_lite.ui import console, interactive, summary_table
 
 
+def _reasons(counts: dict | None) -> str:
+    """Skipped records by reason, as one cell: ``2 (empty_prompt 1, identical 1)``, or 0."""
+    counts = {k: v for k, v in (counts or {}).items() if v}
+    if not counts:
+        return "0"
+    return f"{sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+
+
 def stage_rows(key: str, manifest: dict) -> dict:
     s = manifest.get("summary", {})
     rows = {"stage": key, "wall s": manifest.get("timings", {}).get("wall_s"),
@@ -30,10 +38,13 @@ def stage_rows(key: str, manifest: dict) -> dict:
                      "loss (last 10)": last.get("loss"), "held-out accuracy": s["heldout"].get("accuracy"),
                      "held-out pairs": s["heldout"].get("pairs")})
     elif "pairs" in s and "steps" not in s:
-        rows.update({k: s.get(k) for k in ("pairs", "identical", "truncated", "mean_confidence",
+        rows.update({k: s.get(k) for k in ("pairs", "identical", "truncated", "prompt_too_long", "mean_confidence",
                                            "mean_len_chosen", "mean_len_rejected")})
+        rows["prompts dropped (pool)"] = _reasons(s.get("pool_dropped"))
     else:
         last = s.get("last10", {})
+        if "pairs_dropped" in s:
+            rows["pairs dropped"] = _reasons(s.get("pairs_dropped"))
         rows.update({"pairs used": s.get("pairs_used"), "skipped (length)": s.get("pairs_skipped_length"),
                      "truncated (length)": s.get("pairs_truncated"),
                      "steps": s.get("steps"), "first loss": s.get("first_loss"), "loss (last 10)": last.get("loss"),

@@ -72,7 +72,9 @@ class RecipeArgs:
             overrides[".".join(keys)] = value
         overrides.update({k: v for k, v in self.shorthands.items() if v is not None})
         overrides.update({k: v for k, v in (("name", self.name), ("run_dir", self.run_dir)) if v})
-        return load_recipe(self.recipe, overrides)
+        recipe = load_recipe(self.recipe, overrides)
+        recipe.rerun_args = self.shell()  # every rerun command an error suggests repeats these options
+        return recipe
 
     def shell(self) -> str:
         """These options as a shell fragment (``report_to`` left out), for the commands an error message suggests."""
@@ -94,6 +96,8 @@ def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("SPA_LITE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "peft", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # datasets logs a damaged Parquet file as ERROR lines before it raises; spa-lite reports that error once
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft reads transformers' deprecated `is_gradient_checkpointing` alias: nothing a spa-lite user can act on
     # (the tests still show it). Every other warning stays visible.
@@ -125,7 +129,7 @@ def user_errors(fn):
         except SpaError as e:
             line(str(e), 2)
         except KeyboardInterrupt as e:
-            console.print(f"[yellow]interrupted[/] ({e or 'Ctrl-C'}); rerun the same command to resume")
+            console.print(f"[yellow]interrupted[/] ({escape(str(e)) or 'Ctrl-C'}); rerun the same command to resume")
             raise typer.Exit(code=130) from None
         except Exception as e:  # noqa: BLE001 - the boundary: every exception ends here, named or with its traceback
             msg = expected_failure(e)

@@ -71,6 +71,7 @@ def run_eval(args: RecipeArgs, *, pairs: str | None, fmt: str | None, limit: int
 
 
 def run_split(data: str, out: Path, *, seed: int, seed_size: int, iter_sizes: str, test_size: int, fmt: str) -> dict:
+    setup_logging()
     sizes = _numbers(iter_sizes, int, "--iter-sizes", "integers") or []
     counts = split.run(data, out, seed, seed_size, sizes, test_size, fmt)
     summary_table(f"split -> {out}", counts)
