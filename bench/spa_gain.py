@@ -39,11 +39,12 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     "spa_no_dnd": {"train.dnd": False},
     "judge_prev": {"expand.judge_ref": "prev"},
     "judge_none": {"expand.judge_ref": "none"},
-    # the setting chosen on dev prompts by bench/judge_quality.py (issue 19; bench/judge_quality_protocol.md)
-    "spa_best": {"expand.judge_norm": "per_token", "expand.num_samples": 4},
+    # the setting chosen on dev prompts by bench/judge_quality.py (issue 19; bench/judge_quality_protocol.md):
+    # per-token Eq. 7, N = 2, at 128 gold pairs (run every arm with --recipe smollm2-judge for that gold size)
+    "spa_best": {"expand.judge_norm": "per_token"},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
-ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 4)}
+ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),

@@ -18,13 +18,15 @@ from collections.abc import Sequence
 log = logging.getLogger("spa_lite")
 
 # chosen-longer share of D_i (in characters) more than this above the gold pairs' own share: the judge leans on
-# length. In the sweep the judges at chance (reward adapter 0.46-0.49, ensemble 0.48-0.52 on decided pairs) chose
-# the longer response 0.16-0.25 more often than the gold pairs do; Eq. 7 (0.56-0.60) at most 0.07 more. Leaning
-# short is not flagged: the most accurate judge there (per-token Eq. 7, 0.61) chose the longer one less often.
-LENGTH_LEAN = 0.15
+# length. A rough sign, from the dev sweep (bench/RESULTS.md, "Judge quality", gold 64 and 128, N 2/4/8): every
+# setting whose labels were at least 0.60 right on decided pairs sat at or below the gold share (per-token Eq. 7
+# chose the longer response 0.10-0.25 of the time against 0.28-0.34 in the gold pairs); 9 of the 12 settings
+# at 0.46-0.56 were more than 0.10 above it, the other 3 (the reward adapter at gold 128) 0.05-0.09 above.
+# Leaning short is not flagged.
+LENGTH_LEAN = 0.1
 # two judges (expand.judge: logprob+reward) pick the same response in fewer than this share of pairs. If their
 # errors are independent, agreement is acc1*acc2 + (1-acc1)(1-acc2): exactly 0.5 when either is at chance. In the
-# sweep Eq. 7 and the reward adapter (at chance) agreed on 0.55 of pairs; Eq. 7 and per-token Eq. 7 on 0.85.
+# sweep Eq. 7 and the reward adapter (at chance) agreed on 0.54-0.55 of pairs; Eq. 7 and per-token Eq. 7 on 0.75-0.85.
 AGREE_MIN = 0.6
 
 

@@ -16,16 +16,16 @@ def test_chosen_longer_share_counts_characters():
 
 
 def test_each_sign_fires_past_its_threshold_and_not_before():
-    gold = [("long answer", "x")] * 5 + [("x", "long answer")] * 5  # gold: chosen longer in half
-    lean = [("long answer", "x")] * 7 + [("x", "long answer")] * 3  # 0.7: 0.2 above gold
-    even = [("long answer", "x")] * 6 + [("x", "long answer")] * 4  # 0.6: 0.1 above gold
-    short = [("x", "long answer")] * 10  # 0.0: leaning short is not a sign
-    assert 0.6 - 0.5 < LENGTH_LEAN < 0.7 - 0.5
+    gold = [("long answer", "x")] * 10 + [("x", "long answer")] * 10  # gold: chosen longer in half
+    lean = [("long answer", "x")] * 14 + [("x", "long answer")] * 6  # 0.7: 0.2 above gold
+    even = [("long answer", "x")] * 11 + [("x", "long answer")] * 9  # 0.55: 0.05 above gold
+    short = [("x", "long answer")] * 20  # 0.0: leaning short is not a sign
+    assert 0.55 - 0.5 < LENGTH_LEAN < 0.7 - 0.5
     sig = label_signs(lean, gold)
     assert [s["sign"] for s in sig] == ["length_lean"] and (sig[0]["value"], sig[0]["gold"]) == (0.7, 0.5)
     assert label_signs(even, gold) == [] and label_signs(short, gold) == []
-    agree_half = [(0.7, 0.3), (0.7, 0.8)] * 5  # same side in 50% of pairs
-    agree_most = [(0.7, 0.6)] * 8 + [(0.7, 0.3)] * 2
+    agree_half = [(0.7, 0.3), (0.7, 0.8)] * 10  # same side in 50% of pairs
+    agree_most = [(0.7, 0.6)] * 16 + [(0.7, 0.3)] * 4
     assert 0.5 < AGREE_MIN < 0.8
     sig = label_signs(even, gold, agree_half)
     assert [s["sign"] for s in sig] == ["judges_disagree"] and sig[0]["value"] == 0.5
