@@ -319,10 +319,24 @@ def run_gold(args, gold: int, res: dict) -> None:
         "sample_pass_rate": round(float(np.mean([verify(s["text"], r["constraint"]) for r in rows
                                                  for s in r["samples"]])), 4),
         "logp_pi0_check": scores.get("logp_pi0_check"),
-        "reward_heldout_gold": getattr(piece, "reward_heldout", None), "wall_s": round(time.time() - t0, 1),
-        "sampling_wall_s_this_call": round(sample_s, 1)}
+        "reward_heldout_gold": getattr(piece, "reward_heldout", None), "piece_wall_s": piece_times(piece),
+        "wall_s_this_call": round(time.time() - t0, 1), "sampling_wall_s_this_call": round(sample_s, 1)}
     log(f"g{gold}: " + "; ".join(f"{k} {v['accuracy']['accuracy']:.3f} ({v['decided']})"
                                  for k, v in table.items() if v["accuracy"]))
+
+
+def piece_times(piece: Piece) -> dict:
+    """Wall seconds each cached piece took when it was made (stage manifests, sample chunks)."""
+    from spa_lite.io import read_json
+
+    out = {}
+    for stage in ("seed", "reward"):
+        man = piece.recipe.run_path / stage / "manifest.json"
+        if man.exists():
+            out[stage] = read_json(man)["timings"]["wall_s"]
+    chunks = sorted(piece.dir.glob(f"samples_{piece.args.samples}_*.json"))
+    out["sampling"] = round(sum(read_json(c).get("wall_s", 0) for c in chunks), 1)
+    return out
 
 
 def fmt_acc(a) -> str:

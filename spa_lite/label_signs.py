@@ -18,10 +18,10 @@ from collections.abc import Sequence
 log = logging.getLogger("spa_lite")
 
 # chosen-longer share of D_i (in characters) more than this above the gold pairs' own share: the judge leans on
-# length. A rough sign, from the dev sweep (bench/RESULTS.md, "Judge quality", gold 64 and 128, N 2/4/8): every
-# setting whose labels were at least 0.60 right on decided pairs sat at or below the gold share (per-token Eq. 7
-# chose the longer response 0.10-0.25 of the time against 0.28-0.34 in the gold pairs); 9 of the 12 settings
-# at 0.46-0.56 were more than 0.10 above it, the other 3 (the reward adapter at gold 128) 0.05-0.09 above.
+# length. A rough sign, from the dev sweep (bench/RESULTS.md, "Judge quality", gold 64 and 128, N 2/4/8): of
+# its 24 settings with a model judge, none of the 7 right on 0.60 or more of decided pairs chose the longer
+# response more than 0.10 more often than the gold pairs do (per-token Eq. 7 leaned short), and 9 of the 17 at
+# 0.46-0.56 did; the other 8 (the reward adapter and the ensemble at gold 128, two N = 2 settings) did not.
 # Leaning short is not flagged.
 LENGTH_LEAN = 0.1
 # two judges (expand.judge: logprob+reward) pick the same response in fewer than this share of pairs. If their
