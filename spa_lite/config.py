@@ -395,6 +395,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+MAX_YAML_DEPTH = 64
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of YAML flow brackets ([ and {) outside quotes: a linear scan, before PyYAML sees it."""
+    depth = deepest = 0
+    quote = None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "\n":
+            quote = None  # an unclosed quote does not hide the rest of the file
+    return deepest
+
+
 def _read_yaml(path: Path) -> Any:
     """A recipe file's YAML (safe_load; a UTF-8 byte-order mark allowed); every way it can be unreadable is a
     SpaError naming the file (and the line, where YAML knows it)."""
@@ -402,6 +424,8 @@ def _read_yaml(path: Path) -> Any:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise SpaError(f"{path}: not UTF-8 text (byte offset {e.start}); save the recipe as UTF-8") from None
+    if _flow_depth(text) > MAX_YAML_DEPTH:  # PyYAML is pure Python: 1,500 nested brackets took it over 30 s
+        raise SpaError(f"{path}: YAML nested more than {MAX_YAML_DEPTH} levels deep (a recipe needs 3)")
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -100,6 +100,9 @@ FAULTS = [
     Fault("the same mutations, YAML features (anchors, python tags, several documents) and other encodings in "
           "recipes", "a recipe or one `error:` line (exit 2) naming the file", "tests/test_fuzz_readers.py::"
           "test_fuzzed_recipes_load_or_fail_cleanly"),
+    Fault("recipe with YAML flow lists nested 1,500 deep (PyYAML took over 30 s)", "refused by a linear depth scan "
+          "before PyYAML reads it: one `error:` line naming the file",
+          "tests/test_safety.py::test_deeply_nested_yaml_recipe_is_refused_before_pyyaml_reads_it"),
     # ---- recipe and command line
     Fault("infinite or NaN number in a recipe", "refused: `must be a finite number`",
           "tests/test_safety.py::test_infinite_learning_rate_says_finite"),
@@ -498,3 +501,25 @@ def test_deeply_nested_record_is_refused_by_the_reader(env, tmp_path):
     p.write_text(text)
     refused(invoke("split", p, "--out", tmp_path / "split", "--seed-size", 1, "--iter-sizes", "1"),
             f"{p}:3", "nested more than")
+
+
+def test_deeply_nested_yaml_recipe_is_refused_before_pyyaml_reads_it(tmp_path, monkeypatch):
+    """1,500 nested flow lists kept PyYAML's pure-Python reader busy for over 30 s (the fuzz bench's open case):
+    the depth is checked by a linear scan first, and one error line names the file. Brackets inside quotes and a
+    normal recipe's flow lists are not counted against it."""
+    import yaml
+
+    from spa_lite.config import MAX_YAML_DEPTH, _flow_depth, load_recipe
+    from spa_lite.errors import SpaError
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train:\n  lambdas: " + "[" * 1500 + "]" * 1500 + "\n")
+
+    def never(*a, **k):
+        raise AssertionError("PyYAML was handed the deeply nested file")
+
+    monkeypatch.setattr(yaml, "safe_load", never)
+    with pytest.raises(SpaError, match=f"deep.yaml: YAML nested more than {MAX_YAML_DEPTH} levels"):
+        load_recipe(deep)
+    monkeypatch.undo()
+    assert _flow_depth("a: '[[[[['\nb: [1, [2, {c: 3}]]\n") == 3
