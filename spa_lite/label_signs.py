@@ -11,11 +11,8 @@ Eq. 7, every confidence under 0.55) was the most accurate, and the reward adapte
 
 from __future__ import annotations
 
-import logging
 import statistics
 from collections.abc import Sequence
-
-log = logging.getLogger("spa_lite")
 
 # chosen-longer share of D_i (in characters) more than this above the gold pairs' own share: the judge leans on
 # length. A rough sign, from the dev sweep (bench/RESULTS.md, "Judge quality", gold 64 and 128, N 2/4/8): of
@@ -65,6 +62,8 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
 
 
 def warn_signs(signs: Sequence[dict], where: str) -> None:
-    """One warning line per sign."""
+    """One line per sign on the terminal (stderr), prefixed "label sign", like the stage summaries."""
+    from spa_lite.ui import console
+
     for s in signs:
-        log.warning("%s: %s", where, s["message"])
+        console.print(f"label sign ({where}): {s['message']}", markup=False, highlight=False, soft_wrap=True)
