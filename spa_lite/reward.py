@@ -32,7 +32,7 @@ from transformers import get_cosine_schedule_with_warmup
 from spa_lite.checkpoint import first_logged_loss, trim_metrics
 from spa_lite.config import Recipe
 from spa_lite.errors import DivergedError, SpaError
-from spa_lite.io import atomic_dir, dumps
+from spa_lite.io import append_text, atomic_dir, dumps, finite_or_null
 from spa_lite.layout import REWARD_HEAD_FILE, REWARD_STAGE, stage_dir
 from spa_lite.logps import TokenizedPair, collate_pairs, collate_sequences
 from spa_lite.runs import require_stage
@@ -246,9 +246,9 @@ def run_reward_loop(rm: RewardModel, pairs: Sequence[TokenizedPair], spec: Rewar
         opt.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": total, "accuracy": acc, "margin": margin, "lr": sched.get_last_lr()[0],
                "grad_norm": gnorm, "elapsed_s": round(time.time() - t0, 3)}
-        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(metrics, "a", encoding="utf-8") as f:
-            f.write(dumps(row) + "\n")
+        row = finite_or_null(row)
+        with open(metrics, "a", encoding="utf-8") as f:  # through io: a full disk is one line naming the file
+            append_text(f, dumps(row) + "\n", metrics)
         if on_step:
             on_step(step + 1, steps, row)
         if diverged is not None:

@@ -14,6 +14,22 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
+def demo_recipe(tmp_path: Path, tiny_model_dir: Path, **sections) -> Path:
+    """A recipe on the tiny model with the demo task's data (verifier constraints), small sizes."""
+    from conftest import write_recipe
+
+    return write_recipe(tmp_path / "r.yaml", {
+        "name": "x", "iterations": 1, "threads": 1, "seed": 1,
+        "model": {"name_or_path": str(tiny_model_dir), "quantization": "none", "device": "cpu", "max_length": 500,
+                  "max_prompt_length": 300, "lora_r": 4, "lora_alpha": 8},
+        "data": {"seed_pairs": "demo:seed_pairs", "prompts": "demo:prompts", "eval_pairs": None,
+                 "eval_prompts": "demo:eval_prompts", "seed_limit": 8, "iter_prompts": [16]},
+        "seed_dpo": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "lr": 5e-3},
+        "expand": {"max_new_tokens": 8, "batch_size": 8, "shard_size": 8},
+        **sections,
+    })
+
+
 def run_bench(script: str, out: Path, *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPA_LITE_QUIET": "1"}
     res = subprocess.run([sys.executable, str(BENCH / script), "--model", "tiny", "--quick", "--repeats", "1",
@@ -47,18 +63,8 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     takes as many optimizer steps as seed DPO + the SPA iterations, and each comparison is paired over the same
     prompts. (The oracle arm is not run here: whether the verifier can separate any of a random tiny model's
     samples is chance; its labelling is unit-tested in test_evaluation.py.)"""
-    from conftest import write_recipe
 
-    rec = write_recipe(tmp_path / "r.yaml", {
-        "name": "x", "iterations": 1, "threads": 1, "seed": 1,
-        "model": {"name_or_path": str(tiny_model_dir), "quantization": "none", "device": "cpu", "max_length": 500,
-                  "max_prompt_length": 300, "lora_r": 4, "lora_alpha": 8},
-        "data": {"seed_pairs": "demo:seed_pairs", "prompts": "demo:prompts", "eval_pairs": None,
-                 "eval_prompts": "demo:eval_prompts", "seed_limit": 8, "iter_prompts": [16]},
-        "seed_dpo": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "lr": 5e-3},
-        "expand": {"max_new_tokens": 8, "batch_size": 8, "shard_size": 8},
-        "train": {"batch_size": 2, "grad_accum": 1, "lr": 5e-3, "window": 8},
-    })
+    rec = demo_recipe(tmp_path, tiny_model_dir, train={"batch_size": 2, "grad_accum": 1, "lr": 5e-3, "window": 8})
     out, outcomes = tmp_path / "gain.json", tmp_path / "outcomes.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPA_LITE_QUIET": "1"}
 
@@ -159,18 +165,8 @@ def test_bench_quickstart_reads_every_stage_peak(tmp_path, tiny_model_dir, tiny_
 def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_dir):
     """bench/judge_quality.py on the tiny model with demo prompts: pi_0, cached samples and scores, a table per
     (judge, N); a second call reuses every piece (no new samples)."""
-    from conftest import write_recipe
 
-    rec = write_recipe(tmp_path / "r.yaml", {
-        "name": "x", "iterations": 1, "threads": 1, "seed": 1,
-        "model": {"name_or_path": str(tiny_model_dir), "quantization": "none", "device": "cpu", "max_length": 500,
-                  "max_prompt_length": 300, "lora_r": 4, "lora_alpha": 8},
-        "data": {"seed_pairs": "demo:seed_pairs", "prompts": "demo:prompts", "eval_pairs": None,
-                 "eval_prompts": "demo:eval_prompts", "seed_limit": 8, "iter_prompts": [16]},
-        "seed_dpo": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "lr": 5e-3},
-        "expand": {"max_new_tokens": 8, "batch_size": 8, "shard_size": 8},
-        "reward": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "lr": 5e-3},
-    })
+    rec = demo_recipe(tmp_path, tiny_model_dir, reward={"epochs": 1, "batch_size": 2, "grad_accum": 1, "lr": 5e-3})
     out = tmp_path / "jq.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPA_LITE_QUIET": "1"}
 
