@@ -15,6 +15,9 @@ Sides (name: recipe overrides):
   tuned1m   : memory.malloc=tuned with a 1 MiB threshold, micro-batches of 2
   tuned64_b4: memory.malloc=tuned, 64 KiB, micro-batches of 4
   tuned64_thp: as tuned64, with THP_MEM_ALLOC_ENABLE=1 (torch's 2 MiB+ blocks on transparent huge pages)
+  glibc_b1  : memory.malloc=glibc, micro-batches of 1 (8 per optimizer step)
+  glibc_bf16: memory.malloc=glibc, model.dtype=bfloat16 (the base in bf16; LoRA weights stay float32)
+  tuned4m_b1: memory.malloc=tuned with a 4 MiB threshold, micro-batches of 1
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import common  # noqa: E402
 
 B2 = ["seed_dpo.batch_size=2", "seed_dpo.grad_accum=4"]
 B4 = ["seed_dpo.batch_size=4", "seed_dpo.grad_accum=2"]
+B1 = ["seed_dpo.batch_size=1", "seed_dpo.grad_accum=8"]
 TRAIN_B2 = ["train.batch_size=2", "train.grad_accum=2"]
 TRAIN_B4 = ["train.batch_size=4", "train.grad_accum=1"]
 SIDES = {
@@ -45,6 +49,9 @@ SIDES = {
     "tuned1m": ["memory.malloc=tuned", "memory.mmap_threshold_kib=1024"] + B2,
     "tuned64_b4": ["memory.malloc=tuned", "memory.mmap_threshold_kib=64"] + B4,
     "tuned64_thp": ["memory.malloc=tuned", "memory.mmap_threshold_kib=64"] + B2,
+    "glibc_b1": ["memory.malloc=glibc"] + B1,
+    "glibc_bf16": ["memory.malloc=glibc", "model.dtype=bfloat16"] + B2,
+    "tuned4m_b1": ["memory.malloc=tuned", "memory.mmap_threshold_kib=4096"] + B1,
 }
 # environment of a side's process: torch's CPU allocator puts blocks of 2 MiB or more on transparent huge pages
 SIDE_ENV = {"tuned64_thp": {"THP_MEM_ALLOC_ENABLE": "1"}}

@@ -213,7 +213,7 @@ def test_plan_cli_quantization_and_missing_kernel(tmp_path, monkeypatch, caplog)
 
     from spa_lite.config import load_recipe
 
-    # micro-batches of 4 pairs x 256 tokens (the demo recipe now uses 2), the shape this comparison was sized for
+    # micro-batches of 4 pairs x 256 tokens (the demo recipe now uses 1), the shape this comparison was sized for
     demo4 = load_recipe("smollm2-demo", {"seed_dpo.batch_size": 4, "train.batch_size": 4})
     res = {}
     for kernel in ("trl", "torch"):
