@@ -189,7 +189,7 @@ def _audit_five(browser, keys: str, server: bool) -> None:
     _wait(lambda: browser.execute_script("return document.querySelector('[data-tab=audit]') !== null"), "audit tab")
     for k, key in enumerate(keys, start=1):
         _keys(browser, key)
-        _wait(lambda: (_text(browser, ".aprog") or "").startswith(f"{k} of "), f"annotation {k}")
+        _wait(lambda k=k: (_text(browser, ".aprog") or "").startswith(f"{k} of "), f"annotation {k}")
         if server:
             status = _text(browser, "[id^=status-]")
             assert status.startswith("saved to"), status

@@ -293,9 +293,10 @@ def test_run_trains_the_reward_model_before_expand_only_when_the_judge_needs_it(
                         ("logprob", ["seed", "iter1/expand", "iter1/train"])):
         order: list[str] = []
         for mod, key in ((seed_dpo, "seed"), (reward, "reward")):
-            monkeypatch.setattr(mod, "run", lambda r, key=key, **kw: order.append(key) or {"status": "complete"})
-        monkeypatch.setattr(expand, "run", lambda r, i, **kw: order.append(f"iter{i}/expand") or {"status": "complete"})
-        monkeypatch.setattr(train, "run", lambda r, i, **kw: order.append(f"iter{i}/train") or {"status": "complete"})
+            monkeypatch.setattr(mod, "run", lambda r, key=key, order=order, **kw: order.append(key) or {"status": "complete"})
+        for mod, step in ((expand, "expand"), (train, "train")):
+            monkeypatch.setattr(mod, "run", lambda r, i, step=step, order=order, **kw:
+                                order.append(f"iter{i}/{step}") or {"status": "complete"})
         done = pipeline.run(tiny_recipe(iterations=1, **{"expand.judge": judge}))
         assert order == want == [k for k, _ in done]
 
