@@ -116,20 +116,23 @@ class Bench:
         t0 = time.time()
         base = self.seed_stage(seed)
         over = ARMS[arm]
-        if over is None:  # same-compute DPO: needs the SPA run's optimizer steps
-            if f"s{seed}/spa" not in self.res["pieces"]:
-                self.piece(seed, "spa")
+        if over is None:  # same-compute DPO: needs the matched SPA arm's optimizer steps (--match-arm)
+            match = self.args.match_arm
+            if f"s{seed}/{match}" not in self.res["pieces"]:
+                self.piece(seed, match)
             from spa_lite.runs import Stage, read_manifest
             from spa_lite.stages import seed_dpo
 
+            ref = base if match == "spa" else self.recipe(seed, match, **ARMS[match])
             seed_steps = read_manifest(base, Stage("seed", 0))["summary"]["steps"]
-            spa_steps = sum(read_manifest(base, Stage("train", i))["summary"]["steps"]
-                            for i in range(1, base.iterations + 1))
+            spa_steps = sum(read_manifest(ref, Stage("train", i))["summary"]["steps"]
+                            for i in range(1, ref.iterations + 1))
             epochs = base.seed_dpo.epochs * (seed_steps + spa_steps) / seed_steps
             recipe = self.recipe(seed, arm, **{"seed_dpo.epochs": epochs})
             seed_dpo.run(recipe)
             steps = read_manifest(recipe, Stage("seed", 0))["summary"]["steps"]
-            info = {"target_steps": seed_steps + spa_steps, "steps": steps, "epochs": round(epochs, 4)}
+            info = {"target_steps": seed_steps + spa_steps, "steps": steps, "epochs": round(epochs, 4),
+                    "matched_arm": match}
             labels = {0: "dpo_same_compute"}
         else:
             recipe = base if arm == "spa" else self.recipe(seed, arm, **over)
@@ -139,8 +142,7 @@ class Bench:
             info = {"overrides": over}
             first = recipe.iterations if self.args.final_only else 1
             labels = {i: f"{arm}_{i}" for i in range(first, recipe.iterations + 1)}
-            if arm == "spa":
-                labels[0] = "pi_0"
+            labels[0] = "pi_0"  # every iteration arm starts from the same pi_0: evaluated once, cached by label
         self.evaluate(seed, recipe, labels)
         info["diagnostics"] = self.diagnostics(recipe) if over is not None else None
         info["wall_s"] = round(time.time() - t0, 1)
@@ -477,6 +479,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra recipe override key=value (all arms)")
     ap.add_argument("--out", default="bench/results/spa_gain.json")
     ap.add_argument("--outcomes", default="bench/results/spa_gain_outcomes.json")
+    ap.add_argument("--match-arm", default="spa", choices=[a for a, o in ARMS.items() if o is not None],
+                    help="the SPA arm whose optimizer steps same-compute DPO matches (default: spa)")
     ap.add_argument("--final-only", action="store_true", help="evaluate only each arm's last iteration (and pi_0)")
     ap.add_argument("--merge", action="append", default=[], help="results file of a parallel run to fold in (with "
                     "its outcomes file next to it: RESULTS.json -> RESULTS_outcomes.json is not assumed; pass "
