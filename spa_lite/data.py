@@ -72,40 +72,53 @@ def iter_records(spec: str, split: str = "train") -> Iterator[tuple[str, int, di
 
 def _records(spec: str, split: str) -> Iterator[tuple[str, int, dict]]:
     src = resolve_data_path(spec)
-    if isinstance(src, Path):
-        if not src.exists():
-            raise DataError(src, None, None, "file not found")
-        if src.suffix in {".jsonl", ".gz"} or src.name.endswith(".jsonl.gz"):
-            # read_jsonl names the line of bad JSON or non-UTF-8 bytes, and a truncated or non-gzip .gz
-            for lineno, rec in read_jsonl(src):
-                yield str(src), lineno, rec
-            return
-        if src.suffix == ".json":
-            for i, rec in _json_records(src):
-                yield str(src), i, rec
-            return
-        import datasets  # slow to import (seconds): only for .parquet, dataset folders and hub names
+    if not isinstance(src, Path):
+        yield from _dataset_rows(src, _hub_dataset(src, split))
+        return
+    if not src.exists():
+        raise DataError(src, None, None, "file not found")
+    if src.suffix in {".jsonl", ".gz"} or src.name.endswith(".jsonl.gz"):
+        # read_jsonl names the line of bad JSON or non-UTF-8 bytes, and a truncated or non-gzip .gz
+        for lineno, rec in read_jsonl(src):
+            yield str(src), lineno, rec
+        return
+    if src.suffix == ".json":
+        for i, rec in _json_records(src):
+            yield str(src), i, rec
+        return
+    yield from _dataset_rows(src, _local_dataset(src, split))
 
-        if src.is_dir():
-            ds = datasets.load_from_disk(str(src))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split] if split in ds else ds[next(iter(ds))]
-        elif src.suffix == ".parquet":
-            try:
-                ds = datasets.load_dataset("parquet", data_files=str(src), split="train")
-            except Exception as e:  # noqa: BLE001 - datasets wraps the reader's error; its first line names it
-                cause = e.__cause__ or e
-                detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-                raise DataError(src, None, None, f"cannot read it as parquet: {detail}") from None
-        else:
-            raise DataError(src, None, None, "unknown file type (use .jsonl, .jsonl.gz, .json, .parquet or a dataset folder)")
-    else:
-        import datasets
 
+def _hub_dataset(name: str, split: str):
+    import datasets  # slow to import (seconds): only for .parquet, dataset folders and hub names
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # hub errors come in many types; the message is what the user needs
+        raise SpaError(f"cannot load dataset '{name}' (split {split}): {e}") from None
+
+
+def _local_dataset(src: Path, split: str):
+    """A saved dataset folder (its ``split``, else its first split) or a .parquet file."""
+    import datasets
+
+    if src.is_dir():
+        ds = datasets.load_from_disk(str(src))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split] if split in ds else ds[next(iter(ds))]
+        return ds
+    if src.suffix == ".parquet":
         try:
-            ds = datasets.load_dataset(src, split=split)
-        except Exception as e:  # hub errors come in many types; the message is what the user needs
-            raise SpaError(f"cannot load dataset '{src}' (split {split}): {e}") from None
+            return datasets.load_dataset("parquet", data_files=str(src), split="train")
+        except Exception as e:  # noqa: BLE001 - datasets wraps the reader's error; its first line names it
+            cause = e.__cause__ or e
+            detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            raise DataError(src, None, None, f"cannot read it as parquet: {detail}") from None
+    raise DataError(src, None, None, "unknown file type (use .jsonl, .jsonl.gz, .json, .parquet or a dataset folder)")
+
+
+def _dataset_rows(src, ds) -> Iterator[tuple[str, int, dict]]:
+    """(source, 1-based row, record) of a datasets table; a row arrow cannot decode is named by its number."""
     rows = iter(ds)
     for i in itertools.count(1):
         try:
