@@ -282,6 +282,95 @@ def paired_vs(recs_a: list[dict], recs_b: list[dict], n_boot: int = 10000, seed:
             "ci_low": round(float(np.percentile(boot, 2.5)), 4), "ci_high": round(float(np.percentile(boot, 97.5)), 4)}
 
 
+# ------------------------------------------------------------------------------------------ selection check
+COST = {"eq7": 0, "eq7_tok": 0, "shorter": 0, "reward": 1, "ensemble": 1}  # the decision rule's tie order
+
+
+def choose(stats: dict[str, tuple[int, int]]) -> str | None:
+    """The protocol's decision rule on {setting: (correct, decided)}: the highest accuracy among settings whose
+    95% Wilson lower bound is above 0.5 (else the highest point estimate), ties within 0.01 to the cheaper
+    setting (smaller N, then Eq. 7 before the reward adapter, then fewer gold pairs)."""
+    from spa_lite.metrics import wilson_interval
+
+    acc = {k: c / n for k, (c, n) in stats.items() if n}
+    if not acc:
+        return None
+    ok = [k for k in acc if wilson_interval(stats[k][0], stats[k][1])[0] > 0.5] or list(acc)
+    best = max(acc[k] for k in ok)
+
+    def cost(k: str):
+        g, j, n = k.split("/")
+        return int(n[1:]), COST.get(j, 2), int(g[1:])
+    return min((k for k in ok if acc[k] >= best - 0.01), key=cost)
+
+
+def selection_check(recs: dict[str, list[dict]], splits: int = 1000, seed: int = 0) -> dict:
+    """How much the decision rule's winner loses on prompts it was not chosen on (the winner's curse).
+
+    The dev questions are halved at random ``splits`` times; each time the rule chooses a setting on half A and
+    that setting is scored on half B (pairs both halves judge alike: the same samples, other questions)."""
+    qs = sorted({r["q"] for rs in recs.values() for r in rs})
+    rng = np.random.default_rng(seed)
+    keys = list(recs)
+    # per setting, per question: (correct, decided) on its decided pairs
+    per_q = {k: {} for k in keys}
+    for k, rs in recs.items():
+        for r in rs:
+            if r["pair"] and r["decided"]:
+                c, n = per_q[k].get(r["q"], (0, 0))
+                per_q[k][r["q"]] = (c + int(r["correct"]), n + 1)
+    ins, outs, chosen = [], [], {}
+    for _ in range(splits):
+        half = set(rng.permutation(qs)[: len(qs) // 2].tolist())
+
+        def stats(side: bool) -> dict:
+            out = {}
+            for k in keys:
+                c = n = 0
+                for q, (cq, nq) in per_q[k].items():
+                    if (q in half) == side:
+                        c, n = c + cq, n + nq
+                out[k] = (c, n)
+            return out
+        a, b = stats(True), stats(False)
+        k = choose(a)
+        if k is None or not b[k][1]:
+            continue
+        chosen[k] = chosen.get(k, 0) + 1
+        ins.append(a[k][0] / a[k][1])
+        outs.append(b[k][0] / b[k][1])
+    ins, outs = np.array(ins), np.array(outs)
+    full = {k: (sum(c for c, _ in v.values()), sum(n for _, n in v.values())) for k, v in per_q.items()}
+    return {"splits": len(outs), "settings": len(keys), "questions": len(qs),
+            "chosen_on_all": choose(full),
+            "in_half_mean": round(float(ins.mean()), 4), "out_half_mean": round(float(outs.mean()), 4),
+            "optimism": round(float((ins - outs).mean()), 4),
+            "out_half_p2.5_p97.5": [round(float(np.percentile(outs, 2.5)), 4), round(float(np.percentile(outs, 97.5)), 4)],
+            "frac_out_half_above_0.5": round(float((outs > 0.5).mean()), 4),
+            "chosen_counts": dict(sorted(chosen.items(), key=lambda kv: -kv[1])[:8])}
+
+
+def run_selection_check(args, res: dict) -> None:
+    """The decision rule re-run on halves of the dev questions, from the cached samples and scores (no model)."""
+    from spa_lite.io import read_json
+
+    recs = {}
+    for g in [int(x) for x in args.gold.split(",")]:
+        piece = Piece(args, g)
+        paths = sorted(piece.dir.glob(f"samples_{args.samples}_*.json"))
+        score_path = piece.dir / f"scores_{args.samples}.json"
+        if not paths or not score_path.exists():
+            raise SystemExit(f"g{g}: no cached samples/scores under {piece.dir}: run the sweep first")
+        rows = [r for p in paths for r in read_json(p)["rows"]]
+        scores = read_json(score_path)
+        judges = [j for j in args.judges if j != "shorter" and ("reward" in scores or j not in ("reward", "ensemble"))]
+        table = evaluate(rows, scores, judges, [n for n in args.ns if n <= args.samples], piece.recipe.expand.beta)
+        recs.update({f"G{g}/{k}": v["_recs"] for k, v in table.items()})
+    res["selection_check"] = {**selection_check(recs, splits=args.splits), "gold": args.gold,
+                              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    log(f"selection check: {res['selection_check']}")
+
+
 # ------------------------------------------------------------------------------------------ run and report
 def run_gold(args, gold: int, res: dict) -> None:
     from spa_lite.demo.tasks import verify
@@ -375,11 +464,20 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/judge-quality")
     ap.add_argument("--out", default="bench/results/judge_quality.json")
     ap.add_argument("--report", action="store_true", help="only print the tables of --out")
+    ap.add_argument("--selection-check", action="store_true", help="only re-run the decision rule on random halves "
+                    "of the dev questions, from the cached samples and scores (no model is loaded)")
+    ap.add_argument("--splits", type=int, default=1000, help="--selection-check: random halvings")
     args = ap.parse_args()
     args.judges = args.judges.split(",")
     args.ns = [int(x) for x in args.ns.split(",")]
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {}
+    if args.selection_check:
+        from spa_lite.io import atomic_write_json
+
+        run_selection_check(args, res)
+        atomic_write_json(out, res)
+        return
     if not args.report:
         from spa_lite.io import atomic_write_json
 

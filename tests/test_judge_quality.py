@@ -98,3 +98,31 @@ def test_confidence_quintiles_partition_the_decided_pairs():
     assert sum(x["n"] for x in s["by_conf_quintile"]) == 25
     assert [x["conf_min"] for x in s["by_conf_quintile"]] == sorted(x["conf_min"] for x in s["by_conf_quintile"])
     assert np.isclose(s["accuracy"]["accuracy"], 13 / 25)
+
+
+def test_decision_rule_needs_a_lower_bound_above_chance_then_prefers_the_cheaper_setting():
+    # 60/100: Wilson lower bound 0.502, eligible; 7/10 (0.70) has 0.40: not eligible, despite its accuracy
+    stats = {"G64/eq7/N2": (60, 100), "G64/eq7_tok/N8": (7, 10), "G128/reward/N2": (605, 1000)}
+    assert jq.choose(stats) == "G64/eq7/N2"  # the reward adapter is 0.005 better: a tie, and Eq. 7 is cheaper
+    stats["G128/reward/N2"] = (630, 1000)
+    assert jq.choose(stats) == "G128/reward/N2"  # a clear winner is taken although it costs more
+    stats["G64/eq7/N4"] = (635, 1000)
+    assert jq.choose(stats) == "G128/reward/N2"  # tie within 0.01: smaller N first
+    # nobody's bound above 0.5: the highest point estimate
+    assert jq.choose({"G64/eq7/N2": (6, 10), "G64/eq7_tok/N2": (7, 10)}) == "G64/eq7_tok/N2"
+
+
+def test_selection_check_finds_no_optimism_when_one_setting_is_right_everywhere_and_some_when_all_are_chance():
+    rng = np.random.default_rng(1)
+    qs = list(range(40))
+
+    def recs(p_correct):
+        return [{"q": q, "pair": True, "decided": True, "correct": bool(rng.random() < p_correct)} for q in qs
+                for _ in range(3)]
+    good = {"G64/eq7/N2": [dict(r, correct=True) for r in recs(1.0)], "G64/eq7_tok/N2": recs(0.5)}
+    out = jq.selection_check(good, splits=50)
+    assert out["chosen_on_all"] == "G64/eq7/N2" and out["out_half_mean"] == 1.0 and out["optimism"] == 0.0
+    # twenty coin-flip judges: the winner on one half is, on average, better there than on the other half
+    noise = {f"G64/j{i}/N2": recs(0.5) for i in range(20)}
+    out = jq.selection_check(noise, splits=200)
+    assert out["optimism"] > 0.02 and abs(out["out_half_mean"] - 0.5) < 0.05
