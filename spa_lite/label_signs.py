@@ -19,8 +19,15 @@ from collections.abc import Sequence
 # its 24 settings with a model judge, none of the 7 right on 0.60 or more of decided pairs chose the longer
 # response more than 0.10 more often than the gold pairs do (per-token Eq. 7 leaned short), and 9 of the 17 at
 # 0.46-0.56 did; the other 8 (the reward adapter and the ensemble at gold 128, two N = 2 settings) did not.
-# Leaning short is not flagged.
+# Leaning short by as much is flagged too (`short_lean`): one step of it looked harmless on dev prompts, but in the
+# gain run at the chosen setting (per-token Eq. 7, bench/RESULTS.md "SPA at the chosen judge") it compounded over
+# two iterations into answers of one token (D_1 0.29 and D_2 0.21 chosen-longer against the gold pairs' 0.34).
 LENGTH_LEAN = 0.1
+# the policy's samples in D_i average fewer than this share of D_{i-1}'s tokens: its answers are collapsing. In
+# that gain run D_2's samples averaged 11.0 tokens against D_1's 40.2 (0.27x), and pi_2 then answered 422 of 528
+# held-out prompts with under 3 tokens. One run behind the value: a halving between two iterations is far outside
+# what seed DPO or one healthy iteration did on the demo (pi_0's greedy answers: 0.5x pi_init's, but better).
+LENGTH_DROP = 0.5
 # two judges (expand.judge: logprob+reward) pick the same response in fewer than this share of pairs. If their
 # errors are independent, agreement is acc1*acc2 + (1-acc1)(1-acc2): exactly 0.5 when either is at chance. In the
 # sweep Eq. 7 and the reward adapter (at chance) agreed on 0.54-0.55 of pairs; Eq. 7 and per-token Eq. 7 on 0.75-0.85.
@@ -33,13 +40,15 @@ def chosen_longer_share(pairs: Sequence[tuple[str, str]]) -> float | None:
 
 
 def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[str, str]],
-                judge_probs: Sequence[tuple[float, float]] = ()) -> list[dict]:
+                judge_probs: Sequence[tuple[float, float]] = (),
+                mean_tokens: tuple[float, float] | None = None) -> list[dict]:
     """The signs present in one D_i.
 
     Args:
         d_pairs: D_i's (chosen, rejected) texts.
         gold_pairs: D0's (chosen, rejected) texts (the pairs seed DPO was trained on).
         judge_probs: (p_logprob, p_reward) per pair when two judges labelled D_i, else empty.
+        mean_tokens: (D_{i-1}, D_i) mean sampled tokens per response, from iteration 2 on; else None.
 
     Returns:
         one dict per sign present: ``sign``, ``value``, ``threshold`` and a one-line ``message``.
@@ -52,6 +61,19 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
                     "message": f"the chosen response is the longer one in {d_share:.0%} of pairs, against {g_share:.0%} "
                                "in the gold pairs: the judge may be ranking by length (audit a sample with `spa-lite inspect`; "
                                "try expand.judge_norm: per_token or expand.length_penalty)"})
+    if d_share is not None and g_share is not None and g_share - d_share > LENGTH_LEAN:
+        out.append({"sign": "short_lean", "value": round(d_share, 4), "gold": round(g_share, 4),
+                    "threshold": LENGTH_LEAN,
+                    "message": f"the chosen response is the longer one in only {d_share:.0%} of pairs, against "
+                               f"{g_share:.0%} in the gold pairs: the judge prefers short answers, and iterating on it "
+                               "can shorten them to nothing (audit a sample with `spa-lite inspect`; try "
+                               "expand.judge_norm: sum or a negative expand.length_penalty)"})
+    if mean_tokens and mean_tokens[0] > 0 and mean_tokens[1] < LENGTH_DROP * mean_tokens[0]:
+        prev, cur = mean_tokens
+        out.append({"sign": "length_drop", "value": round(cur / prev, 4), "threshold": LENGTH_DROP,
+                    "message": f"the policy's samples average {cur:.1f} tokens, against {prev:.1f} one iteration "
+                               "earlier: its answers are collapsing (read a few with `spa-lite inspect`; stop here "
+                               "and keep the previous policy, or change the judge)"})
     if judge_probs:
         agree = statistics.fmean((a > 0.5) == (b > 0.5) for a, b in judge_probs)
         if agree < AGREE_MIN:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from spa_lite.label_signs import AGREE_MIN, LENGTH_LEAN, chosen_longer_share, label_signs
+from spa_lite.label_signs import AGREE_MIN, LENGTH_DROP, LENGTH_LEAN, chosen_longer_share, label_signs
 
 
 def test_chosen_longer_share_counts_characters():
@@ -18,11 +18,20 @@ def test_each_sign_fires_past_its_threshold_and_not_before():
     gold = [("long answer", "x")] * 10 + [("x", "long answer")] * 10  # gold: chosen longer in half
     lean = [("long answer", "x")] * 14 + [("x", "long answer")] * 6  # 0.7: 0.2 above gold
     even = [("long answer", "x")] * 11 + [("x", "long answer")] * 9  # 0.55: 0.05 above gold
-    short = [("x", "long answer")] * 20  # 0.0: leaning short is not a sign
+    short = [("long answer", "x")] * 6 + [("x", "long answer")] * 14  # 0.3: 0.2 below gold
+    shortish = [("long answer", "x")] * 9 + [("x", "long answer")] * 11  # 0.45: 0.05 below gold
     assert 0.55 - 0.5 < LENGTH_LEAN < 0.7 - 0.5
     sig = label_signs(lean, gold)
     assert [s["sign"] for s in sig] == ["length_lean"] and (sig[0]["value"], sig[0]["gold"]) == (0.7, 0.5)
-    assert label_signs(even, gold) == [] and label_signs(short, gold) == []
+    sig = label_signs(short, gold)
+    assert [s["sign"] for s in sig] == ["short_lean"] and (sig[0]["value"], sig[0]["gold"]) == (0.3, 0.5)
+    assert label_signs(even, gold) == [] and label_signs(shortish, gold) == []
+    # answers collapsing between iterations: D_i's mean sampled length under LENGTH_DROP x D_{i-1}'s
+    assert 0.27 < LENGTH_DROP < 0.8
+    sig = label_signs(even, gold, mean_tokens=(40.2, 11.0))  # the gain run's D_1 -> D_2
+    assert [s["sign"] for s in sig] == ["length_drop"] and sig[0]["value"] == round(11.0 / 40.2, 4)
+    assert label_signs(even, gold, mean_tokens=(40.0, 32.0)) == []  # 0.8x: shorter, not collapsing
+    assert label_signs(even, gold, mean_tokens=(0.0, 0.0)) == []
     agree_half = [(0.7, 0.3), (0.7, 0.8)] * 10  # same side in 50% of pairs
     agree_most = [(0.7, 0.6)] * 16 + [(0.7, 0.3)] * 4
     assert 0.5 < AGREE_MIN < 0.8
