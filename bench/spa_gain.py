@@ -52,6 +52,7 @@ COMPARISONS = [
     ("spa_no_refine_final", "spa_final"), ("spa_no_dnd_final", "spa_final"),
     ("judge_prev_final", "spa_final"), ("judge_none_final", "spa_final"),
     ("spa_best_final", "pi_0"), ("spa_best_final", "dpo_same_compute"), ("spa_best_final", "spa_final"),
+    ("spa_best_1", "pi_0"),  # small models gained only in the first iteration in the paper (its appendix B.3)
 ]
 
 
