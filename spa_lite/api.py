@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from spa_lite import export as answers
 from spa_lite.audit import import_annotations, run_agreement
 from spa_lite.config import Recipe, parse_overrides
 from spa_lite.config import load_recipe as _load
 from spa_lite.data import load_pairs
 from spa_lite.doctor import checks
 from spa_lite.errors import SpaError
+from spa_lite.export import (export_alpaca_eval, export_mt_bench, generate_answers, make_generate,
+                             read_alpaca_eval_questions, read_mt_bench_questions)
 from spa_lite.inspect_page import make_server, page_payload, render, write_page
 from spa_lite.io import read_json, read_jsonl
 from spa_lite.layout import (Stage, audit_path, complete_policies, data_path, policy_label, policy_names,
@@ -194,19 +195,19 @@ def export_answers(recipe: str | Path | Recipe, questions: str | Path, out: str 
     ks = complete_policies(r)
     k = resolve_policy(r, o.policy)
     if o.benchmark == "alpaca-eval":
-        n_answers = len(answers.read_alpaca_eval_questions(o.questions)[: o.limit])
+        n_answers = len(read_alpaca_eval_questions(o.questions)[: o.limit])
     else:  # MT-Bench: one answer per turn
-        n_answers = sum(len(q["turns"]) for q in answers.read_mt_bench_questions(o.questions)[: o.limit])
+        n_answers = sum(len(q["turns"]) for q in read_mt_bench_questions(o.questions)[: o.limit])
     stack = load_stack(r, frozen_upto=max(ks) if ks else -1)
     model_id = f"{r.name}-{policy_label(k)}"
     with task(f"answers by {model_id}", n_answers, info=o.benchmark) as advance:
-        gen = answers.make_generate(stack, policy_names(k), o.max_new_tokens, o.batch_size, r.seed, on_batch=advance,
-                                    sample_dtype=r.expand.sample_dtype)
+        gen = make_generate(stack, policy_names(k), o.max_new_tokens, o.batch_size, r.seed, on_batch=advance,
+                            sample_dtype=r.expand.sample_dtype)
         if o.benchmark == "alpaca-eval":
-            rows = answers.export_alpaca_eval(o.questions, o.out, gen, model_id, temperature=o.temperature or 0.0,
-                                              limit=o.limit)
+            rows = export_alpaca_eval(o.questions, o.out, gen, model_id, temperature=o.temperature or 0.0,
+                                      limit=o.limit)
         else:
-            rows = answers.export_mt_bench(o.questions, o.out, gen, model_id, temperature=o.temperature, limit=o.limit)
+            rows = export_mt_bench(o.questions, o.out, gen, model_id, temperature=o.temperature, limit=o.limit)
     return {"model_id": model_id, "answers": rows, "out": o.out}
 
 
@@ -386,7 +387,7 @@ class Policy:
         is greedy."""
         msgs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
         c = self.recipe.expand
-        return answers.generate_answers(self.stack, self.names, msgs, max_new_tokens or c.max_new_tokens, temperature,
+        return generate_answers(self.stack, self.names, msgs, max_new_tokens or c.max_new_tokens, temperature,
                                 batch_size or c.batch_size, self.recipe.seed if seed is None else seed,
                                 sample_dtype=c.sample_dtype)
 
