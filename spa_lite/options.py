@@ -142,7 +142,7 @@ class EvalOptions(Options):
 
 @dataclass
 class WinrateOptions(Options):
-    """`spa-lite winrate` and ``spa_lite.winrate``."""
+    """`spa-lite winrate` and ``spa_lite.policy_win_rate``."""
 
     command: typing.ClassVar[str] = "winrate"
     policy: str = option("last", "Candidate policy: last, init, 0, 1, ...")
