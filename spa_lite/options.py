@@ -226,6 +226,12 @@ def cli_default(f: dataclasses.Field) -> Any:
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
+def cli_help(f: dataclasses.Field) -> str:
+    """The CLI help of option ``f``: its help text, then its bounds (as the recipe reference shows them)."""
+    bounds = f.metadata.get("bounds")
+    return f.metadata["help"] + (f" (allowed: {bounds})" if bounds is not None else "")
+
+
 def cli_parameters(cls: type[Options]) -> list[inspect.Parameter]:
     """One keyword parameter per field of ``cls``, annotated for Typer with the field's flags and help text."""
     import typer  # the front end's library: only the CLI asks for these parameters
@@ -239,10 +245,10 @@ def cli_parameters(cls: type[Options]) -> list[inspect.Parameter]:
         tp = Optional[tp] if optional else tp
         dash = f.name.replace("_", "-")
         if f.metadata.get("argument"):
-            info = typer.Argument(help=f.metadata["help"], show_default=False)
+            info = typer.Argument(help=cli_help(f), show_default=False)
         else:
             flags = f.metadata.get("flags") or ((f"--{dash}/--no-{dash}",) if tp is bool else (f"--{dash}",))
-            info = typer.Option(*flags, help=f.metadata["help"])
+            info = typer.Option(*flags, help=cli_help(f))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=cli_default(f),
                                         annotation=Annotated[tp, info]))
     return params

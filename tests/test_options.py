@@ -17,7 +17,7 @@ from conftest import invoke
 from spa_lite.cli import app
 from spa_lite.errors import SpaError
 from spa_lite.options import (EvalOptions, ExportAnswersOptions, PlanOptions, SplitOptions, WinrateOptions,
-                              cli_default, flag_name)
+                              cli_default, cli_help, flag_name)
 
 COMMANDS = {"eval": EvalOptions, "winrate": WinrateOptions, "export-answers": ExportAnswersOptions,
             "plan": PlanOptions, "split": SplitOptions}
@@ -33,7 +33,7 @@ def test_every_field_is_a_cli_option_with_its_help_and_default(command):
     cls, params = COMMANDS[command], _params(command)
     for f in dataclasses.fields(cls):
         p = params[f.name]
-        assert p.help == f.metadata["help"], f.name
+        assert p.help == cli_help(f) and p.help.startswith(f.metadata["help"]), f.name
         assert (p.param_type_name == "argument") == bool(f.metadata["argument"]), f.name
         if p.param_type_name == "option":
             assert flag_name(f) in p.opts, (f.name, p.opts)
@@ -89,6 +89,12 @@ def test_the_api_validates_the_same_options():
         spa_lite.export_answers(recipe, "q.json", "o.json", benchmark="arena")
     with pytest.raises(SpaError, match="--seed-size: expected int, got 'many'"):
         spa_lite.split("d.jsonl", "o", seed_size="many")
+
+
+def test_help_shows_the_bounds():
+    res = invoke("split", "--help")
+    flat = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 0 and "Gold seed pairs (paper: 2000). (allowed: >= 1)" in flat, flat
 
 
 def test_values_are_coerced_like_recipe_overrides():
