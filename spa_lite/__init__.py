@@ -9,7 +9,8 @@ import logging as _logging
 __version__ = "0.1.0"
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
-           "resolve_policy", "plan", "size_for_gpu", "inspect_html"]
+           "resolve_policy", "plan", "size_for_gpu", "inspect_html", "policy_win_rate", "export_answers", "split",
+           "export_policy", "write_report"]
 
 
 class _DropBnbKernelNotice(_logging.Filter):

@@ -11,9 +11,11 @@
     pi = r.policy("last")                                # pi_T on the base, for generation
     pi.generate(["Name a fast animal."], max_new_tokens=64)
 
-The command line shares recipe loading (``spa_lite.config``) and policy selection (``spa_lite.layout``) with
-these functions, so both behave the same. ``import spa_lite`` stays light: this module (and torch with it)
-loads on the first use of ``spa_lite.<name>``.
+The command line (``spa_lite.cli``) only parses and prints: every command calls a function here, so both behave
+the same. The options of the commands outside the recipe (eval, winrate, export-answers, plan, split) are
+defined once, as the dataclasses of ``spa_lite.options``: these functions take their fields as keyword
+arguments and validate them there. ``import spa_lite`` stays light: this module (and torch with it) loads on
+the first use of ``spa_lite.<name>``.
 """
 
 from __future__ import annotations
@@ -23,33 +25,45 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig
 
-from spa_lite.audit import run_agreement
-from spa_lite.config import Recipe, copy_recipe, parse_override, recipe_description, shipped_recipes
+from spa_lite.audit import import_annotations, run_agreement
+from spa_lite.config import Recipe, parse_overrides
 from spa_lite.config import load_recipe as _load
 from spa_lite.data import load_pairs
+from spa_lite.doctor import checks
 from spa_lite.errors import SpaError
-from spa_lite.export import generate_answers
-from spa_lite.inspect_page import page_payload, render
+from spa_lite.export import (export_alpaca_eval, export_mt_bench, generate_answers, make_generate,
+                             read_alpaca_eval_questions, read_mt_bench_questions)
+from spa_lite.inspect_page import make_server, page_payload, render, write_page
 from spa_lite.io import read_json, read_jsonl
-from spa_lite.layout import (Stage, complete_policies, data_path, policy_label, policy_names, read_manifest,
-                             resolve_policy, stage_dir, stage_keys)
+from spa_lite.layout import (Stage, audit_path, complete_policies, data_path, policy_label, policy_names,
+                             read_manifest, resolve_policy, stage_dir, stage_keys)
 from spa_lite.loading import load_stack
 from spa_lite.logps import head_is_affine, logprob_kernel
 from spa_lite.losses import lambda_for_iteration
+from spa_lite.merge import export_merged, export_single_adapter
 from spa_lite.models import resolve_model_path
-from spa_lite.plan import QUANTIZATIONS, fit
+from spa_lite.options import EvalOptions, ExportAnswersOptions, PlanOptions, SplitOptions, WinrateOptions
+from spa_lite.plan import fit
+from spa_lite.recipe_files import copy_recipe, listing_line, recipe_description, shipped_recipes
+from spa_lite.report import write_report
 from spa_lite.stages import evaluate as evaluate_stage
-from spa_lite.stages import expand, pipeline, reward, seed_dpo, train
+from spa_lite.stages import expand, pipeline, reward, seed_dpo, split as split_stage, train
+from spa_lite.ui import task
+from spa_lite.winrate import compare_policies
 
 __all__ = ["load_recipe", "run", "run_stage", "evaluate", "open_run", "Run", "Policy", "list_recipes", "copy_recipe",
-           "resolve_policy", "plan", "size_for_gpu", "inspect_html"]
+           "resolve_policy", "plan", "size_for_gpu", "inspect_html", "policy_win_rate", "export_answers", "split",
+           "export_policy", "write_report"]
 
 
-def list_recipes() -> dict[str, str]:
-    """Shipped recipe name -> one-line description (what `spa-lite recipes` prints)."""
-    return {name: recipe_description(path) for name, path in shipped_recipes().items()}
+def list_recipes(*, long: bool = False) -> dict[str, str]:
+    """Shipped recipe name -> one-line description; ``long``: the line `spa-lite recipes` prints (with the
+    commands that run it)."""
+    return {name: listing_line(name, path) if long else recipe_description(path)
+            for name, path in shipped_recipes().items()}
 
 
 def load_recipe(recipe: str | Path | Recipe | None = "smollm2-demo", overrides: dict | Sequence[str] | None = None, *,
@@ -71,12 +85,7 @@ def load_recipe(recipe: str | Path | Recipe | None = "smollm2-demo", overrides: 
             return recipe
         items.update(recipe.to_dict())  # the recipe's values, then the overrides on top, checked as one
         recipe = None
-    if isinstance(overrides, dict):
-        items.update(overrides)
-    else:
-        for text in overrides or []:
-            keys, value = parse_override(text)
-            items[".".join(keys)] = value
+    items.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     for key, value in (("name", name), ("run_dir", run_dir), ("report_to", report_to)):
         if value is not None:
             items[key] = str(value) if isinstance(value, Path) else value
@@ -85,6 +94,12 @@ def load_recipe(recipe: str | Path | Recipe | None = "smollm2-demo", overrides: 
 
 def _as_recipe(recipe: str | Path | Recipe) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def _recipe_arg(recipe: str | Path | Recipe) -> str:
+    """How the rerun commands an error suggests name the recipe: the argument given, or the command line's
+    options the CLI recorded (``Recipe.rerun_args``; "RECIPE" for a recipe made in Python)."""
+    return str(recipe) if isinstance(recipe, (str, Path)) else recipe.rerun_args
 
 
 def _stage(stage: str, iteration: int | None) -> Stage:
@@ -112,25 +127,158 @@ def run_stage(recipe: str | Path | Recipe, stage: str, iteration: int | None = N
     """
     r = _as_recipe(recipe)
     st = _stage(stage, iteration)
-    arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
     if st.kind == "seed":
         return seed_dpo.run(r, force=force)
     if st.kind == "reward":
         return reward.run(r, force=force)
     if st.kind == "expand":
-        return expand.run(r, st.iteration, force=force, recipe_arg=str(arg))
-    return train.run(r, st.iteration, force=force, recipe_arg=str(arg))
+        return expand.run(r, st.iteration, force=force, recipe_arg=_recipe_arg(recipe))
+    return train.run(r, st.iteration, force=force, recipe_arg=_recipe_arg(recipe))
 
 
 def run(recipe: str | Path | Recipe = "smollm2-demo", *, force: bool = False) -> list[tuple[str, dict]]:
     """All stages: seed DPO, then expand and train for iterations 1..T; returns [(stage key, manifest), ...]."""
-    arg = recipe if isinstance(recipe, (str, Path)) else "RECIPE"
-    return pipeline.run(_as_recipe(recipe), force=force, recipe_arg=str(arg))
+    return pipeline.run(_as_recipe(recipe), force=force, recipe_arg=_recipe_arg(recipe))
 
 
-def evaluate(recipe: str | Path | Recipe, **kwargs) -> dict:
-    """`spa-lite eval` (keyword arguments of ``spa_lite.stages.evaluate.run``); returns the report it writes."""
-    return evaluate_stage.run(_as_recipe(recipe), **kwargs)
+def stage_summary(key: str, manifest: dict) -> dict:
+    """The rows `spa-lite` prints after a stage ("seed", "reward", "iter1/expand", ...): wall time, peak
+    memory and the stage's summary counts."""
+    return pipeline.stage_rows(key, manifest)
+
+
+def evaluate(recipe: str | Path | Recipe, *, policies: list[int | None] | None = None, **options) -> dict:
+    """`spa-lite eval`: judge accuracy, noise detection, self-labelling noise, pass rates and the human audit's
+    agreement of every policy of a run (or only ``policies``; None is pi_init); returns the report it writes
+    to runs/<name>/eval/<tag>.json.
+
+    Args:
+        options: ``spa_lite.options.EvalOptions``' fields (limit=200, methods=["init", "prev", "none"], ...).
+
+    Raises:
+        SpaError: an unknown option or a bad value, naming it.
+    """
+    o = EvalOptions.build(options)
+    return evaluate_stage.run(_as_recipe(recipe), o.pairs, o.fmt, o.limit, methods=o.methods, flip=o.flip,
+                              lambdas=o.lambdas, do_pass_rate=o.pass_rate, prompt_limit=o.prompt_limit,
+                              samples=o.samples, tag=o.tag, policies=policies, temperature=o.temperature,
+                              audit_only=o.audit_only)
+
+
+def print_eval_report(report: dict) -> None:
+    """Print ``evaluate``'s report as `spa-lite eval` does (one table per measure)."""
+    evaluate_stage.print_report(report)
+
+
+def policy_win_rate(recipe: str | Path | Recipe, **options) -> dict:
+    """`spa-lite winrate`: one policy's responses against another's under a pairwise judge, with a 95% CI
+    (``spa_lite.winrate.compare_policies``); writes RUN/eval/winrate_<cand>_vs_<ref>_<judge>.json.
+
+    Args:
+        options: ``spa_lite.options.WinrateOptions``' fields (policy="last", reference="init", judge=...).
+    """
+    return compare_policies(_as_recipe(recipe), WinrateOptions.build(options))
+
+
+def export_answers(recipe: str | Path | Recipe, questions: str | Path, out: str | Path, **options) -> dict:
+    """`spa-lite export-answers`: a policy of the run answers a benchmark's questions (AlpacaEval or MT-Bench),
+    written to ``out`` in the official evaluators' format.
+
+    Args:
+        options: ``spa_lite.options.ExportAnswersOptions``' other fields (benchmark, policy, max_new_tokens, ...).
+
+    Returns:
+        ``{"model_id": "<run name>-pi_k", "answers": the rows written, "out": the file}``.
+    """
+    o = ExportAnswersOptions.build({"questions": questions, "out": out, **options})
+    r = _as_recipe(recipe)
+    ks = complete_policies(r)
+    k = resolve_policy(r, o.policy)
+    if o.benchmark == "alpaca-eval":
+        n_answers = len(read_alpaca_eval_questions(o.questions)[: o.limit])
+    else:  # MT-Bench: one answer per turn
+        n_answers = sum(len(q["turns"]) for q in read_mt_bench_questions(o.questions)[: o.limit])
+    stack = load_stack(r, frozen_upto=max(ks) if ks else -1)
+    model_id = f"{r.name}-{policy_label(k)}"
+    with task(f"answers by {model_id}", n_answers, info=o.benchmark) as advance:
+        gen = make_generate(stack, policy_names(k), o.max_new_tokens, o.batch_size, r.seed, on_batch=advance,
+                            sample_dtype=r.expand.sample_dtype)
+        if o.benchmark == "alpaca-eval":
+            rows = export_alpaca_eval(o.questions, o.out, gen, model_id, temperature=o.temperature or 0.0,
+                                      limit=o.limit)
+        else:
+            rows = export_mt_bench(o.questions, o.out, gen, model_id, temperature=o.temperature, limit=o.limit)
+    return {"model_id": model_id, "answers": rows, "out": o.out}
+
+
+def split(data: str, out: str | Path, **options) -> dict:
+    """`spa-lite split`: the paper's data protocol as files under ``out`` (shuffle, gold seed pairs, disjoint
+    prompt sets per iteration, test pairs); returns the row count of each file.
+
+    Args:
+        options: ``spa_lite.options.SplitOptions``' other fields (seed, seed_size, iter_sizes, test_size, fmt).
+    """
+    o = SplitOptions.build({"data": data, "out": out, **options})
+    return split_stage.run(o.data, o.out, o.seed, o.seed_size, o.iter_sizes, o.test_size, o.fmt)
+
+
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_policy(recipe: str | Path | Recipe, iteration: int, out: str | Path, *, merged: bool = True,
+                  dtype: str = "bfloat16") -> Path:
+    """`spa-lite export`: pi_i as a merged full model with a model card, or (``merged=False``) the adapter stack
+    as one exact LoRA adapter; returns the folder written."""
+    r = _as_recipe(recipe)
+    label = policy_label(iteration)
+    if iteration not in complete_policies(r):
+        raise SpaError(f"{label} is not complete in {r.run_path}; run its stages first")
+    with task(f"export {label} ({'merged' if merged else 'adapter'})", 1, info=str(out)) as advance:
+        if merged:
+            if dtype not in EXPORT_DTYPES:
+                raise SpaError(f"--dtype '{dtype}' is not bfloat16, float16 or float32")
+            path = export_merged(r, iteration, Path(out), dtype=EXPORT_DTYPES[dtype])
+        else:
+            path = export_single_adapter(r, iteration, Path(out))
+        advance()
+    return path
+
+
+def doctor(run_dir: str | Path | None = None) -> list[tuple[str, str, str]]:
+    """`spa-lite doctor`: (item, ok | warn | missing, detail) for torch, CUDA, bitsandbytes, vLLM, memory, disk
+    (of ``run_dir``, default runs) and the bundled model."""
+    return checks(str(run_dir or "runs"))
+
+
+def _run_dir(run: str | Path) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise SpaError(f"{run} is not a run directory (runs/<name>, made by `spa-lite run` or its stages)")
+    return run
+
+
+def write_inspect_page(run: str | Path, iteration: int = 1, out: str | Path | None = None, *,
+                       pairs: str | None = None, sample: int = 50, seed: int = 0) -> Path:
+    """`spa-lite inspect`: the label page of D_i as a self-contained HTML file (default RUN/iter{i}/inspect.html)."""
+    return write_page(_run_dir(run), iteration, None if out is None else Path(out), pairs=pairs, sample=sample,
+                      seed=seed)
+
+
+def inspect_server(run: str | Path, iteration: int = 1, *, sample: int = 50, seed: int = 0, port: int = 8765):
+    """`spa-lite inspect --serve`: an HTTP server (127.0.0.1) of the label page that writes each annotation to
+    ``audit_path(run, iteration)``; call its ``serve_forever()``, then ``server_close()``."""
+    return make_server(_run_dir(run), iteration, sample=sample, seed=seed, port=port)
+
+
+def audit_file(run: str | Path, iteration: int = 1) -> Path:
+    """The human audit of D_i: RUN/iter{i}/audit.jsonl (D0, iteration 0: RUN/d0/audit.jsonl)."""
+    return audit_path(Path(run), iteration)
+
+
+def import_audit(file: str | Path, run: str | Path, iteration: int = 1) -> dict:
+    """`spa-lite audit import`: check annotations downloaded from the page against the run's pairs and append
+    them to RUN/iter{i}/audit.jsonl; returns the counts (read, added, duplicates) and the path."""
+    return import_annotations(Path(file), _run_dir(run), iteration)
 
 
 def inspect_html(run: str | Path | Recipe, iteration: int = 1, *, fragment: bool = True, sample: int = 50,
@@ -161,25 +309,20 @@ def _config_error(src: str, e: Exception) -> str:
             "(with the same --recipe) here")
 
 
-def plan(recipe: str | Path | Recipe = "smollm2-demo", *, model: str | None = None, gpu_mem: float = 16.0,
-         quantization: str = "4bit", fsdp: int = 1) -> dict:
+def plan(recipe: str | Path | Recipe = "smollm2-demo", **options) -> dict:
     """`spa-lite plan`: estimated peak memory of each stage and the settings that fit ``gpu_mem`` GB.
 
     Args:
-        model: a model folder, hub id, bundled alias or config.json (default: the recipe's model).
+        options: ``spa_lite.options.PlanOptions``' fields: model (a model folder, hub id, bundled alias or
+            config.json; default: the recipe's model), gpu_mem=16.0, quantization="4bit", fsdp=1.
 
     Returns:
         ``spa_lite.plan.fit``'s result (fits, batch_size, grad_accum, gradient_checkpointing, seq_len,
         gen_batch_size, judge_batch_size, changed, plan) and "source": the model it planned for.
     """
-    if quantization not in QUANTIZATIONS:
-        raise SpaError(f"--quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)} (spa-lite loads "
-                       "a base in NF4 4-bit or unquantised; 8-bit bases are not supported)")
+    o = PlanOptions.build(options)
     r = _as_recipe(recipe)
-    if fsdp > 1 and quantization == "4bit":
-        raise SpaError("--fsdp shards full-precision bases only: add --quantization none (a 4-bit base trains "
-                       "data parallel, one copy per GPU)")
-    src = model or r.model.name_or_path
+    src, gpu_mem, quantization, fsdp = o.model or r.model.name_or_path, o.gpu_mem, o.quantization, o.fsdp
     try:
         cfg = AutoConfig.from_pretrained(src if str(src).endswith(".json") else resolve_model_path(src))
     except (OSError, ValueError) as e:

@@ -1,26 +1,171 @@
-"""The `spa-lite` command: parses options and calls one function of ``spa_lite.tasks`` per command.
+"""The `spa-lite` command: parses options, calls one function of the Python API (``spa_lite.api``) per command and
+prints its result; the CLI and the API cannot drift, since the CLI does nothing else.
 
 Every command reads a YAML recipe (``--recipe``, a path or a shipped name) and ``--set section.key=value``
-overrides; dedicated flags are shorthands for common overrides, with the recipe field's help text. Each
-command's task module is imported when the command runs (``spa_lite.tasks`` loads its submodules lazily), so
-that `spa-lite --help` does not load torch.
+overrides; dedicated flags are shorthands for common overrides, with the recipe field's help text. The options of
+eval, winrate, export-answers, plan and split are generated from their dataclasses in ``spa_lite.options`` (the
+one definition: default, help, bounds, choices), and validated there by the API. The API (and torch with it) is
+imported when a command runs, so that `spa-lite --help` does not load torch.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+import os
+import shlex
 import sys
+import traceback
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from rich.markup import escape
+from rich.table import Table
 
-from spa_lite import tasks
-from spa_lite.config import field_help
-from spa_lite.tasks import RecipeArgs, user_errors
+from spa_lite.config import Recipe, field_help, parse_overrides
+from spa_lite.errors import SpaError, expected_failure
+from spa_lite.locks import release_stage_locks
+from spa_lite.options import (EvalOptions, ExportAnswersOptions, Options, PlanOptions, SplitOptions, WinrateOptions,
+                              cli_parameters)
+from spa_lite.ui import console, summary_table
+
+
+class _LazyAPI:
+    """``spa_lite.api``, imported on first use (it loads torch)."""
+
+    def __getattr__(self, name: str):
+        from spa_lite import api as module
+
+        return getattr(module, name)
+
+
+api = _LazyAPI()
 
 app = typer.Typer(name="spa-lite", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="SPA (Spread Preference Annotation) on one GPU: seed DPO, then expand (sample + judge) and "
                        "train per iteration.")
+
+
+@dataclass
+class RecipeArgs:
+    """The recipe options every command shares, as given on the command line.
+
+    Args:
+        recipe: a YAML path or a shipped recipe name.
+        sets: ``section.key=value`` overrides (``--set``), in order.
+        name, run_dir: ``--name`` and ``--run-dir`` (None: the recipe's).
+        shorthands: ``section.key`` -> value of a command's dedicated flags (``--loss``, ``--judge-ref``, ...);
+            None means the flag was not given.
+    """
+
+    recipe: str
+    sets: list[str] | None = None
+    name: str | None = None
+    run_dir: str | None = None
+    shorthands: dict = field(default_factory=dict)
+
+    def load(self) -> Recipe:
+        """The recipe with ``--set`` overrides, then the shorthands, then ``--name`` and ``--run-dir`` applied."""
+        overrides = parse_overrides(self.sets) | {k: v for k, v in self.shorthands.items() if v is not None}
+        recipe = api.load_recipe(self.recipe, overrides, name=self.name or None, run_dir=self.run_dir or None)
+        recipe.rerun_args = self.shell()  # every rerun command an error suggests repeats these options
+        return recipe
+
+    def shell(self) -> str:
+        """These options as a shell fragment (``report_to`` left out), for the commands an error message suggests."""
+        parts = [self.recipe]
+        if self.name:
+            parts += ["--name", self.name]
+        if self.run_dir:
+            parts += ["--run-dir", self.run_dir]
+        for s in self.sets or []:
+            parts += ["--set", s]
+        for k, v in self.shorthands.items():
+            if v is not None and k != "report_to":
+                parts += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+        return " ".join(shlex.quote(p) for p in parts)
+
+
+def setup_logging() -> None:
+    """Log level from ``SPA_LITE_LOG`` (default WARNING); the libraries' chatter and progress bars off."""
+    logging.basicConfig(level=os.environ.get("SPA_LITE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "peft", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # datasets logs a damaged Parquet file as ERROR lines before it raises; spa-lite reports that error once
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft reads transformers' deprecated `is_gradient_checkpointing` alias: nothing a spa-lite user can act on
+    # (the tests still show it). Every other warning stays visible.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging  # seconds to import: only for commands that run
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; spa-lite shows its own progress
+
+
+def user_errors(fn):
+    """The one error boundary of every command. Expected failures (bad input, stage order, I/O, permissions, a
+    full disk, decoding, hub access) print one red line and exit with code 2; anything else is a bug: its
+    traceback is printed, then one line that says so, and the exit code is 1. Stage locks are released however
+    a command ends.
+    """
+
+    def line(text: str, code: int):
+        console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(code=code) from None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except SpaError as e:
+            line(str(e), 2)
+        except KeyboardInterrupt as e:
+            console.print(f"[yellow]interrupted[/] ({escape(str(e)) or 'Ctrl-C'}); rerun the same command to resume")
+            raise typer.Exit(code=130) from None
+        except Exception as e:  # noqa: BLE001 - the boundary: every exception ends here, named or with its traceback
+            msg = expected_failure(e)
+            if msg is not None:
+                line(msg, 2)
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+            line(f"unexpected {type(e).__name__} (a bug in spa-lite or a library, not in your input): {e}; "
+                 f"the traceback above shows where", 1)
+        finally:
+            release_stage_locks()
+
+    return wrapper
+
+
+def _with_options(cls: type[Options]):
+    """A command whose options are the fields of ``cls`` (one CLI parameter each, from ``cli_parameters``) besides
+    its own parameters; it receives them as keyword arguments (``**options``), for the API to validate."""
+
+    def wrap(fn):
+        own = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(fn, eval_str=True).parameters.values()
+               if p.kind != p.VAR_KEYWORD]
+        generated = cli_parameters(cls)
+        required = [p for p in generated if p.default is p.empty]
+        params = required + own + [p for p in generated if p.default is not p.empty]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            return fn(**kwargs)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
+
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe YAML path or shipped name (recipes/).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: section.key=value (repeatable).")]
@@ -38,7 +183,7 @@ def _key(section: str, key: str, *decls: str):
 
 
 def _command(name: str):
-    """Register a command of ``app`` behind the one error boundary (``spa_lite.tasks.user_errors``)."""
+    """Register a command of ``app`` behind the one error boundary (``user_errors``)."""
     return lambda fn: app.command(name)(user_errors(fn))
 
 
@@ -58,8 +203,8 @@ def seed_dpo_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: 
     Example: spa-lite seed-dpo --recipe smollm2-demo --set seed_dpo.epochs=3
     """
     keys = dict(loss=loss, dro_epsilon=dro_epsilon, dro_pieces=dro_pieces, dro_xi_min=dro_xi_min)
-    tasks.stages.run_seed_dpo(RecipeArgs(recipe, set_, name, run_dir, {f"seed_dpo.{k}": v for k, v in keys.items()}
-                                         | {"report_to": report_to}), force)
+    _stage(RecipeArgs(recipe, set_, name, run_dir, {f"seed_dpo.{k}": v for k, v in keys.items()}
+                      | {"report_to": report_to}), "seed-dpo", "seed", force)
 
 
 @_command("reward")
@@ -70,7 +215,7 @@ def reward_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: Na
 
     Example: spa-lite reward --recipe smollm2-demo --set reward.epochs=2 && spa-lite expand --iter 1 --judge reward
     """
-    tasks.stages.run_reward(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}), force)
+    _stage(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}), "reward", "reward", force)
 
 
 @_command("expand")
@@ -88,8 +233,8 @@ def expand_cmd(
     Example: spa-lite expand --iter 1 --recipe smollm2-demo --judge-ref init
     """
     keys = dict(judge=judge, judge_ref=judge_ref, length_penalty=length_penalty, max_new_tokens=max_new_tokens)
-    tasks.stages.run_expand(RecipeArgs(recipe, set_, name, run_dir, {f"expand.{k}": v for k, v in keys.items()}
-                                       | {"report_to": report_to}), iteration, force)
+    _stage(RecipeArgs(recipe, set_, name, run_dir, {f"expand.{k}": v for k, v in keys.items()}
+                      | {"report_to": report_to}), "expand", f"iter{iteration}/expand", force, iteration)
 
 
 @_command("train")
@@ -106,8 +251,8 @@ def train_cmd(
     Example: spa-lite train --iter 1 --recipe smollm2-demo --no-dnd
     """
     keys = dict(refine=refine, dnd=dnd, loss=loss, dro_epsilon=dro_epsilon, dro_pieces=dro_pieces, dro_xi_min=dro_xi_min)
-    tasks.stages.run_train(RecipeArgs(recipe, set_, name, run_dir, {f"train.{k}": v for k, v in keys.items()}
-                                      | {"report_to": report_to}), iteration, force)
+    _stage(RecipeArgs(recipe, set_, name, run_dir, {f"train.{k}": v for k, v in keys.items()}
+                      | {"report_to": report_to}), "train", f"iter{iteration}/train", force, iteration)
 
 
 @_command("run")
@@ -120,76 +265,50 @@ def run_cmd(
 
     Example: spa-lite run smollm2-demo
     """
-    tasks.stages.run_all(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}), force)
+    setup_logging()
+    api.run(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}).load(), force=force)
 
 
 @_command("split")
-def split_cmd(
-    data: Annotated[str, typer.Argument(help="Preference data: file, dataset folder or hub name.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the split files.")],
-    seed: Annotated[int, typer.Option(help="Shuffle seed (paper: 42).")] = 42,
-    seed_size: Annotated[int, typer.Option(help="Gold seed pairs (paper: 2000).")] = 2000,
-    iter_sizes: Annotated[str, typer.Option(help="Comma-separated prompt counts per iteration.")] = "8000,20000,30000",
-    test_size: Annotated[int, typer.Option(help="Held-out test pairs.")] = 0,
-    fmt: Annotated[str, typer.Option("--format", help="auto | conversational | standard | ultrafeedback | hh")] = "auto",
-) -> None:
+@_with_options(SplitOptions)
+def split_cmd(**options) -> None:
     """The paper's data protocol: shuffle, gold seed pairs, disjoint prompt sets per iteration, test pairs.
 
     Example: spa-lite split ultrafeedback.jsonl --out data/uf --seed-size 2000 --iter-sizes 8000,20000,30000
     """
-    tasks.stages.run_split(data, out, seed=seed, seed_size=seed_size, iter_sizes=iter_sizes, test_size=test_size, fmt=fmt)
+    setup_logging()
+    counts = api.split(**options)
+    summary_table(f"split -> {options['out']}", counts)
 
 
 @_command("eval")
-def eval_cmd(
-    recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None, run_dir: RunDirOpt = None,
-    pairs: Annotated[Optional[str], typer.Option(help="Gold pairs to judge (default: the recipe's data.eval_pairs).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="Format of --pairs (auto-detected).")] = None,
-    limit: Annotated[int, typer.Option(help="Use at most this many pairs.")] = 200,
-    methods: Annotated[str, typer.Option(
-        help="Judge methods: init,prev,none,llm (llm: the slow LLM-as-judge baseline).")] = "init,prev,none",
-    flip: Annotated[float, typer.Option(help="Fraction of gold labels flipped for noise detection (0 to skip).")] = 0.2,
-    lambdas: Annotated[Optional[str], typer.Option(help="DND lambdas to compare, e.g. 0.5,0.25,0.125.")] = None,
-    pass_rate: Annotated[bool, typer.Option("--pass-rate/--no-pass-rate", help="Verifier pass rate (demo task).")] = True,
-    prompt_limit: Annotated[int, typer.Option(help="Held-out prompts for the pass rate.")] = 100,
-    samples: Annotated[int, typer.Option(help="Responses per held-out prompt (with --temperature > 0).")] = 1,
-    temperature: Annotated[float, typer.Option(help="Decoding for the pass rate: 0 is greedy (paired across policies).")] = 0.0,
-    tag: Annotated[Optional[str], typer.Option(help="Name of the result file runs/<name>/eval/<tag>.json.")] = None,
-    audit_only: Annotated[bool, typer.Option(
-        "--audit-only", help="Only the judges' agreement with the human audit (no model is loaded).")] = False,
-    report_to: ReportOpt = None,
-) -> None:
+@_with_options(EvalOptions)
+def eval_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None, run_dir: RunDirOpt = None,
+             report_to: ReportOpt = None, **options) -> None:
     """Measure every policy of a run: judge accuracy (95% CI), noise detection (AUROC), self-labelling noise,
     verifier pass rate, and each judge's agreement with a human audit (`spa-lite inspect`).
 
     Example: spa-lite eval --recipe smollm2-demo --pairs ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz --limit 200
     """
-    tasks.stages.run_eval(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}), pairs=pairs, fmt=fmt,
-                    limit=limit, methods=methods, flip=flip, lambdas=lambdas, pass_rate=pass_rate,
-                    prompt_limit=prompt_limit, samples=samples, temperature=temperature, tag=tag,
-                    audit_only=audit_only)
+    setup_logging()
+    api.print_eval_report(api.evaluate(RecipeArgs(recipe, set_, name, run_dir, {"report_to": report_to}).load(),
+                                       **options))
 
 
 @_command("winrate")
-def winrate_cmd(
-    recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None, run_dir: RunDirOpt = None,
-    policy: Annotated[str, typer.Option(help="Candidate policy: last, init, 0, 1, ...")] = "last",
-    reference: Annotated[str, typer.Option(help="Reference policy: init, 0, 1, ...")] = "init",
-    judge: Annotated[str, typer.Option(help="verifier (demo task) | local (LLM-as-judge with pi_init) | http")] = "verifier",
-    judge_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL for --judge http.")] = None,
-    judge_model: Annotated[Optional[str], typer.Option(help="Model name at --judge-url.")] = None,
-    judge_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
-    prompts: Annotated[Optional[str], typer.Option(help="Prompt file (default: the recipe's eval prompts).")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many prompts.")] = 100,
-) -> None:
+@_with_options(WinrateOptions)
+def winrate_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None,
+                run_dir: RunDirOpt = None, **options) -> None:
     """Win rate of one policy's responses against another's under a pairwise judge (95% CI); judge calls
     are cached under RUN/eval/winrate_cache, so an interrupted evaluation resumes.
 
     Example: spa-lite winrate --recipe smollm2-demo --policy 2 --reference init --judge verifier
     """
-    tasks.winrate.run_winrate(RecipeArgs(recipe, set_, name, run_dir), policy=policy, reference=reference, judge=judge,
-                        judge_url=judge_url, judge_model=judge_model, judge_key_env=judge_key_env, prompts=prompts,
-                        limit=limit)
+    setup_logging()
+    res = api.policy_win_rate(RecipeArgs(recipe, set_, name, run_dir).load(), **options)
+    console.print(f"{res['candidate']} vs {res['reference']} ({options['judge']} judge, n={res['n']}): win rate "
+                  f"{res['win_rate']:.3f} [{res['ci_low']:.2f}, {res['ci_high']:.2f}], wins {res['wins']}, "
+                  f"ties {res['ties']}, losses {res['losses']}")
 
 
 @_command("report")
@@ -202,47 +321,32 @@ def report_cmd(
 
     Example: spa-lite report runs/smollm2-demo
     """
-    tasks.info.report(run, out)
+    console.print(f"report: {api.write_report(run, out)}")
 
 
 @_command("export-answers")
-def export_answers_cmd(
-    questions: Annotated[Path, typer.Argument(help="AlpacaEval questions (JSON list) or MT-Bench question.jsonl.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="model_outputs.json (AlpacaEval) or answer JSONL (MT-Bench).")],
-    benchmark: Annotated[str, typer.Option(help="alpaca-eval | mt-bench")] = "alpaca-eval",
-    policy: Annotated[str, typer.Option(help="Which policy answers: init, 0 (seed), 1, 2, ...")] = "last",
-    recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None, run_dir: RunDirOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 1024,
-    temperature: Annotated[Optional[float], typer.Option(
-        help="Default: 0 for AlpacaEval, FastChat's per category for MT-Bench.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Answer only the first N questions.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Questions per generation batch.")] = 8,
-) -> None:
+@_with_options(ExportAnswersOptions)
+def export_answers_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, name: NameOpt = None,
+                       run_dir: RunDirOpt = None, **options) -> None:
     """Answer a benchmark's questions with a policy of the run, in the official evaluators' formats.
 
     Example: spa-lite export-answers alpaca_eval.json --out outputs.json --policy 2 --recipe smollm2-demo
     """
-    tasks.answers.run_export_answers(RecipeArgs(recipe, set_, name, run_dir), questions, out, benchmark=benchmark,
-                               policy=policy, max_new_tokens=max_new_tokens, temperature=temperature, limit=limit,
-                               batch_size=batch_size)
+    setup_logging()
+    res = api.export_answers(RecipeArgs(recipe, set_, name, run_dir).load(), **options)
+    console.print(f"{len(res['answers'])} answers by {res['model_id']} written to {res['out']}")
 
 
 @_command("plan")
-def plan_cmd(
-    recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option(
-        help="Model folder, hub id, bundled alias or config.json (default: the recipe's).")] = None,
-    gpu_mem: Annotated[float, typer.Option(help="GPU memory in GB to plan for.")] = 16.0,
-    quantization: Annotated[str, typer.Option(help="4bit | none")] = "4bit",
-    fsdp: Annotated[int, typer.Option(
-        min=1, help="Processes that seed-dpo and train shard over (FSDP2; full-precision bases only).")] = 1,
-) -> None:
+@_with_options(PlanOptions)
+def plan_cmd(recipe: RecipeOpt = "smollm2-demo", set_: SetOpt = None, **options) -> None:
     """Estimated peak memory of each stage, and the batch / accumulation / checkpointing / length that fit.
 
     Example: spa-lite plan --recipe recipes/zephyr-7b-qlora.yaml --gpu-mem 16
              spa-lite plan --model meta-llama/Llama-3.1-70B --quantization none --fsdp 8 --gpu-mem 80
     """
-    tasks.plan.show_plan(RecipeArgs(recipe, set_), model=model, gpu_mem=gpu_mem, quantization=quantization, fsdp=fsdp)
+    res = api.plan(RecipeArgs(recipe, set_).load(), **options)
+    _print_plan(res, options["gpu_mem"], options["quantization"], options["fsdp"])
 
 
 @_command("export")
@@ -258,7 +362,9 @@ def export_cmd(
 
     Example: spa-lite export --iter 2 --out exported/pi2 --recipe smollm2-demo
     """
-    tasks.export.run_export(RecipeArgs(recipe, set_, name, run_dir), iteration, out, merged=merged, dtype=dtype)
+    setup_logging()
+    path = api.export_policy(RecipeArgs(recipe, set_, name, run_dir).load(), iteration, out, merged=merged, dtype=dtype)
+    console.print(f"exported {api.policy_label(iteration)} to {path}")
 
 
 @_command("inspect")
@@ -278,7 +384,21 @@ def inspect_cmd(
 
     Example: spa-lite inspect runs/smollm2-demo --iter 1 --serve
     """
-    tasks.labels.inspect(run, iteration, pairs=pairs, out=out, serve=serve, port=port, sample=sample, seed=seed)
+    if not serve:
+        path = api.write_inspect_page(run, iteration, out, pairs=pairs, sample=sample, seed=seed)
+        console.print(f"written: {path} (open it in a browser; the blind audit's annotations are downloaded from the "
+                      f"page, then `spa-lite audit import FILE --run {run} --iter {iteration}`)")
+        return
+    if pairs is not None:
+        raise SpaError("--serve saves annotations of the run's own pair file; leave out --pairs")
+    srv = api.inspect_server(run, iteration, sample=sample, seed=seed, port=port)
+    url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    console.print(f"serving {url} (loopback only); each annotation is written to {api.audit_file(run, iteration)}. "
+                  "Ctrl-C stops.")
+    try:
+        srv.serve_forever()
+    finally:
+        srv.server_close()
 
 
 audit_app = typer.Typer(help="Human audit of the labels: `spa-lite audit import FILE --run RUN --iter i`.", no_args_is_help=True)
@@ -296,7 +416,9 @@ def audit_import_cmd(
 
     Example: spa-lite audit import ~/Downloads/audit-smollm2-demo-iter1.jsonl --run runs/smollm2-demo --iter 1
     """
-    tasks.labels.audit_import(file, run, iteration)
+    res = api.import_audit(file, run, iteration)
+    console.print(f"{res['read']} annotations read, {res['added']} added, {res['duplicates']} already there: "
+                  f"{res['path']}; `spa-lite eval --audit-only --recipe {run}/recipe.yaml` reports the agreement")
 
 
 recipes_app = typer.Typer(help="Shipped recipes: list them, or copy one out to edit (`spa-lite recipes copy NAME [DEST]`).",
@@ -312,7 +434,10 @@ def recipes_cmd(ctx: typer.Context) -> None:
     Example: spa-lite recipes
     """
     if ctx.invoked_subcommand is None:
-        tasks.info.list_recipes()
+        recipes = api.list_recipes(long=True)
+        width = max(map(len, recipes))
+        for name, line in recipes.items():
+            print(f"{name:<{width}}  {line}")
 
 
 @recipes_app.command("copy")
@@ -326,7 +451,7 @@ def recipes_copy_cmd(
 
     Example: spa-lite recipes copy zephyr-7b-qlora my-run.yaml
     """
-    tasks.info.copy_shipped_recipe(name, dest, force)
+    print(f"wrote {api.copy_recipe(name, dest, force)}")
 
 
 @_command("doctor")
@@ -335,7 +460,47 @@ def doctor_cmd(run_dir: RunDirOpt = None) -> None:
 
     Example: spa-lite doctor
     """
-    tasks.doctor.doctor(run_dir)
+    t = Table(title="spa-lite doctor")
+    for c in ("item", "status", "detail"):
+        t.add_column(c)
+    colors = {"ok": "green", "warn": "yellow", "missing": "red"}
+    for item, status, detail in api.doctor(run_dir):
+        t.add_row(item, f"[{colors[status]}]{status}[/]", detail)
+    console.print(t)
+
+
+def _stage(args: RecipeArgs, stage: str, key: str, force: bool, iteration: int | None = None) -> dict:
+    """Run one recipe stage through the API and print its summary table."""
+    setup_logging()
+    m = api.run_stage(args.load(), stage, iteration, force=force)
+    summary_table(stage if iteration is None else f"{stage} --iter {iteration}", api.stage_summary(key, m))
+    return m
+
+
+# how each stage's log-probs are computed, by the kernel the plan budgets (spa_lite.logps.logprob_kernel())
+_LOGPROBS = {"trl": "from hidden states, TRL's chunked kernel (trl.kernels.ChunkedLogProbFunction)",
+             "torch": "from hidden states, spa_lite's chunked torch kernel (the installed trl has no ChunkedLogProbFunction)",
+             None: "full logits (the model's LM head is not a plain affine map)"}
+
+
+def _print_plan(res: dict, gpu_mem: float, quantization: str, fsdp: int) -> None:
+    """`spa-lite plan`'s table of stages and its verdict."""
+    shards = f", FSDP over {fsdp})" if fsdp > 1 else ")"
+    t = Table(title=f"memory plan: {res['source']} on {gpu_mem:g} GB ({quantization}{shards}")
+    for c in ("stage", "peak GB", "fits", "largest parts"):
+        t.add_column(c)
+    for name, st in res["plan"]["stages"].items():
+        parts = sorted(st["parts"].items(), key=lambda kv: -kv[1])[:3]
+        t.add_row(name, f"{st['peak_gb']:.2f}", "yes" if st["fits"] else "[red]no[/]",
+                  ", ".join(f"{k} {v:.2f}" for k, v in parts))
+    console.print(t)
+    console.print(f"log-probs: {_LOGPROBS[res['plan']['inputs']['logprob_kernel']]}"
+                  + ("; FSDP training scores full logits" if fsdp > 1 else ""))
+    verdict = "fits" if res["fits"] else "does NOT fit even with the smallest settings"
+    console.print(f"{verdict}: batch_size {res['batch_size']} x grad_accum {res['grad_accum']} "
+                  f"(effective {res['effective_batch']}), gradient_checkpointing {res['gradient_checkpointing']}, "
+                  f"max_length {res['seq_len']}, expand batch {res['gen_batch_size']}, judge batch {res['judge_batch_size']}"
+                  + (f"; changed: {', '.join(res['changed'])}" if res["changed"] else ""))
 
 
 def main() -> None:

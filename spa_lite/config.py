@@ -18,9 +18,7 @@ import yaml
 
 from spa_lite.errors import SpaError
 from spa_lite.io import atomic_write_text
-# the shipped recipe files, importable from here as before
-from spa_lite.recipe_files import (copy_recipe, recipe_description, recipes_dir,  # noqa: F401
-                                   resolve_recipe_path, shipped_recipes)
+from spa_lite.recipe_files import resolve_recipe_path
 
 
 @dataclass(frozen=True)
@@ -259,7 +257,9 @@ _CHOICES = {(section, f.name): set(f.metadata["choices"]) for section in SECTION
             for f in dataclasses.fields(typing.get_type_hints(Recipe)[section]) if "choices" in f.metadata}
 
 
-def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+def coerce_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """``value`` as type ``tp`` (a recipe field's, or a command option's); a value that is not one is reported in
+    ``problems`` as ``where: expected ...`` and returned as it was."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -268,14 +268,14 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where, problems)
+        return coerce_value(value, inner[0], where, problems)
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             problems.append(f"{where}: expected a list, got {value!r}")
             return value
-        return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return [coerce_value(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -321,7 +321,7 @@ def _fill(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
             _fill(current, value, f"{where}.", problems)
         else:
             before = len(problems)
-            coerced = _coerce(value, hints[key], where, problems)
+            coerced = coerce_value(value, hints[key], where, problems)
             if len(problems) == before:  # a bad value keeps the default, so validate() still sees the right types
                 setattr(obj, key, coerced)
 
@@ -389,10 +389,21 @@ def validate(recipe: Recipe) -> list[str]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` as (["section", "key"], the value read as YAML)."""
     if "=" not in text:
         raise SpaError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def parse_overrides(texts: typing.Iterable[str] | None) -> dict[str, Any]:
+    """The command line's ``--set`` overrides (``["train.lr=1e-4", ...]``) as ``{"train.lr": 1e-4}``, in order: the
+    one parser of overrides, for the CLI and the Python API (``spa_lite.load_recipe``)."""
+    out: dict[str, Any] = {}
+    for text in texts or []:
+        keys, value = parse_override(text)
+        out[".".join(keys)] = value
+    return out
 
 
 MAX_YAML_DEPTH = 64
@@ -457,7 +468,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | No
     # every problem is reported at once: unknown keys and bad values of the file, of the overrides, and the
     # checks of the merged recipe
     override_problems: list[str] = []
-    items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    items = list((overrides if isinstance(overrides, dict) else parse_overrides(overrides)).items())
     for keys, value in items:
         if isinstance(keys, str):
             keys = keys.split(".")

@@ -5,7 +5,7 @@ candidate (``response_a``) is better than the reference (``response_b``); 1 a wi
 
 Judges here:
 
-* :class:`~spa_lite.http_judge.HTTPJudge` -- an OpenAI-compatible ``/v1/chat/completions`` endpoint
+* :class:`spa_lite.http_judge.HTTPJudge` -- an OpenAI-compatible ``/v1/chat/completions`` endpoint
   (OpenAI, vLLM, llama.cpp, ...), asked for "A" or "B" in both presentation orders, with retries and a
   resumable on-disk cache.
 * :class:`LocalLLMJudge` -- a local policy of a :class:`~spa_lite.stack.PolicyStack` as LLM-as-judge
@@ -13,7 +13,9 @@ Judges here:
 * :class:`VerifierJudge` -- the demo task's program verifier (:func:`spa_lite.demo.tasks.verify`).
 
 :func:`win_rate_eval` turns the probabilities into win/tie/loss outcomes and the win rate with its CI
-(:func:`spa_lite.metrics.win_rate`).
+(:func:`spa_lite.metrics.win_rate`); :func:`compare_policies` is `spa-lite winrate` (``spa_lite.policy_win_rate``): two
+policies of a run answer the same prompts and a judge compares them. ``JudgeItem``, ``PairwiseJudge`` and
+``JudgeError`` are :mod:`spa_lite.pairwise`'s.
 """
 
 from __future__ import annotations
@@ -22,24 +24,23 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from spa_lite.config import Recipe
+from spa_lite.data import load_prompts
 from spa_lite.demo.tasks import verify as demo_verify
-from spa_lite.http_judge import CACHE_FILE, HTTPJudge, _chat_url  # noqa: F401 - _chat_url kept importable here
+from spa_lite.errors import SpaError
+from spa_lite.generation import sample_responses, sampling_dtype
+from spa_lite.http_judge import HTTPJudge
+from spa_lite.io import atomic_write_json
 from spa_lite.judge import judge_llm
+from spa_lite.layout import complete_policies, eval_dir, policy_label, policy_names, resolve_policy
+from spa_lite.loading import load_stack
 from spa_lite.metrics import bootstrap_ci, win_rate
-from spa_lite.pairwise import JudgeError, JudgeItem, PairwiseJudge, format_question, parse_verdict
+from spa_lite.options import WinrateOptions
+from spa_lite.pairwise import JudgeError, JudgeItem, PairwiseJudge
+from spa_lite.stack import PolicyStack
+from spa_lite.ui import task
 
-__all__ = [
-    "JudgeItem",
-    "PairwiseJudge",
-    "JudgeError",
-    "HTTPJudge",
-    "LocalLLMJudge",
-    "VerifierJudge",
-    "parse_verdict",
-    "format_question",
-    "win_rate_eval",
-    "CACHE_FILE",
-]
+__all__ = ["LocalLLMJudge", "VerifierJudge", "win_rate_eval", "compare_policies"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,3 +178,66 @@ def win_rate_eval(
         "tie_margin": tie_margin,
         "items": per_item,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Two policies of a run (`spa-lite winrate`)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_judge(judge: str, records: list[dict]) -> None:
+    """Refuse the verifier judge on prompts it cannot check, before any response is sampled."""
+    if judge == "verifier" and not all("constraint" in x for x in records):
+        raise SpaError("--judge verifier needs prompts with a 'constraint' (the demo task)")
+
+
+def make_judge(opts: WinrateOptions, stack: PolicyStack, recipe: Recipe):
+    """The pairwise judge ``opts.judge`` names; HTTP verdicts are cached under RUN/eval/winrate_cache."""
+    if opts.judge == "verifier":
+        return VerifierJudge()
+    if opts.judge == "local":
+        return LocalLLMJudge(stack, [])
+    return HTTPJudge(opts.judge_url, opts.judge_model, api_key_env=opts.judge_key_env,
+                     cache_dir=eval_dir(recipe) / "winrate_cache")
+
+
+def responses(stack: PolicyStack, recipe: Recipe, ks: list[int | None], prompts: list, on_batch=None) -> dict:
+    """One sampled response per prompt from each pi_k (None: pi_init), with the recipe's expand settings."""
+    c = recipe.expand
+    out = {}
+    for k in ks:
+        with stack.use(policy_names(k)) as m:
+            out[k] = [ss[0].text for ss in sample_responses(
+                m, stack.tokenizer, prompts, num_samples=1, max_new_tokens=c.max_new_tokens,
+                temperature=c.temperature, seed=recipe.seed, batch_size=c.batch_size, on_batch=on_batch,
+                dtype=sampling_dtype(c.sample_dtype, m))]
+    return out
+
+
+def compare_policies(recipe: Recipe, opts: WinrateOptions) -> dict:
+    """Sample both policies' responses to the prompts, judge them and write
+    RUN/eval/winrate_<cand>_vs_<ref>_<judge>.json; returns it (``win_rate_eval``'s result, plus ``candidate``
+    and ``reference``: the policies' labels).
+
+    Raises:
+        SpaError: a policy that is not complete, no prompts, or a judge that cannot judge them.
+    """
+    ks = complete_policies(recipe)
+    cand_k, ref_k = resolve_policy(recipe, opts.policy), resolve_policy(recipe, opts.reference)
+    spec = opts.prompts or recipe.data.eval_prompts
+    if not spec:
+        raise SpaError("no prompts: give --prompts or set data.eval_prompts in the recipe")
+    recs = load_prompts(spec)[: opts.limit]
+    check_judge(opts.judge, recs)
+    stack = load_stack(recipe, frozen_upto=max(ks) if ks else -1)
+    texts = [x["prompt"] for x in recs]
+    with task("winrate: responses of both policies", 2 * len(recs)) as advance:
+        outs = responses(stack, recipe, [cand_k, ref_k], texts, on_batch=advance)
+    judge = make_judge(opts, stack, recipe)
+    with task(f"winrate: {opts.judge} judge", len(recs)) as advance:
+        res = win_rate_eval(outs[cand_k], outs[ref_k], texts, judge,
+                            metadata=[{"constraint": x.get("constraint")} for x in recs], on_batch=advance)
+    cand, ref = policy_label(cand_k), policy_label(ref_k)
+    atomic_write_json(eval_dir(recipe) / f"winrate_{cand}_vs_{ref}_{opts.judge}.json",
+                      {k: v for k, v in res.items() if k != "items"} | {"items": res["items"]})
+    return {**res, "candidate": cand, "reference": ref}

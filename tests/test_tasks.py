@@ -1,5 +1,6 @@
 """The commands that act on a finished policy, through the CLI on the tiny model: `winrate`, `export-answers`,
-`export`; and the recipe options every command shares (``spa_lite.tasks.RecipeArgs``).
+`export`, and winrate through the Python API; and the recipe options every command shares
+(``spa_lite.cli.RecipeArgs``).
 
 One module-scoped seed-dpo run gives pi_0; each test reads it.
 """
@@ -11,9 +12,10 @@ import json
 import pytest
 
 from conftest import invoke, ok, tiny_overrides, write_recipe
-from spa_lite.tasks import RecipeArgs
-
-
+import spa_lite
+from spa_lite.cli import RecipeArgs
+from spa_lite.config import load_recipe
+from spa_lite.errors import SpaError
 
 
 
@@ -51,7 +53,23 @@ def test_winrate_refuses_bad_judges_and_policies(run):
     res = invoke("winrate", "--recipe", rec, "--judge", "verifier", "--limit", 2)  # the tiny recipe has no eval prompts
     assert res.exit_code == 2 and "no prompts: give --prompts" in flat(res)
     res = invoke("winrate", "--recipe", rec, "--judge", "oracle", "--prompts", "demo:eval_prompts", "--limit", 1)
-    assert res.exit_code == 2 and "--judge 'oracle' is not verifier, local or http" in flat(res)
+    assert res.exit_code == 2 and "--judge 'oracle' is not one of verifier, local, http" in flat(res)
+
+
+def test_winrate_through_the_api_is_the_cli_result(run):
+    """``spa_lite.policy_win_rate`` is what `spa-lite winrate` runs: the same options give the same file."""
+    ok(invoke("winrate", "--recipe", run["recipe"], "--policy", "0", "--prompts", "demo:eval_prompts", "--limit", 2))
+    path = run["run"] / "eval" / "winrate_pi_0_vs_pi_init_verifier.json"
+    cli = json.loads(path.read_text())
+    path.unlink()
+    res = spa_lite.policy_win_rate(load_recipe(run["recipe"]), policy=0, prompts="demo:eval_prompts", limit=2)
+    assert (res["candidate"], res["reference"], res["n"]) == ("pi_0", "pi_init", 2)
+    assert json.loads(path.read_text()) == cli
+    assert {k: res[k] for k in cli} == cli
+    with pytest.raises(SpaError, match="--limit: 0 must be >= 1"):
+        spa_lite.policy_win_rate(load_recipe(run["recipe"]), limit=0)
+    with pytest.raises(SpaError, match="unknown option judge_uri"):
+        spa_lite.policy_win_rate(load_recipe(run["recipe"]), judge_uri="http://h")
 
 
 def test_export_answers_alpaca_eval(run):
@@ -65,7 +83,7 @@ def test_export_answers_alpaca_eval(run):
     assert all(r["generator"] == "tiny-pi_0" and r["dataset"] == "t" and isinstance(r["output"], str) for r in rows)
     assert f"2 answers by tiny-pi_0 written to {out}" in flat(res)
     res = invoke("export-answers", questions, "--out", out, "--benchmark", "arena", "--recipe", run["recipe"])
-    assert res.exit_code == 2 and "--benchmark 'arena' is not alpaca-eval or mt-bench" in flat(res)
+    assert res.exit_code == 2 and "--benchmark 'arena' is not one of alpaca-eval, mt-bench" in flat(res)
 
 
 def test_export_adapter_and_refusals(run):
@@ -87,6 +105,10 @@ def test_recipe_args_load_and_shell(tmp_path):
     # report_to and flags not given stay out of the commands an error message suggests
     assert args.shell() == (f"smollm2-demo --name 'my run' --run-dir {tmp_path} --set train.lr=0.001 "
                             "--set expand.judge_ref=prev --set train.refine=false")
+    # one parser of --set: the CLI's recipe is the API's from the same overrides
+    assert r == spa_lite.load_recipe("smollm2-demo", ["train.lr=0.001", "expand.judge_ref=prev", "train.refine=false"],
+                                     name="my run", run_dir=tmp_path, report_to="tensorboard")
+    assert r.rerun_args == args.shell() and spa_lite.load_recipe("smollm2-demo").rerun_args == "RECIPE"
 
 
 def test_spa_lite_plan_stays_the_api_function():

@@ -59,7 +59,7 @@ def tracked(tiny_model_dir, tiny_data, tmp_path_factory):
                                                        **{"data.eval_pairs": str(tiny_data["pairs"])}),
                                   report_to=trackers)
     spa_lite.run(recipe)
-    report = spa_lite.evaluate(recipe, limit=8, methods=["init", "none"], flip=0.0, do_pass_rate=False, tag="gold")
+    report = spa_lite.evaluate(recipe, limit=8, methods=["init", "none"], flip=0.0, pass_rate=False, tag="gold")
     mp.undo()
     return recipe, trackers, report
 

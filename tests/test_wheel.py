@@ -48,7 +48,7 @@ def test_wheel_ships_recipes_license_and_demo_data(installed_wheel):
 
 
 def test_installed_package_is_the_wheel_not_the_checkout(installed_wheel, tmp_path):
-    out = subprocess.run([str(installed_wheel.python), "-c", "import spa_lite, spa_lite.config as c; "
+    out = subprocess.run([str(installed_wheel.python), "-c", "import spa_lite, spa_lite.recipe_files as c; "
                           "print(spa_lite.__file__); print(c.recipes_dir())"], cwd=tmp_path, env=installed_wheel.env(),
                          capture_output=True, text=True, check=True).stdout.split()
     assert all(Path(p).resolve().is_relative_to(installed_wheel.venv.resolve()) for p in out), out

@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from spa_lite.metrics import win_rate
-from spa_lite.winrate import (CACHE_FILE, HTTPJudge, JudgeError, JudgeItem, LocalLLMJudge, PairwiseJudge,
-                              VerifierJudge, _chat_url, format_question, parse_verdict, win_rate_eval)
+from spa_lite.http_judge import CACHE_FILE, HTTPJudge, _chat_url
+from spa_lite.pairwise import JudgeError, JudgeItem, PairwiseJudge, format_question, parse_verdict
+from spa_lite.winrate import LocalLLMJudge, VerifierJudge, win_rate_eval
 
 KEY = "sk-test-key-123"
 START_A, END_A = "[The Start of Response (A)]\n", "\n[The End of Response (A)]"
