@@ -118,7 +118,7 @@ def output_cache(out):
 def append_cache_rows(cache, new, pad) -> None:
     """Stack the rows of the DynamicCache ``new`` below those of ``cache``, layer by layer; ``pad`` maps each
     layer's keys or values to the common (left-padded) length first. Writes every layer's keys and values."""
-    for old, nw in zip(cache.layers, new.layers):
+    for old, nw in zip(cache.layers, new.layers, strict=True):
         old.keys, old.values = (torch.cat([pad(a), pad(b)], 0)
                                 for a, b in ((old.keys, nw.keys), (old.values, nw.values)))
 

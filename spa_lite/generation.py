@@ -394,7 +394,7 @@ class _Outputs:
 
     def uniforms(self, rows: _Rows) -> list[float]:
         """Each row's uniform draw for its current step."""
-        return [float(self.uniform[key][t]) for key, t in zip(rows.meta, rows.step)]
+        return [float(self.uniform[key][t]) for key, t in zip(rows.meta, rows.step, strict=True)]
 
     def record(self, rows: _Rows, nxt: list[int], lp: torch.Tensor | None, ended: torch.Tensor,
                stop: torch.Tensor) -> None:

@@ -127,8 +127,8 @@ def choose_pair(samples: Sequence, constraint: dict) -> Optional[Tuple[object, o
     first failing sample.
     """
     verdicts = [tasks.verify(s.text, constraint) for s in samples]
-    passing = [s for s, v in zip(samples, verdicts) if v]
-    failing = [s for s, v in zip(samples, verdicts) if not v]
+    passing = [s for s, v in zip(samples, verdicts, strict=True) if v]
+    failing = [s for s, v in zip(samples, verdicts, strict=True) if not v]
     if not passing or not failing:
         return None
     chosen = next((s for s in passing if not s.truncated), passing[0])
@@ -243,7 +243,7 @@ def collect_pairs(
             seed=args.seed * 1_000_003 + seed_offset + ci * 1000,
             batch_size=chunk,
         )
-        for rec, ss in zip(part, samples):
+        for rec, ss in zip(part, samples, strict=True):
             used += 1
             verdicts = [tasks.verify(s.text, rec["constraint"]) for s in ss]
             stats.add(rec["constraint"]["kind"], verdicts, [s.truncated for s in ss])
