@@ -145,16 +145,28 @@ def collect(run_path: Path) -> dict:
     evals = sorted((run_path / "eval").glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name))
     for p in evals:  # oldest first: the last one is the newest
         data["eval"][p.stem] = eval_summary(read_json(p))
-    if not data["training"]:
-        data["missing"].append("training curves: no seed/metrics.jsonl or iter*/train/metrics.jsonl")
-    if not any(any(v is not None for v in s["tau"]) or any(s["flagged_frac"]) for k, s in data["training"].items()
-               if k != "seed"):
-        data["missing"].append("refinement (flagged fraction, tau): no iteration trained with self-refinement")
-    if not data["expand"]:
-        data["missing"].append("confidence and lengths of D_i: no iter*/expand/data.jsonl")
-    if not data["eval"]:
-        data["missing"].append("judge accuracy and pass rate: no eval/*.json (run `spa-lite eval`)")
+    data["missing"] = _missing(data)
     return data
+
+
+def _refined(training: dict) -> dict:
+    """The iterations of ``training`` (series by stage label) trained with self-refinement (tau or flags)."""
+    return {k: s for k, s in training.items() if k != "seed" and
+            (any(v is not None for v in s["tau"]) or any(s["flagged_frac"]))}
+
+
+def _missing(data: dict) -> list[str]:
+    """The report's sections whose inputs ``collect`` did not find, and why."""
+    missing = []
+    if not data["training"]:
+        missing.append("training curves: no seed/metrics.jsonl or iter*/train/metrics.jsonl")
+    if not _refined(data["training"]):
+        missing.append("refinement (flagged fraction, tau): no iteration trained with self-refinement")
+    if not data["expand"]:
+        missing.append("confidence and lengths of D_i: no iter*/expand/data.jsonl")
+    if not data["eval"]:
+        missing.append("judge accuracy and pass rate: no eval/*.json (run `spa-lite eval`)")
+    return missing
 
 
 # ----------------------------------------------------------------------------------------------- plotting
@@ -282,6 +294,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + [""]
 
 
+def _last(xs: list):
+    """The last value of a curve that is not None (None if there is none)."""
+    return next((v for v in reversed(xs) if v is not None), None)
+
+
 def _safe(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
 
@@ -322,17 +339,15 @@ def _training_section(tr: dict, out_dir: Path, plots: dict[str, str]) -> list[st
     md += ["![training](training.png)", ""]
     rows = []
     for label, s in tr.items():
-        last = lambda k: next((v for v in reversed(s[k]) if v is not None), None)  # noqa: E731
         first = next((v for v in s["loss"] if v is not None), None)
-        rows.append([label, len(s["step"]), first, last("loss"), last("reward_margin"), last("reward_acc")])
+        rows.append([label, len(s["step"]), first, _last(s["loss"]), _last(s["reward_margin"]), _last(s["reward_acc"])])
     md += _table(["stage", "steps", "first loss", "last loss", "last reward margin", "last reward acc"], rows)
     return md + ["Per-step values of every curve are in `report.json` (`training`).", ""]
 
 
 def _refinement_section(tr: dict, flags: dict, out_dir: Path, plots: dict[str, str]) -> list[str]:
     md = ["## Self-refinement: flagged fraction and tau", ""]
-    refined = {k: s for k, s in tr.items() if k != "seed" and
-               (any(v is not None for v in s["tau"]) or any(s["flagged_frac"]))}
+    refined = _refined(tr)
     if not refined:
         return md + ["_Skipped: no iteration trained with self-refinement (no tau / flagged fraction)._", ""]
     _plot_refinement(refined, out_dir / "refinement.png")
