@@ -2,17 +2,22 @@
 
 Each patch below names the package whose internals it touches and the release range it was tested with
 (``TESTED``). Outside that range spa-lite does not risk the patch: it takes a fallback on public APIs, slower
-but correct, and says so once in the log. ``SPA_LITE_TRUST_INTERNALS=1`` applies the patches anyway (for
+but correct (or, where no public path computes the same, refuses with the setting to change), and says so once
+in the log. ``SPA_LITE_TRUST_INTERNALS=1`` applies the patches anyway (for
 trying a new release before this table is updated).
 
   patch              package        what it touches                                 fallback
   kv_cache_in_place  transformers   DynamicLayer's class swapped, its keys/values   the `hf` engine
-                                    written into buffers (fast decoding engine)     (transformers `generate`)
-  cache_argument     transformers   which name model.forward gives the KV cache     (same as kv_cache_in_place)
+                                    written into buffers, rows stacked and columns  (transformers `generate`)
+                                    dropped (fast decoding engine)
+  cache_argument     transformers   the name model.forward takes and returns the    (same as kv_cache_in_place)
+                                    KV cache under (signature sniffed)
   module_tree        torch          nn.Module._modules / _parameters, Tensor        no merged copy: decode with
                                     ._version (merged sampling copy)                the peft model itself
   cpu_bf16_probe     torch          torch.cpu._is_amx_tile_supported / _avx512_bf16 "no fast bf16": float32
   bnb_cpu_probe      bitsandbytes   bitsandbytes.functional.has_avx512bf16          doctor's row says "unknown"
+  bnb_cpu_repack     bitsandbytes   Linear4bit.support_avx512bf16_for_cpu set False a 4-bit base on the CPU is
+                                    (a 4-bit base trains on the CPU)                refused: quantization none
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ TESTED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "bitsandbytes": ((0, 50), (0, 50)),
 }
 PATCHES = {"kv_cache_in_place": "transformers", "cache_argument": "transformers", "module_tree": "torch",
-           "cpu_bf16_probe": "torch", "bnb_cpu_probe": "bitsandbytes"}
+           "cpu_bf16_probe": "torch", "bnb_cpu_probe": "bitsandbytes", "bnb_cpu_repack": "bitsandbytes"}
 _warned: set[str] = set()
 
 
@@ -102,6 +107,29 @@ def grow_kv_in_place(cache, room: int) -> None:
         if type(layer) is DynamicLayer:
             layer.__class__ = GrowingLayer
             layer.room = room
+
+
+def output_cache(out):
+    """The KV cache a forward returned: transformers >= 5.2x names it ``cache``, earlier ``past_key_values``."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
+def append_cache_rows(cache, new, pad) -> None:
+    """Stack the rows of the DynamicCache ``new`` below those of ``cache``, layer by layer; ``pad`` maps each
+    layer's keys or values to the common (left-padded) length first. Writes every layer's keys and values."""
+    for old, nw in zip(cache.layers, new.layers, strict=True):
+        old.keys, old.values = (torch.cat([pad(a), pad(b)], 0)
+                                for a, b in ((old.keys, nw.keys), (old.values, nw.values)))
+
+
+def drop_cache_columns(cache, first: int) -> None:
+    """Drop the first ``first`` positions of every layer of ``cache`` (padding in every row): views, no copy."""
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            layer.drop_columns(first)
+        else:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
 
 class GrowingLayer(DynamicLayer):
@@ -211,3 +239,24 @@ def bnb_cpu_kernel_probe():
     except Exception:  # older releases have no probe; a broken native library raises many kinds of errors
         return None
     return has_avx512bf16
+
+
+# ------------------------------------------------------------------- bitsandbytes: 4-bit layers on the CPU
+
+def bnb_cpu_training_supported() -> bool:
+    """``keep_bnb_cpu_differentiable`` applies: else a 4-bit base on the CPU is refused (``spa_lite.models``)."""
+    return supported("bnb_cpu_repack")
+
+
+def keep_bnb_cpu_differentiable(model) -> None:
+    """Keep the autograd path of every bitsandbytes ``Linear4bit`` of ``model`` on the CPU.
+
+    bitsandbytes repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel on the first eval-mode, no-grad
+    forward (a reference pass), and that kernel has no autograd: later training forwards would then silently
+    drop the gradient through the base layers. The layer's ``support_avx512bf16_for_cpu`` flag (bitsandbytes
+    0.50) switches the repacking off. Only where ``bnb_cpu_training_supported()``: under another release the
+    flag could be renamed and this a silent no-op, so a 4-bit CPU base is refused there instead.
+    """
+    for mod in model.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu"):
+            mod.support_avx512bf16_for_cpu = False

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import spa_lite.compat as compat
-from spa_lite.generation_hf import generate_hf
+from spa_lite.generation_hf import generate_hf, left_padded
 from spa_lite.sampling_copy import (SAMPLE_DTYPES, dtype_name, fast_bf16_cpu, merged_copy,  # noqa: F401 (re-exported)
                                     release_sampling_copy, resolve_sample_dtype, sampling_dtype, sampling_model)
 
@@ -146,6 +146,16 @@ def sample_responses(
         return _sample_hf(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, on_batch=on_batch,
                           record_logps=record_logps)
+    return _sample_fast(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, on_batch=on_batch,
+                        record_logps=record_logps, merge=merge, max_rows=max_rows, dtype=dtype)
+
+
+def _sample_fast(model, tokenizer, prompts: Sequence[Sequence[dict]], *, num_samples: int, max_new_tokens: int,
+                 temperature: float, top_p: float, seed: int, batch_size: int,
+                 on_batch: Callable[[int], None] | None, record_logps: bool, merge: bool, max_rows: int | None,
+                 dtype: torch.dtype | None) -> list[list[Sample]]:
+    """The fast engine on chat prompts (``_decode`` on the sampling copy); arguments as ``sample_responses``."""
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -158,24 +168,38 @@ def sample_responses(
     try:
         with sampling_model(model, merge, dtype) as work:
             device = next(work.parameters()).device
-            finished = 0
-
-            def on_done(k: int, rows: list) -> None:
-                nonlocal finished
-                results[k] = [_to_sample(tokenizer, toks, trunc, lp) for toks, trunc, lp in rows]
-                finished += 1
-                if on_batch is not None and (finished % batch_size == 0 or finished == len(encoded)):
-                    on_batch(batch_size if finished % batch_size == 0 else finished % batch_size)
-
-            capacity = max_rows or batch_size * num_samples
-            if max_rows is None and device.type == "cpu":
-                capacity = max(capacity, CPU_MIN_ROWS)
-            _decode(work, encoded, order, capacity=capacity, device=device, pad=pad, stops=stops,
-                    num_samples=num_samples, max_new_tokens=max_new_tokens, min_new_tokens=min_new,
-                    temperature=temperature, top_p=top_p, seed=seed, record_logps=record_logps, on_done=on_done)
+            on_done = _progress(tokenizer, results, batch_size, on_batch)
+            _decode(work, encoded, order, capacity=_capacity(max_rows, batch_size, num_samples, device),
+                    device=device, pad=pad, stops=stops, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                    min_new_tokens=min_new, temperature=temperature, top_p=top_p, seed=seed,
+                    record_logps=record_logps, on_done=on_done)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _capacity(max_rows: int | None, batch_size: int, num_samples: int, device: torch.device) -> int:
+    """Rows in flight at once: ``max_rows``, else a batch's rows and at least ``CPU_MIN_ROWS`` on a CPU."""
+    capacity = max_rows or batch_size * num_samples
+    if max_rows is None and device.type == "cpu":
+        capacity = max(capacity, CPU_MIN_ROWS)
+    return capacity
+
+
+def _progress(tokenizer, results: list, batch_size: int,
+              on_batch: Callable[[int], None] | None) -> Callable[[int, list], None]:
+    """``_decode``'s ``on_done``: stores prompt k's samples in ``results[k]`` and reports progress every
+    ``batch_size`` finished prompts and at the end, as the hf engine does per batch."""
+    finished = 0
+
+    def on_done(k: int, rows: list) -> None:
+        nonlocal finished
+        results[k] = [_to_sample(tokenizer, toks, trunc, lp) for toks, trunc, lp in rows]
+        finished += 1
+        if on_batch is not None and (finished % batch_size == 0 or finished == len(results)):
+            on_batch(batch_size if finished % batch_size == 0 else finished % batch_size)
+
+    return on_done
 
 
 def _to_sample(tokenizer, toks: list[int], truncated: bool, logp: float | None) -> Sample:
@@ -201,9 +225,7 @@ class _Rows:
         else:
             t_old, t_new = self.mask.shape[1], mask.shape[1]
             width = max(t_old, t_new)
-            for old, new in zip(self.cache.layers, cache.layers):
-                old.keys, old.values = (torch.cat([_left_pad(a, width), _left_pad(b, width)], 0)
-                                        for a, b in ((old.keys, new.keys), (old.values, new.values)))
+            compat.append_cache_rows(self.cache, cache, lambda x: _left_pad(x, width))
             self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
             self.pos = torch.cat([self.pos, pos], 0)
             self.logits = torch.cat([self.logits, logits], 0)
@@ -220,11 +242,7 @@ class _Rows:
         used = self.mask.any(0).nonzero()
         first = int(used[0]) if len(used) else 0
         if first > 0:
-            for layer in self.cache.layers:
-                if isinstance(layer, _GrowingLayer):
-                    layer.drop_columns(first)
-                else:
-                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            compat.drop_cache_columns(self.cache, first)
             self.mask = self.mask[:, first:]
 
 
@@ -238,11 +256,7 @@ def _kv_buffers(cache) -> None:
 
 
 _GrowingLayer = compat.GrowingLayer  # the swapped-in layer class (tests look for it here)
-
-
-def _out_cache(out):
-    cache = out.get("cache") if hasattr(out, "get") else None
-    return cache if cache is not None else out.past_key_values
+_out_cache = compat.output_cache
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
@@ -270,92 +284,137 @@ def _decode(model, encoded: list[list[int]], order: list[int], *, capacity: int,
     stop_t = torch.tensor(stops, device=device)
     cache_arg = compat.cache_argument(model)
     rows = _Rows()
-    uniform: dict[tuple[int, int], torch.Tensor] = {}
-    out_tokens: dict[tuple[int, int], list[int]] = {}
-    out_logp: dict[tuple[int, int], float] = {}
-    pending: dict[int, list] = {}
+    outs = _Outputs(num_samples, record_logps, on_done)
     queue = list(order)
     per_prompt = max(1, capacity // num_samples)
     while queue or len(rows):
         free = (capacity - len(rows)) // num_samples
         if queue and (not len(rows) or free >= max(1, per_prompt // 4)):
             take, queue = queue[:free], queue[free:]
-            chunk = [encoded[k] for k in take]
-            width = max(len(x) for x in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, x in enumerate(chunk):
-                ids[r, width - len(x) :] = torch.tensor(x)
-                mask[r, width - len(x) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-            cache, logits = _out_cache(out), out.logits[:, -1, :]
-            if num_samples > 1:  # each sample starts from a copy of its prompt's cache
-                cache.batch_repeat_interleave(num_samples)
-                logits, mask, pos = (x.repeat_interleave(num_samples, 0) for x in (logits, mask, pos))
+            cache, mask, pos, logits = _prefill(model, [encoded[k] for k in take], pad=pad, device=device,
+                                                num_samples=num_samples)
             meta = [(k, j) for k in take for j in range(num_samples)]
-            for key in meta:
-                out_tokens[key] = []
-                out_logp[key] = 0.0
-                if sampling:
-                    g = torch.Generator().manual_seed(_row_seed(seed, *key))
-                    uniform[key] = torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
+            outs.open(meta, seed=seed, max_new_tokens=max_new_tokens, sampling=sampling)
             rows.add(cache, mask, pos[:, -1], logits, meta)
             _kv_buffers(rows.cache)
         scores = rows.logits.float()
         steps = torch.tensor(rows.step, device=device)
-        if min_new_tokens:
-            early = steps < min_new_tokens
-            if early.any():
-                blocked = scores.index_fill(1, stop_t, float("-inf"))
-                scores = torch.where(early[:, None], blocked, scores)
+        scores = _block_stops(scores, steps, stop_t, min_new_tokens)
         if sampling:
-            s = scores / temperature if temperature != 1.0 else scores
-            if top_p_warper is not None:
-                s = top_p_warper(None, s)
-            probs = torch.softmax(s, dim=-1)
-            cdf = probs.cumsum(-1)
-            u = torch.tensor([float(uniform[key][t]) for key, t in zip(rows.meta, rows.step)],
-                             dtype=cdf.dtype, device=device)[:, None] * cdf[:, -1:]
-            nxt = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-            zero = probs.gather(1, nxt[:, None]).squeeze(1) <= 0  # never a token top-p removed, even at a float edge
-            if zero.any():
-                nxt[zero] = probs[zero].argmax(-1)
+            nxt = _draw(scores, temperature, top_p_warper, outs.uniforms(rows), device)
         else:
             nxt = scores.argmax(-1)
-        if record_logps:  # the policy's own log-prob at temperature 1, before min-length, temperature and top-p
-            lp = torch.log_softmax(rows.logits.float(), dim=-1).gather(1, nxt[:, None]).squeeze(1).double().cpu()
+        # the policy's own log-prob at temperature 1, before min-length, temperature and top-p
+        lp = _token_logps(rows.logits, nxt) if record_logps else None
         stop = torch.isin(nxt, stop_t) & (steps >= min_new_tokens)
         full = steps + 1 >= max_new_tokens
         ended = (stop | full).cpu()
-        stop_cpu = stop.cpu()
-        nxt_cpu = nxt.cpu().tolist()
-        for r, key in enumerate(rows.meta):
-            out_tokens[key].append(nxt_cpu[r])
-            if record_logps:
-                out_logp[key] += float(lp[r])
-            rows.step[r] += 1
-            if ended[r]:
-                k = key[0]
-                done = pending.setdefault(k, {})
-                done[key[1]] = (out_tokens.pop(key), not bool(stop_cpu[r]),  # truncated: no end of turn
-                                out_logp.pop(key) if record_logps else None)
-                uniform.pop(key, None)
-                if len(done) == num_samples:
-                    on_done(k, [done[j] for j in range(num_samples)])
-                    del pending[k]
+        outs.record(rows, nxt.cpu().tolist(), lp, ended, stop.cpu())
         if ended.all():
             rows = _Rows()
             continue
-        if ended.any():
-            rows.keep((~ended).nonzero().squeeze(1).to(device))
-            nxt = nxt[~ended.to(device)]
-        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], 1)
-        rows.pos = rows.pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=rows.mask, position_ids=rows.pos[:, None],
-                    use_cache=True, **{cache_arg: rows.cache})
-        rows.cache, rows.logits = _out_cache(out), out.logits[:, -1, :]
+        _advance(model, rows, nxt, ended, device=device, cache_arg=cache_arg)
+
+
+def _prefill(model, chunk: list[list[int]], *, pad: int, device, num_samples: int):
+    """Prefill the prompts ``chunk`` together (left-padded); returns the cache, attention mask, positions and
+    last logits of their rows, each prompt's repeated for its ``num_samples`` samples."""
+    ids, mask = left_padded(chunk, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, logits = _out_cache(out), out.logits[:, -1, :]
+    if num_samples > 1:  # each sample starts from a copy of its prompt's cache
+        cache.batch_repeat_interleave(num_samples)
+        logits, mask, pos = (x.repeat_interleave(num_samples, 0) for x in (logits, mask, pos))
+    return cache, mask, pos, logits
+
+
+def _block_stops(scores: torch.Tensor, steps: torch.Tensor, stop_t: torch.Tensor, min_new_tokens: int) -> torch.Tensor:
+    """``scores`` with the stop tokens at -inf in rows that have generated fewer than ``min_new_tokens``."""
+    if min_new_tokens:
+        early = steps < min_new_tokens
+        if early.any():
+            blocked = scores.index_fill(1, stop_t, float("-inf"))
+            scores = torch.where(early[:, None], blocked, scores)
+    return scores
+
+
+def _draw(scores: torch.Tensor, temperature: float, top_p_warper, uniform: list[float], device) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling with the row's own uniform draw (``uniform``), after
+    temperature and top-p."""
+    s = scores / temperature if temperature != 1.0 else scores
+    if top_p_warper is not None:
+        s = top_p_warper(None, s)
+    probs = torch.softmax(s, dim=-1)
+    cdf = probs.cumsum(-1)
+    u = torch.tensor(uniform, dtype=cdf.dtype, device=device)[:, None] * cdf[:, -1:]
+    nxt = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    zero = probs.gather(1, nxt[:, None]).squeeze(1) <= 0  # never a token top-p removed, even at a float edge
+    if zero.any():
+        nxt[zero] = probs[zero].argmax(-1)
+    return nxt
+
+
+def _token_logps(logits: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[nxt] per row, as float64 on the CPU."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, nxt[:, None]).squeeze(1).double().cpu()
+
+
+def _advance(model, rows: _Rows, nxt: torch.Tensor, ended: torch.Tensor, *, device, cache_arg: str) -> None:
+    """Drop the rows that ``ended``, then run one decoding step of the others on their new tokens ``nxt``."""
+    if ended.any():
+        rows.keep((~ended).nonzero().squeeze(1).to(device))
+        nxt = nxt[~ended.to(device)]
+    rows.mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], 1)
+    rows.pos = rows.pos + 1
+    out = model(input_ids=nxt[:, None], attention_mask=rows.mask, position_ids=rows.pos[:, None],
+                use_cache=True, **{cache_arg: rows.cache})
+    rows.cache, rows.logits = _out_cache(out), out.logits[:, -1, :]
+
+
+class _Outputs:
+    """What each row has produced (tokens, log-prob) and its random stream, until its prompt is done."""
+
+    def __init__(self, num_samples: int, record_logps: bool, on_done: Callable[[int, list], None]) -> None:
+        self.num_samples, self.record_logps, self.on_done = num_samples, record_logps, on_done
+        self.tokens: dict[tuple[int, int], list[int]] = {}
+        self.logp: dict[tuple[int, int], float] = {}
+        self.uniform: dict[tuple[int, int], torch.Tensor] = {}
+        self.pending: dict[int, dict] = {}  # prompt -> {sample: (tokens, truncated, logp)} of its ended rows
+
+    def open(self, meta: list[tuple[int, int]], *, seed: int, max_new_tokens: int, sampling: bool) -> None:
+        """Start rows ``meta`` ((prompt, sample) each); a sampled row draws its uniforms from its own stream."""
+        for key in meta:
+            self.tokens[key] = []
+            self.logp[key] = 0.0
+            if sampling:
+                g = torch.Generator().manual_seed(_row_seed(seed, *key))
+                self.uniform[key] = torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
+
+    def uniforms(self, rows: _Rows) -> list[float]:
+        """Each row's uniform draw for its current step."""
+        return [float(self.uniform[key][t]) for key, t in zip(rows.meta, rows.step, strict=True)]
+
+    def record(self, rows: _Rows, nxt: list[int], lp: torch.Tensor | None, ended: torch.Tensor,
+               stop: torch.Tensor) -> None:
+        """Append each row's token ``nxt[r]`` (and log-prob), advance its step, and close the rows that ended."""
+        for r, key in enumerate(rows.meta):
+            self.tokens[key].append(nxt[r])
+            if self.record_logps:
+                self.logp[key] += float(lp[r])
+            rows.step[r] += 1
+            if ended[r]:
+                self._close(key, truncated=not bool(stop[r]))  # truncated: no end of turn
+
+    def _close(self, key: tuple[int, int], truncated: bool) -> None:
+        k = key[0]
+        done = self.pending.setdefault(k, {})
+        done[key[1]] = (self.tokens.pop(key), truncated, self.logp.pop(key) if self.record_logps else None)
+        self.uniform.pop(key, None)
+        if len(done) == self.num_samples:
+            self.on_done(k, [done[j] for j in range(self.num_samples)])
+            del self.pending[k]
 
 
 def _sample_hf(model, tokenizer, prompts: Sequence[Sequence[dict]], **kw) -> list[list[Sample]]:

@@ -74,27 +74,10 @@ def generate_hf(
     model.eval()
     for b, start in enumerate(range(0, len(encoded), batch_size)):
         chunk = encoded[start : start + batch_size]
-        width = max(len(x) for x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, x in enumerate(chunk):
-            ids[r, width - len(x) :] = torch.tensor(x)
-            mask[r, width - len(x) :] = 1
+        ids, mask = left_padded(chunk, pad)
         torch.manual_seed(seed + b)
         sampling = temperature > 0
-        recorder = None
-        if record_logps:
-            recorder = _TokenLogpRecorder()
-            procs = [recorder]
-            if sampling and temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(temperature))
-            if sampling and top_p < 1.0:
-                procs.append(TopPLogitsWarper(top_p))
-            # neutral values, so that generate builds no warper of its own ahead of the recorder
-            extra = dict(logits_processor=LogitsProcessorList(procs), temperature=1.0 if sampling else None,
-                         top_p=1.0 if sampling else None)
-        else:
-            extra = dict(temperature=temperature if sampling else None, top_p=top_p if sampling else None)
+        recorder, extra = _sampling_kwargs(temperature, top_p, record_logps)
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -108,18 +91,53 @@ def generate_hf(
             **extra,
         )
         token_lp = recorder.finish(out) if recorder is not None else None
-        gen = out[:, width:].cpu().tolist()
-        for r in range(len(chunk)):
-            samples = []
-            for s in range(num_samples):
-                row = r * num_samples + s
-                toks = gen[row]
-                end = next((k for k, t in enumerate(toks) if t in stops), None)
-                resp = toks if end is None else toks[: end + 1]
-                lp = float(token_lp[row, : len(resp)].sum()) if token_lp is not None else None
-                samples.append((resp, end is None, lp))
-            results.append(samples)
+        results += _responses(out[:, ids.shape[1] :].cpu().tolist(), token_lp, len(chunk), num_samples, stops)
         if on_batch is not None:
             on_batch(len(chunk))
     model.train(was_training)
+    return results
+
+
+def left_padded(chunk: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of the prompts ``chunk``, left-padded with ``pad`` to the longest."""
+    width = max(len(x) for x in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for r, x in enumerate(chunk):
+        ids[r, width - len(x) :] = torch.tensor(x)
+        mask[r, width - len(x) :] = 1
+    return ids, mask
+
+
+def _sampling_kwargs(temperature: float, top_p: float, record_logps: bool) -> tuple[_TokenLogpRecorder | None, dict]:
+    """(log-prob recorder or None, generate's sampling keywords). With a recorder, temperature and top-p run
+    as logits processors after it, and generate gets neutral values so that it builds no warper of its own
+    ahead of the recorder."""
+    sampling = temperature > 0
+    if not record_logps:
+        return None, dict(temperature=temperature if sampling else None, top_p=top_p if sampling else None)
+    recorder = _TokenLogpRecorder()
+    procs = [recorder]
+    if sampling and temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(temperature))
+    if sampling and top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    return recorder, dict(logits_processor=LogitsProcessorList(procs), temperature=1.0 if sampling else None,
+                          top_p=1.0 if sampling else None)
+
+
+def _responses(gen: list[list[int]], token_lp: torch.Tensor | None, prompts: int, num_samples: int,
+               stops: list[int]) -> list[list[tuple[list[int], bool, float | None]]]:
+    """Per prompt of a batch, its samples cut after their first stop token: (tokens, truncated, log-prob)."""
+    results = []
+    for r in range(prompts):
+        samples = []
+        for s in range(num_samples):
+            row = r * num_samples + s
+            toks = gen[row]
+            end = next((k for k, t in enumerate(toks) if t in stops), None)
+            resp = toks if end is None else toks[: end + 1]
+            lp = float(token_lp[row, : len(resp)].sum()) if token_lp is not None else None
+            samples.append((resp, end is None, lp))
+        results.append(samples)
     return results

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+import spa_lite.compat as compat
 from spa_lite.errors import SpaError
 from spa_lite.io import atomic_dir
 
@@ -266,6 +267,12 @@ def load_base_model(
         (model, tokenizer)
     """
     prec = resolve_precision(device, dtype, quantization)
+    if prec.quantized and prec.device.type == "cpu" and not compat.bnb_cpu_training_supported():
+        lo, hi = compat.TESTED["bitsandbytes"]
+        raise SpaError(f"model.quantization '4bit' on the CPU relies on a bitsandbytes internal checked only with "
+                       f"bitsandbytes {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]} (without it training silently loses the "
+                       f"gradient through the base); set model.quantization: none (the CPU default), or "
+                       f"SPA_LITE_TRUST_INTERNALS=1 to apply it anyway")
     path = resolve_model_path(name_or_path)
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise SpaError(f"model '{name_or_path}' is not a local folder and the hub is offline")
@@ -282,12 +289,7 @@ def load_base_model(
     if not prec.quantized:
         model.to(prec.device)
     elif prec.device.type == "cpu":
-        # bitsandbytes repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel on the first eval-mode,
-        # no-grad forward (the reference pass), and that kernel has no autograd: later training forwards
-        # would then silently drop the gradient through the base layers. Keep the differentiable path.
-        for mod in model.modules():
-            if hasattr(mod, "support_avx512bf16_for_cpu"):
-                mod.support_avx512bf16_for_cpu = False
+        compat.keep_bnb_cpu_differentiable(model)  # else training would drop the gradient (spa_lite.compat)
     model.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -185,72 +185,15 @@ def plan_memory(
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
     if logprob_kernel is not None and logprob_kernel not in LOGPROB_KERNELS:
         raise ValueError(f"logprob_kernel must be one of {', '.join(LOGPROB_KERNELS)} or None, got {logprob_kernel!r}")
-    d = Dims.from_config(model_config)
-    b = dtype_bytes
-    c = 4 if b < 4 else 0
-    g = 1 / GIB
-    wbytes = NF4_BYTES if quantization == "4bit" else b
-    weights = (d.decoder_linear_params() * wbytes + d.other_params() * b) * g
-    lora = d.lora_params(lora_r)
-    overhead = runtime_overhead_gb
-
-    if fsdp_shards < 1:
-        raise ValueError(f"fsdp_shards must be >= 1, got {fsdp_shards}")
-    shard = 1 / fsdp_shards
-    layer_gathered = 2 * (d.decoder_linear_params() / max(d.layers, 1)) * wbytes * g if fsdp_shards > 1 else 0.0
-
-    def train_stage(n_frozen: int, with_dnd: bool) -> dict:
-        fused = logprob_kernel is not None and fsdp_shards == 1
-        rows = 2 * batch_size
-        T = rows * seq_len
-        # the fused kernel projects only scored (response) positions: the length budget left after the prompt
-        R = rows * (seq_len - prompt_len if 0 < prompt_len < seq_len else seq_len // 2)
-        per_layer = activation_bytes_per_token_layer(d, b, lora_r, seq_len, attention)
-        if gradient_checkpointing:
-            acts = T * (d.layers * b * d.hidden + per_layer)
-        else:
-            acts = T * d.layers * per_layer
-        acts += T * (4 * d.hidden + b * d.hidden)  # final norm
-        acts += rows * seq_len * seq_len * b  # 4-D attention mask shared by the layers
-        V = d.vocab
-        if fused:
-            tile = kernel_tile_bytes(logprob_kernel, R, V, b)
-            forward_end = backward_start = ref_phase = tile + R * d.hidden * 4 * (3 if with_dnd else 2)
-        else:
-            forward_end = T * V * (b + b + c) + ((2 * 4 + c) * seq_len * V if with_dnd else 0)
-            backward_start = T * V * (2 * b + c + 4)  # policy logits, fp32 copy, their grads (ref logits freed)
-            ref_phase = T * V * (b + c + 4)
-        parts = {
-            "base_weights": weights * shard + layer_gathered,
-            "frozen_adapters": n_frozen * lora * 4 * g * shard,
-            "trainable_adapter_and_adamw": lora * 16 * g * shard,
-            "activations": acts * g,
-            "logits": max(forward_end, backward_start, ref_phase) * g,
-            "runtime_overhead": overhead,
-        }
-        return parts
-
-    def expand_stage(n_frozen: int) -> dict:
-        rows = gen_batch_size * num_samples
-        total = prompt_len + max_new_tokens
-        kv = 2 * d.layers * d.kv_heads * d.head_dim * b * rows * total
-        prefill = rows * prompt_len * (b * (2 * d.hidden + 2 * d.heads * d.head_dim + 3 * d.intermediate)
-                                       + (b * d.heads * prompt_len if attention == "math" else 0))
-        gen_peak = kv + prefill + rows * d.vocab * 4 * 3
-        jT = 2 * judge_batch_size * total
-        head = kernel_tile_bytes(logprob_kernel, jT, d.vocab, b) if logprob_kernel else jT * d.vocab * (b + c + 4)
-        judge_peak = head + jT * b * (2 * d.hidden + d.intermediate)
-        return {
-            "base_weights": weights,
-            "frozen_adapters": n_frozen * lora * 4 * g,
-            "kv_cache_or_judge": max(gen_peak, judge_peak) * g,
-            "runtime_overhead": overhead,
-        }
-
+    s = _Setup(Dims.from_config(model_config), quantization=quantization, b=dtype_bytes, lora_r=lora_r,
+               seq_len=seq_len, batch_size=batch_size, gradient_checkpointing=gradient_checkpointing, dnd=dnd,
+               iteration=iteration, attention=attention, gen_batch_size=gen_batch_size, num_samples=num_samples,
+               prompt_len=prompt_len, max_new_tokens=max_new_tokens, judge_batch_size=judge_batch_size,
+               overhead=runtime_overhead_gb, logprob_kernel=logprob_kernel, fsdp_shards=fsdp_shards)
     stages = {
-        "seed_dpo": train_stage(0, False),
-        "train": train_stage(iteration, dnd),
-        "expand": expand_stage(iteration),
+        "seed_dpo": _train_parts(s, 0, False),
+        "train": _train_parts(s, iteration, dnd),
+        "expand": _expand_parts(s, iteration),
     }
     out = {}
     for name, parts in stages.items():
@@ -259,13 +202,138 @@ def plan_memory(
                      "fits": peak <= gpu_mem_gb}
     peak = max(v["peak_gb"] for v in out.values())
     return {
-        "stages": out, "peak_gb": peak, "fits": peak <= gpu_mem_gb, "gpu_mem_gb": gpu_mem_gb,
-        "inputs": dict(quantization=quantization, dtype_bytes=b, lora_r=lora_r, seq_len=seq_len,
-                       batch_size=batch_size, gradient_checkpointing=gradient_checkpointing, dnd=dnd,
-                       iteration=iteration, attention=attention, gen_batch_size=gen_batch_size,
-                       num_samples=num_samples, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                       judge_batch_size=judge_batch_size, fsdp_shards=fsdp_shards, logprob_kernel=logprob_kernel),
-        "params": {"base": d.decoder_linear_params() + d.other_params(), "lora_per_adapter": lora},
+        "stages": out, "peak_gb": peak, "fits": peak <= gpu_mem_gb, "gpu_mem_gb": gpu_mem_gb, "inputs": s.inputs(),
+        "params": {"base": s.d.decoder_linear_params() + s.d.other_params(), "lora_per_adapter": s.lora},
+    }
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every stage's estimate shares: the model's dimensions and the settings planned for."""
+
+    d: Dims
+    quantization: str
+    b: int  # compute dtype bytes
+    lora_r: int
+    seq_len: int
+    batch_size: int
+    gradient_checkpointing: bool
+    dnd: bool
+    iteration: int
+    attention: str
+    gen_batch_size: int
+    num_samples: int
+    prompt_len: int
+    max_new_tokens: int
+    judge_batch_size: int
+    overhead: float  # GiB added to every stage
+    logprob_kernel: str | None
+    fsdp_shards: int
+
+    def __post_init__(self) -> None:
+        if self.fsdp_shards < 1:
+            raise ValueError(f"fsdp_shards must be >= 1, got {self.fsdp_shards}")
+
+    @property
+    def c(self) -> int:
+        """Bytes of the float32 copy peft makes of a half-precision layer input (0 in float32)."""
+        return 4 if self.b < 4 else 0
+
+    @property
+    def wbytes(self) -> float:
+        """Bytes per decoder linear weight."""
+        return NF4_BYTES if self.quantization == "4bit" else self.b
+
+    @property
+    def weights(self) -> float:
+        """The base's weights, GiB."""
+        d = self.d
+        return (d.decoder_linear_params() * self.wbytes + d.other_params() * self.b) * (1 / GIB)
+
+    @property
+    def lora(self) -> int:
+        """Parameters of one adapter."""
+        return self.d.lora_params(self.lora_r)
+
+    @property
+    def shard(self) -> float:
+        return 1 / self.fsdp_shards
+
+    @property
+    def layer_gathered(self) -> float:
+        """GiB of the two whole decoder layers a sharded process holds (the one computing, the next gathered)."""
+        if self.fsdp_shards <= 1:
+            return 0.0
+        return 2 * (self.d.decoder_linear_params() / max(self.d.layers, 1)) * self.wbytes * (1 / GIB)
+
+    def inputs(self) -> dict:
+        """The settings, as ``plan_memory`` reports them."""
+        return dict(quantization=self.quantization, dtype_bytes=self.b, lora_r=self.lora_r, seq_len=self.seq_len,
+                    batch_size=self.batch_size, gradient_checkpointing=self.gradient_checkpointing, dnd=self.dnd,
+                    iteration=self.iteration, attention=self.attention, gen_batch_size=self.gen_batch_size,
+                    num_samples=self.num_samples, prompt_len=self.prompt_len, max_new_tokens=self.max_new_tokens,
+                    judge_batch_size=self.judge_batch_size, fsdp_shards=self.fsdp_shards,
+                    logprob_kernel=self.logprob_kernel)
+
+
+def _train_parts(s: _Setup, n_frozen: int, with_dnd: bool) -> dict:
+    """GiB per part at the peak of a DPO step with ``n_frozen`` adapters below the trainable one."""
+    g = 1 / GIB
+    rows = 2 * s.batch_size
+    T = rows * s.seq_len
+    return {
+        "base_weights": s.weights * s.shard + s.layer_gathered,
+        "frozen_adapters": n_frozen * s.lora * 4 * g * s.shard,
+        "trainable_adapter_and_adamw": s.lora * 16 * g * s.shard,
+        "activations": _saved_activation_bytes(s, rows, T) * g,
+        "logits": _logits_bytes(s, rows, T, with_dnd) * g,
+        "runtime_overhead": s.overhead,
+    }
+
+
+def _saved_activation_bytes(s: _Setup, rows: int, T: int) -> float:
+    """Bytes autograd keeps for the backward pass of ``rows`` rows, ``T`` tokens in all."""
+    d, b = s.d, s.b
+    per_layer = activation_bytes_per_token_layer(d, b, s.lora_r, s.seq_len, s.attention)
+    if s.gradient_checkpointing:
+        acts = T * (d.layers * b * d.hidden + per_layer)
+    else:
+        acts = T * d.layers * per_layer
+    acts += T * (4 * d.hidden + b * d.hidden)  # final norm
+    acts += rows * s.seq_len * s.seq_len * b  # 4-D attention mask shared by the layers
+    return acts
+
+
+def _logits_bytes(s: _Setup, rows: int, T: int, with_dnd: bool) -> float:
+    """Bytes of the log-prob computation at its largest moment of a step (see the module docstring)."""
+    b, c, V = s.b, s.c, s.d.vocab
+    if s.logprob_kernel is not None and s.fsdp_shards == 1:
+        # the fused kernel projects only scored (response) positions: the length budget left after the prompt
+        R = rows * (s.seq_len - s.prompt_len if 0 < s.prompt_len < s.seq_len else s.seq_len // 2)
+        return kernel_tile_bytes(s.logprob_kernel, R, V, b) + R * s.d.hidden * 4 * (3 if with_dnd else 2)
+    forward_end = T * V * (b + b + c) + ((2 * 4 + c) * s.seq_len * V if with_dnd else 0)
+    backward_start = T * V * (2 * b + c + 4)  # policy logits, fp32 copy, their grads (ref logits freed)
+    ref_phase = T * V * (b + c + 4)
+    return max(forward_end, backward_start, ref_phase)
+
+
+def _expand_parts(s: _Setup, n_frozen: int) -> dict:
+    """GiB per part at the peak of expand: generation's KV cache or judging's logits, whichever is larger."""
+    d, b, c, g = s.d, s.b, s.c, 1 / GIB
+    rows = s.gen_batch_size * s.num_samples
+    total = s.prompt_len + s.max_new_tokens
+    kv = 2 * d.layers * d.kv_heads * d.head_dim * b * rows * total
+    prefill = rows * s.prompt_len * (b * (2 * d.hidden + 2 * d.heads * d.head_dim + 3 * d.intermediate)
+                                     + (b * d.heads * s.prompt_len if s.attention == "math" else 0))
+    gen_peak = kv + prefill + rows * d.vocab * 4 * 3
+    jT = 2 * s.judge_batch_size * total
+    head = kernel_tile_bytes(s.logprob_kernel, jT, d.vocab, b) if s.logprob_kernel else jT * d.vocab * (b + c + 4)
+    judge_peak = head + jT * b * (2 * d.hidden + d.intermediate)
+    return {
+        "base_weights": s.weights,
+        "frozen_adapters": n_frozen * s.lora * 4 * g,
+        "kv_cache_or_judge": max(gen_peak, judge_peak) * g,
+        "runtime_overhead": s.overhead,
     }
 
 

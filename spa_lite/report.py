@@ -145,16 +145,28 @@ def collect(run_path: Path) -> dict:
     evals = sorted((run_path / "eval").glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name))
     for p in evals:  # oldest first: the last one is the newest
         data["eval"][p.stem] = eval_summary(read_json(p))
-    if not data["training"]:
-        data["missing"].append("training curves: no seed/metrics.jsonl or iter*/train/metrics.jsonl")
-    if not any(any(v is not None for v in s["tau"]) or any(s["flagged_frac"]) for k, s in data["training"].items()
-               if k != "seed"):
-        data["missing"].append("refinement (flagged fraction, tau): no iteration trained with self-refinement")
-    if not data["expand"]:
-        data["missing"].append("confidence and lengths of D_i: no iter*/expand/data.jsonl")
-    if not data["eval"]:
-        data["missing"].append("judge accuracy and pass rate: no eval/*.json (run `spa-lite eval`)")
+    data["missing"] = _missing(data)
     return data
+
+
+def _refined(training: dict) -> dict:
+    """The iterations of ``training`` (series by stage label) trained with self-refinement (tau or flags)."""
+    return {k: s for k, s in training.items() if k != "seed" and
+            (any(v is not None for v in s["tau"]) or any(s["flagged_frac"]))}
+
+
+def _missing(data: dict) -> list[str]:
+    """The report's sections whose inputs ``collect`` did not find, and why."""
+    missing = []
+    if not data["training"]:
+        missing.append("training curves: no seed/metrics.jsonl or iter*/train/metrics.jsonl")
+    if not _refined(data["training"]):
+        missing.append("refinement (flagged fraction, tau): no iteration trained with self-refinement")
+    if not data["expand"]:
+        missing.append("confidence and lengths of D_i: no iter*/expand/data.jsonl")
+    if not data["eval"]:
+        missing.append("judge accuracy and pass rate: no eval/*.json (run `spa-lite eval`)")
+    return missing
 
 
 # ----------------------------------------------------------------------------------------------- plotting
@@ -282,6 +294,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + [""]
 
 
+def _last(xs: list):
+    """The last value of a curve that is not None (None if there is none)."""
+    return next((v for v in reversed(xs) if v is not None), None)
+
+
 def _safe(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
 
@@ -295,114 +312,130 @@ def write_report(run_path: Path, out_dir: Path | None = None) -> Path:
     md = [f"# SPA run report: `{run_path.name}`", "", f"Run directory: `{run_path}`", ""]
     if data["missing"]:
         md += ["Skipped sections (inputs missing):", ""] + [f"- {m}" for m in data["missing"]] + [""]
-
-    tr = data["training"]
-    md += ["## Training curves", ""]
-    if tr:
-        _plot_training(tr, out_dir / "training.png")
-        plots["training"] = "training.png"
-        md += ["![training](training.png)", ""]
-        rows = []
-        for label, s in tr.items():
-            last = lambda k: next((v for v in reversed(s[k]) if v is not None), None)  # noqa: E731
-            first = next((v for v in s["loss"] if v is not None), None)
-            rows.append([label, len(s["step"]), first, last("loss"), last("reward_margin"), last("reward_acc")])
-        md += _table(["stage", "steps", "first loss", "last loss", "last reward margin", "last reward acc"], rows)
-        md += ["Per-step values of every curve are in `report.json` (`training`).", ""]
-    else:
-        md += ["_Skipped: no metrics.jsonl found._", ""]
-
-    md += ["## Self-refinement: flagged fraction and tau", ""]
-    refined = {k: s for k, s in tr.items() if k != "seed" and
-               (any(v is not None for v in s["tau"]) or any(s["flagged_frac"]))}
-    if refined:
-        _plot_refinement(refined, out_dir / "refinement.png")
-        plots["refinement"] = "refinement.png"
-        md += ["![refinement](refinement.png)", ""]
-        rows = []
-        for label, s in refined.items():
-            ff = [v for v in s["flagged_frac"] if v is not None]
-            taus = [v for v in s["tau"] if v is not None]
-            fl = data["flags"].get(label, {})
-            rows.append([label, len(s["step"]), float(np.mean(ff)) if ff else None, max(ff) if ff else None,
-                         taus[-1] if taus else None, fl.get("pairs_ever_flagged"), fl.get("frac_ever_flagged")])
-        md += _table(["iteration", "steps", "mean flagged frac", "max flagged frac", "last tau",
-                      "pairs ever flagged", "frac ever flagged"], rows)
-    else:
-        md += ["_Skipped: no iteration trained with self-refinement (no tau / flagged fraction)._", ""]
-
-    ex = data["expand"]
-    md += ["## Judged confidence of D_i (Eq. 7)", ""]
-    if ex:
-        _plot_confidence(ex, out_dir / "confidence.png")
-        plots["confidence"] = "confidence.png"
-        md += ["![confidence](confidence.png)", ""]
-        bins = CONF_BINS
-        closing = [")"] * (len(bins) - 2) + ["]"]
-        header = ["D_i", "n", "mean", "median"] + [f"[{bins[k]:.2f},{bins[k + 1]:.2f}{closing[k]}"
-                                                   for k in range(len(bins) - 1)]
-        md += _table(header, [[f"D_{k[4:]}", v["confidence"]["n"], v["confidence"]["mean"], v["confidence"]["median"],
-                               *v["confidence"]["counts"]] for k, v in ex.items()])
-        md += ["## Response lengths, chosen vs rejected", ""]
-        _plot_lengths(ex, out_dir / "lengths.png")
-        plots["lengths"] = "lengths.png"
-        md += ["![lengths](lengths.png)", ""]
-        md += _table(["D_i", "pairs", "mean len chosen", "mean len rejected", "frac chosen longer"],
-                     [[f"D_{k[4:]}", v["lengths"]["n"], v["lengths"]["mean_len_chosen"],
-                       v["lengths"]["mean_len_rejected"], v["lengths"]["frac_chosen_longer"]] for k, v in ex.items()])
-    else:
-        md += ["_Skipped: no iter*/expand/data.jsonl found._", "", "## Response lengths, chosen vs rejected", "",
-               "_Skipped: no iter*/expand/data.jsonl found._", ""]
-
+    md += _training_section(data["training"], out_dir, plots)
+    md += _refinement_section(data["training"], data["flags"], out_dir, plots)
+    md += _expand_sections(data["expand"], out_dir, plots)
     md += ["## Evaluation", ""]
     if not data["eval"]:
         md += ["_Skipped: no eval/*.json found (run `spa-lite eval`)._", ""]
     for n, (tag, ev) in enumerate(reversed(list(data["eval"].items()))):
-        md += [f"### `eval/{tag}.json`" + (" (newest)" if n == 0 else ""), ""]
-        ja = ev.get("judge_accuracy")
-        if ja:
-            name = f"eval_{_safe(tag)}_judge_accuracy.png"
-            _plot_judge(ja, out_dir / name)
-            plots[f"eval/{tag}/judge_accuracy"] = name
-            md += ["#### Judge accuracy", "", f"![judge accuracy]({name})", ""]
-            rows = [[p, *[(f"{v[m]['accuracy']:.3f} [{v[m]['ci_low']:.2f}, {v[m]['ci_high']:.2f}]" if m in v else "-")
-                          for m in ja["methods"]]] for p, v in ja["by_policy"].items()]
-            md += _table(["policy", *ja["methods"]], rows)
-        else:
-            md += ["_No judge accuracy in this file._", ""]
-        pr = ev.get("pass_rate")
-        if pr:
-            name = f"eval_{_safe(tag)}_pass_rate.png"
-            _plot_pass_rate(pr, out_dir / name)
-            plots[f"eval/{tag}/pass_rate"] = name
-            md += ["#### Verifier pass rate (alignment curve)", "", f"![pass rate]({name})", ""]
-            md += _table(["policy", "n", "pass rate", "CI low", "CI high", "mean tokens"],
-                         [[p, v["n"], v["pass_rate"], v["ci_low"], v["ci_high"], v["mean_tokens"]]
-                          for p, v in pr.items()])
-        else:
-            md += ["_No pass rate in this file._", ""]
-        nd = ev.get("noise_detection")
-        if nd:
-            dets = []
-            for v in nd["by_policy"].values():
-                dets += [d for d in v if d not in dets]
-            md += [f"#### Noise detection AUROC ({_f(nd['flip'], 2)} of labels flipped)", ""]
-            md += _table(["policy", *dets], [[p, *[v.get(d, {}).get("auroc") for d in dets]]
-                                             for p, v in nd["by_policy"].items()])
-        sln = ev.get("self_label_noise")
-        if sln:
-            md += ["#### Self-labelling noise (verifier vs Eq. 7 labels)", ""]
-            md += _table(["D_i", "n", "confirmed", "contradicted", "undetermined", "contradicted | flagged",
-                          "contradicted | unflagged"],
-                         [[d, v.get("n"), v.get("confirmed"), v.get("contradicted"), v.get("undetermined"),
-                           v.get("contradicted_rate_flagged"), v.get("contradicted_rate_unflagged")]
-                          for d, v in sln.items()])
+        md += _eval_section(tag, ev, n == 0, out_dir, plots)
 
     data["plots"] = plots
     atomic_write_json(out_dir / "report.json", json.loads(json.dumps(data)))
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(md).rstrip() + "\n")
     return path
+
+
+# Each section below returns its Markdown lines, writes its PNGs into out_dir and names them in ``plots``.
+
+def _training_section(tr: dict, out_dir: Path, plots: dict[str, str]) -> list[str]:
+    md = ["## Training curves", ""]
+    if not tr:
+        return md + ["_Skipped: no metrics.jsonl found._", ""]
+    _plot_training(tr, out_dir / "training.png")
+    plots["training"] = "training.png"
+    md += ["![training](training.png)", ""]
+    rows = []
+    for label, s in tr.items():
+        first = next((v for v in s["loss"] if v is not None), None)
+        rows.append([label, len(s["step"]), first, _last(s["loss"]), _last(s["reward_margin"]), _last(s["reward_acc"])])
+    md += _table(["stage", "steps", "first loss", "last loss", "last reward margin", "last reward acc"], rows)
+    return md + ["Per-step values of every curve are in `report.json` (`training`).", ""]
+
+
+def _refinement_section(tr: dict, flags: dict, out_dir: Path, plots: dict[str, str]) -> list[str]:
+    md = ["## Self-refinement: flagged fraction and tau", ""]
+    refined = _refined(tr)
+    if not refined:
+        return md + ["_Skipped: no iteration trained with self-refinement (no tau / flagged fraction)._", ""]
+    _plot_refinement(refined, out_dir / "refinement.png")
+    plots["refinement"] = "refinement.png"
+    md += ["![refinement](refinement.png)", ""]
+    rows = []
+    for label, s in refined.items():
+        ff = [v for v in s["flagged_frac"] if v is not None]
+        taus = [v for v in s["tau"] if v is not None]
+        fl = flags.get(label, {})
+        rows.append([label, len(s["step"]), float(np.mean(ff)) if ff else None, max(ff) if ff else None,
+                     taus[-1] if taus else None, fl.get("pairs_ever_flagged"), fl.get("frac_ever_flagged")])
+    return md + _table(["iteration", "steps", "mean flagged frac", "max flagged frac", "last tau",
+                        "pairs ever flagged", "frac ever flagged"], rows)
+
+
+def _expand_sections(ex: dict, out_dir: Path, plots: dict[str, str]) -> list[str]:
+    """The judged confidence of each D_i and its response lengths."""
+    md = ["## Judged confidence of D_i (Eq. 7)", ""]
+    if not ex:
+        return md + ["_Skipped: no iter*/expand/data.jsonl found._", "", "## Response lengths, chosen vs rejected",
+                     "", "_Skipped: no iter*/expand/data.jsonl found._", ""]
+    _plot_confidence(ex, out_dir / "confidence.png")
+    plots["confidence"] = "confidence.png"
+    md += ["![confidence](confidence.png)", ""]
+    bins = CONF_BINS
+    closing = [")"] * (len(bins) - 2) + ["]"]
+    header = ["D_i", "n", "mean", "median"] + [f"[{bins[k]:.2f},{bins[k + 1]:.2f}{closing[k]}"
+                                               for k in range(len(bins) - 1)]
+    md += _table(header, [[f"D_{k[4:]}", v["confidence"]["n"], v["confidence"]["mean"], v["confidence"]["median"],
+                           *v["confidence"]["counts"]] for k, v in ex.items()])
+    md += ["## Response lengths, chosen vs rejected", ""]
+    _plot_lengths(ex, out_dir / "lengths.png")
+    plots["lengths"] = "lengths.png"
+    md += ["![lengths](lengths.png)", ""]
+    return md + _table(["D_i", "pairs", "mean len chosen", "mean len rejected", "frac chosen longer"],
+                       [[f"D_{k[4:]}", v["lengths"]["n"], v["lengths"]["mean_len_chosen"],
+                         v["lengths"]["mean_len_rejected"], v["lengths"]["frac_chosen_longer"]] for k, v in ex.items()])
+
+
+def _eval_section(tag: str, ev: dict, newest: bool, out_dir: Path, plots: dict[str, str]) -> list[str]:
+    """One eval file: judge accuracy and pass rate (tables and plots), noise detection, self-labelling noise."""
+    md = [f"### `eval/{tag}.json`" + (" (newest)" if newest else ""), ""]
+    ja = ev.get("judge_accuracy")
+    if ja:
+        name = f"eval_{_safe(tag)}_judge_accuracy.png"
+        _plot_judge(ja, out_dir / name)
+        plots[f"eval/{tag}/judge_accuracy"] = name
+        md += ["#### Judge accuracy", "", f"![judge accuracy]({name})", ""]
+        rows = [[p, *[(f"{v[m]['accuracy']:.3f} [{v[m]['ci_low']:.2f}, {v[m]['ci_high']:.2f}]" if m in v else "-")
+                      for m in ja["methods"]]] for p, v in ja["by_policy"].items()]
+        md += _table(["policy", *ja["methods"]], rows)
+    else:
+        md += ["_No judge accuracy in this file._", ""]
+    pr = ev.get("pass_rate")
+    if pr:
+        name = f"eval_{_safe(tag)}_pass_rate.png"
+        _plot_pass_rate(pr, out_dir / name)
+        plots[f"eval/{tag}/pass_rate"] = name
+        md += ["#### Verifier pass rate (alignment curve)", "", f"![pass rate]({name})", ""]
+        md += _table(["policy", "n", "pass rate", "CI low", "CI high", "mean tokens"],
+                     [[p, v["n"], v["pass_rate"], v["ci_low"], v["ci_high"], v["mean_tokens"]]
+                      for p, v in pr.items()])
+    else:
+        md += ["_No pass rate in this file._", ""]
+    return md + _noise_tables(ev)
+
+
+def _noise_tables(ev: dict) -> list[str]:
+    """Noise detection AUROC and self-labelling noise of one eval file (tables only; empty where absent)."""
+    md: list[str] = []
+    nd = ev.get("noise_detection")
+    if nd:
+        dets = []
+        for v in nd["by_policy"].values():
+            dets += [d for d in v if d not in dets]
+        md += [f"#### Noise detection AUROC ({_f(nd['flip'], 2)} of labels flipped)", ""]
+        md += _table(["policy", *dets], [[p, *[v.get(d, {}).get("auroc") for d in dets]]
+                                         for p, v in nd["by_policy"].items()])
+    sln = ev.get("self_label_noise")
+    if sln:
+        md += ["#### Self-labelling noise (verifier vs Eq. 7 labels)", ""]
+        md += _table(["D_i", "n", "confirmed", "contradicted", "undetermined", "contradicted | flagged",
+                      "contradicted | unflagged"],
+                     [[d, v.get("n"), v.get("confirmed"), v.get("contradicted"), v.get("undetermined"),
+                       v.get("contradicted_rate_flagged"), v.get("contradicted_rate_unflagged")]
+                      for d, v in sln.items()])
+    return md
 
 
 __all__ = ["write_report", "collect", "training_series", "expand_summary", "eval_summary", "flags_summary"]

@@ -141,6 +141,26 @@ def build_stack(
     The new adapter's B matrices start at zero, so pi_theta equals pi_{i-1} before the first step. With
     neither, the stack holds only pi_init (plus :data:`PLACEHOLDER_ADAPTER`, which no policy uses).
     """
+    model, names = _wrap(base, frozen_adapters, trainable, lora)
+    # As TRL does: the base's own dropout would make pi_theta and pi_ref disagree at step 0 and make
+    # judging stochastic; only LoRA's dropout (0 by default) stays.
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Dropout) and "lora_dropout" not in mod_name:
+            mod.p = 0.0
+    stack = PolicyStack(model, tokenizer, names, trainable)
+    with stack.use(stack.theta):
+        pass  # leaves pi_theta active and only the new adapter trainable
+    for _, p in model.named_parameters():
+        p.requires_grad_(False)
+    for p in stack.trainable_parameters():
+        p.requires_grad_(True)
+    return stack
+
+
+def _wrap(base, frozen_adapters: Sequence[tuple[str, str | Path]], trainable: str | None,
+          lora: LoraSettings | None) -> tuple[PeftModel, list[str]]:
+    """The peft model over ``base`` with the saved adapters loaded in order and the trainable one added;
+    returns it and the frozen adapters' names."""
     model = None
     names: list[str] = []
     for name, path in frozen_adapters:
@@ -162,16 +182,4 @@ def build_stack(
         # pi_init alone (judging or sampling from the bare base): peft wraps a base only with an adapter, so
         # the stack carries a zero one that no policy activates and nothing trains
         model = get_peft_model(base, (lora or LoraSettings()).to_peft(), adapter_name=PLACEHOLDER_ADAPTER)
-    # As TRL does: the base's own dropout would make pi_theta and pi_ref disagree at step 0 and make
-    # judging stochastic; only LoRA's dropout (0 by default) stays.
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Dropout) and "lora_dropout" not in mod_name:
-            mod.p = 0.0
-    stack = PolicyStack(model, tokenizer, names, trainable)
-    with stack.use(stack.theta):
-        pass  # leaves pi_theta active and only the new adapter trainable
-    for n, p in model.named_parameters():
-        p.requires_grad_(False)
-    for p in stack.trainable_parameters():
-        p.requires_grad_(True)
-    return stack
+    return model, names

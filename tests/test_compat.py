@@ -1,12 +1,13 @@
 """spa_lite.compat: each library-internals patch applies only inside the releases it was tested with; outside
 them spa-lite takes the public-API fallback (the hf engine for decoding, the peft model instead of a merged copy,
-no bf16 probe), and its results stay those of the fallback path."""
+no bf16 probe, a 4-bit CPU base refused), and its results stay those of the fallback path."""
 
 from __future__ import annotations
 
 import pytest
 
 from spa_lite import compat, generation, generation_hf
+from spa_lite.errors import SpaError
 from spa_lite.generation import merged_copy, sample_responses
 from spa_lite.models import load_base_model
 from spa_lite.sampling_copy import fast_bf16_cpu, sampling_model
@@ -78,3 +79,23 @@ def test_no_merged_copy_and_no_bf16_probe_outside_the_tested_torch(stack, monkey
         out = sample_responses(m, stack.tokenizer, PROMPTS, num_samples=2, max_new_tokens=4, seed=1)
     assert len(out) == len(PROMPTS) and all(len(ss) == 2 for ss in out)
     assert fast_bf16_cpu() is False
+
+
+def test_4bit_cpu_base_is_refused_outside_the_tested_bitsandbytes(tiny_model_dir, monkeypatch):
+    """The flag that keeps a 4-bit CPU base differentiable is a bitsandbytes internal: under an untested release
+    it could be a silent no-op (training would lose the gradient), so the 4-bit CPU base is refused, saying what
+    to set; inside the range every Linear4bit gets the flag off."""
+    bnb = pytest.importorskip("bitsandbytes.nn", reason="bitsandbytes cannot be imported")
+    assert compat.bnb_cpu_training_supported()
+    base, _ = load_base_model(str(tiny_model_dir), quantization="4bit", dtype="float32", device="cpu")
+    layers = [m for m in base.modules() if isinstance(m, bnb.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    _untested(monkeypatch, "bitsandbytes")
+    assert not compat.bnb_cpu_training_supported() and compat.supported("kv_cache_in_place")
+    with pytest.raises(SpaError, match=r"quantization '4bit' on the CPU .* set model.quantization: none"):
+        load_base_model(str(tiny_model_dir), quantization="4bit", dtype="float32", device="cpu")
+    full, _ = load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu")
+    assert not any(isinstance(m, bnb.Linear4bit) for m in full.modules())  # full precision does not need it
+    monkeypatch.setenv("SPA_LITE_TRUST_INTERNALS", "1")
+    base, _ = load_base_model(str(tiny_model_dir), quantization="4bit", dtype="float32", device="cpu")
+    assert all(m.support_avx512bf16_for_cpu is False for m in base.modules() if isinstance(m, bnb.Linear4bit))

@@ -153,7 +153,7 @@ def test_kv_buffers_append_in_place_and_match_a_cache_free_forward(stack, monkey
         assert len({s.num_tokens for ss in runs["cat"] for s in ss}) > 1  # rows left at different steps
         for k, ss in enumerate(runs["room1"]):
             x = encode_prompt(stack.tokenizer, _prompts()[k])
-            for s, s_cat in zip(ss, runs["cat"][k]):
+            for s, s_cat in zip(ss, runs["cat"][k], strict=True):
                 full = torch.tensor([x + s.token_ids])
                 logits = m(input_ids=full).logits[0, len(x) - 1 : -1]
                 lp = torch.log_softmax(logits.double(), -1)

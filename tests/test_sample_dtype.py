@@ -66,7 +66,7 @@ def test_sample_responses_decodes_with_the_bf16_copy(stack):
         got = sample_responses(m, stack.tokenizer, prompts, dtype=torch.bfloat16, **kw)
         # reference: greedy decoding by hand with the independently merged and cast model, no KV cache
         ref = _merged_bf16(m)
-        for p, out in zip(prompts, got):
+        for p, out in zip(prompts, got, strict=True):
             ids = generation.encode_prompt(stack.tokenizer, p)
             toks = []
             for _ in range(len(out[0].token_ids)):

@@ -52,7 +52,7 @@ def test_recorded_logps_are_the_policys_own(tiny_model_dir, adapters, temperatur
     # separately, scored one unpadded sequence at a time
     independent = _merged(tiny_model_dir, adapters["seed"])
     lengths = set()
-    for q, ss in zip(prompts, rec):
+    for q, ss in zip(prompts, rec, strict=True):
         x = encode_prompt(stack.tokenizer, q)
         for s in ss:
             want = _naive_logp(independent, x, s.token_ids)
@@ -85,7 +85,7 @@ def test_judge_reuses_recorded_logps_and_falls_back(tiny_model_dir, adapters, mo
     reused = judge_logprob(stack, ["seed"], [], x, y1, y2, batch_size=2, judge_logps=known, check=check)
     assert calls.count(["seed"]) == 1 and calls.count([]) == 2  # only the self-check (first 2 pairs) runs the judge
     assert check["reused"] and check["checked"] == 4 and check["max_abs_dev"] < 1e-4
-    for a, b in zip(forward, reused):
+    for a, b in zip(forward, reused, strict=True):
         assert b["logratio_1"] == pytest.approx(a["logratio_1"], abs=1e-4)
         assert b["logratio_2"] == pytest.approx(a["logratio_2"], abs=1e-4)
         assert b["p"] == pytest.approx(a["p"], abs=1e-5)
@@ -102,12 +102,12 @@ def test_judge_reuses_recorded_logps_and_falls_back(tiny_model_dir, adapters, mo
     # per-token tolerance (log-probs of a reduced-precision copy): an offset of 0.05 nats per token passes a
     # 0.1-per-token check and is kept; 0.3 per token fails it and falls back to forward passes
     for per_tok, kept in ((0.05, True), (0.3, False)):
-        off = ([v + per_tok * len(y) for v, y in zip(known[0], y1)], known[1])
+        off = ([v + per_tok * len(y) for v, y in zip(known[0], y1, strict=True)], known[1])
         check = {"tol": 0.1, "per_token": True}
         got = judge_logprob(stack, ["seed"], [], x, y1, y2, batch_size=2, judge_logps=off, check=check)
         assert check["reused"] is kept and check["max_abs_dev"] == pytest.approx(per_tok, abs=1e-4)
         if kept:  # the offset reached the labels: r(y1) is larger by exactly the offset
-            assert [b["logratio_1"] - a["logratio_1"] for a, b in zip(forward, got)] == pytest.approx(
+            assert [b["logratio_1"] - a["logratio_1"] for a, b in zip(forward, got, strict=True)] == pytest.approx(
                 [per_tok * len(y) for y in y1], abs=1e-3)
         else:
             assert [r["p"] for r in got] == pytest.approx([r["p"] for r in forward], abs=1e-6)
@@ -130,7 +130,7 @@ def test_expand_same_pairs_with_sampler_or_forward_logps(tiny_recipe):
     ra = [json.loads(x) for x in (fwd.run_path / "iter1/expand/data.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (smp.run_path / "iter1/expand/data.jsonl").read_text().splitlines()]
     assert len(ra) == len(rb) > 0
-    for u, v in zip(ra, rb):
+    for u, v in zip(ra, rb, strict=True):
         assert (u["chosen"], u["rejected"]) == (v["chosen"], v["rejected"])
         assert v["p_y1"] == pytest.approx(u["p_y1"], abs=1e-5)
         assert v["logratio_chosen"] == pytest.approx(u["logratio_chosen"], abs=1e-4)

@@ -23,6 +23,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -126,8 +127,8 @@ def choose_pair(samples: Sequence, constraint: dict) -> Optional[Tuple[object, o
     first failing sample.
     """
     verdicts = [tasks.verify(s.text, constraint) for s in samples]
-    passing = [s for s, v in zip(samples, verdicts) if v]
-    failing = [s for s, v in zip(samples, verdicts) if not v]
+    passing = [s for s, v in zip(samples, verdicts, strict=True) if v]
+    failing = [s for s, v in zip(samples, verdicts, strict=True) if not v]
     if not passing or not failing:
         return None
     chosen = next((s for s in passing if not s.truncated), passing[0])
@@ -242,7 +243,7 @@ def collect_pairs(
             seed=args.seed * 1_000_003 + seed_offset + ci * 1000,
             batch_size=chunk,
         )
-        for rec, ss in zip(part, samples):
+        for rec, ss in zip(part, samples, strict=True):
             used += 1
             verdicts = [tasks.verify(s.text, rec["constraint"]) for s in ss]
             stats.add(rec["constraint"]["kind"], verdicts, [s.truncated for s in ss])
@@ -294,7 +295,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     t_start = time.time()
     out = Path(args.out)
+    sp = _make_splits(args)
+    if args.prompts_only:
+        return _write_prompts_only(out, sp, args, argv)
+    sampled = _sample_pairs(sp, args, t_start)
+    counts = {
+        "seed_pairs.jsonl": write_jsonl(out / "seed_pairs.jsonl", sampled.seed_pairs),
+        "prompts.jsonl": write_jsonl(out / "prompts.jsonl", [prompt_row(r) for r in sp.pool_grown]),
+        "eval_prompts.jsonl": write_jsonl(out / "eval_prompts.jsonl", [prompt_row(r) for r in sp.evals_grown]),
+        "eval_pairs.jsonl": write_jsonl(out / "eval_pairs.jsonl", sampled.eval_pairs),
+    }
+    info = _build_info(sp, sampled, counts, args, argv)
+    atomic_write_text(out / "build_info.json", json.dumps(info, indent=2) + "\n")
+    _log(f"wrote {counts} to {out} in {sampled.t_end - sampled.t_start:.0f}s")
+    return 0
 
+
+@dataclass
+class _Splits:
+    """The demo records split by question, the seed and eval candidates to sample and the grown prompt sets."""
+
+    seed_recs: List[dict]
+    pool: List[dict]
+    evals: List[dict]
+    candidates: List[dict]
+    eval_candidates: List[dict]
+    pool_grown: List[dict]
+    evals_grown: List[dict]
+
+
+def _make_splits(args: argparse.Namespace) -> _Splits:
     records = tasks.make_prompt_records(args.seed)
     seed_recs, pool, evals = split_records(records, seed=args.seed, eval_size=args.eval_size, pool_size=args.pool_size)
     candidates = expand_seed_candidates(seed_recs, seed=args.seed)
@@ -308,21 +338,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     pool_grown = grow_records(pool, args.pool_kinds, seed=args.seed, salt="grow-pool")
     evals_grown = grow_records(evals, args.eval_kinds, seed=args.seed, salt="grow-eval")
-    if args.prompts_only:
-        info_path = out / "build_info.json"
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        counts = {
-            "prompts.jsonl": write_jsonl(out / "prompts.jsonl", [prompt_row(r) for r in pool_grown]),
-            "eval_prompts.jsonl": write_jsonl(out / "eval_prompts.jsonl", [prompt_row(r) for r in evals_grown]),
-        }
-        info.setdefault("counts", {}).update(counts)
-        info["prompts_command"] = "python -m spa_lite.demo.build " + " ".join(sys.argv[1:] if argv is None else list(argv))
-        info["grow"] = {"pool_kinds": args.pool_kinds, "eval_kinds": args.eval_kinds}
-        info.setdefault("kinds", {}).update(prompts=_kind_counts(pool_grown), eval_prompts=_kind_counts(evals_grown))
-        atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
-        _log(f"wrote {counts} to {out}")
-        return 0
+    return _Splits(seed_recs, pool, evals, candidates, eval_candidates, pool_grown, evals_grown)
 
+
+def _command(argv: Optional[Sequence[str]]) -> str:
+    return "python -m spa_lite.demo.build " + " ".join(sys.argv[1:] if argv is None else list(argv))
+
+
+def _write_prompts_only(out: Path, sp: _Splits, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    """``--prompts-only``: rewrite the two prompt sets and their entries in build_info.json (no model)."""
+    info_path = out / "build_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    counts = {
+        "prompts.jsonl": write_jsonl(out / "prompts.jsonl", [prompt_row(r) for r in sp.pool_grown]),
+        "eval_prompts.jsonl": write_jsonl(out / "eval_prompts.jsonl", [prompt_row(r) for r in sp.evals_grown]),
+    }
+    info.setdefault("counts", {}).update(counts)
+    info["prompts_command"] = _command(argv)
+    info["grow"] = {"pool_kinds": args.pool_kinds, "eval_kinds": args.eval_kinds}
+    info.setdefault("kinds", {}).update(prompts=_kind_counts(sp.pool_grown), eval_prompts=_kind_counts(sp.evals_grown))
+    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+    _log(f"wrote {counts} to {out}")
+    return 0
+
+
+@dataclass
+class _Sampled:
+    """The pairs sampled from the model, with what it took to find them."""
+
+    seed_pairs: List[dict]
+    seed_used: int
+    seed_trunc: int
+    seed_stats: KindStats
+    eval_pairs: List[dict]
+    eval_used: int
+    eval_trunc: int
+    eval_stats: KindStats
+    t_start: float  # main's start; the three below are when seed sampling, eval sampling and both ended
+    t_seed: float
+    t_eval: float
+    t_end: float
+
+
+def _sample_pairs(sp: _Splits, args: argparse.Namespace, t_start: float) -> _Sampled:
+    """Load the model, then collect the seed pairs and the held-out gold pairs."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -334,81 +393,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seed_stats, eval_stats = KindStats(), KindStats()
     t_seed = time.time()
     seed_pairs, seed_used, seed_trunc = collect_pairs(
-        model, tokenizer, candidates, target=args.target_pairs, stage="seed", args=args, stats=seed_stats, seed_offset=0
+        model, tokenizer, sp.candidates, target=args.target_pairs, stage="seed", args=args, stats=seed_stats,
+        seed_offset=0,
     )
     t_eval = time.time()
     eval_pairs, eval_used, eval_trunc = collect_pairs(
-        model, tokenizer, eval_candidates, target=args.target_eval_pairs, stage="eval", args=args,
+        model, tokenizer, sp.eval_candidates, target=args.target_eval_pairs, stage="eval", args=args,
         stats=eval_stats, seed_offset=500,
     )
-    t_end = time.time()
+    return _Sampled(seed_pairs, seed_used, seed_trunc, seed_stats, eval_pairs, eval_used, eval_trunc, eval_stats,
+                    t_start, t_seed, t_eval, time.time())
 
-    counts = {
-        "seed_pairs.jsonl": write_jsonl(out / "seed_pairs.jsonl", seed_pairs),
-        "prompts.jsonl": write_jsonl(out / "prompts.jsonl", [prompt_row(r) for r in pool_grown]),
-        "eval_prompts.jsonl": write_jsonl(out / "eval_prompts.jsonl", [prompt_row(r) for r in evals_grown]),
-        "eval_pairs.jsonl": write_jsonl(out / "eval_pairs.jsonl", eval_pairs),
-    }
 
+def _versions() -> Dict[str, str]:
+    import torch
+
+    try:
+        import transformers
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__}
+    except Exception:  # pragma: no cover
+        return {"torch": torch.__version__}
+
+
+def _build_info(sp: _Splits, sa: _Sampled, counts: Dict[str, int], args: argparse.Namespace,
+                argv: Optional[Sequence[str]]) -> dict:
+    """build_info.json: the command and settings, what was written and sampled, per-kind rates and timings."""
     def qcount(rows):
         return len({tasks.question_index(r) for r in rows})
 
     kinds = _kind_counts
-    try:
-        import transformers
-
-        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    except Exception:  # pragma: no cover
-        versions = {"torch": torch.__version__}
-    info = {
-        "command": "python -m spa_lite.demo.build " + " ".join(sys.argv[1:] if argv is None else list(argv)),
+    return {
+        "command": _command(argv),
         "seed": args.seed,
         "model": args.model,
-        "sampling": {
-            "samples": args.samples,
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "batch_size": args.batch_size,
-        },
+        "sampling": {"samples": args.samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                     "top_p": args.top_p, "batch_size": args.batch_size},
         "limit": args.limit,
         "grow": {"pool_kinds": args.pool_kinds, "eval_kinds": args.eval_kinds},
         "counts": counts,
-        "questions": {
-            "total": len(tasks.QUESTIONS),
-            "seed": qcount(seed_recs),
-            "seed_pairs": qcount(seed_pairs),
-            "pool": qcount(pool_grown),
-            "eval": qcount(evals),
-        },
-        "prompts_sampled": {"seed": seed_used, "seed_candidates": len(candidates), "eval": eval_used},
-        "kinds": {
-            "seed_pairs": kinds(seed_pairs),
-            "prompts": kinds(pool_grown),
-            "eval_prompts": kinds(evals_grown),
-            "eval_pairs": kinds(eval_pairs),
-        },
+        "questions": {"total": len(tasks.QUESTIONS), "seed": qcount(sp.seed_recs), "seed_pairs": qcount(sa.seed_pairs),
+                      "pool": qcount(sp.pool_grown), "eval": qcount(sp.evals)},
+        "prompts_sampled": {"seed": sa.seed_used, "seed_candidates": len(sp.candidates), "eval": sa.eval_used},
+        "kinds": {"seed_pairs": kinds(sa.seed_pairs), "prompts": kinds(sp.pool_grown),
+                  "eval_prompts": kinds(sp.evals_grown), "eval_pairs": kinds(sa.eval_pairs)},
         "chosen_truncated": {
             "note": "pairs whose chosen response hit max_new_tokens (used only when no passing sample ended)",
-            "seed_pairs": seed_trunc,
-            "eval_pairs": eval_trunc,
+            "seed_pairs": sa.seed_trunc,
+            "eval_pairs": sa.eval_trunc,
         },
-        "per_kind": {
-            "all": seed_stats.merged(eval_stats).report(),
-            "seed": seed_stats.report(),
-            "eval": eval_stats.report(),
-        },
-        "wall_time_s": {
-            "total": round(t_end - t_start, 1),
-            "seed_sampling": round(t_eval - t_seed, 1),
-            "eval_sampling": round(t_end - t_eval, 1),
-        },
-        "versions": versions,
+        "per_kind": {"all": sa.seed_stats.merged(sa.eval_stats).report(), "seed": sa.seed_stats.report(),
+                     "eval": sa.eval_stats.report()},
+        "wall_time_s": {"total": round(sa.t_end - sa.t_start, 1), "seed_sampling": round(sa.t_eval - sa.t_seed, 1),
+                        "eval_sampling": round(sa.t_end - sa.t_eval, 1)},
+        "versions": _versions(),
         "constraint_kinds": list(tasks.CONSTRAINT_KINDS),
     }
-    atomic_write_text(out / "build_info.json", json.dumps(info, indent=2) + "\n")
-    _log(f"wrote {counts} to {out} in {t_end - t_start:.0f}s")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
