@@ -32,7 +32,6 @@ from rich.markup import escape
 
 from spa_lite.config import Recipe, load_recipe, parse_override
 from spa_lite.errors import SpaError, expected_failure
-from spa_lite.locks import release_stage_locks
 from spa_lite.ui import console
 
 __all__ = ["RecipeArgs", "setup_logging", "user_errors"]
@@ -112,8 +111,8 @@ def setup_logging() -> None:
 def user_errors(fn):
     """The one error boundary of every command. Expected failures (bad input, stage order, I/O, permissions, a
     full disk, decoding, hub access) print one red line and exit with code 2; anything else is a bug: its
-    traceback is printed, then one line that says so, and the exit code is 1. Stage locks are released however
-    a command ends.
+    traceback is printed, then one line that says so, and the exit code is 1. (Each stage releases its own lock
+    when it ends, however it ends: ``spa_lite.runs.stage_run``.)
     """
 
     def line(text: str, code: int):
@@ -139,7 +138,5 @@ def user_errors(fn):
             sys.stderr.flush()
             line(f"unexpected {type(e).__name__} (a bug in spa-lite or a library, not in your input): {e}; "
                  f"the traceback above shows where", 1)
-        finally:
-            release_stage_locks()
 
     return wrapper
