@@ -29,7 +29,6 @@ from rich.table import Table
 
 from spa_lite.config import Recipe, field_help, parse_overrides
 from spa_lite.errors import SpaError, expected_failure
-from spa_lite.locks import release_stage_locks
 from spa_lite.options import (EvalOptions, ExportAnswersOptions, Options, PlanOptions, SplitOptions, WinrateOptions,
                               cli_parameters)
 from spa_lite.ui import console, summary_table
@@ -139,8 +138,6 @@ def user_errors(fn):
             sys.stderr.flush()
             line(f"unexpected {type(e).__name__} (a bug in spa-lite or a library, not in your input): {e}; "
                  f"the traceback above shows where", 1)
-        finally:
-            release_stage_locks()
 
     return wrapper
 

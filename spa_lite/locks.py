@@ -1,12 +1,11 @@
 """Stage locks: one process writes a stage directory at a time.
 
-``<stage>/LOCK`` names its holder (pid, host, command). The CLI releases every lock this process holds when a
-command ends, however it ends; ``atexit`` does the same for scripts.
+``<stage>/LOCK`` names its holder (pid, host, command). A lock is held by one stage run
+(``spa_lite.runs.stage_run``), which releases it when the stage ends, however it ends: no registry of held locks.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from spa_lite.errors import StageLockedError
 
-__all__ = ["LOCK_NAME", "StageLock", "release_stage_locks", "lock_stage", "unlock_stage"]
+__all__ = ["LOCK_NAME", "StageLock"]
 
 LOCK_NAME = "LOCK"  # visible on purpose: `ls` shows a stage being written
 
@@ -38,8 +37,9 @@ class StageLock:
 
     The file is made with a hard link of a complete temporary file, so it exists only with its content and
     only one process can create it. A lock whose holder is on this host and no longer alive (a crash, kill -9)
-    is stale and taken over; a lock held from another host cannot be checked and is refused. The process that
-    holds a lock may take it again (a stage rerun in the same process after a failure).
+    is stale and taken over; a lock held from another host cannot be checked and is refused. A lock that names
+    this very process is taken as its own: in a container a restarted process often gets the pid of the one
+    that was killed, and would otherwise be refused by its predecessor's lock.
     """
 
     def __init__(self, directory: str | os.PathLike, pid: int | None = None):
@@ -102,6 +102,7 @@ class StageLock:
         raise self._refuse(self._holder() or {})
 
     def release(self) -> None:
+        """Delete the lock file if it is still this holder's."""
         holder = self._holder()
         if holder and holder.get("pid") == self.pid and holder.get("host") == self.host:
             with contextlib.suppress(FileNotFoundError):
@@ -113,35 +114,3 @@ class StageLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-
-_HELD: dict[Path, StageLock] = {}
-
-
-def release_stage_locks() -> None:
-    """Release every stage lock this process holds (the CLI calls it when a command ends, however it ends)."""
-    while _HELD:
-        _, lock = _HELD.popitem()
-        with contextlib.suppress(OSError):
-            lock.release()
-
-
-atexit.register(release_stage_locks)
-
-
-def lock_stage(d: Path, dist) -> None:
-    """Take ``d``'s lock on the main process; every process raises if it is refused."""
-    err = None
-    if dist.main:
-        try:
-            _HELD[d] = StageLock(d).acquire()
-        except StageLockedError as e:
-            err = str(e)
-    err = dist.broadcast_object(err)
-    if err:
-        raise StageLockedError(err)
-
-
-def unlock_stage(d: Path, dist) -> None:
-    lock = _HELD.pop(d, None)
-    if lock is not None and dist.main:
-        lock.release()

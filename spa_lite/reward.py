@@ -211,11 +211,11 @@ def _load(out_dir: Path, rm: RewardModel, opt, sched) -> int:
 
 
 def run_reward_loop(rm: RewardModel, pairs: Sequence[TokenizedPair], spec: RewardSpec, out_dir: Path,
-                    on_step: Callable[[int, int, dict], None] | None = None, stop_after: int | None = None) -> dict:
+                    on_step: Callable[[int, int, dict], None] | None = None) -> dict:
     """Train the reward adapter and head on gold ``pairs``; metrics.jsonl and checkpoints under ``out_dir``.
 
-    Args:
-        stop_after: stop (as if killed, KeyboardInterrupt) after this many optimizer steps; tests resume with it.
+    ``on_step(step, total, row)`` runs after each step's row is in metrics.jsonl and before its checkpoint (tests
+    stop the loop there, as a kill between checkpoints would).
 
     Returns:
         steps, resumed_from, wall time, first loss and last-10-step means of loss, accuracy and margin.
@@ -254,11 +254,8 @@ def run_reward_loop(rm: RewardModel, pairs: Sequence[TokenizedPair], spec: Rewar
         if diverged is not None:
             raise DivergedError(step + 1, f"step {step + 1}: {diverged}")
         done = step + 1
-        stopping = stop_after is not None and done - start >= stop_after and done < steps
-        if (done % spec.save_every == 0 and done < steps) or stopping:
+        if done % spec.save_every == 0 and done < steps:
             _save(out_dir, rm, opt, sched, done)
-        if stopping:
-            raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
     rm.stack.model.eval()
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     tail = [r for r in rows[-10:] if isinstance(r.get("loss"), float)]

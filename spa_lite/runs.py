@@ -1,4 +1,5 @@
-"""Stage lineage and manifests: what a stage's output depends on, checks of its inputs, begin and finish.
+"""Stage lineage and manifests: what a stage's output depends on, checks of its inputs, and the stage run
+(``stage_run``) that holds a stage's lock, peak-memory meter, tracker and manifest while it runs.
 
 The paths of a run are ``spa_lite.layout``'s (re-exported here), the stage locks ``spa_lite.locks``'s.
 Each stage's ``config_hash`` covers its own settings and the hashes of the stages it reads, so a stage made
@@ -7,6 +8,7 @@ from another config is refused instead of silently mixed into a run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata as md
@@ -23,18 +25,18 @@ from safetensors import safe_open
 from spa_lite.config import REWARD_JUDGES, Recipe
 from spa_lite.data import resolve_data_path
 from spa_lite.distributed import get_dist
-from spa_lite.errors import InputChangedError, StageOrderError
+from spa_lite.errors import InputChangedError, StageLockedError, StageOrderError
 from spa_lite.io import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_obj
 from spa_lite.layout import (REWARD_HEAD_FILE, REWARD_STAGE, Stage, adapter_dir, audit_path, policy_stage, read_manifest,
                              stage_dir)
-from spa_lite.locks import LOCK_NAME, StageLock, lock_stage, release_stage_locks, unlock_stage
+from spa_lite.locks import LOCK_NAME, StageLock
 from spa_lite.memory import StagePeak, peak_rss_gb
 from spa_lite.models import ALIASES, cache_root
-from spa_lite.tracking import log_stage_summary, require
+from spa_lite.tracking import StageTracker, log_stage_summary, require, requested
 
-__all__ = ["Stage", "stage_dir", "adapter_dir", "read_manifest", "StageLock", "release_stage_locks", "stage_config",
-           "stage_hash", "base_fingerprint", "adapter_files_hash", "stage_identity", "verify_inputs",
-           "require_upstream", "require_stage", "versions", "begin_stage", "finish_stage", "dump_recipe"]
+__all__ = ["Stage", "stage_dir", "adapter_dir", "read_manifest", "StageLock", "stage_config", "stage_hash",
+           "base_fingerprint", "adapter_files_hash", "stage_identity", "verify_inputs", "require_upstream",
+           "require_stage", "versions", "StageRun", "stage_run", "finish_stage", "dump_recipe"]
 
 
 def _model_key(recipe: Recipe) -> dict:
@@ -315,30 +317,21 @@ def _clear(d: Path) -> None:
             p.unlink()
 
 
-def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict | None]:
-    """Prepare a stage directory, holding its lock until ``finish_stage`` (or the end of the command).
+def _prepare(recipe: Recipe, stage: Stage, force: bool, dist) -> dict | None:
+    """Make a locked stage directory ready to write; returns its manifest if already complete with this config.
 
-    Returns (dir, manifest if already complete with this config). A partial stage made with the same
-    config is resumed; one made with another config is refused unless ``force``, which clears it. A partial
-    stage with no work in it (it failed on its input data, say) is started over without ``force``.
-
-    Raises:
-        StageLockedError: another process is writing this stage.
-        StageOrderError: the stage was made from another config.
+    A partial stage made with the same config is resumed; one made with another config is refused unless
+    ``force``, which clears it. A partial stage with no work in it (it failed on its input data, say) is
+    started over without ``force``.
     """
-    require(recipe)  # a tracker in report_to that is not installed fails here, before any work
-    dist = get_dist()
     d = stage_dir(recipe, stage)
-    lock_stage(d, dist)
     h = stage_hash(recipe, stage)
     m = read_manifest(recipe, stage)
     started = d / "started.json"
     if m is not None and m.get("status") == "complete":
         if m.get("config_hash") == h and not force:
-            unlock_stage(d, dist)
-            return d, m
+            return m
         if not force:
-            unlock_stage(d, dist)
             raise StageOrderError(
                 f"{d} is complete but was made from another config (hash {m.get('config_hash')} vs {h}); "
                 f"add --force to redo it (later stages will then need redoing) or use a new run name"
@@ -346,9 +339,7 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
     if started.exists() and not force and _has_work(d):
         prev = read_json(started).get("config_hash")
         if prev != h:
-            unlock_stage(d, dist)
             raise StageOrderError(f"{d} holds a partial run from another config; add --force to start it over")
-    _STAGE_PEAKS[stage.key] = StagePeak()  # this stage's peak resident memory, for its manifest
     dist.barrier()  # every process has read the old state before the main one changes it
     if dist.main:
         if (force or not _has_work(d)) and d.exists():
@@ -357,16 +348,13 @@ def begin_stage(recipe: Recipe, stage: Stage, force: bool) -> tuple[Path, dict |
         if not started.exists():
             atomic_write_json(started, {"config_hash": h, "time": time.time()})
     dist.barrier()
-    return d, None
+    return None
 
 
-_STAGE_PEAKS: dict = {}
-
-
-def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_start: float) -> dict:
-    dist = get_dist()
-    main = dist.main
-    peak = _STAGE_PEAKS.pop(stage.key, None)
+def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_start: float,
+                 memory: dict | None = None) -> dict:
+    """Write the stage's complete manifest (on the main process) and return it; ``StageRun.finish`` calls it
+    while it holds the stage's lock. ``memory``: the stage's peak-memory reading (None: the process's peak)."""
     manifest = {
         "stage": stage.key,
         "status": "complete",
@@ -374,19 +362,124 @@ def finish_stage(recipe: Recipe, stage: Stage, summary: dict, inputs: dict, t_st
         "config": stage_config(recipe, stage),
         "recipe": recipe.to_dict(),
         "inputs": inputs,
-        "identity": stage_identity(recipe, stage) if main else None,
+        "identity": stage_identity(recipe, stage) if get_dist().main else None,
         "versions": versions(),
         "timings": {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.time() - t_start, 2)},
         "summary": summary,
         # this process's peak resident memory during the stage (GB); peak_is_stage False: the process's peak so far
-        "memory": peak.read() if peak else {"peak_rss_gb": peak_rss_gb(), "peak_is_stage": False},
+        "memory": memory or {"peak_rss_gb": peak_rss_gb(), "peak_is_stage": False},
     }
-    if dist.main:
+    if get_dist().main:
         atomic_write_json(stage_dir(recipe, stage) / "manifest.json", manifest)
-        log_stage_summary(recipe, stage, summary)
-    dist.barrier()
-    unlock_stage(stage_dir(recipe, stage), dist)
     return manifest
+
+
+class StageRun:
+    """One run of one stage, from its input checks to its manifest: ``with stage_run(recipe, stage, force) as st``.
+
+    It owns what the stage holds while it runs: the lock of its directory (``st.lock``, main process), its
+    peak-memory meter (``st.peak``), its tracker run (``st.tracker``, opened on first use) and its manifest
+    (``st.finish``). Leaving the ``with``, however (a return, an error, Ctrl-C), closes the tracker and releases
+    the lock; a stage that did not call ``finish`` is not complete and keeps its partial work for a rerun.
+    Nothing is registered in a module: two stage runs in one process share nothing.
+
+    Attributes:
+        dir: the stage directory.
+        done: the manifest when the stage is already complete with this config (the body should return it).
+        manifest: the manifest ``finish`` wrote.
+    """
+
+    def __init__(self, recipe: Recipe, stage: Stage, force: bool = False, recipe_arg: str | None = None):
+        self.recipe, self.stage, self.force, self.recipe_arg = recipe, stage, force, recipe_arg
+        self.dist = get_dist()
+        self.dir = stage_dir(recipe, stage)
+        self.t0 = time.time()
+        self.done: dict | None = None
+        self.manifest: dict | None = None
+        self.lock: StageLock | None = None
+        self.peak: StagePeak | None = None
+        self._tracker: StageTracker | None = None
+
+    def __enter__(self) -> StageRun:
+        """Check the inputs, take the lock, and prepare the directory (or find the stage complete: ``done``).
+
+        Raises:
+            StageOrderError, InputChangedError: an upstream stage is missing, from another config, or changed
+                (``require_upstream``), or this stage is from another config.
+            StageLockedError: another process is writing this stage.
+            SpaError: a tracker in report_to is not installed (before any work).
+        """
+        if self.stage.upstream() is not None:
+            require_upstream(self.recipe, self.stage, self.recipe_arg)
+        if self.stage.kind == "expand" and self.recipe.expand.judge in REWARD_JUDGES:  # D_i is judged by it
+            require_stage(self.recipe, REWARD_STAGE, self.stage.command, self.recipe_arg)
+        require(self.recipe)
+        self._take_lock()
+        try:
+            self.done = _prepare(self.recipe, self.stage, self.force, self.dist)
+            if self.done is None:
+                self.peak = StagePeak()  # this stage's peak resident memory, for its manifest
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._tracker is not None:
+                self._tracker.close()
+                self._tracker = None
+        finally:
+            self._release()
+
+    def _take_lock(self) -> None:
+        """The main process takes the lock; every process raises if it is refused."""
+        err = None
+        if self.dist.main:
+            try:
+                self.lock = StageLock(self.dir).acquire()
+            except StageLockedError as e:
+                err = str(e)
+        err = self.dist.broadcast_object(err)
+        if err:
+            raise StageLockedError(err)
+
+    def _release(self) -> None:
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                lock.release()
+
+    @property
+    def tracker(self) -> StageTracker:
+        """This stage's tracker run (report_to), opened on first use; a no-op without trackers or off the main
+        process."""
+        if self._tracker is None:
+            self._tracker = StageTracker(self.recipe, self.stage.key)
+        return self._tracker
+
+    def log_step(self, row: dict) -> None:
+        """One optimizer step's metrics.jsonl row to the trackers, live (every process may call it)."""
+        if self.dist.main and requested(self.recipe):
+            self.tracker.log_step(row)
+
+    def finish(self, summary: dict, inputs: dict) -> dict:
+        """Mark the stage complete: write its manifest (with its peak memory) and log its summary; returns the
+        manifest. The lock is released when the ``with`` ends."""
+        self.manifest = finish_stage(self.recipe, self.stage, summary, inputs, self.t0,
+                                     self.peak.read() if self.peak else None)
+        if self.dist.main and requested(self.recipe):
+            log_stage_summary(self.tracker, self.recipe, self.stage, summary)
+        self.dist.barrier()
+        return self.manifest
+
+
+def stage_run(recipe: Recipe, stage: Stage, force: bool = False, recipe_arg: str | None = None) -> StageRun:
+    """The context of one stage run (see ``StageRun``): ``with stage_run(recipe, stage, force) as st: ...``.
+
+    ``recipe_arg``: the recipe argument the commands in error messages repeat (default: the CLI's).
+    """
+    return StageRun(recipe, stage, force, recipe_arg)
 
 
 def dump_recipe(recipe: Recipe) -> None:

@@ -12,6 +12,8 @@ What is logged, and under which names, so that the stages and iterations of a ru
   the judged-confidence histogram of D_i as ``expand/confidence``;
 - eval: each result as ``eval/<section>/<method>`` at step = the policy's position (pi_init 0, pi_0 1, ...).
 
+Each stage run owns its tracker (``spa_lite.runs.StageRun``: opened on first use, closed when the stage ends,
+however it ends, so an interrupted stage keeps what it logged); there is no registry of open trackers.
 Only the main process logs. A tracker that is not installed is reported before a stage starts, naming the
 pip install. W&B honours WANDB_MODE (``offline`` writes runs/<name>/wandb/ and uploads nothing), WANDB_PROJECT
 (default ``spa-lite``) and its usual login; trackio logs locally by default (TRACKIO_PROJECT, default spa-lite).
@@ -19,12 +21,10 @@ pip install. W&B honours WANDB_MODE (``offline`` writes runs/<name>/wandb/ and u
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import importlib.util
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -176,45 +176,16 @@ class StageTracker:
         self.backends = []
 
 
-_OPEN: dict[tuple[str, str], StageTracker] = {}
-
-
-def stage_tracker(recipe, stage_key: str) -> StageTracker:
-    """The open tracker of a stage (opened on first use: training steps, then the summary at finish_stage)."""
-    key = (str(Path(recipe.run_path).resolve()), stage_key)
-    if key not in _OPEN:
-        _OPEN[key] = StageTracker(recipe, stage_key)
-    return _OPEN[key]
-
-
-def close_stage(recipe, stage_key: str) -> None:
-    t = _OPEN.pop((str(Path(recipe.run_path).resolve()), stage_key), None)
-    if t is not None:
-        t.close()
-
-
-@atexit.register
-def close_all() -> None:
-    """Flush and close every open tracker (an interrupted stage keeps what it logged)."""
-    while _OPEN:
-        _OPEN.popitem()[1].close()
-
-
-def log_step(recipe, stage_key: str, row: dict) -> None:
-    if requested(recipe):
-        stage_tracker(recipe, stage_key).log_step(row)
-
-
-def log_stage_summary(recipe, stage, summary: dict) -> None:
-    """A finished stage's summary (runs.finish_stage calls this); closes the stage's tracker."""
-    if not requested(recipe):
+def log_stage_summary(tracker: StageTracker, recipe, stage, summary: dict) -> None:
+    """A finished stage's summary (``StageRun.finish`` calls this with the stage run's tracker); expand adds the
+    judged-confidence histogram of D_i."""
+    if not tracker.backends:
         return
     confidences = None
     if stage.kind == "expand":
         data = data_path(recipe.run_path, stage.iteration)
         confidences = [r["confidence"] for _, r in read_jsonl(data) if _num(r.get("confidence"))] if data.exists() else None
-    stage_tracker(recipe, stage.key).log_summary(summary, stage.iteration, confidences)
-    close_stage(recipe, stage.key)
+    tracker.log_summary(summary, stage.iteration, confidences)
 
 
 def eval_metrics(report: dict) -> list[tuple[int, dict[str, float]]]:
@@ -241,8 +212,9 @@ def log_eval(recipe, tag: str, report: dict) -> None:
     """An eval report as tracker run ``<name>/eval/<tag>``."""
     if not requested(recipe):
         return
-    key = f"eval/{tag}"
-    t = stage_tracker(recipe, key)
-    for step, metrics in eval_metrics(report):
-        t.log_metrics(metrics, step)
-    close_stage(recipe, key)
+    t = StageTracker(recipe, f"eval/{tag}")
+    try:
+        for step, metrics in eval_metrics(report):
+            t.log_metrics(metrics, step)
+    finally:
+        t.close()

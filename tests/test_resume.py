@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
+from inject import crash_after_shards, crash_at_step
 from spa_lite.config import load_recipe
 from spa_lite.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
-from spa_lite.stages import expand, seed_dpo, train
+from spa_lite.stages import common, expand, seed_dpo, train
 
 
 def recipe(tiny_model_dir, tiny_data, runs: Path, name: str, **extra):
@@ -63,11 +64,12 @@ def test_expand_resumes_to_identical_data(tiny_model_dir, tiny_data, base_run):
     ref = runs / "base" / "iter1" / "expand"
     r = recipe(tiny_model_dir, tiny_data, runs, "crashed-expand")
     clone_stages(runs / "base", runs / "crashed-expand", ("seed",))
-    with pytest.raises(KeyboardInterrupt):
-        expand.run(r, 1, fail_after_shards=1)
+    with crash_after_shards(1), pytest.raises(KeyboardInterrupt, match="crash after 1 shards"):
+        expand.run(r, 1)
     d = runs / "crashed-expand" / "iter1" / "expand"
     assert sorted(p.name for p in (d / "shards").iterdir()) == ["00000.json"]
     assert not (d / "data.jsonl").exists() and not (d / "manifest.json").exists()
+    assert not (d / "LOCK").exists(), "the interrupted stage kept its lock"
     assert not list(d.rglob("*.tmp"))
     first = (d / "shards" / "00000.json").stat().st_mtime_ns
     # a later stage refuses the partial stage
@@ -91,8 +93,8 @@ def test_expand_resume_refuses_partial_from_other_config(tiny_model_dir, tiny_da
 
     runs = base_run
     clone_stages(runs / "base", runs / "other-expand", ("seed",))
-    with pytest.raises(KeyboardInterrupt):
-        expand.run(recipe(tiny_model_dir, tiny_data, runs, "other-expand"), 1, fail_after_shards=1)
+    with crash_after_shards(1), pytest.raises(KeyboardInterrupt):
+        expand.run(recipe(tiny_model_dir, tiny_data, runs, "other-expand"), 1)
     other = recipe(tiny_model_dir, tiny_data, runs, "other-expand", **{"expand.temperature": 1.0})
     with pytest.raises(StageOrderError, match="partial"):
         expand.run(other, 1)
@@ -102,12 +104,14 @@ def test_expand_resume_refuses_partial_from_other_config(tiny_model_dir, tiny_da
 @pytest.mark.parametrize("stage", ["train", "seed"])
 def test_training_resumes_to_identical_weights(tiny_model_dir, tiny_data, base_run, stage):
     runs = base_run
-    # 2 epochs: iter1 has 4 optimizer steps (stop after 2), seed 12 (stop after 5, between checkpoints)
+    # 2 epochs: iter1 has 4 optimizer steps (save_every 1: killed at step 3, before its checkpoint), seed 12
+    # (save_every 2: killed at step 5, between checkpoints); the killed step's metrics row is cut on resume
     extra = {"train.epochs": 2} if stage == "train" else {}
-    key, copy, stop = ("iter1/train", ("seed", "iter1/expand"), 2) if stage == "train" else ("seed", (), 5)
+    key, copy, crash, stop = (("iter1/train", ("seed", "iter1/expand"), 3, 2) if stage == "train"
+                              else ("seed", (), 5, 4))
 
-    def run_stage(r, **kw):
-        return train.run(r, 1, **kw) if stage == "train" else seed_dpo.run(r, **kw)
+    def run_stage(r):
+        return train.run(r, 1) if stage == "train" else seed_dpo.run(r)
 
     ref_r = recipe(tiny_model_dir, tiny_data, runs, f"{stage}-whole", **extra)
     clone_stages(runs / "base", runs / f"{stage}-whole", copy)
@@ -116,13 +120,14 @@ def test_training_resumes_to_identical_weights(tiny_model_dir, tiny_data, base_r
     ref_m = run_stage(ref_r)
     r = recipe(tiny_model_dir, tiny_data, runs, f"{stage}-killed", **extra)
     clone_stages(runs / "base", runs / f"{stage}-killed", copy)
-    with pytest.raises(KeyboardInterrupt, match="stop_after"):
-        run_stage(r, stop_after=stop)
+    with crash_at_step(common, "run_dpo_loop", crash), pytest.raises(KeyboardInterrupt, match="crash at step"):
+        run_stage(r)
     d = runs / f"{stage}-killed" / key
     assert (d / "checkpoint" / "state.json").exists()
     assert json.loads((d / "checkpoint" / "state.json").read_text())["step"] == stop
     assert not (d / "adapter").exists() and not (d / "manifest.json").exists()
-    assert len((d / "metrics.jsonl").read_text().splitlines()) == stop
+    assert not (d / "LOCK").exists(), "the interrupted stage kept its lock"
+    assert len((d / "metrics.jsonl").read_text().splitlines()) == crash
     torch.rand(5)
     m = run_stage(r)
     assert m["status"] == "complete" and m["summary"]["resumed_from"] == stop
@@ -142,8 +147,8 @@ def test_resume_drops_torn_metric_line(tiny_model_dir, tiny_data, base_run):
     runs = base_run
     r = recipe(tiny_model_dir, tiny_data, runs, "torn", **{"train.epochs": 2})
     clone_stages(runs / "base", runs / "torn", ("seed", "iter1/expand"))
-    with pytest.raises(KeyboardInterrupt):
-        train.run(r, 1, stop_after=2)
+    with crash_at_step(common, "run_dpo_loop", 2), pytest.raises(KeyboardInterrupt):
+        train.run(r, 1)
     d = runs / "torn" / "iter1" / "train"
     with open(d / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 0.6')

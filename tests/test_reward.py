@@ -151,14 +151,18 @@ def test_reward_stage_resumes_to_identical_weights(tiny_model_dir, tiny_data, re
 
     r_whole, m_whole = reward_run
     r = _recipe(tiny_model_dir, tiny_data, r_whole.run_path.parent, "killed")
-    with pytest.raises(KeyboardInterrupt, match="stop_after"):
-        reward.run(r, stop_after=3)  # between checkpoints (save_every 2)
+    from inject import crash_at_step
+
+    # killed at step 3, between checkpoints (save_every 2): the last checkpoint is step 2's
+    with crash_at_step(reward, "run_reward_loop", 3), pytest.raises(KeyboardInterrupt, match="crash at step 3"):
+        reward.run(r)
     d = r.run_path / "reward"
-    assert json.loads((d / "checkpoint" / "state.json").read_text())["step"] == 3
-    assert not (d / "adapter").exists() and not (d / "manifest.json").exists()
+    assert json.loads((d / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert len((d / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (d / "adapter").exists() and not (d / "manifest.json").exists() and not (d / "LOCK").exists()
     torch.rand(3)  # other use of torch's RNG in between must not matter
     m = reward.run(r)
-    assert m["summary"]["resumed_from"] == 3 and m["summary"]["steps"] == m_whole["summary"]["steps"]
+    assert m["summary"]["resumed_from"] == 2 and m["summary"]["steps"] == m_whole["summary"]["steps"]
     for f in ("adapter/adapter_model.safetensors", "head.safetensors"):
         a, b = load_file(str(d / f)), load_file(str(r_whole.run_path / "reward" / f))
         assert a.keys() == b.keys()

@@ -121,6 +121,9 @@ FAULTS = [
           "tests/test_faults.py::test_second_writer_is_refused"),
     Fault("stale lock of a dead process", "taken over",
           "tests/test_faults.py::test_stale_lock_of_a_dead_process_is_taken_over"),
+    Fault("a stage that fails or is interrupted (Ctrl-C) mid-run", "its lock is released and it is not marked "
+          "complete; another stage run, in the same process or another, takes the lock",
+          "tests/test_stage_run.py::test_a_stage_that_raises_leaves_no_lock_and_no_complete_manifest"),
     Fault("hub id with no network", "one `error:` line within seconds (one request, no retries)",
           "tests/test_safety.py::test_unreachable_hub_fails_in_one_line_without_retries"),
     Fault("Ctrl-C", "`interrupted (Ctrl-C)`, exit 130; rerun resumes", "tests/test_safety.py::test_ctrl_c_message"),

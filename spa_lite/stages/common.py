@@ -9,14 +9,13 @@ from collections.abc import Sequence
 
 import torch
 
-from spa_lite.config import Recipe
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DivergedError
 from spa_lite.loading import load_stack  # noqa: F401 - importable from here as before
 from spa_lite.logps import TokenizedPair, tokenize_pair, truncate_pair
 from spa_lite.memory import trim_after_step
+from spa_lite.runs import StageRun
 from spa_lite.stack import PolicyStack
-from spa_lite.tracking import log_step
 from spa_lite.training import run_dpo_loop, total_steps
 from spa_lite.ui import progress
 
@@ -75,25 +74,21 @@ def _diverged_message(title: str, out_dir, detail: str) -> str:
             f"warmup_ratio) and rerun the stage with --force")
 
 
-def fit_and_save(recipe: Recipe, stack: PolicyStack, pairs: list[TokenizedPair], spec, out_dir, title: str,
-                 stop_after: int | None = None) -> dict:
-    """Run the training loop with a progress bar, then save the trainable adapter to out_dir/adapter."""
+def fit_and_save(st: StageRun, stack: PolicyStack, pairs: list[TokenizedPair], spec, title: str) -> dict:
+    """Run the training loop of stage run ``st`` with a progress bar, then save the trainable adapter to
+    ``st.dir/adapter``. Each step's row goes to the stage's trackers (``st.log_step``)."""
     dist = get_dist()
-    try:  # the tracker run of this stage: seed, iter1/train
-        stage_key = out_dir.resolve().relative_to(recipe.run_path.resolve()).as_posix()
-    except ValueError:
-        stage_key = out_dir.name
+    out_dir = st.dir
     with progress(enabled=dist.main) as p:
         task = p.add_task(title, total=total_steps(len(pairs), spec), info="")
 
         def on_step(step: int, total: int, row: dict) -> None:
             trim_after_step()  # memory.malloc tuned: the step's freed activations back to the OS before the next
             p.update(task, completed=step, info=progress_info(row, spec.refine))
-            if dist.main:
-                log_step(recipe, stage_key, row)  # report_to trackers, live
+            st.log_step(row)  # report_to trackers, live
 
         try:
-            summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step, stop_after=stop_after)
+            summary = run_dpo_loop(stack, pairs, spec, out_dir, on_step=on_step)
         except DivergedError as e:
             raise DivergedError(e.step, _diverged_message(title, out_dir, str(e))) from None
     state = stack.trainable_state() if stack.sharded else None  # gathered on every process

@@ -62,77 +62,97 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     report: dict = {"run": str(recipe.run_path), "policies": [policy_label(None)] + [policy_label(k) for k in ks]}
     if audits:
         report["human_audit"] = audits
-    beta = recipe.expand.beta
     if pairs_spec:
-        dropped: dict = {}  # blank prompts, empty or identical responses: skipped and counted
-        rows = shuffled(load_pairs(pairs_spec, fmt or recipe.data.format, dropped=dropped), recipe.seed)[:limit]
-        m = recipe.model
-        pairs = encode_pairs_for_eval(stack.tokenizer, rows, m.max_length, m.max_prompt_length, m.truncation)
-        report["pairs"] = {"spec": pairs_spec, "n": len(pairs), "skipped_length": len(rows) - len(pairs),
-                           "truncated": sum(bool(p.meta.get("truncated")) for p in pairs), "truncation": m.truncation,
-                           "dropped": dropped}
-        acc, noise = {}, {}
-        with progress() as p:
-            task = p.add_task("judge accuracy", total=len(chosen), info="")
-            shared: dict = {}  # pi_k judges at k and is the "prev" reference at k + 1: score it once
-            for k in chosen:
-                acc[policy_label(k)] = judge_accuracy(stack, pairs, k, methods, beta=beta, cache=shared)
-                p.advance(task)
-            if flip > 0:
-                t2 = p.add_task("noise detection", total=len(ks), info=f"flip {flip:.0%}")
-                for k in [k for k in chosen if k is not None]:
-                    noise[policy_label(k)] = noise_detection(stack, pairs, k, flip, lambdas, seed=recipe.seed, beta=beta)
-                    p.advance(t2)
-        report["judge_accuracy"] = acc
-        report["noise_detection"] = {"flip": flip, "lambdas": lambdas, "by_policy": noise}
+        report.update(_pair_metrics(stack, recipe, pairs_spec, fmt, limit, chosen, methods, flip, lambdas))
     verify = _demo_verifier(recipe)
     if verify is not None:
-        noise_rows = {}
-        for i in range(1, recipe.iterations + 1):
-            data = data_path(recipe.run_path, i)
-            if not data.exists():
-                break
-            d = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
-            if not d or "constraint" not in d[0]:
-                break
-            flags_path = stage_dir(recipe, Stage("train", i)) / "flags.jsonl"
-            flags = [json.loads(x) for x in flags_path.read_text().splitlines() if x.strip()] if flags_path.exists() else None
-            noise_rows[f"D_{i}"] = self_label_noise(d, verify, flags)
-        report["self_label_noise"] = noise_rows
+        report["self_label_noise"] = _self_label_noise(recipe, verify)
         if do_pass_rate and recipe.data.eval_prompts:
-            prompts_dropped: dict = {}
-            recs = [r for r in load_prompts(recipe.data.eval_prompts, dropped=prompts_dropped)
-                    if "constraint" in r][:prompt_limit or None]
-            report["eval_prompts_dropped"] = prompts_dropped
-            samples = 1 if temperature == 0 else samples
-            settings = {"prompts": sha256_obj([[r.get("id"), r["prompt"], r["constraint"]] for r in recs]),
-                        "max_new_tokens": recipe.expand.max_new_tokens, "temperature": temperature,
-                        "top_p": recipe.expand.top_p, "samples": samples, "seed": recipe.seed}
-            low = sampling_dtype(recipe.expand.sample_dtype, stack.model)
-            if low is not None:  # full-precision settings keep the cache keys they had before the setting existed
-                settings["sample_dtype"] = dtype_name(low)
-            outcomes, cached = {}, []
-            with progress() as p:
-                task = p.add_task("pass rate", total=len(chosen) * len(recs),
-                                  info=f"{len(chosen)} policies x {len(recs)} prompts x {samples}")
-                for k in chosen:
-                    label = policy_label(k)
-                    path = eval_dir(recipe) / "cache" / f"outcomes_{label}_{_policy_key(recipe, k, settings)}.json"
-                    if path.exists():
-                        outcomes[label] = read_json(path)
-                        cached.append(label)
-                        p.advance(task, len(recs))
-                    else:
-                        outcomes[label] = response_outcomes(
-                            stack, recs, k, verify, samples=samples, max_new_tokens=recipe.expand.max_new_tokens,
-                            temperature=temperature, seed=recipe.seed, batch_size=recipe.expand.batch_size,
-                            on_batch=lambda n: p.advance(task, n), sample_dtype=recipe.expand.sample_dtype)
-                        atomic_write_json(path, outcomes[label])
-            report["pass_rate"] = {lab: summarize_outcomes(rows) for lab, rows in outcomes.items()}
-            report["pass_rate_settings"] = {**settings, "n_prompts": len(recs), "cached": cached}
-            report["pass_rate_diff"] = paired_pass_rate_diffs(outcomes)
+            report.update(_pass_rates(stack, recipe, chosen, verify, prompt_limit,
+                                      1 if temperature == 0 else samples, temperature))
     tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
     return _write_report(recipe, report, tag, t0)
+
+
+def _pair_metrics(stack, recipe: Recipe, pairs_spec: str, fmt: str | None, limit: int | None, chosen: list,
+                  methods: list[str], flip: float, lambdas: list[float]) -> dict:
+    """Judge accuracy of every chosen policy on gold pairs, and noise detection on a ``flip`` share of them
+    flipped: the report's ``pairs``, ``judge_accuracy`` and ``noise_detection``."""
+    beta = recipe.expand.beta
+    dropped: dict = {}  # blank prompts, empty or identical responses: skipped and counted
+    rows = shuffled(load_pairs(pairs_spec, fmt or recipe.data.format, dropped=dropped), recipe.seed)[:limit]
+    m = recipe.model
+    pairs = encode_pairs_for_eval(stack.tokenizer, rows, m.max_length, m.max_prompt_length, m.truncation)
+    info = {"spec": pairs_spec, "n": len(pairs), "skipped_length": len(rows) - len(pairs),
+            "truncated": sum(bool(p.meta.get("truncated")) for p in pairs), "truncation": m.truncation,
+            "dropped": dropped}
+    acc, noise = {}, {}
+    policies = [k for k in chosen if k is not None]
+    with progress() as p:
+        task = p.add_task("judge accuracy", total=len(chosen), info="")
+        shared: dict = {}  # pi_k judges at k and is the "prev" reference at k + 1: score it once
+        for k in chosen:
+            acc[policy_label(k)] = judge_accuracy(stack, pairs, k, methods, beta=beta, cache=shared)
+            p.advance(task)
+        if flip > 0:
+            t2 = p.add_task("noise detection", total=len(complete_policies(recipe)), info=f"flip {flip:.0%}")
+            for k in policies:
+                noise[policy_label(k)] = noise_detection(stack, pairs, k, flip, lambdas, seed=recipe.seed, beta=beta)
+                p.advance(t2)
+    return {"pairs": info, "judge_accuracy": acc, "noise_detection": {"flip": flip, "lambdas": lambdas,
+                                                                      "by_policy": noise}}
+
+
+def _self_label_noise(recipe: Recipe, verify) -> dict:
+    """How often the verifier contradicts the labels of each D_i (and of its flagged pairs), while D_i exist."""
+    noise_rows = {}
+    for i in range(1, recipe.iterations + 1):
+        data = data_path(recipe.run_path, i)
+        if not data.exists():
+            break
+        d = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
+        if not d or "constraint" not in d[0]:
+            break
+        flags_path = stage_dir(recipe, Stage("train", i)) / "flags.jsonl"
+        flags = [json.loads(x) for x in flags_path.read_text().splitlines() if x.strip()] if flags_path.exists() else None
+        noise_rows[f"D_{i}"] = self_label_noise(d, verify, flags)
+    return noise_rows
+
+
+def _pass_rates(stack, recipe: Recipe, chosen: list, verify, prompt_limit: int | None, samples: int,
+                temperature: float) -> dict:
+    """Each chosen policy's verifier pass rate on the held-out demo prompts (per-policy outcomes cached under
+    eval/cache/), and the paired differences between policies."""
+    prompts_dropped: dict = {}
+    recs = [r for r in load_prompts(recipe.data.eval_prompts, dropped=prompts_dropped)
+            if "constraint" in r][:prompt_limit or None]
+    settings = {"prompts": sha256_obj([[r.get("id"), r["prompt"], r["constraint"]] for r in recs]),
+                "max_new_tokens": recipe.expand.max_new_tokens, "temperature": temperature,
+                "top_p": recipe.expand.top_p, "samples": samples, "seed": recipe.seed}
+    low = sampling_dtype(recipe.expand.sample_dtype, stack.model)
+    if low is not None:  # full-precision settings keep the cache keys they had before the setting existed
+        settings["sample_dtype"] = dtype_name(low)
+    outcomes, cached = {}, []
+    with progress() as p:
+        task = p.add_task("pass rate", total=len(chosen) * len(recs),
+                          info=f"{len(chosen)} policies x {len(recs)} prompts x {samples}")
+        for k in chosen:
+            label = policy_label(k)
+            path = eval_dir(recipe) / "cache" / f"outcomes_{label}_{_policy_key(recipe, k, settings)}.json"
+            if path.exists():
+                outcomes[label] = read_json(path)
+                cached.append(label)
+                p.advance(task, len(recs))
+            else:
+                outcomes[label] = response_outcomes(
+                    stack, recs, k, verify, samples=samples, max_new_tokens=recipe.expand.max_new_tokens,
+                    temperature=temperature, seed=recipe.seed, batch_size=recipe.expand.batch_size,
+                    on_batch=lambda n: p.advance(task, n), sample_dtype=recipe.expand.sample_dtype)
+                atomic_write_json(path, outcomes[label])
+    return {"eval_prompts_dropped": prompts_dropped,
+            "pass_rate": {lab: summarize_outcomes(rows) for lab, rows in outcomes.items()},
+            "pass_rate_settings": {**settings, "n_prompts": len(recs), "cached": cached},
+            "pass_rate_diff": paired_pass_rate_diffs(outcomes)}
 
 
 def _write_report(recipe: Recipe, report: dict, tag: str, t0: float) -> dict:

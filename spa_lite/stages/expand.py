@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import replace
 
 from spa_lite.config import REWARD_JUDGES, Recipe
@@ -24,9 +23,8 @@ from spa_lite.judge import judge_llm, judge_logprob, score_responses
 from spa_lite.label_signs import label_signs, warn_signs
 from spa_lite.metrics import confidence_histogram
 from spa_lite.loading import load_stack
-from spa_lite.layout import REWARD_STAGE
 from spa_lite.reward import RewardModel, load_run_reward_model, reward_scores
-from spa_lite.runs import Stage, begin_stage, finish_stage, require_stage, require_upstream
+from spa_lite.runs import Stage, StageRun, stage_run
 from spa_lite.stack import PolicyStack, adapter_name
 from spa_lite.ui import progress
 from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
@@ -292,70 +290,70 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tupl
     return kept, judged
 
 
-def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE",
-        fail_after_shards: int | None = None) -> dict:
-    """Write D_i to runs/<name>/iter{i}/expand/data.jsonl.
+def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE") -> dict:
+    """Write D_i to runs/<name>/iter{i}/expand/data.jsonl. Returns the stage manifest (the existing one if the
+    stage is already complete)."""
+    with stage_run(recipe, Stage("expand", iteration), force, recipe_arg) as st:
+        if st.done:
+            return st.done
+        c = recipe.expand
+        pool_dropped: dict = {}  # blank prompts (and unusable pairs of a pair file), skipped and counted
+        pool = load_prompts(recipe.data.prompts, recipe.data.format, dropped=pool_dropped)
+        prompts = iteration_prompts(pool, recipe.data.iter_prompts, iteration, recipe.data.shuffle_seed)
+        shards = [prompts[s : s + c.shard_size] for s in range(0, len(prompts), c.shard_size)]
+        dist = get_dist()
+        # process r makes shards r, r+N, ...: the same shards, seeds and batches as one process would
+        todo = [k for k in range(len(shards))
+                if k % dist.world == dist.rank and not (st.dir / "shards" / f"{k:05d}.json").exists()]
+        if todo:
+            _make_shards(st, shards, todo, recipe_arg)
+        dist.barrier()
+        summary = _collect(st, len(shards), pool_dropped)
+        return st.finish(summary, {"prompts": recipe.data.prompts, "shards": len(shards)})
 
-    Args:
-        fail_after_shards: raise after writing this many new shards (tests inject a crash with it).
-    """
-    stage = Stage("expand", iteration)
-    t0 = time.time()
-    require_upstream(recipe, stage, recipe_arg)
-    if recipe.expand.judge in REWARD_JUDGES:
-        require_stage(recipe, REWARD_STAGE, stage.command, recipe_arg)
-    out, done = begin_stage(recipe, stage, force)
-    if done:
-        return done
-    c = recipe.expand
-    pool_dropped: dict = {}  # blank prompts (and unusable pairs of a pair file), skipped and counted
-    pool = load_prompts(recipe.data.prompts, recipe.data.format, dropped=pool_dropped)
-    prompts = iteration_prompts(pool, recipe.data.iter_prompts, iteration, recipe.data.shuffle_seed)
-    shards = [prompts[s : s + c.shard_size] for s in range(0, len(prompts), c.shard_size)]
-    shard_dir = out / "shards"
-    dist = get_dist()
-    # process r makes shards r, r+N, ...: the same shards, seeds and batches as one process would
-    todo = [k for k in range(len(shards)) if k % dist.world == dist.rank and not (shard_dir / f"{k:05d}.json").exists()]
-    written = 0
-    if todo:
-        stack = load_stack(recipe, frozen_upto=iteration - 1)
-        assert stack.prev == [adapter_name(k) for k in range(iteration)]
-        sample_fn = sample_responses
-        if c.backend == "vllm":
-            adapter = prepare_adapter(stack, iteration - 1, out / "vllm_adapter")
-            sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
-        rm = None
-        if c.judge in REWARD_JUDGES:  # the reward adapter joins the stack: still one copy of the base
-            rm = load_run_reward_model(stack, recipe, stage.command, recipe_arg)
-        n_todo = sum(len(shards[k]) for k in todo)
-        with progress(enabled=dist.main) as p:
-            gen = p.add_task(f"sample iter {iteration}", total=n_todo, info=f"{len(shards) - len(todo)} shards done before")
-            jud = p.add_task(f"judge iter {iteration} ({c.judge})", total=n_todo, info="")
-            for k in todo:
-                seed = recipe.seed * 1_000_003 + iteration * 10_007 + k * 101
-                res = expand_shard(stack, recipe, shards[k], seed, on_gen=lambda n: p.advance(gen, n),
-                                   on_judge=lambda n: p.advance(jud, n), sample_fn=sample_fn, reward_model=rm)
-                p.advance(jud, len(shards[k]) - len(res["rows"]))
-                atomic_write_json(shard_dir / f"{k:05d}.json", {"shard": k, **res})
-                written += 1
-                if fail_after_shards is not None and written >= fail_after_shards and k != todo[-1]:
-                    raise KeyboardInterrupt(f"injected failure after shard {k}")
-    dist.barrier()
+
+def _make_shards(st: StageRun, shards: list[list[dict]], todo: list[int], recipe_arg: str) -> None:
+    """Sample and judge shards ``todo`` of D_i, each written atomically to shards/<k>.json when it is done."""
+    recipe, iteration, c = st.recipe, st.stage.iteration, st.recipe.expand
+    stack = load_stack(recipe, frozen_upto=iteration - 1)
+    assert stack.prev == [adapter_name(k) for k in range(iteration)]
+    sample_fn = sample_responses
+    if c.backend == "vllm":
+        adapter = prepare_adapter(stack, iteration - 1, st.dir / "vllm_adapter")
+        sample_fn = VLLMSampler.from_recipe(recipe, iteration - 1).as_sample_fn(adapter)
+    rm = None
+    if c.judge in REWARD_JUDGES:  # the reward adapter joins the stack: still one copy of the base
+        rm = load_run_reward_model(stack, recipe, st.stage.command, recipe_arg)
+    n_todo = sum(len(shards[k]) for k in todo)
+    with progress(enabled=get_dist().main) as p:
+        gen = p.add_task(f"sample iter {iteration}", total=n_todo, info=f"{len(shards) - len(todo)} shards done before")
+        jud = p.add_task(f"judge iter {iteration} ({c.judge})", total=n_todo, info="")
+        for k in todo:
+            seed = recipe.seed * 1_000_003 + iteration * 10_007 + k * 101
+            res = expand_shard(stack, recipe, shards[k], seed, on_gen=lambda n: p.advance(gen, n),
+                               on_judge=lambda n: p.advance(jud, n), sample_fn=sample_fn, reward_model=rm)
+            p.advance(jud, len(shards[k]) - len(res["rows"]))
+            atomic_write_json(st.dir / "shards" / f"{k:05d}.json", {"shard": k, **res})
+
+
+def _collect(st: StageRun, n_shards: int, pool_dropped: dict) -> dict:
+    """Join the shards into D_i (data.jsonl, written by the main process) and return expand's summary."""
     rows, counts, checks, dtypes = [], {}, [], set()
-    for k in range(len(shards)):
-        sh = read_json(shard_dir / f"{k:05d}.json")
+    for k in range(n_shards):
+        sh = read_json(st.dir / "shards" / f"{k:05d}.json")
         rows += sh["rows"]
         dtypes.add(sh.get("sample_dtype", "model"))
         for key, v in sh["counts"].items():
             counts[key] = counts.get(key, 0) + v
         if "sampler_logps" in sh:
             checks.append(sh["sampler_logps"])
-    if dist.main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
-        atomic_write_jsonl(out / "data.jsonl", [to_trl_conversational(r) for r in rows])
+    main = get_dist().main
+    if main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
+        atomic_write_jsonl(st.dir / "data.jsonl", [to_trl_conversational(r) for r in rows])
     summary = summarize_pairs(rows, counts)
-    summary["label_signs"] = d_label_signs(recipe, rows)
-    if dist.main:
-        warn_signs(summary["label_signs"], f"expand --iter {iteration}")
+    summary["label_signs"] = d_label_signs(st.recipe, rows)
+    if main:
+        warn_signs(summary["label_signs"], f"expand --iter {st.stage.iteration}")
     summary["sample_dtype"] = sorted(dtypes)
     summary["pool_dropped"] = pool_dropped
     if checks:  # how far the sampling pass's log-probs were from a forward pass on each shard's first batch
@@ -363,7 +361,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
                                     "max_abs_dev": max(x["max_abs_dev"] for x in checks),
                                     "checked_sequences": sum(x["checked"] for x in checks),
                                     "per_token": any(x.get("per_token") for x in checks)}
-    return finish_stage(recipe, stage, summary, {"prompts": recipe.data.prompts, "shards": len(shards)}, t0)
+    return summary
 
 
 def d_label_signs(recipe: Recipe, rows: list[dict]) -> list[dict]:

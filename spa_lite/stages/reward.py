@@ -4,8 +4,6 @@ manifest.json}; the manifest holds its accuracy on held-out gold pairs."""
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from spa_lite.config import Recipe
@@ -16,10 +14,9 @@ from spa_lite.layout import REWARD_HEAD_FILE, REWARD_STAGE
 from spa_lite.loading import load_stack
 from spa_lite.memory import trim_heap
 from spa_lite.reward import REWARD_ADAPTER, RewardModel, RewardSpec, gold_accuracy, new_head, run_reward_loop, save_head
-from spa_lite.runs import begin_stage, finish_stage
+from spa_lite.runs import StageRun, stage_run
 from spa_lite.stack import LoraSettings
 from spa_lite.stages.common import tokenize_pairs, truncated_count
-from spa_lite.tracking import log_step
 from spa_lite.training import total_steps
 from spa_lite.ui import progress
 
@@ -47,48 +44,52 @@ def gold_split(recipe: Recipe) -> tuple[list[dict], list[dict], str]:
     return rows[: len(rows) - k], held[: recipe.reward.eval_limit], f"holdout of {d.seed_pairs}"
 
 
-def run(recipe: Recipe, force: bool = False, stop_after: int | None = None) -> dict:
+def run(recipe: Recipe, force: bool = False) -> dict:
     """Train the reward model. Returns the stage manifest (the existing one if the stage is already complete)."""
-    stage = REWARD_STAGE
-    t0 = time.time()
     if get_dist().world > 1:
         raise SpaError("spa-lite reward runs in one process: start it without a launcher (accelerate, torchrun)")
-    out, done = begin_stage(recipe, stage, force)
-    if done:
-        return done
-    train_rows, held_rows, held_source = gold_split(recipe)
-    stack = load_stack(recipe, frozen_upto=-1, trainable=REWARD_ADAPTER, lora=reward_lora(recipe))
-    m = recipe.model
-    pairs, skipped = tokenize_pairs(stack.tokenizer, train_rows, m.max_length, m.max_prompt_length, m.truncation)
-    held, held_skipped = tokenize_pairs(stack.tokenizer, held_rows, m.max_length, m.max_prompt_length, m.truncation)
-    if not pairs:
-        raise DataError(recipe.data.seed_pairs, None, None, f"no trainable gold pairs ({len(train_rows)} after the "
-                        f"holdout, {skipped} over model.max_length)")
-    hidden = stack.model.get_base_model().config.hidden_size
-    device = next(stack.model.parameters()).device
-    rm = RewardModel(stack, new_head(hidden, recipe.seed * 1_000_003 + 7, device))
-    spec = RewardSpec.from_config(recipe.reward, seed=recipe.seed)
+    with stage_run(recipe, REWARD_STAGE, force) as st:
+        if st.done:
+            return st.done
+        train_rows, held_rows, held_source = gold_split(recipe)
+        stack = load_stack(recipe, frozen_upto=-1, trainable=REWARD_ADAPTER, lora=reward_lora(recipe))
+        m = recipe.model
+        pairs, skipped = tokenize_pairs(stack.tokenizer, train_rows, m.max_length, m.max_prompt_length, m.truncation)
+        held, held_skipped = tokenize_pairs(stack.tokenizer, held_rows, m.max_length, m.max_prompt_length, m.truncation)
+        if not pairs:
+            raise DataError(recipe.data.seed_pairs, None, None, f"no trainable gold pairs ({len(train_rows)} after "
+                            f"the holdout, {skipped} over model.max_length)")
+        hidden = stack.model.get_base_model().config.hidden_size
+        device = next(stack.model.parameters()).device
+        rm = RewardModel(stack, new_head(hidden, recipe.seed * 1_000_003 + 7, device))
+        summary = _fit(st, rm, pairs)
+        stack.save_trainable(st.dir / "adapter")
+        save_head(rm.head, st.dir / REWARD_HEAD_FILE)
+        summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_truncated=truncated_count(pairs),
+                       truncation=m.truncation, heldout={**gold_accuracy(rm, held), "source": held_source,
+                                                         "skipped_length": held_skipped,
+                                                         "truncated": truncated_count(held)})
+        return st.finish(summary, {"seed_pairs": recipe.data.seed_pairs, "heldout": held_source})
+
+
+def _fit(st: StageRun, rm: RewardModel, pairs: list) -> dict:
+    """The reward loop of stage run ``st`` with a progress bar; refuses a diverged loss or non-finite weights."""
+    out = st.dir
+    spec = RewardSpec.from_config(st.recipe.reward, seed=st.recipe.seed)
     with progress(enabled=True) as p:
         task = p.add_task("reward model", total=total_steps(len(pairs), spec), info="")
 
         def on_step(step: int, total: int, row: dict) -> None:
             trim_heap()
             p.update(task, completed=step, info=f"loss {row['loss']:.4f} acc {row['accuracy']:.2f}")
-            log_step(recipe, stage.key, row)
+            st.log_step(row)
 
         try:
-            summary = run_reward_loop(rm, pairs, spec, out, on_step=on_step, stop_after=stop_after)
+            summary = run_reward_loop(rm, pairs, spec, out, on_step=on_step)
         except DivergedError as e:
             raise DivergedError(e.step, f"the reward model diverged: {e}; {out} is not complete. Lower reward.lr "
                                 "(or raise reward.warmup_ratio) and rerun `spa-lite reward --force`") from None
     if not all(bool(torch.isfinite(w).all()) for w in rm.parameters()):
         raise DivergedError(summary["steps"], f"the reward model's weights are not finite; {out} is not complete. "
                             "Lower reward.lr and rerun `spa-lite reward --force`")
-    stack.save_trainable(out / "adapter")
-    save_head(rm.head, out / REWARD_HEAD_FILE)
-    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_truncated=truncated_count(pairs),
-                   truncation=m.truncation, heldout={**gold_accuracy(rm, held), "source": held_source,
-                                                     "skipped_length": held_skipped,
-                                                     "truncated": truncated_count(held)})
-    return finish_stage(recipe, stage, summary, {"seed_pairs": recipe.data.seed_pairs,
-                                                 "heldout": held_source}, t0)
+    return summary

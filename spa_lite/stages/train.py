@@ -3,8 +3,6 @@ DPO on D_i with self-refinement (Eq. 10) and de-coupled noise detection (Eq. 11-
 
 from __future__ import annotations
 
-import time
-
 from spa_lite.audit import apply_human_labels, read_annotations
 from spa_lite.config import Recipe
 from spa_lite.data import pair_texts
@@ -13,7 +11,7 @@ from spa_lite.io import read_jsonl
 from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.layout import audit_path, data_path
-from spa_lite.runs import Stage, begin_stage, finish_stage, require_upstream
+from spa_lite.runs import Stage, stage_run
 from spa_lite.stack import adapter_name
 from spa_lite.stages.common import fit_and_save, tokenize_pairs, truncated_count
 from spa_lite.training import LoopSpec
@@ -27,28 +25,26 @@ def loop_spec(recipe: Recipe, iteration: int, ref: list[str]) -> LoopSpec:
                                 lam=lambda_for_iteration(iteration, c.lambdas))
 
 
-def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE", stop_after: int | None = None) -> dict:
-    stage = Stage("train", iteration)
-    t0 = time.time()
-    require_upstream(recipe, stage, recipe_arg)
-    out, done = begin_stage(recipe, stage, force)
-    if done:
-        return done
-    data = data_path(recipe.run_path, iteration)
-    rows = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
-    if not rows:
-        raise DataError(data, None, None, "D_i is empty: expand judged no usable pairs (see its summary)")
-    labels = {"self": len(rows)}
-    if recipe.train.audit_labels:  # audited pairs carry the person's label; the rest keep Eq. 7's
-        rows, labels = apply_human_labels(rows, read_annotations(audit_path(recipe.run_path, iteration)))
-    stack = load_stack(recipe, frozen_upto=iteration - 1, trainable=adapter_name(iteration), shard=True)
-    m = recipe.model
-    pairs, skipped = tokenize_pairs(stack.tokenizer, rows, m.max_length, m.max_prompt_length, m.truncation)
-    if not pairs:
-        raise DataError(data, None, None, f"all {len(rows)} pairs of D_i exceed model.max_length {m.max_length} and "
-                        "model.truncation is skip: set it to truncate or raise the limit")
-    spec = loop_spec(recipe, iteration, stack.prev)
-    summary = fit_and_save(recipe, stack, pairs, spec, out, f"train iter {iteration}", stop_after)
-    summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_truncated=truncated_count(pairs),
-                   truncation=m.truncation, dnd_lambda=spec.lam if spec.dnd else None, labels=labels)
-    return finish_stage(recipe, stage, summary, {"data": str(data)}, t0)
+def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE") -> dict:
+    """Train pi_i on D_i. Returns the stage manifest (the existing one if the stage is already complete)."""
+    with stage_run(recipe, Stage("train", iteration), force, recipe_arg) as st:
+        if st.done:
+            return st.done
+        data = data_path(recipe.run_path, iteration)
+        rows = [pair_texts(r, data, line) for line, r in read_jsonl(data)]
+        if not rows:
+            raise DataError(data, None, None, "D_i is empty: expand judged no usable pairs (see its summary)")
+        labels = {"self": len(rows)}
+        if recipe.train.audit_labels:  # audited pairs carry the person's label; the rest keep Eq. 7's
+            rows, labels = apply_human_labels(rows, read_annotations(audit_path(recipe.run_path, iteration)))
+        stack = load_stack(recipe, frozen_upto=iteration - 1, trainable=adapter_name(iteration), shard=True)
+        m = recipe.model
+        pairs, skipped = tokenize_pairs(stack.tokenizer, rows, m.max_length, m.max_prompt_length, m.truncation)
+        if not pairs:
+            raise DataError(data, None, None, f"all {len(rows)} pairs of D_i exceed model.max_length {m.max_length} "
+                            "and model.truncation is skip: set it to truncate or raise the limit")
+        spec = loop_spec(recipe, iteration, stack.prev)
+        summary = fit_and_save(st, stack, pairs, spec, f"train iter {iteration}")
+        summary.update(pairs_used=len(pairs), pairs_skipped_length=skipped, pairs_truncated=truncated_count(pairs),
+                       truncation=m.truncation, dnd_lambda=spec.lam if spec.dnd else None, labels=labels)
+        return st.finish(summary, {"data": str(data)})
