@@ -8,7 +8,7 @@ sides interleaved fused_torch, logits, fused_trl, fused_torch, ...:
 
   fused_torch : hidden states + spa_lite's pure-torch chunked kernel (``logps.chunked_target_logps``), what runs
                 when the installed trl has no ``trl.kernels.ChunkedLogProbFunction``.
-  logits      : full logits for policy, reference and the DND mix (``training.fused_head`` forced to None),
+  logits      : full logits for policy, reference and the DND mix (``logps.fused_head`` forced to None),
                 what ran before when trl had no kernel.
   fused_trl   : hidden states + TRL's kernel (trl >= 1.15; left out when the installed trl lacks it).
 
@@ -54,7 +54,7 @@ def worker(cfg: dict) -> dict:
     """One seed-dpo stage of ``cfg['steps']`` steps with the log-prob path of ``cfg['side']``."""
     import torch
 
-    from spa_lite import logps, memory, training
+    from spa_lite import logps, memory
     from spa_lite.config import load_recipe
     from spa_lite.stages import seed_dpo
 
@@ -62,7 +62,7 @@ def worker(cfg: dict) -> dict:
     if side in ("fused_torch", "fused_torch_ckpt"):
         logps.ChunkedLogProbFunction = None  # as with trl < 1.15
     elif side == "logits":
-        training.fused_head = lambda model: None
+        logps.fused_head = lambda model: None  # the one log-prob core (logps.batch_logps) asks it
     elif side == "fused_trl":
         if logps.ChunkedLogProbFunction is None:
             raise SystemExit("the installed trl has no chunked log-prob kernel")

@@ -14,9 +14,8 @@ import torch
 from spa_lite.data import pair_texts
 from spa_lite.generation import encode_prompt, sample_responses, sampling_dtype
 from spa_lite.judge import judge_llm, judge_logprob
-from spa_lite.logps import (backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
-                            hidden_sequence_logps, sequence_logps, tokenize_pair, truncate_pair)
-from spa_lite.losses import dpo_logits
+from spa_lite.logps import batch_logps, collate_pairs, tokenize_pair, truncate_pair
+from spa_lite.losses import pair_logits
 from spa_lite.metrics import accuracy_with_ci, auroc, flip_labels, pass_rate_with_ci, precision_at_k_percent, summarize
 from spa_lite.layout import policy_label, policy_names
 from spa_lite.stack import PolicyStack
@@ -62,29 +61,11 @@ def pair_confidences(stack: PolicyStack, pairs: Sequence, theta: list[str], ref:
     flipped = np.zeros(len(pairs), bool) if flipped is None else flipped
     res: dict[str, list[float]] = {"eq9": [], **{f"dnd_{lam:g}": [] for lam in lambdas}}
     for s in range(0, len(pairs), batch_size):
-        chunk = list(pairs[s : s + batch_size])
-        fl = flipped[s : s + batch_size]
-        batch = collate_pairs(chunk, pad)
-        n = len(chunk)
-        fused = fused_head(stack.model)
-        if fused is not None:  # hidden states and the affine head: no [N, L, V] logits (see logps.py)
-            with stack.use(ref):
-                ref_h = backbone_hidden(fused[0], batch)
-            with stack.use(theta):
-                pol_h = backbone_hidden(fused[0], batch)
-            ref_lp, pol_lp = hidden_sequence_logps(ref_h, fused[1], batch), hidden_sequence_logps(pol_h, fused[1], batch)
-            mixes = {lam: hidden_sequence_logps((1 + lam) * pol_h - lam * ref_h, fused[1], batch) for lam in lambdas}
-        else:
-            with stack.use(ref) as m:
-                ref_logits = forward_logits(m, batch)
-            with stack.use(theta) as m:
-                pol_logits = forward_logits(m, batch)
-            ref_lp, pol_lp = sequence_logps(ref_logits, batch), sequence_logps(pol_logits, batch)
-            mixes = {lam: extrapolated_logps(pol_logits, ref_logits, lam, batch) for lam in lambdas}
-        sign = torch.tensor([-1.0 if f else 1.0 for f in fl], device=pol_lp.device)
-        res["eq9"] += torch.sigmoid(sign * dpo_logits(pol_lp[:n], pol_lp[n:], ref_lp[:n], ref_lp[n:], beta)).tolist()
-        for lam, mix in mixes.items():
-            res[f"dnd_{lam:g}"] += torch.sigmoid(sign * dpo_logits(mix[:n], mix[n:], ref_lp[:n], ref_lp[n:], beta)).tolist()
+        lp = batch_logps(stack, collate_pairs(list(pairs[s : s + batch_size]), pad), theta, ref, lambdas)
+        sign = torch.tensor([-1.0 if f else 1.0 for f in flipped[s : s + batch_size]], device=lp.policy.device)
+        res["eq9"] += torch.sigmoid(sign * pair_logits(lp.policy, lp.ref, beta)).tolist()
+        for lam, mix in lp.extrapolated.items():
+            res[f"dnd_{lam:g}"] += torch.sigmoid(sign * pair_logits(mix, lp.ref, beta)).tolist()
     return {k: np.asarray(v) for k, v in res.items()}
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from spa_lite.generation import encode_prompt
-from spa_lite.logps import backbone_hidden, collate_sequences, forward_logits, fused_head, hidden_sequence_logps, sequence_logps
+from spa_lite.logps import batch_logps, collate_sequences
 from spa_lite.pairwise import LLM_JUDGE_PROMPT
 from spa_lite.stack import PolicyStack
 
@@ -30,15 +30,9 @@ def response_logps(stack: PolicyStack, names: Sequence[str], prompts: Sequence[l
     """Sum of log pi_names(y | x) over response tokens, for each (prompt, response), in batches."""
     out = []
     pad = stack.tokenizer.pad_token_id
-    fused = fused_head(stack.model)  # response positions only, no [N, L, V] logits
-    with stack.use(names) as m:
-        for s in range(0, len(prompts), batch_size):
-            batch = collate_sequences(prompts[s : s + batch_size], responses[s : s + batch_size], pad)
-            if fused is not None:
-                lp = hidden_sequence_logps(backbone_hidden(fused[0], batch), fused[1], batch)
-            else:
-                lp = sequence_logps(forward_logits(m, batch), batch)
-            out.append(lp.float().cpu())
+    for s in range(0, len(prompts), batch_size):
+        batch = collate_sequences(prompts[s : s + batch_size], responses[s : s + batch_size], pad)
+        out.append(batch_logps(stack, batch, names).policy.float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -2,6 +2,8 @@
 
 A batch of B pairs is one forward pass over 2B rows: rows [0, B) are the chosen responses, rows [B, 2B)
 the rejected ones, each after its prompt. ``loss_mask`` marks response tokens, the only ones scored.
+``batch_logps`` is the one place that turns a batch into the log-probs that training (Eq. 3, 10), the judge
+(Eq. 7) and evaluation (Eq. 9, 11-12) read.
 """
 
 from __future__ import annotations
@@ -249,3 +251,70 @@ def hidden_sequence_logps(hidden: torch.Tensor, head: torch.nn.Linear, batch: di
         lp = chunked_target_logps(h, head.weight, head.bias, targets)
     rows = mask.nonzero()[:, 0]
     return torch.zeros(hidden.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp.float())
+
+
+# --- One log-prob core: policy, reference and extrapolated log-probs of a batch -------------------------------
+
+
+@dataclass
+class BatchLogps:
+    """Summed response log-probs per row of one batch, [N] float32 each."""
+
+    policy: torch.Tensor  # log pi_policy(y|x); differentiable when computed with ``train=True``
+    ref: torch.Tensor | None  # log pi_ref(y|x); None without a reference
+    extrapolated: dict[float, torch.Tensor]  # Eq. 12 per lambda: softmax((1 + lam) h_policy - lam h_ref); no gradient
+
+
+def _forward(stack, names: Sequence[str], batch: dict[str, torch.Tensor], fused: bool, mode: str | None):
+    """(hidden states, LM head) of ``batch`` under adapters ``names`` when ``fused``, else (logits, None).
+
+    ``mode`` "train" or "eval" switches the model first; None leaves it as the caller set it.
+    """
+    with stack.use(names) as m:
+        if mode == "train":
+            m.train()  # LoRA dropout, if any, and gradient checkpointing act in train mode only
+        elif mode == "eval":
+            m.eval()
+        if not fused:
+            return forward_logits(m, batch), None
+        backbone, head = fused_head(m)  # the model in use: a duck-typed stack may hold one model per policy
+        return backbone_hidden(backbone, batch), head
+
+
+def _summed(out: torch.Tensor, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sequence_logps(out, batch) if head is None else hidden_sequence_logps(out, head, batch)
+
+
+def batch_logps(stack, batch: dict[str, torch.Tensor], policy: Sequence[str], ref: Sequence[str] | None = None,
+                lambdas: Sequence[float] = (), *, train: bool = False) -> BatchLogps:
+    """Log-probs of every row of ``batch`` under the policy, the reference and, for DND, their extrapolation.
+
+    Models with an affine LM head (``fused_head``) are scored from hidden states, the response positions only,
+    without [N, L, V] logits; a sharded base all-gathers inside the model's forward only, so it takes the logits
+    path. The reference runs first, without gradient; the extrapolations (Eq. 12, one per lambda) too.
+
+    Args:
+        stack: a ``PolicyStack`` (or anything with ``model``, ``sharded`` and ``use(names)``).
+        policy: adapters of the scored policy; ref: adapters of the reference ([] = pi_init), None: none.
+        lambdas: Eq. 12's lambda per extrapolation (needs ``ref``).
+        train: the policy's log-probs carry gradients and run in train mode, the reference's in eval mode;
+            False leaves modes and gradient mode as the caller set them.
+    """
+    if lambdas and ref is None:
+        raise ValueError("Eq. 12 extrapolates the policy away from a reference: pass ref")
+    fused = not stack.sharded and fused_head(stack.model) is not None
+    ref_out = ref_lp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_out, ref_head = _forward(stack, ref, batch, fused, "eval" if train else None)
+            ref_lp = _summed(ref_out, ref_head, batch)
+    pol_out, head = _forward(stack, policy, batch, fused, "train" if train else None)
+    pol_lp = _summed(pol_out, head, batch)
+    mixes = {}
+    with torch.no_grad():
+        for lam in lambdas:
+            if fused:  # the head is affine: W((1 + lam) h_theta - lam h_ref) + b is Eq. 12's mix of logits
+                mixes[lam] = hidden_sequence_logps((1.0 + lam) * pol_out.detach() - lam * ref_out, head, batch)
+            else:
+                mixes[lam] = extrapolated_logps(pol_out.detach(), ref_out, lam, batch)
+    return BatchLogps(pol_lp, ref_lp, mixes)

@@ -1,4 +1,5 @@
-"""SPA's training objective: DPO (Eq. 3), self-refinement (Eq. 10) and de-coupled noise detection (Eq. 11-12)."""
+"""SPA's training objective: DPO (Eq. 3), self-refinement (Eq. 10) and de-coupled noise detection (Eq. 11-12),
+and the choice between the DPO and the Wasserstein-DRO loss (``preference_loss``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spa_lite.dro import dro_dpo_loss
+
 
 def dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:
     """beta * [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)]: the argument of the DPO sigmoid (Eq. 3)."""
     return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+
+
+def pair_logits(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """``dpo_logits`` of a pair batch's log-probs: rows [0, B) are the chosen responses, [B, 2B) the rejected."""
+    n = policy.shape[0] // 2
+    return dpo_logits(policy[:n], policy[n:], ref[:n], ref[n:], beta)
 
 
 def label_smoothing_weights(flagged: torch.Tensor, alpha: float, floor: float = 0.0,
@@ -30,6 +39,29 @@ def refined_dpo_loss(logits: torch.Tensor, flagged: torch.Tensor, alpha: float,
     """
     s = label_smoothing_weights(flagged, alpha, label_smoothing, logits.dtype)
     return -(1.0 - s) * F.logsigmoid(logits) - s * F.logsigmoid(-logits)
+
+
+def preference_loss(logits: torch.Tensor, flagged: torch.Tensor, spec) -> tuple[torch.Tensor, dict[str, float]]:
+    """The sum over pairs of the training loss ``spec.loss`` names, and its statistics.
+
+    "dpo": Eq. 10 per pair (plain DPO for unflagged pairs, label smoothing by ``spec.alpha`` for flagged ones, at
+    least ``spec.label_smoothing``). "dro": Eq. 10 = -log sigma(m) + s * [log sigma(m) - log sigma(-m)] with the
+    first term replaced by its worst case over the Wasserstein ball (``spa_lite.dro``), so epsilon = 0 is exactly
+    the refined loss; with several processes each solves the worst case over its own share of the micro-batch.
+
+    Args:
+        logits: beta * DPO margin per pair, [B]; flagged: pairs the refinement doubts, [B] bool.
+        spec: the loop's settings (``loss``, ``alpha``, ``label_smoothing``, ``dro_epsilon``, ``dro_pieces``,
+            ``dro_xi_min``), e.g. a ``spa_lite.training.LoopSpec``.
+    """
+    if spec.loss == "dro":
+        worst, stats = dro_dpo_loss(logits, spec.dro_epsilon, spec.dro_pieces, spec.dro_xi_min)
+        smoothing = label_smoothing_weights(flagged, spec.alpha, spec.label_smoothing, logits.dtype)
+        n = logits.shape[0]
+        return worst * n + (smoothing * (F.logsigmoid(logits) - F.logsigmoid(-logits))).sum(), stats
+    if spec.loss != "dpo":
+        raise ValueError(f"unknown loss {spec.loss!r}: dpo or dro")
+    return refined_dpo_loss(logits, flagged, spec.alpha, spec.label_smoothing).sum(), {}
 
 
 class ConfidenceWindow:

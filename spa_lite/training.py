@@ -9,37 +9,48 @@ confidence window.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from spa_lite.checkpoint import first_logged_loss, load_checkpoint, save_checkpoint, trim_metrics
-from spa_lite.distributed import get_dist
-from spa_lite.dro import dro_dpo_loss
+from spa_lite.config import TrainConfig
+from spa_lite.distributed import Dist, get_dist
 from spa_lite.errors import DivergedError
 from spa_lite.fsdp import full_tensor
 from spa_lite.io import append_text, dumps
-from spa_lite.logps import (TokenizedPair, backbone_hidden, collate_pairs, extrapolated_logps, forward_logits, fused_head,
-                            hidden_sequence_logps, sequence_logps)
-from spa_lite.losses import ConfidenceWindow, dpo_logits, label_smoothing_weights, refined_dpo_loss
+from spa_lite.logps import BatchLogps, TokenizedPair, batch_logps, collate_pairs
+from spa_lite.losses import ConfidenceWindow, pair_logits, preference_loss
 from spa_lite.stack import PolicyStack
 
 
 log = logging.getLogger(__name__)
 
 
+def _recipe_default(name: str):
+    """The recipe's default of loop setting ``name``: spa_lite/config.py holds each one (``train`` extends
+    ``seed_dpo``)."""
+    return TrainConfig.__dataclass_fields__[name].default
+
+
 @dataclass
 class LoopSpec:
+    """One training loop's settings: a recipe section's (``from_config``) and what the stage decides.
+
+    A recipe setting left out takes the recipe's default; refinement and DND stay off unless the stage turns them
+    on (seed DPO never refines).
+    """
+
     lr: float
     epochs: float
     batch_size: int
@@ -47,23 +58,23 @@ class LoopSpec:
     beta: float
     seed: int
     ref: list[str] = field(default_factory=list)  # adapters of pi_ref; [] is pi_init
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_every: int = 20
+    warmup_ratio: float = _recipe_default("warmup_ratio")
+    weight_decay: float = _recipe_default("weight_decay")
+    max_grad_norm: float = _recipe_default("max_grad_norm")
+    save_every: int = _recipe_default("save_every")
     refine: bool = False
-    alpha: float = 0.1
-    k_percent: float = 10.0
-    window: int = 50
-    refine_start: float = 0.2
+    alpha: float = _recipe_default("alpha")
+    k_percent: float = _recipe_default("k_percent")
+    window: int = _recipe_default("window")
+    refine_start: float = _recipe_default("refine_start")
     dnd: bool = False
-    lam: float = 0.0
-    loss: str = "dpo"
-    label_smoothing: float = 0.0
-    dro_epsilon: float = 0.0
-    dro_pieces: int = 8
-    dro_xi_min: float = 1e-3
-    diverge_factor: float = 0.0  # stop when a step's loss exceeds this many times the first step's (0: off)
+    lam: float = 0.0  # Eq. 12's lambda of this iteration (the stage reads it off train.lambdas)
+    loss: str = _recipe_default("loss")
+    label_smoothing: float = _recipe_default("label_smoothing")
+    dro_epsilon: float = _recipe_default("dro_epsilon")
+    dro_pieces: int = _recipe_default("dro_pieces")
+    dro_xi_min: float = _recipe_default("dro_xi_min")
+    diverge_factor: float = _recipe_default("diverge_factor")  # 0: off
 
     @classmethod
     def from_config(cls, config, **settings) -> LoopSpec:
@@ -95,109 +106,49 @@ class StepOutput:
     flagged: torch.Tensor  # per pair, bool
 
 
-def _global_confidences(conf: list[float], dist) -> list[float]:
-    """Confidences of the whole global micro-batch in its single-process order.
-
-    Process r holds global positions r, r + N, r + 2N, ... (see ``run_dpo_loop``).
-    """
-    if dist is None or not dist.enabled:
-        return conf
-    parts = dist.all_gather_object(conf)
-    out = []
-    for j in range(sum(len(p) for p in parts)):
-        out.append(parts[j % dist.world][j // dist.world])
-    return out
-
-
-def pair_loss(stack: PolicyStack, batch: dict | None, spec: LoopSpec, window: ConfidenceWindow | None, refining: bool,
-              *, dist=None, global_n: int | None = None, discard: bool = False) -> StepOutput:
+def pair_loss(stack: PolicyStack, batch: dict, spec: LoopSpec, window: ConfidenceWindow | None, refining: bool,
+              *, global_n: int | None = None) -> StepOutput:
     """Loss of one micro-batch and its diagnostics.
 
-    The loss is the sum of per-pair losses divided by ``global_n`` (the pairs of the micro-batch over all
-    processes; by default this process's pairs, i.e. the mean). The reference forward runs without
-    gradient; the policy's logits live only as long as the DND confidence needs them. ``batch`` is None
-    for a process with no pairs in this micro-batch: it still joins the confidence exchange.
-    ``discard``: ``batch`` is a stand-in that a sharded process runs so that its collectives match the
-    others'; it contributes a zero loss and no confidences.
+    The loss is the sum of per-pair losses (``losses.preference_loss``) divided by ``global_n`` (the pairs of the
+    micro-batch over all processes; by default this batch's pairs, i.e. the mean). With ``spec.refine`` the
+    batch's confidences enter ``window`` (anything with ``push(confidences) -> tau``: the loop's gathers every
+    process's share first) and, while ``refining``, the pairs below tau are flagged.
     """
-    if discard:
-        out = pair_loss(stack, batch, spec, None, refining=False, dist=None, global_n=global_n)
-        all_conf = _global_confidences([], dist)
-        if spec.refine and window is not None:
-            window.push(all_conf)
-        return StepOutput(out.loss * 0.0, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
-    if batch is None:
-        all_conf = _global_confidences([], dist)
-        if spec.refine and window is not None:
-            window.push(all_conf)  # every process keeps the same window
-        zero = sum(p.sum() for p in stack.trainable_parameters()) * 0.0
-        return StepOutput(zero, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
     n = batch["input_ids"].shape[0] // 2
-    global_n = global_n or n
-    # a sharded base all-gathers inside the model's forward only: use the logits path there
-    if not stack.sharded and fused_head(stack.model) is not None:
-        with torch.no_grad(), stack.use(spec.ref) as m:
-            m.eval()
-            backbone, head = fused_head(m)
-            ref_h = backbone_hidden(backbone, batch)
-            ref_lp = hidden_sequence_logps(ref_h, head, batch)
-        with stack.use(stack.theta) as m:
-            m.train()  # LoRA dropout, if any, and gradient checkpointing act in train mode only
-            backbone, head = fused_head(m)
-            pol_h = backbone_hidden(backbone, batch)
-        pol_lp = hidden_sequence_logps(pol_h, head, batch)
-        mix_lp = None
-        if spec.dnd:  # Eq. 12 through the affine head: W((1+lam) h_theta - lam h_ref) + b
-            with torch.no_grad():
-                mix_lp = hidden_sequence_logps((1.0 + spec.lam) * pol_h.detach() - spec.lam * ref_h, head, batch)
-        del ref_h
-    else:
-        with torch.no_grad(), stack.use(spec.ref) as m:
-            m.eval()
-            ref_logits = forward_logits(m, batch)
-            ref_lp = sequence_logps(ref_logits, batch)
-        with stack.use(stack.theta) as m:
-            m.train()
-            pol_logits = forward_logits(m, batch)
-        pol_lp = sequence_logps(pol_logits, batch)
-        mix_lp = extrapolated_logps(pol_logits.detach(), ref_logits, spec.lam, batch) if spec.dnd else None
-        del pol_logits, ref_logits
-    logits = dpo_logits(pol_lp[:n], pol_lp[n:], ref_lp[:n], ref_lp[n:], spec.beta)
-
+    lp = batch_logps(stack, batch, stack.theta, spec.ref, (spec.lam,) if spec.dnd else (), train=True)
+    logits = pair_logits(lp.policy, lp.ref, spec.beta)
     # Eq. 9 (policy itself) or Eq. 11-12 (extrapolated logits) confidence that y_w > y_l.
-    if mix_lp is not None:
-        conf = torch.sigmoid(dpo_logits(mix_lp[:n], mix_lp[n:], ref_lp[:n], ref_lp[n:], spec.beta))
+    if spec.dnd:
+        conf = torch.sigmoid(pair_logits(lp.extrapolated[spec.lam], lp.ref, spec.beta))
     else:
         conf = torch.sigmoid(logits.detach())
     tau = float("nan")
     flagged = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    all_conf = _global_confidences(conf.float().cpu().tolist(), dist)
     if spec.refine and window is not None:
-        tau = window.push(all_conf)
+        tau = window.push(conf.float().cpu().tolist())
         if refining:
             flagged = conf < tau
-    stats: dict[str, float] = {}
-    if spec.loss == "dro":
-        # Eq. 10 = -log sigma(m) + s * [log sigma(m) - log sigma(-m)]; the first term becomes its
-        # worst case over the Wasserstein ball, so epsilon = 0 is exactly the refined loss. With several
-        # processes each solves the worst case over its own share of the micro-batch.
-        worst, stats = dro_dpo_loss(logits, spec.dro_epsilon, spec.dro_pieces, spec.dro_xi_min)
-        smoothing = label_smoothing_weights(flagged, spec.alpha, spec.label_smoothing, logits.dtype)
-        loss = (worst * n + (smoothing * (F.logsigmoid(logits) - F.logsigmoid(-logits))).sum()) / global_n
-    else:
-        loss = refined_dpo_loss(logits, flagged, spec.alpha, spec.label_smoothing).sum() / global_n
-    chosen_r = (pol_lp[:n] - ref_lp[:n]).detach() * spec.beta
-    rejected_r = (pol_lp[n:] - ref_lp[n:]).detach() * spec.beta
-    stats.update(
-        reward_chosen=chosen_r.mean().item(),
-        reward_rejected=rejected_r.mean().item(),
-        reward_margin=(chosen_r - rejected_r).mean().item(),
-        reward_acc=(chosen_r > rejected_r).float().mean().item(),
-        confidence=conf.mean().item(),
-        tau=tau,
-        flagged_frac=flagged.float().mean().item(),
-    )
-    return StepOutput(loss, stats, conf, flagged)
+    loss, stats = preference_loss(logits, flagged, spec)
+    stats.update(_reward_stats(lp, spec.beta), confidence=conf.mean().item(), tau=tau,
+                 flagged_frac=flagged.float().mean().item())
+    return StepOutput(loss / (global_n or n), stats, conf, flagged)
+
+
+def _reward_stats(lp: BatchLogps, beta: float) -> dict[str, float]:
+    """DPO's implicit rewards beta * log pi/pi_ref of the chosen and rejected responses, as TRL logs them."""
+    n = lp.policy.shape[0] // 2
+    chosen_r = (lp.policy[:n] - lp.ref[:n]).detach() * beta
+    rejected_r = (lp.policy[n:] - lp.ref[n:]).detach() * beta
+    return {"reward_chosen": chosen_r.mean().item(), "reward_rejected": rejected_r.mean().item(),
+            "reward_margin": (chosen_r - rejected_r).mean().item(),
+            "reward_acc": (chosen_r > rejected_r).float().mean().item()}
+
+
+def _no_pairs(params: list[torch.Tensor]) -> StepOutput:
+    """A process without pairs in a micro-batch: a zero loss that still reaches every trainable parameter."""
+    zero = sum(p.sum() for p in params) * 0.0
+    return StepOutput(zero, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
 
 
 def divergence(loss: float, grad_norm: float, first_loss: float | None, spec: LoopSpec) -> str | None:
@@ -231,8 +182,8 @@ def _final_check(stack: PolicyStack, pairs: Sequence[TokenizedPair], spec: LoopS
         loss = out.loss.item()
     else:
         idx = gidx[dist.rank :: dist.world]
-        batch = collate_pairs([pairs[i] for i in idx], pad) if idx else None
-        out = pair_loss(stack, batch, spec, None, refining=False, global_n=len(gidx))
+        out = (pair_loss(stack, collate_pairs([pairs[i] for i in idx], pad), spec, None, refining=False,
+                         global_n=len(gidx)) if idx else _no_pairs(params))
         out.loss.backward()
         _all_reduce_grads(params, dist)
         loss = sum(dist.all_gather_object(out.loss.item()))
@@ -264,6 +215,41 @@ def warn_short_warmup(out_dir: Path, steps: int, warmup: int, spec: LoopSpec) ->
                 "" if steps == 1 else "s", spec.warmup_ratio, warmup, spec.lr)
 
 
+class _SharedWindow:
+    """The confidence window as every process keeps it: ``push`` first gathers the confidences of all processes'
+    shares of the micro-batch, in single-process order (process r holds global positions r, r + N, r + 2N, ...)."""
+
+    def __init__(self, window: ConfidenceWindow, dist: Dist):
+        self.window, self.dist = window, dist
+
+    def push(self, conf: list[float]) -> float:
+        if self.dist.enabled:
+            parts = self.dist.all_gather_object(list(conf))
+            conf = [parts[j % self.dist.world][j // self.dist.world] for j in range(sum(len(p) for p in parts))]
+        return self.window.push(conf)
+
+
+@dataclass
+class _Run:
+    """What the steps of one ``run_dpo_loop`` share."""
+
+    stack: PolicyStack
+    pairs: Sequence[TokenizedPair]
+    spec: LoopSpec
+    out_dir: Path
+    dist: Dist
+    params: list[torch.Tensor]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    window: ConfidenceWindow | None  # checkpointed; None without refinement
+    steps: int
+    t0: float
+
+    @property
+    def refine_from(self) -> int:
+        return math.floor(self.spec.refine_start * self.steps)
+
+
 def run_dpo_loop(
     stack: PolicyStack,
     pairs: Sequence[TokenizedPair],
@@ -287,108 +273,165 @@ def run_dpo_loop(
     dist = get_dist()
     out_dir.mkdir(parents=True, exist_ok=True)
     params = stack.trainable_parameters()
+    opt, sched, steps = _optimizer(params, len(pairs), spec, out_dir, dist)
+    window = ConfidenceWindow(spec.window, spec.k_percent) if spec.refine else None
+    start = load_checkpoint(out_dir, stack, opt, sched, window)
+    first_loss = _resume_logs(out_dir, start, dist)
+    run = _Run(stack, pairs, spec, out_dir, dist, params, opt, sched, window, steps, time.time())
+    stack.model.train()
+    with _step_logs(out_dir, dist.main) as write:
+        for step in range(start, steps):
+            first_loss = _optimizer_step(run, step, first_loss, write, on_step)
+            _save_or_stop(run, step + 1, start, stop_after)
+        diverged = _final_check(stack, pairs, spec, dist)
+        if diverged is not None:
+            raise DivergedError(steps, f"after the last step ({steps}): {diverged}")
+    stack.model.eval()
+    return _summary(run, start)
+
+
+def _optimizer(params: list[torch.Tensor], n_pairs: int, spec: LoopSpec, out_dir: Path, dist: Dist) -> tuple:
+    """AdamW, its cosine schedule with linear warmup, and the number of optimizer steps."""
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    steps = total_steps(len(pairs), spec)
+    steps = total_steps(n_pairs, spec)
     warmup = math.ceil(spec.warmup_ratio * steps)
     sched = get_cosine_schedule_with_warmup(opt, warmup, steps)
     if dist.main and warmup >= steps:
         warn_short_warmup(out_dir, steps, warmup, spec)
-    window = ConfidenceWindow(spec.window, spec.k_percent) if spec.refine else None
-    start = load_checkpoint(out_dir, stack, opt, sched, window)
+    return opt, sched, steps
+
+
+def _resume_logs(out_dir: Path, start: int, dist: Dist) -> float | None:
+    """Cut the step logs back to the checkpoint's ``start`` steps; the first step's loss when it is logged."""
     metrics_path = out_dir / "metrics.jsonl"
-    flags_path = out_dir / "flags.jsonl"  # per-pair confidence and flag, for noise-detection analysis
     if dist.main:
         trim_metrics(metrics_path, start)
-        trim_metrics(flags_path, start)
+        trim_metrics(out_dir / "flags.jsonl", start)
     first_loss = dist.broadcast_object(first_logged_loss(metrics_path) if dist.main and start else None)
     dist.barrier()
-    pad = stack.tokenizer.pad_token_id
-    refine_from = math.floor(spec.refine_start * steps)
-    t0 = time.time()
-    stack.model.train()
-    mf = open(metrics_path, "a", encoding="utf-8") if dist.main else None
-    ff = open(flags_path, "a", encoding="utf-8") if dist.main else None
-    try:
-        for step in range(start, steps):
-            sums: dict[str, float] = {}
-            counted = 0
-            total = 0.0
-            flag_rows = []
-            for a in range(spec.grad_accum):
-                gidx = micro_batch_indices(len(pairs), spec, step * spec.grad_accum + a)
-                idx = gidx[dist.rank :: dist.world]
-                batch = collate_pairs([pairs[i] for i in idx], pad) if idx else None
-                if stack.sharded and batch is None:  # every process must run the same forwards (all-gathers)
-                    out = pair_loss(stack, collate_pairs([pairs[gidx[0]]], pad), spec, window,
-                                    refining=step >= refine_from, dist=dist, global_n=len(gidx), discard=True)
-                else:
-                    out = pair_loss(stack, batch, spec, window, refining=step >= refine_from, dist=dist,
-                                    global_n=len(gidx))
-                # FSDP's reduce-scatter averages over processes; the loss is already a share of the global sum
-                (out.loss * (dist.world if stack.sharded else 1) / spec.grad_accum).backward()
-                shares = dist.all_gather_object((idx, out.confidences.tolist(), out.flagged.tolist(), out.stats,
-                                                 out.loss.item()))
-                for sidx, conf, flg, stats, loss in shares:
-                    total += loss / spec.grad_accum
-                    for i, c, f in zip(sidx, conf, flg):
-                        flag_rows.append({"step": step + 1, "pair": i, "row": pairs[i].meta.get("row"),
-                                          "truncated": bool(pairs[i].meta.get("truncated")),
-                                          "confidence": c, "flagged": f})
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v * len(sidx)  # pair-weighted means over processes
-                    counted += len(sidx)
-            if not stack.sharded:
-                _all_reduce_grads(params, dist)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            gnorm = float(full_tensor(gnorm))
-            first_loss = total if first_loss is None and step == 0 else first_loss
-            # finite or fail: a diverged step is logged (NaN as null) but never applied or checkpointed
-            diverged = divergence(total, gnorm, first_loss, spec)
-            lr = sched.get_last_lr()[0]  # the rate this step applies (the scheduler moves on after it)
-            if diverged is None:
-                opt.step()
-                sched.step()
-            opt.zero_grad(set_to_none=True)
-            row = {"step": step + 1, "loss": total, **{k: v / max(counted, 1) for k, v in sums.items()},
-                   "lr": lr, "grad_norm": gnorm,
-                   "refining": step >= refine_from and spec.refine, "elapsed_s": round(time.time() - t0, 3)}
-            if window is not None:
-                row["tau"] = window.tau
-            # strict JSON: statistics that do not apply (tau without refinement) are null, not NaN
-            row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            if dist.main:
-                append_text(ff, "".join(dumps(r) + "\n" for r in flag_rows), flags_path)
-                append_text(mf, dumps(row) + "\n", metrics_path)
-            if on_step:
-                on_step(step + 1, steps, row)
-            if diverged is not None:
-                raise DivergedError(step + 1, f"step {step + 1}: {diverged}")
-            done = step + 1
-            stopping = stop_after is not None and done - start >= stop_after and done < steps
-            if (done % spec.save_every == 0 and done < steps) or stopping:
-                if dist.main or stack.sharded:
-                    save_checkpoint(out_dir, stack, opt, sched, done, window, write=dist.main)
-                dist.barrier()
-            if stopping:
-                raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
-        diverged = _final_check(stack, pairs, spec, dist)
-        if diverged is not None:
-            raise DivergedError(steps, f"after the last step ({steps}): {diverged}")
-    finally:
-        for f in (mf, ff):
-            if f is not None:
-                f.close()
-    stack.model.eval()
-    summary = {"steps": steps, "pairs": len(pairs), "resumed_from": start, "wall_s": round(time.time() - t0, 2),
-               "processes": dist.world, "fsdp": stack.sharded}
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if dist.main else []
-    rows = dist.broadcast_object(rows)
-    tail = rows[-10:]
-    def num(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    return first_loss
 
-    keys = {k for r in tail for k, v in r.items() if num(v)}
-    summary["last10"] = {k: sum(r[k] for r in tail if num(r.get(k))) / sum(1 for r in tail if num(r.get(k)))
+
+@contextlib.contextmanager
+def _step_logs(out_dir: Path, main: bool) -> Iterator[Callable[[list[dict], dict], None]]:
+    """``write(flag_rows, row)`` appends one step's rows to flags.jsonl and metrics.jsonl (main process only)."""
+    if not main:
+        yield lambda flag_rows, row: None
+        return
+    metrics_path = out_dir / "metrics.jsonl"
+    flags_path = out_dir / "flags.jsonl"  # per-pair confidence and flag, for noise-detection analysis
+    with open(metrics_path, "a", encoding="utf-8") as mf, open(flags_path, "a", encoding="utf-8") as ff:
+        def write(flag_rows: list[dict], row: dict) -> None:
+            append_text(ff, "".join(dumps(r) + "\n" for r in flag_rows), flags_path)
+            append_text(mf, dumps(row) + "\n", metrics_path)
+
+        yield write
+
+
+def _optimizer_step(run: _Run, step: int, first_loss: float | None, write, on_step) -> float | None:
+    """Step ``step`` (0-based): its micro-batches, clipping, the divergence check, the update and its log rows.
+
+    Returns the first step's loss (this step's at step 0). Raises DivergedError after logging a diverged step.
+    """
+    total, means, flag_rows = _accumulate(run, step)
+    if not run.stack.sharded:
+        _all_reduce_grads(run.params, run.dist)
+    gnorm = float(full_tensor(torch.nn.utils.clip_grad_norm_(run.params, run.spec.max_grad_norm)))
+    first_loss = total if first_loss is None and step == 0 else first_loss
+    # finite or fail: a diverged step is logged (NaN as null) but never applied or checkpointed
+    diverged = divergence(total, gnorm, first_loss, run.spec)
+    lr = run.sched.get_last_lr()[0]  # the rate this step applies (the scheduler moves on after it)
+    if diverged is None:
+        run.opt.step()
+        run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    row = {"step": step + 1, "loss": total, **means, "lr": lr, "grad_norm": gnorm,
+           "refining": step >= run.refine_from and run.spec.refine, "elapsed_s": round(time.time() - run.t0, 3)}
+    if run.window is not None:
+        row["tau"] = run.window.tau
+    # strict JSON: statistics that do not apply (tau without refinement) are null, not NaN
+    row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    write(flag_rows, row)
+    if on_step:
+        on_step(step + 1, run.steps, row)
+    if diverged is not None:
+        raise DivergedError(step + 1, f"step {step + 1}: {diverged}")
+    return first_loss
+
+
+def _accumulate(run: _Run, step: int) -> tuple[float, dict[str, float], list[dict]]:
+    """Forward and backward of step ``step``'s micro-batches: the step's loss, its statistics (pair-weighted means
+    over processes) and a flag row per pair."""
+    spec, dist = run.spec, run.dist
+    sums: dict[str, float] = {}
+    counted, total, flag_rows = 0, 0.0, []
+    for a in range(spec.grad_accum):
+        gidx = micro_batch_indices(len(run.pairs), spec, step * spec.grad_accum + a)
+        idx, out = _micro_step(run, gidx, refining=step >= run.refine_from)
+        # FSDP's reduce-scatter averages over processes; the loss is already a share of the global sum
+        (out.loss * (dist.world if run.stack.sharded else 1) / spec.grad_accum).backward()
+        shares = dist.all_gather_object((idx, out.confidences.tolist(), out.flagged.tolist(), out.stats,
+                                         out.loss.item()))
+        for sidx, conf, flg, stats, loss in shares:
+            total += loss / spec.grad_accum
+            for i, c, f in zip(sidx, conf, flg):
+                meta = run.pairs[i].meta
+                flag_rows.append({"step": step + 1, "pair": i, "row": meta.get("row"),
+                                  "truncated": bool(meta.get("truncated")), "confidence": c, "flagged": f})
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v * len(sidx)  # pair-weighted means over processes
+            counted += len(sidx)
+    return total, {k: v / max(counted, 1) for k, v in sums.items()}, flag_rows
+
+
+def _micro_step(run: _Run, gidx: list[int], refining: bool) -> tuple[list[int], StepOutput]:
+    """This process's share of the global micro-batch ``gidx`` (positions rank, rank + N, ...) and its output.
+
+    A process with no pair in it contributes a zero loss and still joins the confidence exchange; under FSDP it
+    also runs a stand-in pair, since its all-gathers must match the other processes'.
+    """
+    pad = run.stack.tokenizer.pad_token_id
+    window = _SharedWindow(run.window, run.dist) if run.window is not None else None
+    idx = gidx[run.dist.rank :: run.dist.world]
+    if idx:
+        batch = collate_pairs([run.pairs[i] for i in idx], pad)
+        return idx, pair_loss(run.stack, batch, run.spec, window, refining=refining, global_n=len(gidx))
+    if run.stack.sharded:
+        out = pair_loss(run.stack, collate_pairs([run.pairs[gidx[0]]], pad), run.spec, None, refining=False,
+                        global_n=len(gidx))
+        out = StepOutput(out.loss * 0.0, {}, torch.empty(0), torch.empty(0, dtype=torch.bool))
+    else:
+        out = _no_pairs(run.params)
+    if window is not None:
+        window.push([])  # every process keeps the same window
+    return idx, out
+
+
+def _save_or_stop(run: _Run, done: int, start: int, stop_after: int | None) -> None:
+    """Checkpoint every ``save_every`` steps but the last; stop as if killed after ``stop_after`` steps."""
+    stopping = stop_after is not None and done - start >= stop_after and done < run.steps
+    if (done % run.spec.save_every == 0 and done < run.steps) or stopping:
+        if run.dist.main or run.stack.sharded:
+            save_checkpoint(run.out_dir, run.stack, run.opt, run.sched, done, run.window, write=run.dist.main)
+        run.dist.barrier()
+    if stopping:
+        raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _summary(run: _Run, start: int) -> dict:
+    """Steps, pairs, wall time and the means of the last 10 logged steps (read back from metrics.jsonl)."""
+    summary = {"steps": run.steps, "pairs": len(run.pairs), "resumed_from": start,
+               "wall_s": round(time.time() - run.t0, 2), "processes": run.dist.world, "fsdp": run.stack.sharded}
+    metrics_path = run.out_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if run.dist.main else []
+    rows = run.dist.broadcast_object(rows)
+    tail = rows[-10:]
+    keys = {k for r in tail for k, v in r.items() if _number(v)}
+    summary["last10"] = {k: sum(r[k] for r in tail if _number(r.get(k))) / sum(1 for r in tail if _number(r.get(k)))
                          for k in sorted(keys)}
     summary["first_loss"] = rows[0]["loss"] if rows else None
     return summary

@@ -36,7 +36,7 @@ def test_fused_and_logits_paths_give_the_same_confidences(stack, monkeypatch):
     flipped = np.array([False, True, False, False, True, False])
     assert logps.fused_head(stack.model) is not None
     fused = evaluation.pair_confidences(stack, pairs, ["seed"], [], [0.5, 0.25], 0.1, flipped)
-    monkeypatch.setattr(evaluation, "fused_head", lambda model: None)
+    monkeypatch.setattr(logps, "fused_head", lambda model: None)
     plain = evaluation.pair_confidences(stack, pairs, ["seed"], [], [0.5, 0.25], 0.1, flipped)
     with torch.no_grad():
         batch = logps.collate_pairs(pairs, stack.tokenizer.pad_token_id)

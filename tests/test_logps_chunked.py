@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import margin_bound
-from spa_lite import logps, training
+from spa_lite import logps
 from spa_lite.logps import TokenizedPair, chunked_target_logps, collate_pairs, encode_response
 from spa_lite.losses import ConfidenceWindow
 from spa_lite.models import load_base_model
@@ -157,7 +157,7 @@ def test_dpo_step_through_hidden_states_equals_logits_path(stack, kernel, monkey
         return out, {n: p.grad.detach().clone() for n, p in params.items()}
 
     fused, fused_grads = step()
-    monkeypatch.setattr(training, "fused_head", lambda model: None)
+    monkeypatch.setattr(logps, "fused_head", lambda model: None)
     plain, plain_grads = step()
     assert abs(plain.loss.item() - 0.6931) > 1e-3  # the random adapter moves pi_theta off pi_ref
     with torch.no_grad():
