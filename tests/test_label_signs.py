@@ -68,3 +68,24 @@ def test_expand_records_the_signs_and_warns_once_each(tiny_recipe, capsys):
 @pytest.mark.parametrize("bad", [[], [("", "")]])
 def test_no_sign_without_data(bad):
     assert label_signs(bad, []) == [] and label_signs([], bad) == []
+
+
+def test_expand_reads_the_previous_iterations_mean_length_for_length_drop(tiny_recipe):
+    """From iteration 2 on, expand hands label_signs D_{i-1}'s and D_i's mean sampled tokens (its manifests'
+    sampled_tokens / samples); iteration 1, or a previous manifest without counts, gives None."""
+    from types import SimpleNamespace
+
+    from spa_lite.io import atomic_write_json
+    from spa_lite.layout import stage_dir
+    from spa_lite.runs import Stage
+    from spa_lite.stages.expand import _mean_tokens
+
+    recipe = tiny_recipe()
+    now = {"samples": 100, "sampled_tokens": 1100}
+    st = SimpleNamespace(recipe=recipe, stage=Stage("expand", 2))
+    assert _mean_tokens(st, now) is None  # no D_1 manifest
+    atomic_write_json(stage_dir(recipe, Stage("expand", 1)) / "manifest.json",
+                      {"summary": {"samples": 50, "sampled_tokens": 2010}})
+    assert _mean_tokens(st, now) == (40.2, 11.0)
+    assert _mean_tokens(SimpleNamespace(recipe=recipe, stage=Stage("expand", 1)), now) is None
+    assert _mean_tokens(st, {"samples": 0, "sampled_tokens": 0}) is None

@@ -21,6 +21,7 @@ from spa_lite.generation import dtype_name, encode_prompt, sample_responses, sam
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob, score_responses
 from spa_lite.label_signs import label_signs, warn_signs
+from spa_lite.layout import read_manifest
 from spa_lite.metrics import confidence_histogram
 from spa_lite.loading import load_stack
 from spa_lite.reward import RewardModel, load_run_reward_model, reward_scores
@@ -351,7 +352,7 @@ def _collect(st: StageRun, n_shards: int, pool_dropped: dict) -> dict:
     if main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
         atomic_write_jsonl(st.dir / "data.jsonl", [to_trl_conversational(r) for r in rows])
     summary = summarize_pairs(rows, counts)
-    summary["label_signs"] = d_label_signs(st.recipe, rows)
+    summary["label_signs"] = d_label_signs(st.recipe, rows, _mean_tokens(st, summary))
     if main:
         warn_signs(summary["label_signs"], f"expand --iter {st.stage.iteration}")
     summary["sample_dtype"] = sorted(dtypes)
@@ -364,7 +365,16 @@ def _collect(st: StageRun, n_shards: int, pool_dropped: dict) -> dict:
     return summary
 
 
-def d_label_signs(recipe: Recipe, rows: list[dict]) -> list[dict]:
+def _mean_tokens(st: StageRun, summary: dict) -> tuple[float, float] | None:
+    """(D_{i-1}, D_i) mean sampled tokens per response, from iteration 2 on (the label sign ``length_drop``)."""
+    prev = read_manifest(st.recipe, Stage("expand", st.stage.iteration - 1)) if st.stage.iteration > 1 else None
+    prev = (prev or {}).get("summary") or {}
+    if not prev.get("samples") or not summary.get("samples"):
+        return None
+    return prev["sampled_tokens"] / prev["samples"], summary["sampled_tokens"] / summary["samples"]
+
+
+def d_label_signs(recipe: Recipe, rows: list[dict], mean_tokens: tuple[float, float] | None = None) -> list[dict]:
     """Verifier-free signs of poor self-labels in D_i (spa_lite/label_signs.py), against the gold pairs D0."""
     if recipe.expand.judge == "verifier" or not rows:
         return []
@@ -372,7 +382,7 @@ def d_label_signs(recipe: Recipe, rows: list[dict]) -> list[dict]:
     gold = [pair_texts(r) for r in gold[: recipe.data.seed_limit or len(gold)]]
     probs = [(r["p_logprob"], r["p_reward"]) for r in rows if "p_logprob" in r and "p_reward" in r]
     return label_signs([(r["chosen"], r["rejected"]) for r in rows], [(g["chosen"], g["rejected"]) for g in gold],
-                       probs if len(probs) == len(rows) else ())
+                       probs if len(probs) == len(rows) else (), mean_tokens)
 
 
 def summarize_pairs(rows: list[dict], counts: dict) -> dict:
