@@ -246,7 +246,7 @@ def batching(args):
     fns = {"batched": batched, "unbatched": unbatched}
     raw = {k: [] for k in fns}
     with stack.use(["seed"]) as m:
-        for name, fn in fns.items():  # warm-up, untimed
+        for fn in fns.values():  # warm-up, untimed
             fn(m, 10_000)
         for rep in range(args.repeats):
             for name, fn in fns.items():

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from fake_run import write_fake_run  # noqa: E402
+
 from spa_lite.inspect_page import page_payload, render  # noqa: E402
 
 

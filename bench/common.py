@@ -423,8 +423,8 @@ def worker_train(cfg: dict) -> dict:
 
         from peft import PeftModel, get_peft_model
 
-        from spa_lite.losses import ConfidenceWindow
         from spa_lite.logps import collate_pairs
+        from spa_lite.losses import ConfidenceWindow
         from spa_lite.stack import LoraSettings
         from spa_lite.training import LoopSpec, pair_loss
 

@@ -16,6 +16,7 @@ import spa_lite.judge as J  # noqa: E402
 from spa_lite.data import load_prompts  # noqa: E402
 from spa_lite.models import load_base_model
 from spa_lite.stack import build_stack
+
 mp = common.resolve_model("smollm2")
 run = sys.argv[1] if len(sys.argv) > 1 else "/tmp/qsb/smollm2-demo"
 ad = [("seed", run + "/seed/adapter"), ("iter1", run + "/iter1/train/adapter")]

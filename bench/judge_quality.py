@@ -323,7 +323,7 @@ def selection_check(recs: dict[str, list[dict]], splits: int = 1000, seed: int =
     for _ in range(splits):
         half = set(rng.permutation(qs)[: len(qs) // 2].tolist())
 
-        def stats(side: bool) -> dict:
+        def stats(side: bool, half=half) -> dict:
             out = {}
             for k in keys:
                 c = n = 0

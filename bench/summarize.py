@@ -169,7 +169,7 @@ def quality_sections(results: Path) -> list[str]:
             out += [f"Before training, log pi_init(y|x) alone picks the gold response with accuracy "
                     f"{_ci(d['baseline_pi_init_loglik'], 'accuracy')}.", ""]
         out += ["| flipped | method | judge accuracy | final loss | wall s |", "|---|---|---|---|---|"]
-        for key, v in d["results"].items():
+        for v in d["results"].values():
             loss = v.get("final_loss")
             out.append(f"| {v['flip']:.0%} | {v['method']} | {_ci(v['judge_accuracy'], 'accuracy')} | "
                        f"{'-' if loss is None else f'{loss:.3f}'} | {v['wall_s']} |")

@@ -34,12 +34,28 @@ from spa_lite.config import load_recipe as _load
 from spa_lite.data import load_pairs
 from spa_lite.doctor import checks
 from spa_lite.errors import SpaError
-from spa_lite.export import (export_alpaca_eval, export_mt_bench, generate_answers, make_generate,
-                             read_alpaca_eval_questions, read_mt_bench_questions)
+from spa_lite.export import (
+    export_alpaca_eval,
+    export_mt_bench,
+    generate_answers,
+    make_generate,
+    read_alpaca_eval_questions,
+    read_mt_bench_questions,
+)
 from spa_lite.inspect_page import make_server, page_payload, render, write_page
 from spa_lite.io import read_json, read_jsonl
-from spa_lite.layout import (Stage, audit_path, complete_policies, data_path, policy_label, policy_names,
-                             read_manifest, resolve_policy, stage_dir, stage_keys)
+from spa_lite.layout import (
+    Stage,
+    audit_path,
+    complete_policies,
+    data_path,
+    policy_label,
+    policy_names,
+    read_manifest,
+    resolve_policy,
+    stage_dir,
+    stage_keys,
+)
 from spa_lite.loading import load_stack
 from spa_lite.logps import head_is_affine, logprob_kernel
 from spa_lite.losses import lambda_for_iteration
@@ -50,7 +66,8 @@ from spa_lite.plan import fit
 from spa_lite.recipe_files import copy_recipe, listing_line, recipe_description, shipped_recipes
 from spa_lite.report import write_report
 from spa_lite.stages import evaluate as evaluate_stage
-from spa_lite.stages import expand, pipeline, reward, seed_dpo, split as split_stage, train
+from spa_lite.stages import expand, pipeline, reward, seed_dpo, train
+from spa_lite.stages import split as split_stage
 from spa_lite.ui import task
 from spa_lite.winrate import compare_policies
 

@@ -29,8 +29,15 @@ from rich.table import Table
 
 from spa_lite.config import Recipe, field_help, parse_overrides
 from spa_lite.errors import SpaError, expected_failure
-from spa_lite.options import (EvalOptions, ExportAnswersOptions, Options, PlanOptions, SplitOptions, WinrateOptions,
-                              cli_parameters)
+from spa_lite.options import (
+    EvalOptions,
+    ExportAnswersOptions,
+    Options,
+    PlanOptions,
+    SplitOptions,
+    WinrateOptions,
+    cli_parameters,
+)
 from spa_lite.ui import console, summary_table
 
 

@@ -257,6 +257,40 @@ _CHOICES = {(section, f.name): set(f.metadata["choices"]) for section in SECTION
             for f in dataclasses.fields(typing.get_type_hints(Recipe)[section]) if "choices" in f.metadata}
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in {"true", "1", "yes", "on"}:
+            return True
+        if value.lower() in {"false", "0", "no", "off"}:
+            return False
+        raise ValueError
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, (str, int, float)):
+        raise ValueError
+    return str(value)
+
+
+# scalar field type -> converter raising ValueError or TypeError on a value that is not one
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def coerce_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """``value`` as type ``tp`` (a recipe field's, or a command option's); a value that is not one is reported in
     ``problems`` as ``where: expected ...`` and returned as it was."""
@@ -270,39 +304,24 @@ def coerce_value(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         return coerce_value(value, inner[0], where, problems)
     if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            problems.append(f"{where}: expected a list, got {value!r}")
-            return value
-        return [coerce_value(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return _coerce_list(value, args[0], where, problems)
+    convert = _SCALARS.get(tp)
+    if convert is None:
+        return value
     try:
-        if tp is bool:
-            if isinstance(value, str):
-                if value.lower() in {"true", "1", "yes", "on"}:
-                    return True
-                if value.lower() in {"false", "0", "no", "off"}:
-                    return False
-                raise ValueError
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp is str:
-            if not isinstance(value, (str, int, float)):
-                raise ValueError
-            return str(value)
+        return convert(value)
     except (TypeError, ValueError):
         problems.append(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
         return value
-    return value
+
+
+def _coerce_list(value: Any, item_tp: Any, where: str, problems: list[str]) -> Any:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        problems.append(f"{where}: expected a list, got {value!r}")
+        return value
+    return [coerce_value(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
 
 
 def _fill(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:

@@ -31,8 +31,16 @@ import torch
 
 import spa_lite.compat as compat
 from spa_lite.generation_hf import generate_hf, left_padded
-from spa_lite.sampling_copy import (SAMPLE_DTYPES, dtype_name, fast_bf16_cpu, merged_copy,  # noqa: F401 (re-exported)
-                                    release_sampling_copy, resolve_sample_dtype, sampling_dtype, sampling_model)
+from spa_lite.sampling_copy import (  # noqa: F401 (re-exported)
+    SAMPLE_DTYPES,
+    dtype_name,
+    fast_bf16_cpu,
+    merged_copy,
+    release_sampling_copy,
+    resolve_sample_dtype,
+    sampling_dtype,
+    sampling_model,
+)
 
 
 @dataclass

@@ -17,8 +17,16 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from spa_lite.audit import (AnnotationError, AuditLog, agreement, audit_path, blind_sample, latest, load_rows,
-                            read_annotations)
+from spa_lite.audit import (
+    AnnotationError,
+    AuditLog,
+    agreement,
+    audit_path,
+    blind_sample,
+    latest,
+    load_rows,
+    read_annotations,
+)
 from spa_lite.io import atomic_write_text, dumps
 from spa_lite.metrics import confidence_histogram
 

@@ -107,17 +107,17 @@ def _judge_in_order(stack, judge, ref, prompts, y1, y2, beta, length_penalty, ba
     check.update(max_abs_dev=None, checked=0, reused=judge_logps is not None)
     for s in range(0, len(prompts), batch_size):
         p_, a, b = prompts[s : s + batch_size], y1[s : s + batch_size], y2[s : s + batch_size]
-        both_p, both_r = list(p_) + list(p_), list(a) + list(b)
-        def logps(names):
+        both_p, both_r, n = list(p_) + list(p_), list(a) + list(b), len(p_)
+
+        def logps(names, s=s, both_p=both_p, both_r=both_r, n_pairs=n):  # this batch's inputs, bound per batch
             key = (tuple(names), s)
             if cache is None or key not in cache:
-                out = response_logps(stack, names, both_p, both_r, batch_size=2 * len(p_))
+                out = response_logps(stack, names, both_p, both_r, batch_size=2 * n_pairs)
                 if cache is None:
                     return out
                 cache[key] = out
             return cache[key]
 
-        n = len(p_)
         if check["reused"]:
             pol = torch.tensor(list(judge_logps[0][s : s + batch_size]) + list(judge_logps[1][s : s + batch_size]),
                                dtype=torch.float32)

@@ -27,12 +27,20 @@ from spa_lite.data import resolve_data_path
 from spa_lite.distributed import get_dist
 from spa_lite.errors import InputChangedError, StageLockedError, StageOrderError
 from spa_lite.io import atomic_write_json, atomic_write_text, read_json, sha256_file, sha256_obj
-from spa_lite.layout import (REWARD_HEAD_FILE, REWARD_STAGE, Stage, adapter_dir, audit_path, policy_stage, read_manifest,
-                             stage_dir)
+from spa_lite.layout import (
+    REWARD_HEAD_FILE,
+    REWARD_STAGE,
+    Stage,
+    adapter_dir,
+    audit_path,
+    policy_stage,
+    read_manifest,
+    stage_dir,
+)
 from spa_lite.locks import LOCK_NAME, StageLock
 from spa_lite.memory import StagePeak, peak_rss_gb
 from spa_lite.models import ALIASES, cache_root
-from spa_lite.tracking import StageTracker, log_stage_summary, require, requested
+from spa_lite.tracking import StageTracker, log_stage_summary, requested, require
 
 __all__ = ["Stage", "stage_dir", "adapter_dir", "read_manifest", "StageLock", "stage_config", "stage_hash",
            "base_fingerprint", "adapter_files_hash", "stage_identity", "verify_inputs", "require_upstream",

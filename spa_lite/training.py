@@ -33,7 +33,6 @@ from spa_lite.logps import BatchLogps, TokenizedPair, batch_logps, collate_pairs
 from spa_lite.losses import ConfidenceWindow, pair_logits, preference_loss
 from spa_lite.stack import PolicyStack
 
-
 log = logging.getLogger(__name__)
 
 

@@ -67,8 +67,8 @@ import torch
 from transformers import GenerationConfig
 
 from spa_lite.errors import SpaError
-from spa_lite.layout import policy_label
 from spa_lite.generation import Sample, encode_prompt
+from spa_lite.layout import policy_label
 from spa_lite.merge import export_single_adapter
 from spa_lite.models import load_tokenizer, resolve_model_path
 

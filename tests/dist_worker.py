@@ -8,6 +8,7 @@
 import sys
 
 from inject import crash_at_step
+
 from spa_lite.config import load_recipe
 from spa_lite.stages import common, expand, seed_dpo, train
 

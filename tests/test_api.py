@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import float32_bound, tiny_overrides
 
 import spa_lite
-from conftest import float32_bound, tiny_overrides
 from spa_lite.errors import SpaError, StageOrderError
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke, ok, tiny_overrides, write_recipe
 from safetensors.torch import load_file
 
-from conftest import invoke, ok, tiny_overrides, write_recipe
 from spa_lite.cli import app
 
 EXPAND_FIELDS = {"prompt", "chosen", "rejected", "p_y1", "confidence", "logratio_chosen", "logratio_rejected",
@@ -71,9 +71,8 @@ def cli_env(tiny_model_dir, tiny_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def steps(cli_env):
     """seed-dpo, expand 1, train 1, (train 2 too early), expand 2, train 2, then re-runs, all through the CLI."""
-    from spa_lite.stages import train as train_mod
-
     from spa_lite.stages import seed_dpo as seed_mod
+    from spa_lite.stages import train as train_mod
 
     rec = cli_env["recipe"]
     out = {"run": cli_env["runs"] / "tiny"}

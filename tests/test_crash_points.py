@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CLI_ENV, tiny_overrides, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

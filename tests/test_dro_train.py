@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_overrides, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides, write_recipe
 from spa_lite.cli import app
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import margin_bound
+
 from spa_lite import evaluation, logps
 from spa_lite.logps import tokenize_pair
 from spa_lite.models import load_base_model

@@ -7,8 +7,16 @@ import json
 import pytest
 
 from spa_lite.errors import DataError
-from spa_lite.export import (alpaca_eval_outputs, export_alpaca_eval, export_mt_bench, generate_answers,
-                             mt_bench_answers, mt_bench_messages, read_alpaca_eval_questions, read_mt_bench_questions)
+from spa_lite.export import (
+    alpaca_eval_outputs,
+    export_alpaca_eval,
+    export_mt_bench,
+    generate_answers,
+    mt_bench_answers,
+    mt_bench_messages,
+    read_alpaca_eval_questions,
+    read_mt_bench_questions,
+)
 
 
 class FakeGenerate:
@@ -118,10 +126,11 @@ def test_mt_bench_messages_and_bad_file(tmp_path):
 
 
 def test_generate_answers_greedy_on_tiny_stack(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
     from spa_lite.generation import sample_responses
     from spa_lite.models import load_tokenizer
     from spa_lite.stack import LoraSettings, build_stack
-    from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(str(tiny_model_dir))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -18,11 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import invoke, ok, build_tiny_model_dir, tiny_overrides, write_pairs, write_recipe
-
-
-
+from conftest import build_tiny_model_dir, invoke, ok, tiny_overrides, write_pairs, write_recipe
 
 
 def refused(result, *needles: str) -> str:

@@ -29,10 +29,10 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import invoke, write_pairs, write_prompts  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import invoke, write_pairs, write_prompts  # noqa: E402
 from spa_lite.config import Recipe, load_recipe  # noqa: E402
 from spa_lite.data import load_pairs, load_prompts  # noqa: E402
 from spa_lite.errors import DataError, SpaError  # noqa: E402

@@ -10,13 +10,12 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import float32_bound
+from test_math import adapters  # noqa: F401  (module fixture)
 
 from spa_lite.generation import merged_copy, sample_responses
 from spa_lite.models import load_base_model
 from spa_lite.stack import build_stack
-
-from conftest import float32_bound
-from test_math import adapters  # noqa: F401  (module fixture)
 
 # prompts of different lengths, so that batches pad and sort
 QUESTIONS = ["Hi?", "How do I boil an egg quickly and safely at home?", "Name a fast animal.",

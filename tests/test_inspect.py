@@ -13,11 +13,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import invoke, ok
 from fake_run import XSS, write_fake_run
-from spa_lite.audit import (AnnotationError, AuditLog, agreement, apply_human_labels, audit_path, blind_sample,
-                            import_annotations, load_rows, make_annotation, read_annotations)
+
+from spa_lite.audit import (
+    AnnotationError,
+    AuditLog,
+    agreement,
+    apply_human_labels,
+    audit_path,
+    blind_sample,
+    import_annotations,
+    load_rows,
+    make_annotation,
+    read_annotations,
+)
 from spa_lite.demo.tasks import verify
 from spa_lite.inspect_page import make_server, page_payload, render
 

@@ -8,14 +8,13 @@ import json
 import math
 
 import pytest
+from test_math import PROMPTS, TOL, Y1, Y2, _merged, _naive_logp, _plain_base, adapters  # noqa: F401 (fixture)
 
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.judge import judge_logprob, score_responses
 from spa_lite.logps import encode_response
 from spa_lite.models import load_base_model
 from spa_lite.stack import build_stack
-
-from test_math import PROMPTS, TOL, Y1, Y2, _merged, _naive_logp, _plain_base, adapters  # noqa: F401 (fixture)
 
 
 def _sigmoid(z: float) -> float:

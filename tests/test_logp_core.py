@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import margin_bound
+
 from spa_lite import logps
 from spa_lite.config import TrainConfig
 from spa_lite.dro import dro_dpo_loss

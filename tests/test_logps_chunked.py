@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import margin_bound
+
 from spa_lite import logps
 from spa_lite.logps import TokenizedPair, chunked_target_logps, collate_pairs, encode_response
 from spa_lite.losses import ConfidenceWindow

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import float32_bound
+
 from spa_lite.errors import SpaError
 
 

@@ -26,7 +26,6 @@ from spa_lite.metrics import (
     win_rate,
 )
 
-
 # ---------------------------------------------------------------- Wilson
 
 def test_wilson_worked_example_8_of_10():

@@ -11,13 +11,21 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import invoke
 
 import spa_lite
-from conftest import invoke
 from spa_lite.cli import app
 from spa_lite.errors import SpaError
-from spa_lite.options import (EvalOptions, ExportAnswersOptions, PlanOptions, SplitOptions, WinrateOptions,
-                              cli_default, cli_help, flag_name)
+from spa_lite.options import (
+    EvalOptions,
+    ExportAnswersOptions,
+    PlanOptions,
+    SplitOptions,
+    WinrateOptions,
+    cli_default,
+    cli_help,
+    flag_name,
+)
 
 COMMANDS = {"eval": EvalOptions, "winrate": WinrateOptions, "export-answers": ExportAnswersOptions,
             "plan": PlanOptions, "split": SplitOptions}

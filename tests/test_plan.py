@@ -210,7 +210,6 @@ def test_plan_cli_quantization_and_missing_kernel(tmp_path, monkeypatch, caplog)
     assert "log-probs: from hidden states, spa_lite's chunked torch kernel" in without.output
     # each budgets its own kernel's tile on the fused path (far below full logits); every other part is the same
     from spa_lite.api import plan
-
     from spa_lite.config import load_recipe
 
     # micro-batches of 4 pairs x 256 tokens (the demo recipe now uses 1), the shape this comparison was sized for
@@ -324,9 +323,8 @@ def test_torch_kernel_tile_matches_measured_peak():
 def test_plan_offline_hub_model_suggests_config_json(tmp_path, monkeypatch):
     """Offline, `plan --recipe zephyr-7b-qlora` cannot fetch the hub model's config: the one error line names
     the `--model config.json` route, which then works with the same recipe."""
-    from transformers import MistralConfig
-
     from conftest import invoke
+    from transformers import MistralConfig
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached

@@ -19,6 +19,7 @@ except Exception as e:  # pragma: no cover - depends on the install
     pytest.skip(f"bitsandbytes cannot be imported: {e}", allow_module_level=True)
 
 from conftest import tiny_overrides
+
 from spa_lite.config import load_recipe
 from spa_lite.stages import expand, seed_dpo, train
 from spa_lite.stages.common import load_stack

@@ -19,6 +19,7 @@ except Exception as e:  # pragma: no cover - depends on the install
     pytest.skip(f"bitsandbytes cannot be imported: {e}", allow_module_level=True)
 
 from conftest import ASSETS, QUESTIONS, invoke, ok
+
 from spa_lite.generation import encode_prompt
 from spa_lite.logps import tokenize_pair
 

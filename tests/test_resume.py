@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_overrides
 from inject import crash_after_shards, crash_at_step
+from safetensors.torch import load_file
+
 from spa_lite.config import load_recipe
 from spa_lite.io import atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from spa_lite.stages import common, expand, seed_dpo, train

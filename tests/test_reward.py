@@ -12,18 +12,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_overrides
+from safetensors.torch import load_file
+from test_math import LORA, PROMPTS, TOL, Y1, Y2, _make_adapter, _merged, _naive_logp, _plain_base, adapters  # noqa: F401
+
 from spa_lite.config import load_recipe
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.logps import collate_pairs, tokenize_pair
 from spa_lite.models import count_base_weight_copies, load_base_model
-from spa_lite.reward import (REWARD_ADAPTER, RewardModel, RewardSpec, bt_loss, load_reward_model, new_head,
-                             run_reward_loop, sequence_rewards)
+from spa_lite.reward import (
+    REWARD_ADAPTER,
+    RewardModel,
+    RewardSpec,
+    bt_loss,
+    load_reward_model,
+    new_head,
+    run_reward_loop,
+    sequence_rewards,
+)
 from spa_lite.stack import build_stack
-
-from test_math import LORA, PROMPTS, TOL, Y1, Y2, _make_adapter, _merged, _naive_logp, _plain_base, adapters  # noqa: F401
 
 QUESTIONS = [{"id": f"q{i}", "prompt": [{"role": "user", "content": q}]} for i, q in enumerate(PROMPTS + ["Give a tip."])]
 

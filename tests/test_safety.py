@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_model_dir, invoke, ok, write_pairs
 from test_faults import clone, env, refused, stage_files  # noqa: F401 - env is a fixture
 

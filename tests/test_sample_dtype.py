@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from test_math import adapters  # noqa: F401  (module fixture)
 
 from spa_lite import generation, sampling_copy
 from spa_lite.errors import SpaError
@@ -15,8 +16,6 @@ from spa_lite.layout import Stage
 from spa_lite.models import load_base_model
 from spa_lite.runs import stage_config, stage_hash
 from spa_lite.stack import build_stack
-
-from test_math import adapters  # noqa: F401  (module fixture)
 
 
 @pytest.fixture

@@ -10,13 +10,12 @@ import json
 from collections import Counter
 
 import pytest
+from test_math import _merged, _naive_logp, adapters  # noqa: F401  (module fixture)
 
 from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.judge import judge_logprob
 from spa_lite.models import load_base_model
 from spa_lite.stack import build_stack
-
-from test_math import _merged, _naive_logp, adapters  # noqa: F401  (module fixture)
 
 QUESTIONS = ["How do I boil an egg?", "Name a fast animal.", "Why is the sky blue?", "Give a tip for sleep."]
 

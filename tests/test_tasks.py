@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import invoke, ok, tiny_overrides, write_recipe
+
 import spa_lite
 from spa_lite.cli import RecipeArgs
 from spa_lite.config import load_recipe
 from spa_lite.errors import SpaError
-
 
 
 def flat(result) -> str:

@@ -8,9 +8,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import tiny_overrides
 
 import spa_lite
-from conftest import tiny_overrides
 from spa_lite.errors import SpaError
 
 
@@ -166,9 +166,9 @@ def test_wandb_offline_values_equal_metrics_jsonl(tracked):
 
 
 def test_cli_report_to(tiny_model_dir, tiny_data, tmp_path):
+    from conftest import write_recipe
     from typer.testing import CliRunner
 
-    from conftest import write_recipe
     from spa_lite.cli import app
 
     if __import__("importlib").util.find_spec("tensorboard") is None:

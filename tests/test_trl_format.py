@@ -8,9 +8,9 @@ import json
 import stat
 
 import pytest
+from conftest import tiny_overrides
 
 import spa_lite
-from conftest import tiny_overrides
 from spa_lite.data import load_pairs, pair_texts, to_trl_conversational
 from spa_lite.errors import DataError
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_overrides, write_pairs
 
 import spa_lite
-from conftest import tiny_overrides, write_pairs
 from spa_lite.data import load_pairs, shuffled
 from spa_lite.logps import collate_pairs, tokenize_pair
 from spa_lite.stages.common import tokenize_pairs, truncated_count

@@ -17,12 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import float32_bound
+
 from spa_lite.errors import SpaError
 from spa_lite.generation import Sample, encode_prompt
-from spa_lite.vllm_backend import (INSTALL_HINT, VLLMSampler, adapter_rank, completion_to_sample, import_vllm,
-                                   outputs_to_samples, prepare_adapter, vllm_lora_rank)
+from spa_lite.vllm_backend import (
+    INSTALL_HINT,
+    VLLMSampler,
+    adapter_rank,
+    completion_to_sample,
+    import_vllm,
+    outputs_to_samples,
+    prepare_adapter,
+    vllm_lora_rank,
+)
 
 ASSETS = Path(__file__).parent / "assets"
 EOS = 2  # the tiny tokenizer's EOS
@@ -240,8 +248,8 @@ def test_prepared_adapter_reproduces_stack(tiny_recipe, tiny_model_dir, tmp_path
 
     from spa_lite.models import load_base_model
     from spa_lite.runs import adapter_dir
-    from spa_lite.stages.common import load_stack
     from spa_lite.stack import save_adapter
+    from spa_lite.stages.common import load_stack
 
     torch.set_num_threads(1)
     recipe = tiny_recipe()

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from spa_lite.metrics import win_rate
 from spa_lite.http_judge import CACHE_FILE, HTTPJudge, _chat_url
+from spa_lite.metrics import win_rate
 from spa_lite.pairwise import JudgeError, JudgeItem, PairwiseJudge, format_question, parse_verdict
 from spa_lite.winrate import LocalLLMJudge, VerifierJudge, win_rate_eval
 

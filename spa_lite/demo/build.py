@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from spa_lite.io import atomic_write_text
 from spa_lite.demo import tasks
+from spa_lite.io import atomic_write_text
 
 #: Weights for the *extra* constraint kinds drawn for seed-candidate questions: the kinds the tiny
 #: bundled model (almost) never satisfies are rare, since they cannot yield a pair.

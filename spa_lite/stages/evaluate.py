@@ -13,15 +13,22 @@ from spa_lite.config import Recipe
 from spa_lite.data import load_pairs, load_prompts, pair_texts, shuffled
 from spa_lite.demo.tasks import question_index, verify
 from spa_lite.errors import SpaError, StageOrderError
-from spa_lite.evaluation import (encode_pairs_for_eval, judge_accuracy, noise_detection, policy_label,
-                                 response_outcomes, self_label_noise, summarize_outcomes)
-from spa_lite.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_obj
+from spa_lite.evaluation import (
+    encode_pairs_for_eval,
+    judge_accuracy,
+    noise_detection,
+    policy_label,
+    response_outcomes,
+    self_label_noise,
+    summarize_outcomes,
+)
 from spa_lite.generation import dtype_name, sampling_dtype
+from spa_lite.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_obj
+from spa_lite.layout import Stage, adapter_dir, complete_policies, data_path, eval_dir, stage_dir
 from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.metrics import paired_difference
 from spa_lite.tracking import log_eval
-from spa_lite.layout import Stage, adapter_dir, complete_policies, data_path, eval_dir, stage_dir
 from spa_lite.ui import console, progress
 
 
@@ -198,57 +205,79 @@ def _demo_verifier(recipe: Recipe):
 
 
 def print_report(report: dict) -> None:
+    """The eval report as tables on the console, one per measurement the report holds."""
     dropped = {**(report.get("pairs") or {}).get("dropped", {}), **{f"prompts {k}": v for k, v in
                                                                   report.get("eval_prompts_dropped", {}).items()}}
     if any(dropped.values()):
         console.print("skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v))
     if "judge_accuracy" in report:
-        t = Table(title=f"judge accuracy on {report['pairs']['spec']} (n={report['pairs']['n']}), 95% CI")
-        methods = sorted({m for v in report["judge_accuracy"].values() for m in v})
-        t.add_column("policy")
-        for m in methods:
-            t.add_column(m)
-        for pol, v in report["judge_accuracy"].items():
-            t.add_row(pol, *[f"{v[m]['accuracy']:.3f} [{v[m]['ci_low']:.2f}, {v[m]['ci_high']:.2f}]" if m in v else "-"
-                             for m in methods])
-        console.print(t)
-    nd = report.get("noise_detection", {}).get("by_policy", {})
-    if nd:
-        t = Table(title=f"noise detection: AUROC for {report['noise_detection']['flip']:.0%} flipped labels")
-        dets = [k for k in next(iter(nd.values())) if k not in {"flipped", "n"}]
-        t.add_column("policy")
-        for d in dets:
-            t.add_column(d)
-        for pol, v in nd.items():
-            t.add_row(pol, *[f"{v[d]['auroc']:.3f}" if v[d]["auroc"] is not None else "-" for d in dets])
-        console.print(t)
+        console.print(_judge_table(report))
+    if report.get("noise_detection", {}).get("by_policy"):
+        console.print(_noise_table(report["noise_detection"]))
     if report.get("human_audit"):
         print_audit(report["human_audit"])
     if report.get("self_label_noise"):
-        t = Table(title="self-labelling noise (verifier vs Eq. 7 labels)")
-        for c in ("D_i", "n", "confirmed", "contradicted", "undetermined", "contradicted | flagged", "contradicted | unflagged"):
-            t.add_column(c)
-        for d, v in report["self_label_noise"].items():
-            f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-            t.add_row(d, str(v["n"]), str(v["confirmed"]), str(v["contradicted"]), str(v["undetermined"]),
-                      f(v.get("contradicted_rate_flagged")), f(v.get("contradicted_rate_unflagged")))
-        console.print(t)
+        console.print(_self_label_table(report["self_label_noise"]))
     if report.get("pass_rate"):
-        t = Table(title="verifier pass rate on held-out prompts, 95% CI")
-        for c in ("policy", "n", "pass rate", "CI", "mean tokens", "truncated"):
-            t.add_column(c)
-        for pol, v in report["pass_rate"].items():
-            t.add_row(pol, str(v["n"]), f"{v['pass_rate']:.3f}", f"[{v['ci_low']:.2f}, {v['ci_high']:.2f}]",
-                      f"{v['mean_tokens']:.1f}", f"{v.get('truncated_rate', float('nan')):.2f}")
-        console.print(t)
+        console.print(_pass_rate_table(report["pass_rate"]))
     if report.get("pass_rate_diff"):
-        t = Table(title="pass-rate differences, paired over the same prompts (bootstrap over questions, 95%)")
-        for c in ("a - b", "diff", "CI", "prompts"):
-            t.add_column(c)
-        for d in report["pass_rate_diff"]:
-            t.add_row(f"{d['a']} - {d['b']}", f"{d['diff']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", str(d["n"]))
-        console.print(t)
+        console.print(_pass_diff_table(report["pass_rate_diff"]))
     console.print(f"written: {report.get('path')}")
+
+
+def _table(title: str, columns) -> Table:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    return t
+
+
+def _judge_table(report: dict) -> Table:
+    methods = sorted({m for v in report["judge_accuracy"].values() for m in v})
+    t = _table(f"judge accuracy on {report['pairs']['spec']} (n={report['pairs']['n']}), 95% CI", ["policy", *methods])
+    for pol, v in report["judge_accuracy"].items():
+        t.add_row(pol, *[f"{v[m]['accuracy']:.3f} [{v[m]['ci_low']:.2f}, {v[m]['ci_high']:.2f}]" if m in v else "-"
+                         for m in methods])
+    return t
+
+
+def _noise_table(noise: dict) -> Table:
+    nd = noise["by_policy"]
+    dets = [k for k in next(iter(nd.values())) if k not in {"flipped", "n"}]
+    t = _table(f"noise detection: AUROC for {noise['flip']:.0%} flipped labels", ["policy", *dets])
+    for pol, v in nd.items():
+        t.add_row(pol, *[f"{v[d]['auroc']:.3f}" if v[d]["auroc"] is not None else "-" for d in dets])
+    return t
+
+
+def _self_label_table(noise: dict) -> Table:
+    t = _table("self-labelling noise (verifier vs Eq. 7 labels)",
+               ("D_i", "n", "confirmed", "contradicted", "undetermined", "contradicted | flagged",
+                "contradicted | unflagged"))
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+    for d, v in noise.items():
+        t.add_row(d, str(v["n"]), str(v["confirmed"]), str(v["contradicted"]), str(v["undetermined"]),
+                  f(v.get("contradicted_rate_flagged")), f(v.get("contradicted_rate_unflagged")))
+    return t
+
+
+def _pass_rate_table(rates: dict) -> Table:
+    t = _table("verifier pass rate on held-out prompts, 95% CI",
+               ("policy", "n", "pass rate", "CI", "mean tokens", "truncated"))
+    for pol, v in rates.items():
+        t.add_row(pol, str(v["n"]), f"{v['pass_rate']:.3f}", f"[{v['ci_low']:.2f}, {v['ci_high']:.2f}]",
+                  f"{v['mean_tokens']:.1f}", f"{v.get('truncated_rate', float('nan')):.2f}")
+    return t
+
+
+def _pass_diff_table(diffs: list) -> Table:
+    t = _table("pass-rate differences, paired over the same prompts (bootstrap over questions, 95%)",
+               ("a - b", "diff", "CI", "prompts"))
+    for d in diffs:
+        t.add_row(f"{d['a']} - {d['b']}", f"{d['diff']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", str(d["n"]))
+    return t
 
 
 def print_audit(audits: dict) -> None:

@@ -22,14 +22,13 @@ from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob, score_responses
 from spa_lite.label_signs import label_signs, warn_signs
 from spa_lite.layout import read_manifest
-from spa_lite.metrics import confidence_histogram
 from spa_lite.loading import load_stack
+from spa_lite.metrics import confidence_histogram
 from spa_lite.reward import RewardModel, load_run_reward_model, reward_scores
 from spa_lite.runs import Stage, StageRun, stage_run
 from spa_lite.stack import PolicyStack, adapter_name
 from spa_lite.ui import progress
 from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
-
 
 # Self-check of Eq. 7's log-probs read off a reduced-precision copy: largest |recorded - float32 forward| per
 # response token. bf16 on SmolLM2: median 0.007, max 0.042 over 96 samples (bench/RESULTS.md, generation); a

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import time
 
-from spa_lite.config import Recipe
-from spa_lite.runs import dump_recipe
-from spa_lite.config import REWARD_JUDGES
-from spa_lite.stages import expand, reward, seed_dpo, train
+from spa_lite.config import REWARD_JUDGES, Recipe
 from spa_lite.distributed import get_dist
 from spa_lite.memory import release_memory
+from spa_lite.runs import dump_recipe
+from spa_lite.stages import expand, reward, seed_dpo, train
 from spa_lite.ui import console, interactive, summary_table
 
 
