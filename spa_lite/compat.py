@@ -18,6 +18,9 @@ trying a new release before this table is updated).
   bnb_cpu_probe      bitsandbytes   bitsandbytes.functional.has_avx512bf16          doctor's row says "unknown"
   bnb_cpu_repack     bitsandbytes   Linear4bit.support_avx512bf16_for_cpu set False a 4-bit base on the CPU is
                                     (a 4-bit base trains on the CPU)                refused: quantization none
+  no_split_modules   transformers   PreTrainedModel._no_split_modules read (the     FSDP refused with the setting
+                                    decoder-layer classes FSDP shards by; only a    to change (model.fsdp off);
+                                    read, so not version-gated)                     see decoder_layer_classes
 """
 
 from __future__ import annotations
@@ -260,3 +263,10 @@ def keep_bnb_cpu_differentiable(model) -> None:
     for mod in model.modules():
         if hasattr(mod, "support_avx512bf16_for_cpu"):
             mod.support_avx512bf16_for_cpu = False
+
+
+# ------------------------------------------------------------------- transformers: decoder-layer classes
+def decoder_layer_classes(model) -> set[str]:
+    """The class names transformers marks as not to be split across devices (``_no_split_modules``): the decoder
+    layers, which FSDP shards one unit each. Empty where the model names none (the caller refuses)."""
+    return set(getattr(model, "_no_split_modules", None) or [])

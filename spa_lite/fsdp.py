@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from spa_lite.compat import decoder_layer_classes
 from spa_lite.errors import SpaError
 
 
@@ -48,7 +49,7 @@ def fully_shard_fn():
 
 
 def _layer_classes(base) -> set[str]:
-    names = set(getattr(base, "_no_split_modules", None) or [])
+    names = decoder_layer_classes(base)
     if not names:
         raise SpaError(f"FSDP: {type(base).__name__} names no decoder-layer class (_no_split_modules); "
                        "run with model.fsdp=off (data parallel)")

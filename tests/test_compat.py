@@ -98,3 +98,16 @@ def test_4bit_cpu_base_is_refused_outside_the_tested_bitsandbytes(tiny_model_dir
     monkeypatch.setenv("SPA_LITE_TRUST_INTERNALS", "1")
     base, _ = load_base_model(str(tiny_model_dir), quantization="4bit", dtype="float32", device="cpu")
     assert all(m.support_avx512bf16_for_cpu is False for m in base.modules() if isinstance(m, bnb.Linear4bit))
+
+
+def test_decoder_layer_classes_reads_transformers_no_split_modules():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spa_lite.compat import decoder_layer_classes
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    assert decoder_layer_classes(model) == {"LlamaDecoderLayer"}
+    assert decoder_layer_classes(SimpleNamespace()) == set()  # names none: FSDP refuses (fsdp._layer_classes)
