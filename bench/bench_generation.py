@@ -76,9 +76,10 @@ def main(argv=None):
     import torch
 
     from spa_lite.data import load_prompts
-    from spa_lite.generation import encode_prompt, fast_bf16_cpu, sample_responses
+    from spa_lite.generation import encode_prompt, sample_responses
     from spa_lite.judge import response_logps
     from spa_lite.models import load_base_model
+    from spa_lite.sampling_copy import fast_bf16_cpu
     from spa_lite.stack import build_stack
 
     model_path = common.resolve_model(args.model)

@@ -93,10 +93,11 @@ class Piece:
 
     def samples(self, prompts: list[dict]) -> list[dict]:
         """N samples of pi_0 per dev prompt, with log pi_0 read off the sampling pass; cached per chunk."""
-        from spa_lite.generation import encode_prompt, sample_responses, sampling_dtype
+        from spa_lite.generation import encode_prompt, sample_responses
         from spa_lite.io import atomic_write_json, read_json
         from spa_lite.judge import response_logps
         from spa_lite.loading import load_stack
+        from spa_lite.sampling_copy import sampling_dtype
 
         c, out, stack = self.recipe.expand, [], None
         for k in range(0, len(prompts), CHUNK):

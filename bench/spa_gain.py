@@ -121,7 +121,7 @@ class Bench:
             match = self.args.match_arm
             if f"s{seed}/{match}" not in self.res["pieces"]:
                 self.piece(seed, match)
-            from spa_lite.runs import Stage, read_manifest
+            from spa_lite.layout import Stage, read_manifest
             from spa_lite.stages import seed_dpo
 
             ref = base if match == "spa" else self.recipe(seed, match, **ARMS[match])
@@ -156,7 +156,7 @@ class Bench:
         """Greedy held-out outcomes of pi_k (None: pi_init) under ``labels[k]``, cached by label."""
         from spa_lite.demo.tasks import verify
         from spa_lite.evaluation import response_outcomes
-        from spa_lite.stages.common import load_stack
+        from spa_lite.loading import load_stack
 
         todo = {k: lab for k, lab in labels.items() if self.key(seed, lab) not in self.outcomes}
         if not todo:
@@ -188,7 +188,7 @@ class Bench:
         from spa_lite.demo.tasks import verify
         from spa_lite.evaluation import self_label_noise
         from spa_lite.io import read_jsonl
-        from spa_lite.runs import Stage, read_manifest, stage_dir
+        from spa_lite.layout import Stage, read_manifest, stage_dir
 
         out = {}
         for i in range(1, recipe.iterations + 1):
@@ -224,8 +224,8 @@ class Bench:
         import torch
 
         from spa_lite.data import load_pairs, shuffled
-        from spa_lite.evaluation import policy_names
         from spa_lite.judge import response_logps
+        from spa_lite.layout import policy_names
         from spa_lite.loading import load_stack
         from spa_lite.metrics import accuracy_with_ci
         from spa_lite.stages.common import tokenize_pairs
@@ -283,9 +283,9 @@ class Bench:
         from spa_lite.generation import encode_prompt, sample_responses
         from spa_lite.io import read_jsonl
         from spa_lite.judge import response_logps
+        from spa_lite.layout import Stage, stage_dir
         from spa_lite.loading import load_stack
         from spa_lite.metrics import accuracy_with_ci
-        from spa_lite.runs import Stage, stage_dir
 
         recipe = self.recipe(seed, "spa")
         c = recipe.expand

@@ -26,7 +26,7 @@ from spa_lite.io import atomic_write_jsonl, read_json, read_jsonl
 from spa_lite.layout import audit_path, data_path
 from spa_lite.metrics import wilson_interval
 
-__all__ = ["AnnotationError", "CHOICES", "AUDIT_FILE", "audit_path", "pairs_path", "load_rows", "blind_sample",
+__all__ = ["AnnotationError", "CHOICES", "AUDIT_FILE", "pairs_path", "load_rows", "blind_sample",
            "make_annotation", "read_annotations", "latest", "AuditLog", "import_annotations", "agreement",
            "run_agreement", "apply_human_labels", "pair_key"]
 

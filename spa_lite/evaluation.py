@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 from spa_lite.data import pair_texts
-from spa_lite.generation import encode_prompt, sample_responses, sampling_dtype
+from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.judge import judge_llm, judge_logprob
-from spa_lite.layout import policy_label, policy_names
+from spa_lite.layout import policy_names
 from spa_lite.logps import batch_logps, collate_pairs, tokenize_pair, truncate_pair
 from spa_lite.losses import pair_logits
 from spa_lite.metrics import accuracy_with_ci, auroc, flip_labels, pass_rate_with_ci, precision_at_k_percent, summarize
+from spa_lite.sampling_copy import sampling_dtype
 from spa_lite.stack import PolicyStack
 
 
@@ -166,4 +167,4 @@ def encode_pairs_for_eval(tokenizer, rows: Sequence[dict], max_length: int, max_
 
 
 __all__ = ["judge_accuracy", "noise_detection", "response_outcomes", "summarize_outcomes", "self_label_noise", "pair_confidences",
-           "encode_pairs_for_eval", "policy_names", "policy_label", "encode_prompt"]
+           "encode_pairs_for_eval"]

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spa_lite.errors import DataError
-from spa_lite.generation import sample_responses, sampling_dtype
+from spa_lite.generation import sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from spa_lite.sampling_copy import sampling_dtype
 
 GenerateFn = Callable[[Sequence[Sequence[dict]], float], list[str]]
 

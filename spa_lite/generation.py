@@ -31,16 +31,7 @@ import torch
 
 import spa_lite.compat as compat
 from spa_lite.generation_hf import generate_hf, left_padded
-from spa_lite.sampling_copy import (  # noqa: F401 (re-exported)
-    SAMPLE_DTYPES,
-    dtype_name,
-    fast_bf16_cpu,
-    merged_copy,
-    release_sampling_copy,
-    resolve_sample_dtype,
-    sampling_dtype,
-    sampling_model,
-)
+from spa_lite.sampling_copy import sampling_model
 
 
 @dataclass
@@ -131,13 +122,13 @@ def sample_responses(
         engine: "fast" (spa-lite's loop, merged adapters) or "hf" (transformers' generate); see the module
             docstring. "fast" falls back to "hf" when the model's generation_config asks for a logits
             processor it does not apply (``unsupported_settings``).
-        merge: fast engine: decode with the active adapters merged into a working copy (``merged_copy``).
+        merge: fast engine: decode with the active adapters merged into a working copy (``spa_lite.sampling_copy.merged_copy``).
         max_rows: fast engine: sequences in flight at once. Default ``batch_size * num_samples``, and at least
             ``CPU_MIN_ROWS`` on a CPU, where a decoding step streams every weight once whatever the row count and
             a matrix product of 96 rows runs at about 1.5x the FLOP rate of one of 48 (2 cores, SmolLM2), so
             more rows cost less per token. The price is memory: SmolLM2's float32 KV cache is 46 KB per row and
             position, 0.5 GB for 96 rows of 120 positions.
-        dtype: fast engine: decode with the merged copy's weights in this dtype (``sampling_dtype`` picks
+        dtype: fast engine: decode with the merged copy's weights in this dtype (``spa_lite.sampling_copy.sampling_dtype`` picks
             bfloat16 on CPUs with bf16 matrix units). The samples then come from the policy rounded to that
             dtype, and recorded log-probs are that copy's, not the full-precision policy's.
 

@@ -17,17 +17,9 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from spa_lite.audit import (
-    AnnotationError,
-    AuditLog,
-    agreement,
-    audit_path,
-    blind_sample,
-    latest,
-    load_rows,
-    read_annotations,
-)
+from spa_lite.audit import AnnotationError, AuditLog, agreement, blind_sample, latest, load_rows, read_annotations
 from spa_lite.io import atomic_write_text, dumps
+from spa_lite.layout import audit_path
 from spa_lite.metrics import confidence_histogram
 
 __all__ = ["page_payload", "render", "write_page", "make_server", "default_page_path"]
@@ -186,7 +178,7 @@ class _AuditServer(ThreadingHTTPServer):
 def make_server(run_path: str | Path, iteration: int, *, pairs: str | Path | None = None, sample: int = 50,
                 seed: int = 0, port: int = 0) -> _AuditServer:
     """A server for the page in server mode, bound to 127.0.0.1 only; each annotation is written atomically to
-    the run's audit file (``spa_lite.audit.audit_path``) when it is posted. ``port`` 0 picks a free one.
+    the run's audit file (``spa_lite.layout.audit_path``) when it is posted. ``port`` 0 picks a free one.
     Call ``serve_forever()`` on it; ``server_address`` gives the port.
     """
     rows, info = load_rows(run_path, iteration, pairs)

@@ -15,10 +15,11 @@ from spa_lite.config import Recipe
 from spa_lite.distributed import get_dist, local_device
 from spa_lite.errors import SpaError
 from spa_lite.fsdp import fsdp_requested, shard_stack
+from spa_lite.layout import adapter_dir, adapter_name
 from spa_lite.memory import apply_malloc
 from spa_lite.models import ALIASES, load_base_model
-from spa_lite.runs import adapter_dir, verify_inputs
-from spa_lite.stack import LoraSettings, PolicyStack, adapter_name, build_stack
+from spa_lite.runs import verify_inputs
+from spa_lite.stack import LoraSettings, PolicyStack, build_stack
 
 __all__ = ["check_model_path", "load_stack", "setup_torch"]
 

@@ -45,11 +45,11 @@ from safetensors.torch import save_file
 from spa_lite.config import Recipe
 from spa_lite.errors import SpaError
 from spa_lite.io import atomic_dir, disk_errors, read_json
-from spa_lite.layout import Stage, adapter_dir, policy_label, policy_names, read_manifest
+from spa_lite.layout import Stage, adapter_dir, adapter_name, policy_label, policy_names, read_manifest
 from spa_lite.loading import check_model_path, load_stack
 from spa_lite.models import load_base_model, name_base_portably, portable_base_id
 from spa_lite.runs import verify_inputs
-from spa_lite.stack import PolicyStack, adapter_name, build_stack
+from spa_lite.stack import PolicyStack, build_stack
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Stage lineage and manifests: what a stage's output depends on, checks of its inputs, and the stage run
 (``stage_run``) that holds a stage's lock, peak-memory meter, tracker and manifest while it runs.
 
-The paths of a run are ``spa_lite.layout``'s (re-exported here), the stage locks ``spa_lite.locks``'s.
+The paths of a run (``Stage``, ``stage_dir``, ``adapter_dir``, ``read_manifest``) live in ``spa_lite.layout``, the
+stage locks in ``spa_lite.locks``; import them from there.
 Each stage's ``config_hash`` covers its own settings and the hashes of the stages it reads, so a stage made
 from another config is refused instead of silently mixed into a run.
 """
@@ -31,7 +32,6 @@ from spa_lite.layout import (
     REWARD_HEAD_FILE,
     REWARD_STAGE,
     Stage,
-    adapter_dir,
     audit_path,
     policy_stage,
     read_manifest,
@@ -42,9 +42,8 @@ from spa_lite.memory import StagePeak, peak_rss_gb
 from spa_lite.models import ALIASES, cache_root
 from spa_lite.tracking import StageTracker, log_stage_summary, requested, require
 
-__all__ = ["Stage", "stage_dir", "adapter_dir", "read_manifest", "StageLock", "stage_config", "stage_hash",
-           "base_fingerprint", "adapter_files_hash", "stage_identity", "verify_inputs", "require_upstream",
-           "require_stage", "versions", "StageRun", "stage_run", "finish_stage", "dump_recipe"]
+__all__ = ["stage_config", "stage_hash", "base_fingerprint", "adapter_files_hash", "stage_identity", "verify_inputs",
+           "require_upstream", "require_stage", "versions", "StageRun", "stage_run", "finish_stage", "dump_recipe"]
 
 
 def _model_key(recipe: Recipe) -> dict:

@@ -1,7 +1,7 @@
 """The policy to decode with: a working copy of the base with the active LoRA adapters merged in, optionally
 rounded to a reduced precision (``expand.sample_dtype``), kept on the model while its adapters are unchanged.
 
-Split from ``spa_lite.generation`` (which re-exports these names): the decoding loop lives there.
+Split from ``spa_lite.generation``, where the decoding loop lives; import these names from here.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from spa_lite.errors import SpaError
 from spa_lite.fsdp import full_tensor
 from spa_lite.io import atomic_dir, disk_errors
-from spa_lite.layout import adapter_name  # noqa: F401 - the stack's adapter names are the run layout's
 from spa_lite.models import name_base_portably
 
 

@@ -28,7 +28,7 @@ from spa_lite.config import Recipe
 from spa_lite.data import load_prompts
 from spa_lite.demo.tasks import verify as demo_verify
 from spa_lite.errors import SpaError
-from spa_lite.generation import sample_responses, sampling_dtype
+from spa_lite.generation import sample_responses
 from spa_lite.http_judge import HTTPJudge
 from spa_lite.io import atomic_write_json
 from spa_lite.judge import judge_llm
@@ -37,6 +37,7 @@ from spa_lite.loading import load_stack
 from spa_lite.metrics import bootstrap_ci, win_rate
 from spa_lite.options import WinrateOptions
 from spa_lite.pairwise import JudgeError, JudgeItem, PairwiseJudge
+from spa_lite.sampling_copy import sampling_dtype
 from spa_lite.stack import PolicyStack
 from spa_lite.ui import task
 
@@ -51,7 +52,7 @@ __all__ = ["LocalLLMJudge", "VerifierJudge", "win_rate_eval", "compare_policies"
 class LocalLLMJudge:
     """A policy of a PolicyStack as LLM-as-judge (:func:`spa_lite.judge.judge_llm`, both orders averaged).
 
-    ``names`` are the adapters of the judging policy (``spa_lite.evaluation.policy_names(k)``; [] = pi_init).
+    ``names`` are the adapters of the judging policy (``spa_lite.layout.policy_names(k)``; [] = pi_init).
     """
 
     def __init__(self, stack, names: Sequence[str], batch_size: int = 4):

@@ -9,9 +9,9 @@ from test_math import adapters  # noqa: F401  (module fixture)
 
 from spa_lite import compat, generation, generation_hf
 from spa_lite.errors import SpaError
-from spa_lite.generation import merged_copy, sample_responses
+from spa_lite.generation import sample_responses
 from spa_lite.models import load_base_model
-from spa_lite.sampling_copy import fast_bf16_cpu, sampling_model
+from spa_lite.sampling_copy import fast_bf16_cpu, merged_copy, sampling_model
 from spa_lite.stack import build_stack
 
 PROMPTS = [[{"role": "user", "content": q}] for q in ("Hi?", "Name a fast animal.", "Why is the sky blue at noon?")]

@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 
 from spa_lite import config
-from spa_lite.config import ExpandConfig, Recipe, SpaError, load_recipe, setting, validate
+from spa_lite.config import ExpandConfig, Recipe, load_recipe, setting, validate
+from spa_lite.errors import SpaError
 
 
 def _message(overrides: dict) -> str:

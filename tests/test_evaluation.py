@@ -9,6 +9,7 @@ import torch
 from conftest import margin_bound
 
 from spa_lite import evaluation, logps
+from spa_lite.layout import policy_names
 from spa_lite.logps import tokenize_pair
 from spa_lite.models import load_base_model
 from spa_lite.stack import build_stack
@@ -87,7 +88,7 @@ def test_response_outcomes_restore_prompt_order(stack):
     verify = lambda text, c: len(text) % 2 == 0  # noqa: E731 - any deterministic function of the text
     rows = evaluation.response_outcomes(stack, records, 0, verify, temperature=0.0, max_new_tokens=6, batch_size=1)
     assert [r["id"] for r in rows] == [r["id"] for r in records]
-    with stack.use(evaluation.policy_names(0)) as m:
+    with stack.use(policy_names(0)) as m:
         ref = [sample_responses(m, stack.tokenizer, [r["prompt"]], num_samples=1, max_new_tokens=6, temperature=0.0,
                                 batch_size=1)[0][0] for r in records]
     assert [r["tokens"] for r in rows] == [s.num_tokens for s in ref]

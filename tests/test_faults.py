@@ -224,7 +224,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(env):
 
 def test_lock_primitive(tmp_path):
     from spa_lite.errors import StageLockedError
-    from spa_lite.runs import StageLock
+    from spa_lite.locks import StageLock
 
     with StageLock(tmp_path / "s") as lock:
         info = json.loads(lock.path.read_text())

@@ -13,8 +13,9 @@ import torch
 from conftest import float32_bound
 from test_math import adapters  # noqa: F401  (module fixture)
 
-from spa_lite.generation import merged_copy, sample_responses
+from spa_lite.generation import sample_responses
 from spa_lite.models import load_base_model
+from spa_lite.sampling_copy import merged_copy
 from spa_lite.stack import build_stack
 
 # prompts of different lengths, so that batches pad and sort

@@ -21,7 +21,6 @@ from spa_lite.audit import (
     AuditLog,
     agreement,
     apply_human_labels,
-    audit_path,
     blind_sample,
     import_annotations,
     load_rows,
@@ -30,6 +29,7 @@ from spa_lite.audit import (
 )
 from spa_lite.demo.tasks import verify
 from spa_lite.inspect_page import make_server, page_payload, render
+from spa_lite.layout import audit_path
 
 
 @pytest.fixture
@@ -265,7 +265,8 @@ def test_human_labels_replace_self_labels_by_hand(run):
 
 
 def test_audit_labels_keep_old_hashes_and_hash_the_audit(tiny_recipe):
-    from spa_lite.runs import Stage, _loop_key, stage_hash
+    from spa_lite.layout import Stage
+    from spa_lite.runs import _loop_key, stage_hash
 
     off, on = tiny_recipe(), tiny_recipe(**{"train.audit_labels": True})
     assert "audit_labels" not in _loop_key(off.train)  # runs made before the setting keep their hashes

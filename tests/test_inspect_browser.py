@@ -20,8 +20,9 @@ import pytest
 from conftest import invoke, ok
 from fake_run import write_fake_run
 
-from spa_lite.audit import audit_path, blind_sample, load_rows, read_annotations
+from spa_lite.audit import blind_sample, load_rows, read_annotations
 from spa_lite.inspect_page import make_server, page_payload, render, write_page
+from spa_lite.layout import audit_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -196,7 +196,8 @@ def test_per_token_judge_divides_each_log_ratio_by_its_length(tiny_model_dir, ad
 
 
 def test_judge_norm_sum_keeps_old_hashes_and_per_token_changes_them(tiny_recipe):
-    from spa_lite.runs import Stage, stage_config, stage_hash
+    from spa_lite.layout import Stage
+    from spa_lite.runs import stage_config, stage_hash
 
     base = tiny_recipe()
     assert "judge_norm" not in json.dumps(stage_config(base, Stage("expand", 1)))

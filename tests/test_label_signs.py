@@ -45,7 +45,7 @@ def test_expand_records_the_signs_and_warns_once_each(tiny_recipe, capsys):
     and the gold pairs, and each is one warning line."""
     from spa_lite.data import load_pairs, pair_texts, shuffled
     from spa_lite.io import read_jsonl
-    from spa_lite.runs import Stage, read_manifest, stage_dir
+    from spa_lite.layout import Stage, read_manifest, stage_dir
     from spa_lite.stages import expand, seed_dpo
 
     recipe = tiny_recipe()
@@ -76,8 +76,7 @@ def test_expand_reads_the_previous_iterations_mean_length_for_length_drop(tiny_r
     from types import SimpleNamespace
 
     from spa_lite.io import atomic_write_json
-    from spa_lite.layout import stage_dir
-    from spa_lite.runs import Stage
+    from spa_lite.layout import Stage, stage_dir
     from spa_lite.stages.expand import _mean_tokens
 
     recipe = tiny_recipe()

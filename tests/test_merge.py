@@ -15,8 +15,8 @@ def _random_adapters(recipe, tiny_model_dir):
     """seed (r=4, alpha=8) and iter1 (r=2, alpha=16, rsLoRA) with non-zero random B, saved where the run keeps them."""
     from peft import LoraConfig, get_peft_model
 
+    from spa_lite.layout import adapter_dir
     from spa_lite.models import load_base_model
-    from spa_lite.runs import adapter_dir
     from spa_lite.stack import save_adapter
 
     base, _ = load_base_model(str(tiny_model_dir), "none", "float32", "cpu")
@@ -46,7 +46,7 @@ def _logits(model, batch):
 
 @pytest.fixture
 def run_with_stack(tiny_recipe, tiny_model_dir):
-    from spa_lite.stages.common import load_stack
+    from spa_lite.loading import load_stack
 
     recipe = tiny_recipe()
     _random_adapters(recipe, tiny_model_dir)
@@ -95,8 +95,9 @@ def test_merged_equals_stack(run_with_stack, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spa_lite.io import atomic_write_json
+    from spa_lite.layout import Stage
     from spa_lite.merge import export_merged
-    from spa_lite.runs import Stage, finish_stage
+    from spa_lite.runs import finish_stage
 
     recipe, stack = run_with_stack
     finish_stage(recipe, Stage("train", 1), {"steps": 3}, {}, 0.0)

@@ -21,8 +21,8 @@ except Exception as e:  # pragma: no cover - depends on the install
 from conftest import tiny_overrides
 
 from spa_lite.config import load_recipe
+from spa_lite.loading import load_stack
 from spa_lite.stages import expand, seed_dpo, train
-from spa_lite.stages.common import load_stack
 
 
 def q_recipe(tiny_model_dir, tiny_data, runs, **extra):

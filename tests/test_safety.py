@@ -425,7 +425,8 @@ def test_ctrl_c_message(env, monkeypatch):
 
 
 def test_infinite_learning_rate_says_finite(env):
-    from spa_lite.config import SpaError, load_recipe
+    from spa_lite.config import load_recipe
+    from spa_lite.errors import SpaError
 
     with pytest.raises(SpaError, match=r"train\.lr: inf must be a finite number \(> 0"):
         load_recipe(None, {"train.lr": float("inf")})

@@ -11,10 +11,11 @@ from test_math import adapters  # noqa: F401  (module fixture)
 
 from spa_lite import generation, sampling_copy
 from spa_lite.errors import SpaError
-from spa_lite.generation import merged_copy, resolve_sample_dtype, sample_responses, sampling_dtype
+from spa_lite.generation import sample_responses
 from spa_lite.layout import Stage
 from spa_lite.models import load_base_model
 from spa_lite.runs import stage_config, stage_hash
+from spa_lite.sampling_copy import merged_copy, resolve_sample_dtype, sampling_dtype
 from spa_lite.stack import build_stack
 
 

@@ -119,7 +119,8 @@ def test_nothing_over_long_trains_the_same_in_both_modes(tiny_model_dir, tiny_da
     a run made with skip keeps its stage hash (runs made before the setting existed stay complete)."""
     from transformers import AutoTokenizer
 
-    from spa_lite.runs import Stage, stage_hash
+    from spa_lite.layout import Stage
+    from spa_lite.runs import stage_hash
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [_texts(json.loads(x)) for x in tiny_data["pairs"].read_text().splitlines()]

@@ -246,10 +246,10 @@ def test_prepared_adapter_reproduces_stack(tiny_recipe, tiny_model_dir, tmp_path
     """The single adapter vLLM would serve (prepare_adapter) gives the stack's logits on the tiny model."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    from spa_lite.layout import adapter_dir
+    from spa_lite.loading import load_stack
     from spa_lite.models import load_base_model
-    from spa_lite.runs import adapter_dir
     from spa_lite.stack import save_adapter
-    from spa_lite.stages.common import load_stack
 
     torch.set_num_threads(1)
     recipe = tiny_recipe()

@@ -11,7 +11,6 @@ import torch
 
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DivergedError
-from spa_lite.loading import load_stack  # noqa: F401 - importable from here as before
 from spa_lite.logps import TokenizedPair, tokenize_pair, truncate_pair
 from spa_lite.memory import trim_after_step
 from spa_lite.runs import StageRun

@@ -17,17 +17,16 @@ from spa_lite.evaluation import (
     encode_pairs_for_eval,
     judge_accuracy,
     noise_detection,
-    policy_label,
     response_outcomes,
     self_label_noise,
     summarize_outcomes,
 )
-from spa_lite.generation import dtype_name, sampling_dtype
 from spa_lite.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_obj
-from spa_lite.layout import Stage, adapter_dir, complete_policies, data_path, eval_dir, stage_dir
+from spa_lite.layout import Stage, adapter_dir, complete_policies, data_path, eval_dir, policy_label, stage_dir
 from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.metrics import paired_difference
+from spa_lite.sampling_copy import dtype_name, sampling_dtype
 from spa_lite.tracking import log_eval
 from spa_lite.ui import console, progress
 

@@ -17,16 +17,17 @@ from spa_lite.data import iteration_prompts, load_pairs, load_prompts, pair_text
 from spa_lite.demo.tasks import verify
 from spa_lite.distributed import get_dist
 from spa_lite.errors import DataError, SpaError
-from spa_lite.generation import dtype_name, encode_prompt, sample_responses, sampling_dtype
+from spa_lite.generation import encode_prompt, sample_responses
 from spa_lite.io import atomic_write_json, atomic_write_jsonl, read_json
 from spa_lite.judge import judge_llm, judge_logprob, score_responses
 from spa_lite.label_signs import label_signs, warn_signs
-from spa_lite.layout import read_manifest
+from spa_lite.layout import Stage, adapter_name, read_manifest
 from spa_lite.loading import load_stack
 from spa_lite.metrics import confidence_histogram
 from spa_lite.reward import RewardModel, load_run_reward_model, reward_scores
-from spa_lite.runs import Stage, StageRun, stage_run
-from spa_lite.stack import PolicyStack, adapter_name
+from spa_lite.runs import StageRun, stage_run
+from spa_lite.sampling_copy import dtype_name, sampling_dtype
+from spa_lite.stack import PolicyStack
 from spa_lite.ui import progress
 from spa_lite.vllm_backend import VLLMSampler, prepare_adapter
 

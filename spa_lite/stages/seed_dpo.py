@@ -5,8 +5,9 @@ from __future__ import annotations
 from spa_lite.config import Recipe
 from spa_lite.data import load_pairs, shuffled
 from spa_lite.errors import DataError
+from spa_lite.layout import Stage
 from spa_lite.loading import load_stack
-from spa_lite.runs import Stage, stage_run
+from spa_lite.runs import stage_run
 from spa_lite.stages.common import fit_and_save, tokenize_pairs, truncated_count
 from spa_lite.training import LoopSpec
 

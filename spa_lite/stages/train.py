@@ -8,11 +8,10 @@ from spa_lite.config import Recipe
 from spa_lite.data import pair_texts
 from spa_lite.errors import DataError
 from spa_lite.io import read_jsonl
-from spa_lite.layout import audit_path, data_path
+from spa_lite.layout import Stage, adapter_name, audit_path, data_path
 from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
-from spa_lite.runs import Stage, stage_run
-from spa_lite.stack import adapter_name
+from spa_lite.runs import stage_run
 from spa_lite.stages.common import fit_and_save, tokenize_pairs, truncated_count
 from spa_lite.training import LoopSpec
 
