@@ -46,6 +46,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from spa_lite.config import load_recipe, parse_override
+    from spa_lite.options import EvalOptions
     from spa_lite.stages import evaluate, expand, seed_dpo, train
 
     extra = {".".join(k): v for k, v in (parse_override(s) for s in args.set)}
@@ -73,8 +74,9 @@ def main() -> None:
             train.run(recipe, i)
         # pi_init and pi_0 are the same in every variant: evaluated once, with seed_only
         pols = None if over is None else list(range(1, recipe.iterations + 1))
-        rep = evaluate.run(recipe, methods=["init"], flip=0.0, prompt_limit=args.prompts, samples=args.samples,
-                           tag="quality", policies=pols, temperature=recipe.expand.temperature)
+        opts = EvalOptions.build({"methods": ["init"], "flip": 0.0, "prompt_limit": args.prompts, "samples": args.samples,
+                                  "tag": "quality", "temperature": recipe.expand.temperature})
+        rep = evaluate.run(recipe, opts, policies=pols)
         results["variants"][name] = {
             "overrides": over, "wall_s": round(time.time() - t, 1), "command": " ".join(sys.argv),
             "pass_rate": rep.get("pass_rate"), "judge_accuracy": rep.get("judge_accuracy"),

@@ -175,11 +175,7 @@ def evaluate(recipe: str | Path | Recipe, *, policies: list[int | None] | None =
     Raises:
         SpaError: an unknown option or a bad value, naming it.
     """
-    o = EvalOptions.build(options)
-    return evaluate_stage.run(_as_recipe(recipe), o.pairs, o.fmt, o.limit, methods=o.methods, flip=o.flip,
-                              lambdas=o.lambdas, do_pass_rate=o.pass_rate, prompt_limit=o.prompt_limit,
-                              samples=o.samples, tag=o.tag, policies=policies, temperature=o.temperature,
-                              audit_only=o.audit_only)
+    return evaluate_stage.run(_as_recipe(recipe), EvalOptions.build(options), policies=policies)
 
 
 def print_eval_report(report: dict) -> None:
@@ -235,8 +231,7 @@ def split(data: str, out: str | Path, **options) -> dict:
     Args:
         options: ``spa_lite.options.SplitOptions``' other fields (seed, seed_size, iter_sizes, test_size, fmt).
     """
-    o = SplitOptions.build({"data": data, "out": out, **options})
-    return split_stage.run(o.data, o.out, o.seed, o.seed_size, o.iter_sizes, o.test_size, o.fmt)
+    return split_stage.run(SplitOptions.build({"data": data, "out": out, **options}))
 
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

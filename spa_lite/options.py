@@ -106,6 +106,12 @@ class Options:
         return []
 
     @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name`` (a fresh copy of a list), where a stage needs it for an empty value."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    @classmethod
     def build(cls, options: dict[str, Any]):
         """The options from keyword arguments; an unknown name is a SpaError listing the known ones."""
         known = [f.name for f in dataclasses.fields(cls)]

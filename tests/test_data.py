@@ -270,10 +270,11 @@ def test_split_protocol_disjoint_and_deterministic(many_pairs):
 
 
 def test_split_command_files_feed_iteration_prompts(many_pairs, tmp_path):
+    from spa_lite.options import SplitOptions
     from spa_lite.stages import split
 
     out = tmp_path / "split"
-    counts = split.run(many_pairs, out, 42, 10, [15, 20], 5)
+    counts = split.run(SplitOptions(data=many_pairs, out=out, seed=42, seed_size=10, iter_sizes=[15, 20], test_size=5))
     assert counts["prompts"] == 35
     pool = load_prompts(str(out / "prompts.jsonl"))
     x1 = iteration_prompts(pool, [15, 20], 1, 42)

@@ -123,24 +123,25 @@ def test_verifier_judge_labels_decided_pairs_and_drops_the_rest():
 def test_eval_stage_greedy_pass_rates_are_cached_and_paired(tiny_recipe):
     """`eval` decodes each policy once per adapter and settings: a second eval reads every policy from the
     cache and reports the same numbers; a changed adapter is decoded again. Differences are paired."""
+    from spa_lite.options import EvalOptions
     from spa_lite.stages import evaluate, seed_dpo
 
     r = tiny_recipe(**{"data.prompts": "demo:prompts", "data.eval_prompts": "demo:eval_prompts",
                        "expand.max_new_tokens": 4, "seed_dpo.epochs": 1})
     seed_dpo.run(r)
-    kw = dict(methods=["init"], flip=0.0, prompt_limit=6, tag="t")
-    first = evaluate.run(r, **kw)
+    opts = EvalOptions(methods=["init"], flip=0.0, prompt_limit=6, tag="t")
+    first = evaluate.run(r, opts)
     assert set(first["pass_rate"]) == {"pi_init", "pi_0"} and first["pass_rate_settings"]["cached"] == []
     assert first["pass_rate"]["pi_0"]["n"] == 6 and 0 <= first["pass_rate"]["pi_0"]["truncated_rate"] <= 1
     (d,) = first["pass_rate_diff"]
     assert (d["a"], d["b"], d["n"]) == ("pi_0", "pi_init", 6)
     assert d["diff"] == pytest.approx(first["pass_rate"]["pi_0"]["pass_rate"] - first["pass_rate"]["pi_init"]["pass_rate"])
-    second = evaluate.run(r, **kw)
+    second = evaluate.run(r, opts)
     assert second["pass_rate_settings"]["cached"] == ["pi_init", "pi_0"]
     assert second["pass_rate"] == first["pass_rate"]
     r2 = tiny_recipe(**{"data.prompts": "demo:prompts", "data.eval_prompts": "demo:eval_prompts",
                         "expand.max_new_tokens": 4, "seed_dpo.epochs": 1, "seed_dpo.lr": 1e-2})
     seed_dpo.run(r2, force=True)  # another pi_0 in the same run: its outcomes are decoded again
     r = r2
-    third = evaluate.run(r, **kw)
+    third = evaluate.run(r, opts)
     assert third["pass_rate_settings"]["cached"] == ["pi_init"]

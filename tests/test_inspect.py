@@ -305,9 +305,11 @@ def test_train_stage_trains_on_the_human_labels(tiny_recipe, monkeypatch):
     assert (got[0]["chosen"], got[0]["rejected"]) == (rows[0]["rejected"], rows[0]["chosen"])  # A was rejected
     assert (got[1]["chosen"], got[1]["rejected"]) == (rows[1]["chosen"], rows[1]["rejected"])  # B was rejected
     assert (got[2]["chosen"], got[2]["rejected"]) == (rows[2]["chosen"], rows[2]["rejected"])  # tie: self-label
+    from spa_lite.options import EvalOptions
     from spa_lite.stages import evaluate
 
-    rep = evaluate.run(recipe, None, flip=0, do_pass_rate=False, tag="full")  # a full eval carries the audit too
+    opts = EvalOptions(flip=0, pass_rate=False, tag="full")
+    rep = evaluate.run(recipe, opts)  # a full eval carries the audit too
     eq7 = rep["human_audit"]["D_1"]["judges"]["eq7"]
     assert (eq7["n"], eq7["agree"], rep["human_audit"]["D_1"]["ties"]) == (2, 1, 1)
 

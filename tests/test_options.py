@@ -135,3 +135,43 @@ def test_cli_imports_no_stage_and_no_computing_library_module():
                "spa_lite.locks"}
     assert "spa_lite.api" in found and found <= allowed, found - allowed
     assert not Path(spa_lite.__file__).with_name("tasks").exists()
+
+
+# where each dataclass is read: (module file under spa_lite/, function, the parameter or local holding it)
+READERS = {EvalOptions: ("stages/evaluate.py", "run", "opts"), SplitOptions: ("stages/split.py", "run", "opts"),
+           WinrateOptions: ("winrate.py", None, "opts"), ExportAnswersOptions: ("api.py", "export_answers", "o"),
+           PlanOptions: ("api.py", "plan", "o")}
+
+
+def fields_read(source: str, function: str | None, var: str) -> set[str]:
+    """The attributes read as ``<var>.<name>`` in ``function`` of ``source`` (the whole module when None)."""
+    tree = ast.parse(source)
+    if function is not None:
+        (tree,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+    return {n.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == var}
+
+
+@pytest.mark.parametrize("cls", READERS, ids=lambda c: c.command)
+def test_every_option_is_read_where_the_command_runs(cls):
+    """A field added to an options dataclass but never read by its command fails here."""
+    path, function, var = READERS[cls]
+    source = (Path(spa_lite.__file__).parent / path).read_text(encoding="utf-8")
+    unread = {f.name for f in dataclasses.fields(cls)} - fields_read(source, function, var)
+    assert unread == set(), f"{cls.__name__} fields never read as {var}.<name> in spa_lite/{path}: {sorted(unread)}"
+
+
+def test_unread_option_check_can_fail():
+    src = "def run(opts):\n    return opts.limit + len(other.flip)\n"
+    assert fields_read(src, "run", "opts") == {"limit"}
+
+
+def test_eval_and_split_stages_take_their_options_whole():
+    """The stage reads the dataclass itself, so a new option is one field plus the line that uses it."""
+    from spa_lite.stages import evaluate, split
+
+    assert list(inspect.signature(evaluate.run).parameters) == ["recipe", "opts", "policies"]
+    assert inspect.signature(evaluate.run).parameters["policies"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(inspect.signature(split.run).parameters) == ["opts"]
+    assert EvalOptions.default("methods") == ["init", "prev", "none"]
+    assert SplitOptions.default("iter_sizes") is not SplitOptions.default("iter_sizes")  # a fresh list each time

@@ -76,12 +76,13 @@ def test_readers_take_both_forms(tmp_path):
 def test_split_writes_trl_pairs(tmp_path):
     from trl.data_utils import is_conversational
 
+    from spa_lite.options import SplitOptions
     from spa_lite.stages import split
 
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
                            for i in range(12)))
-    split.run(str(src), tmp_path / "out", 42, 4, [4], 4)
+    split.run(SplitOptions(data=str(src), out=tmp_path / "out", seed=42, seed_size=4, iter_sizes=[4], test_size=4))
     for name in ("seed_pairs", "test_pairs"):
         rows = [json.loads(x) for x in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()]
         assert len(rows) == 4 and all(is_conversational(r) and r["chosen"][0]["role"] == "assistant" for r in rows)

@@ -26,17 +26,16 @@ from spa_lite.layout import Stage, adapter_dir, complete_policies, data_path, ev
 from spa_lite.loading import load_stack
 from spa_lite.losses import lambda_for_iteration
 from spa_lite.metrics import paired_difference
+from spa_lite.options import EvalOptions
 from spa_lite.sampling_copy import dtype_name, sampling_dtype
 from spa_lite.tracking import log_eval
 from spa_lite.ui import console, progress
 
 
-def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, limit: int | None = 200, *,
-        methods: list[str] | None = None, flip: float = 0.2, lambdas: list[float] | None = None,
-        do_pass_rate: bool = True, prompt_limit: int | None = 100, samples: int = 1, tag: str | None = None,
-        policies: list[int | None] | None = None, temperature: float = 0.0, audit_only: bool = False) -> dict:
-    """Evaluate pi_init, pi_0, ..., pi_T of a run (or only ``policies``; None is pi_init);
-    writes runs/<name>/eval/<tag>.json and returns it.
+def run(recipe: Recipe, opts: EvalOptions, *, policies: list[int | None] | None = None) -> dict:
+    """Evaluate pi_init, pi_0, ..., pi_T of a run (or only ``policies``; None is pi_init) with the options
+    ``opts`` (``spa_lite.options.EvalOptions``: each field is documented there); writes
+    runs/<name>/eval/<tag>.json and returns it.
 
     Pass rates decode greedily by default (``temperature`` 0, one response per prompt), so every policy's
     answer is a function of the prompt and differences between policies are paired exactly; each policy's
@@ -48,35 +47,34 @@ def run(recipe: Recipe, pairs_spec: str | None = None, fmt: str | None = None, l
     """
     t0 = time.time()
     audits = run_agreement(recipe.run_path, recipe.iterations)
-    if audit_only:
+    if opts.audit_only:
         if not audits:
             raise SpaError(f"{recipe.run_path} has no audit: annotate pairs with `spa-lite inspect "
                            f"{recipe.run_path} --iter 1 --serve` (or import a download with `spa-lite audit import`)")
-        return _write_report(recipe, {"run": str(recipe.run_path), "human_audit": audits}, tag or "audit", t0)
+        return _write_report(recipe, {"run": str(recipe.run_path), "human_audit": audits}, opts.tag or "audit", t0)
     ks = complete_policies(recipe)
     if not ks:
         raise StageOrderError(f"{recipe.run_path} has no complete stage; run `spa-lite seed-dpo` first")
     chosen = [None, *ks] if policies is None else [k for k in [None, *ks] if k in policies]
-    methods = methods or ["init", "prev", "none"]  # the LLM-as-judge (slow: reads both responses) on request
-    unknown = set(methods) - {"init", "prev", "none", "llm"}
-    if unknown:
-        raise SpaError(f"--methods: unknown {sorted(unknown)} (choose from init, prev, none, llm)")
-    lambdas = lambdas or [lambda_for_iteration(i, recipe.train.lambdas) for i in (1, 2, 3)]
-    pairs_spec = pairs_spec or recipe.data.eval_pairs
+    # an empty list (``--methods ""``) means the default; the LLM-as-judge (slow: reads both responses) on request
+    methods = opts.methods or EvalOptions.default("methods")
+    lambdas = opts.lambdas or [lambda_for_iteration(i, recipe.train.lambdas) for i in (1, 2, 3)]
+    pairs_spec = opts.pairs or recipe.data.eval_pairs
     stack = load_stack(recipe, frozen_upto=max(ks))
 
     report: dict = {"run": str(recipe.run_path), "policies": [policy_label(None)] + [policy_label(k) for k in ks]}
     if audits:
         report["human_audit"] = audits
     if pairs_spec:
-        report.update(_pair_metrics(stack, recipe, pairs_spec, fmt, limit, chosen, methods, flip, lambdas))
+        report.update(_pair_metrics(stack, recipe, pairs_spec, opts.fmt, opts.limit, chosen, methods, opts.flip,
+                                    lambdas))
     verify = _demo_verifier(recipe)
     if verify is not None:
         report["self_label_noise"] = _self_label_noise(recipe, verify)
-        if do_pass_rate and recipe.data.eval_prompts:
-            report.update(_pass_rates(stack, recipe, chosen, verify, prompt_limit,
-                                      1 if temperature == 0 else samples, temperature))
-    tag = tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
+        if opts.pass_rate and recipe.data.eval_prompts:
+            report.update(_pass_rates(stack, recipe, chosen, verify, opts.prompt_limit,
+                                      1 if opts.temperature == 0 else opts.samples, opts.temperature))
+    tag = opts.tag or (Path(str(pairs_spec)).name.split(".")[0].replace("demo:", "") if pairs_spec else "generation")
     return _write_report(recipe, report, tag, t0)
 
 

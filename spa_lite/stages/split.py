@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from spa_lite.data import split_protocol, to_trl_conversational
 from spa_lite.io import atomic_write_json, atomic_write_jsonl
+from spa_lite.options import SplitOptions
 from spa_lite.ui import progress
 
 
-def run(data: str, out: Path, seed: int = 42, seed_size: int = 2000, iter_sizes: list[int] | None = None,
-        test_size: int = 0, fmt: str = "auto") -> dict:
-    iter_sizes = iter_sizes or [8000, 20000, 30000]
-    total = seed_size + 2 * sum(iter_sizes) + test_size  # rows written, the prompt pool included
+def run(opts: SplitOptions) -> dict:
+    """Split ``opts.data`` into the files under ``opts.out`` (``spa_lite.options.SplitOptions``: each field is
+    documented there); returns the row count of each file."""
+    data, out = opts.data, opts.out
+    iter_sizes = opts.iter_sizes or SplitOptions.default("iter_sizes")  # an empty list means the default
+    total = opts.seed_size + 2 * sum(iter_sizes) + opts.test_size  # rows written, the prompt pool included
     with progress() as p:
         t_read = p.add_task(f"split: read {data}", total=1, info="")
-        parts = split_protocol(data, seed, seed_size, iter_sizes, test_size, fmt)
+        parts = split_protocol(data, opts.seed, opts.seed_size, iter_sizes, opts.test_size, opts.fmt)
         p.advance(t_read)
         t_write = p.add_task(f"split: write {out}", total=total, info="")
         counts = {}
@@ -26,5 +27,5 @@ def run(data: str, out: Path, seed: int = 42, seed_size: int = 2000, iter_sizes:
         pool = [r for i in range(1, len(iter_sizes) + 1) for r in parts[f"iter{i}_prompts"]]
         counts["prompts"] = atomic_write_jsonl(out / "prompts.jsonl", pool)
         p.advance(t_write, len(pool))
-    atomic_write_json(out / "split.json", {"data": data, "seed": seed, "counts": counts})
+    atomic_write_json(out / "split.json", {"data": data, "seed": opts.seed, "counts": counts})
     return counts
