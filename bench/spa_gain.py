@@ -53,6 +53,9 @@ COMPARISONS = [
     ("judge_prev_final", "spa_final"), ("judge_none_final", "spa_final"),
     ("spa_best_final", "pi_0"), ("spa_best_final", "dpo_same_compute"), ("spa_best_final", "spa_final"),
     ("spa_best_1", "pi_0"),  # small models gained only in the first iteration in the paper (its appendix B.3)
+    # added after the oracle arm at 128 gold pairs ran (dated in bench/judge_quality_protocol.md): is the oracle's
+    # gain more than extra training on gold, and how far is the chosen judge from perfect labels
+    ("oracle_final", "dpo_same_compute"), ("oracle_final", "spa_best_final"),
 ]
 
 
