@@ -42,9 +42,15 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # the setting chosen on dev prompts by bench/judge_quality.py (issue 19; bench/judge_quality_protocol.md):
     # per-token Eq. 7, N = 2, at 128 gold pairs (run every arm with --recipe smollm2-judge for that gold size)
     "spa_best": {"expand.judge_norm": "per_token"},
+    # noisy oracles (added 2026-12-05, bench/judge_quality_protocol.md): verifier labels kept with probability a and
+    # flipped otherwise, on the same pi_0's samples as the oracle: which label accuracy a gain needs
+    "oracle_a85": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.85},
+    "oracle_a70": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.7},
+    "oracle_a60": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.6},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
-ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2)}
+ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
+             **{f"oracle_a{a}": (f"verifier, labels flipped at rate {1 - a / 100:.2f}", 2) for a in (85, 70, 60)}}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -56,6 +62,8 @@ COMPARISONS = [
     # added after the oracle arm at 128 gold pairs ran (dated in bench/judge_quality_protocol.md): is the oracle's
     # gain more than extra training on gold, and how far is the chosen judge from perfect labels
     ("oracle_final", "dpo_same_compute"), ("oracle_final", "spa_best_final"),
+    # the noisy oracles (added 2026-12-05 before they ran): gain over pi_0 and over same-compute DPO at each accuracy
+    *[(f"oracle_a{a}_final", b) for a in (85, 70, 60) for b in ("pi_0", "dpo_same_compute")],
 ]
 
 

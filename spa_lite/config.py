@@ -139,6 +139,9 @@ class ExpandConfig:
                          "p = sigmoid(r(y1) - r(y2)), no beta) | logprob+reward (the mean of both p) | llm "
                          "(LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control; "
                          "undecided pairs dropped)", choices=("logprob", "reward", "logprob+reward", "llm", "verifier"))
+    verifier_accuracy: float = setting(1.0, "judge verifier only: each decided pair keeps the verifier's label with "
+                                       "this probability and is flipped otherwise (a noisy oracle, seeded per prompt: "
+                                       "how accurate labels must be for a gain; 1: exact)", ge=0.5, le=1)
     judge_ref: str = setting("init", "init | prev | none: the reference in Eq. 7's log-ratio",
                              choices=("init", "prev", "none"))
     judge_batch_size: int = setting(8, "pairs per judging forward pass", ge=1)
@@ -402,6 +405,9 @@ def validate(recipe: Recipe) -> list[str]:
     if recipe.expand.num_samples > 2 and recipe.expand.judge not in BEST_WORST_JUDGES:
         problems.append(f"expand.num_samples: {recipe.expand.num_samples} (best vs worst of N) needs a judge that scores "
                         f"single responses ({', '.join(BEST_WORST_JUDGES)}), not '{recipe.expand.judge}'")
+    if recipe.expand.verifier_accuracy < 1 and recipe.expand.judge != "verifier":
+        problems.append(f"expand.verifier_accuracy: {recipe.expand.verifier_accuracy} flips the verifier's labels and "
+                        f"needs expand.judge: verifier, not '{recipe.expand.judge}'")
     if recipe.model.max_prompt_length >= recipe.model.max_length:
         problems.append("model.max_prompt_length: must be < model.max_length")
     return problems

@@ -77,6 +77,8 @@ def _expand_key(recipe: Recipe) -> dict:
         d.pop("min_confidence")
     if d["judge_norm"] == "sum":
         d.pop("judge_norm")
+    if d["verifier_accuracy"] == 1:
+        d.pop("verifier_accuracy")
     return d
 
 

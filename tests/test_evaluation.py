@@ -3,6 +3,8 @@ presentations correctly, and self-labelling noise is counted as defined."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +120,49 @@ def test_verifier_judge_labels_decided_pairs_and_drops_the_rest():
     assert counts["undecided"] == 2
     with pytest.raises(DataError, match="constraint"):
         verifier_judge([({"id": "x"}, s("a"), s("b"))], {"undecided": 0})
+
+
+def test_noisy_verifier_flips_decided_labels_at_its_rate_and_per_prompt():
+    """expand.verifier_accuracy: a decided pair's label is flipped with probability 1 - accuracy, by a draw tied to
+    (seed, prompt id) alone: the same pairs flip in any order or shard split, undecided pairs are still dropped, and
+    the flip rate over many prompts is within a binomial bound of 1 - accuracy."""
+    from spa_lite.generation import Sample
+    from spa_lite.stages.expand import verifier_judge
+
+    c = {"kind": "include_word", "params": {"word": "cat"}}
+    s = lambda t: Sample(t, [1], 1, False)  # noqa: E731
+    n = 2000
+    keep = [({"id": f"q{i}", "constraint": c}, s("a cat"), s("a dog")) for i in range(n)]  # y1 passes every time
+    keep.append(({"id": "both", "constraint": c}, s("cat"), s("cat!")))
+    counts = {"undecided": 0}
+    kept, judged = verifier_judge(keep, counts, accuracy=0.7, seed=42)
+    assert counts["undecided"] == 1 and len(kept) == n
+    flipped = [j["p"] == 0.0 for j in judged]
+    assert counts["flipped"] == sum(flipped)
+    # 1 - accuracy = 0.3; sd of the count is sqrt(n * 0.3 * 0.7) ~ 20.5: 5 sd either side
+    assert abs(sum(flipped) - 0.3 * n) < 5 * (n * 0.3 * 0.7) ** 0.5
+    # the same prompts in reverse order and split in two shards flip the same way
+    back: dict = {}
+    for part in (keep[: n // 2][::-1], keep[n // 2 :]):
+        k2, j2 = verifier_judge(part, {"undecided": 0}, accuracy=0.7, seed=42)
+        back.update({r["id"]: j["p"] for (r, _, _), j in zip(k2, j2)})
+    assert [back[r["id"]] for r, _, _ in kept] == [j["p"] for j in judged]
+    # another seed draws other flips; accuracy 1 flips nothing
+    _, j3 = verifier_judge(keep, {"undecided": 0}, accuracy=0.7, seed=43)
+    assert [j["p"] for j in j3] != [j["p"] for j in judged]
+    c1 = {"undecided": 0}
+    _, j4 = verifier_judge(keep, c1, accuracy=1.0, seed=42)
+    assert all(j["p"] == 1.0 for j in j4) and "flipped" not in c1
+
+
+def test_verifier_accuracy_needs_the_verifier_judge(tiny_recipe):
+    from spa_lite.config import validate
+
+    base = tiny_recipe()
+    bad = replace(base, expand=replace(base.expand, verifier_accuracy=0.8))
+    assert any("expand.verifier_accuracy" in p for p in validate(bad))
+    ok = replace(bad, expand=replace(bad.expand, judge="verifier"))
+    assert not any("verifier_accuracy" in p for p in validate(ok))
 
 
 def test_eval_stage_greedy_pass_rates_are_cached_and_paired(tiny_recipe):

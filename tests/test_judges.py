@@ -203,3 +203,15 @@ def test_judge_norm_sum_keeps_old_hashes_and_per_token_changes_them(tiny_recipe)
     assert "judge_norm" not in json.dumps(stage_config(base, Stage("expand", 1)))
     per = tiny_recipe(**{"expand.judge_norm": "per_token"})
     assert stage_hash(per, Stage("expand", 1)) != stage_hash(base, Stage("expand", 1))
+
+
+def test_verifier_accuracy_one_keeps_old_hashes_and_noise_changes_them(tiny_recipe):
+    """A noisy oracle is another D_i; the exact verifier (accuracy 1, the default) keeps every earlier run's hash."""
+    from spa_lite.layout import Stage
+    from spa_lite.runs import stage_config, stage_hash
+
+    exact = tiny_recipe(**{"expand.judge": "verifier"})
+    assert "verifier_accuracy" not in json.dumps(stage_config(exact, Stage("expand", 1)))
+    noisy = tiny_recipe(**{"expand.judge": "verifier", "expand.verifier_accuracy": 0.7})
+    assert stage_hash(noisy, Stage("expand", 1)) != stage_hash(exact, Stage("expand", 1))
+    assert stage_hash(noisy, Stage("seed", 0)) == stage_hash(exact, Stage("seed", 0))

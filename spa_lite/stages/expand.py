@@ -9,6 +9,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from dataclasses import replace
 
@@ -75,6 +76,8 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
               "sampled_tokens": sum(y.num_tokens for ss in samples for y in ss)}
     if c.judge == "verifier":
         counts["undecided"] = 0
+        if c.verifier_accuracy < 1:
+            counts["flipped"] = 0
     check: dict = {}
     if c.num_samples > 2:
         rows = best_worst_pairs(stack, recipe, kept_prompts, samples, counts, record, dtype, check, on_judge,
@@ -160,7 +163,7 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
         return keep, [{**a, **b, "p": 0.5 * (a["p"] + b["p"]), "p_logprob": a["p"], "p_reward": b["p"]}
                       for a, b in zip(lp, rm)]
     if c.judge == "verifier":
-        return verifier_judge(keep, counts, recipe.data.prompts)
+        return verifier_judge(keep, counts, recipe.data.prompts, accuracy=c.verifier_accuracy, seed=recipe.seed)
     if c.judge == "llm":
         return keep, judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
                                [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
@@ -271,11 +274,20 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
     return rows
 
 
-def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tuple[list, list[dict]]:
+def flip_label(seed: int, prompt_id: object, accuracy: float) -> bool:
+    """Whether the noisy oracle flips this prompt's pair: a draw seeded by (recipe seed, prompt id) alone, so the
+    same pair gets the same verdict whatever the shard size, order or resume point."""
+    return accuracy < 1 and random.Random(f"verifier-flip/{seed}/{prompt_id}").random() >= accuracy
+
+
+def verifier_judge(keep: list, counts: dict, source: object = "prompts", accuracy: float = 1.0,
+                   seed: int = 0) -> tuple[list, list[dict]]:
     """The oracle-label control: label (rec, y1, y2) with the demo task's gold verifier instead of Eq. 7.
 
     A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
     preference and are dropped (counted as ``undecided``). Prompts must carry the demo ``constraint``.
+    ``accuracy`` < 1 is a noisy oracle: each decided pair's label is flipped with probability 1 - accuracy
+    (``flip_label``; counted as ``flipped``), labels of known accuracy with no bias towards either response.
     """
     kept, judged = [], []
     for rec, y1, y2 in keep:
@@ -286,6 +298,9 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts") -> tupl
         if v1 == v2:
             counts["undecided"] += 1
             continue
+        if flip_label(seed, rec.get("id", str(rec.get("prompt"))), accuracy):
+            counts["flipped"] = counts.get("flipped", 0) + 1
+            v1 = not v1
         kept.append((rec, y1, y2))
         judged.append({"p": 1.0 if v1 else 0.0})
     return kept, judged
