@@ -85,6 +85,8 @@ class Options:
             tp, _ = _inner(hints[f.name])
             if typing.get_origin(tp) is list and isinstance(value, str):  # the command line's "a, b,c"
                 value = [x.strip() for x in value.split(",") if x.strip()]
+            if value == [] and f.default_factory is not dataclasses.MISSING:  # `--methods ""`: the default list
+                value = f.default_factory()
             before = len(problems)
             value = coerce_value(value, hints[f.name], name, problems)
             if len(problems) > before:
@@ -104,12 +106,6 @@ class Options:
     def problems(self) -> list[str]:
         """Checks across options (each field's own type, bounds and choices are checked before)."""
         return []
-
-    @classmethod
-    def default(cls, name: str) -> Any:
-        """The default of field ``name`` (a fresh copy of a list), where a stage needs it for an empty value."""
-        f = next(f for f in dataclasses.fields(cls) if f.name == name)
-        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
     @classmethod
     def build(cls, options: dict[str, Any]):

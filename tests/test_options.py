@@ -173,5 +173,15 @@ def test_eval_and_split_stages_take_their_options_whole():
     assert list(inspect.signature(evaluate.run).parameters) == ["recipe", "opts", "policies"]
     assert inspect.signature(evaluate.run).parameters["policies"].kind is inspect.Parameter.KEYWORD_ONLY
     assert list(inspect.signature(split.run).parameters) == ["opts"]
-    assert EvalOptions.default("methods") == ["init", "prev", "none"]
-    assert SplitOptions.default("iter_sizes") is not SplitOptions.default("iter_sizes")  # a fresh list each time
+
+
+def test_an_empty_list_option_means_its_default_in_one_place():
+    """`--methods ""` (or methods=[] from Python) is the default list, decided by the options, not by each stage;
+    a list whose default is None stays None, and each instance gets its own copy of the default."""
+    assert EvalOptions.build({"methods": ""}).methods == ["init", "prev", "none"]
+    assert EvalOptions.build({"methods": []}).methods == ["init", "prev", "none"]
+    assert EvalOptions.build({"methods": "llm"}).methods == ["llm"]
+    assert EvalOptions.build({}).lambdas is None
+    a = SplitOptions.build({"data": "x", "out": "o", "iter_sizes": ""})
+    b = SplitOptions.build({"data": "x", "out": "o", "iter_sizes": []})
+    assert a.iter_sizes == b.iter_sizes == [8000, 20000, 30000] and a.iter_sizes is not b.iter_sizes

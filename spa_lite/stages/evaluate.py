@@ -56,8 +56,7 @@ def run(recipe: Recipe, opts: EvalOptions, *, policies: list[int | None] | None 
     if not ks:
         raise StageOrderError(f"{recipe.run_path} has no complete stage; run `spa-lite seed-dpo` first")
     chosen = [None, *ks] if policies is None else [k for k in [None, *ks] if k in policies]
-    # an empty list (``--methods ""``) means the default; the LLM-as-judge (slow: reads both responses) on request
-    methods = opts.methods or EvalOptions.default("methods")
+    methods = opts.methods  # the LLM-as-judge (slow: it reads both responses) only on request
     lambdas = opts.lambdas or [lambda_for_iteration(i, recipe.train.lambdas) for i in (1, 2, 3)]
     pairs_spec = opts.pairs or recipe.data.eval_pairs
     stack = load_stack(recipe, frozen_upto=max(ks))

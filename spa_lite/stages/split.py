@@ -12,7 +12,7 @@ def run(opts: SplitOptions) -> dict:
     """Split ``opts.data`` into the files under ``opts.out`` (``spa_lite.options.SplitOptions``: each field is
     documented there); returns the row count of each file."""
     data, out = opts.data, opts.out
-    iter_sizes = opts.iter_sizes or SplitOptions.default("iter_sizes")  # an empty list means the default
+    iter_sizes = opts.iter_sizes
     total = opts.seed_size + 2 * sum(iter_sizes) + opts.test_size  # rows written, the prompt pool included
     with progress() as p:
         t_read = p.add_task(f"split: read {data}", total=1, info="")
