@@ -47,7 +47,7 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     "oracle_a85": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.85},
     "oracle_a70": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.7},
     "oracle_a60": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.6},
-    # added 2026-12-05 03:02 after oracle_a70 gained about as much as the exact oracle: the self-judge's measured 0.55
+    # added 2026-12-05 03:00 after oracle_a70 gained about as much as the exact oracle: the self-judge's measured 0.55
     "oracle_a55": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.55},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
