@@ -66,6 +66,9 @@ COMPARISONS = [
     ("oracle_final", "dpo_same_compute"), ("oracle_final", "spa_best_final"),
     # the noisy oracles (added 2026-12-05 before they ran): gain over pi_0 and over same-compute DPO at each accuracy
     *[(f"oracle_a{a}_final", b) for a in (85, 70, 60, 55) for b in ("pi_0", "dpo_same_compute")],
+    # added 2026-12-05 03:20 after oracle_a55 ran (not pre-registered): the same share of right labels (about 0.55),
+    # errors unbiased (noisy oracle) or the self-judge's own (leaning to the shorter answer)
+    ("oracle_a55_final", "spa_best_final"),
 ]
 
 
