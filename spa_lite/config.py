@@ -142,6 +142,10 @@ class ExpandConfig:
     verifier_accuracy: float = setting(1.0, "judge verifier only: each decided pair keeps the verifier's label with "
                                        "this probability and is flipped otherwise (a noisy oracle, seeded per prompt: "
                                        "how accurate labels must be for a gain; 1: exact)", ge=0.5, le=1)
+    verifier_flip: str = setting("random", "which decided pairs the noisy oracle flips: random (any pair, at rate "
+                                 "1 - verifier_accuracy) | shorter (only pairs whose passing response is the longer, "
+                                 "at twice that rate: errors that lean to the shorter answer, as Eq. 7's did)",
+                                 choices=("random", "shorter"))
     judge_ref: str = setting("init", "init | prev | none: the reference in Eq. 7's log-ratio",
                              choices=("init", "prev", "none"))
     judge_batch_size: int = setting(8, "pairs per judging forward pass", ge=1)
@@ -408,6 +412,9 @@ def validate(recipe: Recipe) -> list[str]:
     if recipe.expand.verifier_accuracy < 1 and recipe.expand.judge != "verifier":
         problems.append(f"expand.verifier_accuracy: {recipe.expand.verifier_accuracy} flips the verifier's labels and "
                         f"needs expand.judge: verifier, not '{recipe.expand.judge}'")
+    if recipe.expand.verifier_flip != "random" and recipe.expand.verifier_accuracy == 1:
+        problems.append("expand.verifier_flip: 'shorter' chooses which labels the noisy oracle flips and needs "
+                        "expand.verifier_accuracy below 1")
     if recipe.model.max_prompt_length >= recipe.model.max_length:
         problems.append("model.max_prompt_length: must be < model.max_length")
     return problems

@@ -79,6 +79,8 @@ def _expand_key(recipe: Recipe) -> dict:
         d.pop("judge_norm")
     if d["verifier_accuracy"] == 1:
         d.pop("verifier_accuracy")
+    if d["verifier_flip"] == "random":
+        d.pop("verifier_flip")
     return d
 
 

@@ -155,6 +155,33 @@ def test_noisy_verifier_flips_decided_labels_at_its_rate_and_per_prompt():
     assert all(j["p"] == 1.0 for j in j4) and "flipped" not in c1
 
 
+def test_noisy_verifier_shorter_flips_only_pairs_whose_right_answer_is_longer():
+    """verifier_flip: shorter: a pair is flipped only when its passing response has more tokens, at rate
+    2 (1 - accuracy), so every wrong label prefers the shorter answer; the random flips of the same seed are a
+    subset of the same draws (u >= 1 - rate), so the shorter mode's flips are exactly predictable from them."""
+    import random
+
+    from spa_lite.generation import Sample
+    from spa_lite.stages.expand import verifier_judge
+
+    c = {"kind": "include_word", "params": {"word": "cat"}}
+    n = 2000
+    # even ids: the passing response is the longer (3 tokens vs 1); odd ids: the shorter
+    keep = [({"id": f"q{i}", "constraint": c},
+             Sample("a cat", [1, 2, 3] if i % 2 == 0 else [1], 3 if i % 2 == 0 else 1, False),
+             Sample("a dog", [1] if i % 2 == 0 else [1, 2, 3], 1 if i % 2 == 0 else 3, False)) for i in range(n)]
+    counts = {"undecided": 0}
+    _, judged = verifier_judge(keep, counts, accuracy=0.8, seed=7, flip="shorter")
+    wrong = [i for i, j in enumerate(judged) if j["p"] == 0.0]  # y1 passes: p = 0 is a flipped label
+    assert all(i % 2 == 0 for i in wrong)  # every error chose the shorter response
+    u = [random.Random(f"verifier-flip/7/q{i}").random() for i in range(n)]
+    assert wrong == [i for i in range(n) if i % 2 == 0 and u[i] >= 1 - 2 * 0.2]  # independent recomputation
+    assert counts["flipped"] == len(wrong)
+    assert abs(len(wrong) - 0.4 * n / 2) < 5 * (n / 2 * 0.4 * 0.6) ** 0.5  # 2 (1 - a) of the eligible half
+    _, rnd = verifier_judge(keep, {"undecided": 0}, accuracy=0.8, seed=7)
+    assert [i for i, j in enumerate(rnd) if j["p"] == 0.0] == [i for i in range(n) if u[i] >= 0.8]
+
+
 def test_verifier_accuracy_needs_the_verifier_judge(tiny_recipe):
     from spa_lite.config import validate
 
@@ -163,6 +190,10 @@ def test_verifier_accuracy_needs_the_verifier_judge(tiny_recipe):
     assert any("expand.verifier_accuracy" in p for p in validate(bad))
     ok = replace(bad, expand=replace(bad.expand, judge="verifier"))
     assert not any("verifier_accuracy" in p for p in validate(ok))
+    exact = replace(ok, expand=replace(ok.expand, verifier_accuracy=1.0, verifier_flip="shorter"))
+    assert any("expand.verifier_flip" in p for p in validate(exact))
+    assert not any("verifier_flip" in p for p in validate(replace(exact, expand=replace(exact.expand,
+                                                                                         verifier_accuracy=0.75))))
 
 
 def test_eval_stage_greedy_pass_rates_are_cached_and_paired(tiny_recipe):

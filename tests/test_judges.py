@@ -215,3 +215,7 @@ def test_verifier_accuracy_one_keeps_old_hashes_and_noise_changes_them(tiny_reci
     noisy = tiny_recipe(**{"expand.judge": "verifier", "expand.verifier_accuracy": 0.7})
     assert stage_hash(noisy, Stage("expand", 1)) != stage_hash(exact, Stage("expand", 1))
     assert stage_hash(noisy, Stage("seed", 0)) == stage_hash(exact, Stage("seed", 0))
+    assert "verifier_flip" not in json.dumps(stage_config(noisy, Stage("expand", 1)))
+    short = tiny_recipe(**{"expand.judge": "verifier", "expand.verifier_accuracy": 0.7,
+                           "expand.verifier_flip": "shorter"})
+    assert stage_hash(short, Stage("expand", 1)) != stage_hash(noisy, Stage("expand", 1))

@@ -163,7 +163,8 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
         return keep, [{**a, **b, "p": 0.5 * (a["p"] + b["p"]), "p_logprob": a["p"], "p_reward": b["p"]}
                       for a, b in zip(lp, rm)]
     if c.judge == "verifier":
-        return verifier_judge(keep, counts, recipe.data.prompts, accuracy=c.verifier_accuracy, seed=recipe.seed)
+        return verifier_judge(keep, counts, recipe.data.prompts, accuracy=c.verifier_accuracy, seed=recipe.seed,
+                              flip=c.verifier_flip)
     if c.judge == "llm":
         return keep, judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
                                [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
@@ -274,20 +275,24 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
     return rows
 
 
-def flip_label(seed: int, prompt_id: object, accuracy: float) -> bool:
-    """Whether the noisy oracle flips this prompt's pair: a draw seeded by (recipe seed, prompt id) alone, so the
-    same pair gets the same verdict whatever the shard size, order or resume point."""
-    return accuracy < 1 and random.Random(f"verifier-flip/{seed}/{prompt_id}").random() >= accuracy
+def flip_label(seed: int, prompt_id: object, accuracy: float, rate_scale: float = 1.0) -> bool:
+    """Whether the noisy oracle flips this prompt's pair (probability ``rate_scale * (1 - accuracy)``): a draw
+    seeded by (recipe seed, prompt id) alone, so the same pair gets the same verdict whatever the shard size,
+    order or resume point."""
+    # u >= 1 - rate (not u < rate): the draw that the runs made before rate_scale existed used (u >= accuracy)
+    return accuracy < 1 and random.Random(f"verifier-flip/{seed}/{prompt_id}").random() >= 1 - rate_scale * (1 - accuracy)
 
 
 def verifier_judge(keep: list, counts: dict, source: object = "prompts", accuracy: float = 1.0,
-                   seed: int = 0) -> tuple[list, list[dict]]:
+                   seed: int = 0, flip: str = "random") -> tuple[list, list[dict]]:
     """The oracle-label control: label (rec, y1, y2) with the demo task's gold verifier instead of Eq. 7.
 
     A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
     preference and are dropped (counted as ``undecided``). Prompts must carry the demo ``constraint``.
     ``accuracy`` < 1 is a noisy oracle: each decided pair's label is flipped with probability 1 - accuracy
     (``flip_label``; counted as ``flipped``), labels of known accuracy with no bias towards either response.
+    ``flip="shorter"`` flips only pairs whose passing response has more tokens, with probability 2 (1 - accuracy)
+    (about 1 - accuracy of all pairs when half are such), so the wrong labels all prefer the shorter answer.
     """
     kept, judged = [], []
     for rec, y1, y2 in keep:
@@ -298,7 +303,10 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts", accurac
         if v1 == v2:
             counts["undecided"] += 1
             continue
-        if flip_label(seed, rec.get("id", str(rec.get("prompt"))), accuracy):
+        good, bad = (y1, y2) if v1 else (y2, y1)
+        eligible = flip == "random" or good.num_tokens > bad.num_tokens
+        if eligible and flip_label(seed, rec.get("id", str(rec.get("prompt"))), accuracy,
+                                   1.0 if flip == "random" else 2.0):
             counts["flipped"] = counts.get("flipped", 0) + 1
             v1 = not v1
         kept.append((rec, y1, y2))
