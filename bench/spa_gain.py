@@ -49,7 +49,7 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     "oracle_a60": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.6},
     # added 2026-12-05 03:00 after oracle_a70 gained about as much as the exact oracle: the self-judge's measured 0.55
     "oracle_a55": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.55},
-    # added 2026-12-05 03:35 before it ran: errors of a noisy oracle that all prefer the shorter answer (flipped only
+    # added 2026-12-05 03:22 before it ran: errors of a noisy oracle that all prefer the shorter answer (flipped only
     # where the right answer is the longer, at twice the rate): about 0.77 right, choosing the shorter in about 0.77
     "oracle_s75": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.75, "expand.verifier_flip": "shorter"},
 }
@@ -73,7 +73,7 @@ COMPARISONS = [
     # added 2026-12-05 03:20 after oracle_a55 ran (not pre-registered): the same share of right labels (about 0.55),
     # errors unbiased (noisy oracle) or the self-judge's own (leaning to the shorter answer)
     ("oracle_a55_final", "spa_best_final"),
-    # the shorter-leaning noisy oracle (added 03:35, before it ran): against pi_0, same-compute DPO, and the unbiased
+    # the shorter-leaning noisy oracle (added 03:22, before it ran): against pi_0, same-compute DPO, and the unbiased
     # noisy oracle of about the same accuracy (a70: 0.75 / 0.72 right on D_1 / D_2)
     ("oracle_s75_final", "pi_0"), ("oracle_s75_final", "dpo_same_compute"), ("oracle_s75_final", "oracle_a70_final"),
 ]
