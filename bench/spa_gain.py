@@ -52,11 +52,15 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # added 2026-12-05 03:22 before it ran: errors of a noisy oracle that all prefer the shorter answer (flipped only
     # where the right answer is the longer, at twice the rate): about 0.77 right, choosing the shorter in about 0.77
     "oracle_s75": {"expand.judge": "verifier", "expand.verifier_accuracy": 0.75, "expand.verifier_flip": "shorter"},
+    # added 2026-12-05 03:51 before it ran: the chosen judge made right on every verifier-decided pair, its labels
+    # (and every confidence) kept on the undecided 70-85% that SPA also trains on
+    "spa_best_vd": {"expand.judge_norm": "per_token", "expand.verifier_decided": True},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
 ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
              **{f"oracle_a{a}": (f"verifier, labels flipped at rate {1 - a / 100:.2f}", 2) for a in (85, 70, 60, 55)},
-             "oracle_s75": ("verifier, labels flipped towards the shorter answer (accuracy 0.75)", 2)}
+             "oracle_s75": ("verifier, labels flipped towards the shorter answer (accuracy 0.75)", 2),
+             "spa_best_vd": ("logprob per token (Eq. 7), verifier's side on decided pairs", 2)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -76,6 +80,9 @@ COMPARISONS = [
     # the shorter-leaning noisy oracle (added 03:22, before it ran): against pi_0, same-compute DPO, and the unbiased
     # noisy oracle of about the same accuracy (a70: 0.75 / 0.72 right on D_1 / D_2)
     ("oracle_s75_final", "pi_0"), ("oracle_s75_final", "dpo_same_compute"), ("oracle_s75_final", "oracle_a70_final"),
+    # the chosen judge right on every decided pair (added 03:51, before it ran)
+    ("spa_best_vd_final", "pi_0"), ("spa_best_vd_final", "dpo_same_compute"), ("spa_best_vd_final", "spa_best_final"),
+    ("spa_best_vd_final", "oracle_final"),
 ]
 
 

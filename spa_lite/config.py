@@ -146,6 +146,10 @@ class ExpandConfig:
                                  "1 - verifier_accuracy) | shorter (only pairs whose passing response is the longer, "
                                  "at twice that rate: errors that lean to the shorter answer, as Eq. 7's did)",
                                  choices=("random", "shorter"))
+    verifier_decided: bool = setting(False, "a control for the demo task, with a model judge at N = 2: on each pair "
+                                     "the verifier decides, the judge's label is turned to the verifier's (its "
+                                     "confidence kept); every other pair keeps the judge's label. How SPA does with "
+                                     "a judge right on every decided pair")
     judge_ref: str = setting("init", "init | prev | none: the reference in Eq. 7's log-ratio",
                              choices=("init", "prev", "none"))
     judge_batch_size: int = setting(8, "pairs per judging forward pass", ge=1)
@@ -412,6 +416,10 @@ def validate(recipe: Recipe) -> list[str]:
     if recipe.expand.verifier_accuracy < 1 and recipe.expand.judge != "verifier":
         problems.append(f"expand.verifier_accuracy: {recipe.expand.verifier_accuracy} flips the verifier's labels and "
                         f"needs expand.judge: verifier, not '{recipe.expand.judge}'")
+    if recipe.expand.verifier_decided and (recipe.expand.judge == "verifier" or recipe.expand.num_samples > 2):
+        problems.append("expand.verifier_decided: corrects a model judge's labels of N = 2 pairs; it needs a judge "
+                        f"other than verifier and num_samples 2 (got '{recipe.expand.judge}', "
+                        f"{recipe.expand.num_samples})")
     if recipe.expand.verifier_flip != "random" and recipe.expand.verifier_accuracy == 1:
         problems.append("expand.verifier_flip: 'shorter' chooses which labels the noisy oracle flips and needs "
                         "expand.verifier_accuracy below 1")

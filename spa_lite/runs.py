@@ -81,6 +81,8 @@ def _expand_key(recipe: Recipe) -> dict:
         d.pop("verifier_accuracy")
     if d["verifier_flip"] == "random":
         d.pop("verifier_flip")
+    if not d["verifier_decided"]:
+        d.pop("verifier_decided")
     return d
 
 

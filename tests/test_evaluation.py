@@ -182,6 +182,29 @@ def test_noisy_verifier_shorter_flips_only_pairs_whose_right_answer_is_longer():
     assert [i for i, j in enumerate(rnd) if j["p"] == 0.0] == [i for i in range(n) if u[i] >= 0.8]
 
 
+def test_verifier_decided_turns_only_decided_labels_and_keeps_confidence():
+    """expand.verifier_decided: a decided pair the judge got wrong is turned to the verifier's side with the same
+    confidence; decided pairs it got right and undecided pairs keep the judge's p; counts say how many."""
+    from spa_lite.generation import Sample
+    from spa_lite.stages.expand import _row, verifier_correct
+
+    c = {"kind": "include_word", "params": {"word": "cat"}}
+    s = lambda t: Sample(t, [1], 1, False)  # noqa: E731
+    keep = [({"id": "a", "constraint": c}, s("a cat"), s("a dog")),    # y1 passes; judge says y2 (wrong)
+            ({"id": "b", "constraint": c}, s("a dog"), s("the cat")),  # y2 passes; judge says y2 (right)
+            ({"id": "c", "constraint": c}, s("cat"), s("cat!")),       # undecided; judge says y2
+            ({"id": "d", "constraint": c}, s("dog"), s("bird"))]       # undecided; judge says y1
+    judged = [{"p": 0.3, "logratio_1": -1.0, "logratio_2": 1.0}, {"p": 0.45}, {"p": 0.2}, {"p": 0.6}]
+    counts: dict = {}
+    out = verifier_correct(keep, judged, counts)
+    assert [j["p"] for j in out] == pytest.approx([0.7, 0.45, 0.2, 0.6])
+    assert [j["p_judge"] for j in out] == [0.3, 0.45, 0.2, 0.6]
+    assert counts == {"verifier_decided": 2, "verifier_corrected": 1}
+    row = _row(keep[0][0], keep[0][1], keep[0][2], out[0])
+    assert row["chosen"] == "a cat" and row["confidence"] == pytest.approx(0.7) and row["p_judge"] == 0.3
+    assert row["logratio_chosen"] == -1.0  # the scores stay the judge's, attached to their responses
+
+
 def test_verifier_accuracy_needs_the_verifier_judge(tiny_recipe):
     from spa_lite.config import validate
 
@@ -190,6 +213,10 @@ def test_verifier_accuracy_needs_the_verifier_judge(tiny_recipe):
     assert any("expand.verifier_accuracy" in p for p in validate(bad))
     ok = replace(bad, expand=replace(bad.expand, judge="verifier"))
     assert not any("verifier_accuracy" in p for p in validate(ok))
+    hybrid = replace(base, expand=replace(base.expand, verifier_decided=True))
+    assert not any("verifier_decided" in p for p in validate(hybrid))
+    assert any("expand.verifier_decided" in p for p in validate(replace(hybrid, expand=replace(
+        hybrid.expand, judge="verifier"))))
     exact = replace(ok, expand=replace(ok.expand, verifier_accuracy=1.0, verifier_flip="shorter"))
     assert any("expand.verifier_flip" in p for p in validate(exact))
     assert not any("verifier_flip" in p for p in validate(replace(exact, expand=replace(exact.expand,

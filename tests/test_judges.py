@@ -219,3 +219,6 @@ def test_verifier_accuracy_one_keeps_old_hashes_and_noise_changes_them(tiny_reci
     short = tiny_recipe(**{"expand.judge": "verifier", "expand.verifier_accuracy": 0.7,
                            "expand.verifier_flip": "shorter"})
     assert stage_hash(short, Stage("expand", 1)) != stage_hash(noisy, Stage("expand", 1))
+    assert "verifier_decided" not in json.dumps(stage_config(tiny_recipe(), Stage("expand", 1)))
+    hybrid = tiny_recipe(**{"expand.verifier_decided": True})
+    assert stage_hash(hybrid, Stage("expand", 1)) != stage_hash(tiny_recipe(), Stage("expand", 1))

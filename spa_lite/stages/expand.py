@@ -85,6 +85,8 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
     else:
         keep = _pairs_of_two(kept_prompts, samples, counts, c.drop_truncated)
         keep, judged = _judge_pairs(stack, recipe, keep, counts, record, dtype, check, on_judge, reward_model)
+        if c.verifier_decided:
+            judged = verifier_correct(keep, judged, counts, recipe.data.prompts)
         rows = [_row(rec, y1, y2, j) for (rec, y1, y2), j in zip(keep, judged)]
     if c.min_confidence > 0:  # a confidence floor: pairs the judge barely separates are left out, and counted
         counts["below_min_confidence"] = sum(r["confidence"] < c.min_confidence for r in rows)
@@ -195,7 +197,8 @@ def _row(rec: dict, y1, y2, j: dict) -> dict:
         if f"{key}_1" in j:
             row.update({f"{key}_chosen": j[f"{key}_1"] if first else j[f"{key}_2"],
                         f"{key}_rejected": j[f"{key}_2"] if first else j[f"{key}_1"]})
-    row.update({k: j[k] for k in ("p_logprob", "p_reward") if k in j})  # the ensemble's two judges, for p(y1 > y2)
+    # the ensemble's two judges, and the uncorrected judge of verifier_decided: each its own p(y1 > y2)
+    row.update({k: j[k] for k in ("p_logprob", "p_reward", "p_judge") if k in j})
     return row
 
 
@@ -312,6 +315,31 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts", accurac
         kept.append((rec, y1, y2))
         judged.append({"p": 1.0 if v1 else 0.0})
     return kept, judged
+
+
+def verifier_correct(keep: list, judged: list[dict], counts: dict, source: object = "prompts") -> list[dict]:
+    """``expand.verifier_decided``: a model judge made right on every pair the demo verifier decides. Such a pair's
+    p(y1 > y2) is turned to the verifier's side with its confidence max(p, 1 - p) kept, so Eq. 10's refinement sees
+    the judge's confidences; undecided pairs keep the judge's label. The judge's own p is kept as ``p_judge``;
+    ``verifier_decided`` and ``verifier_corrected`` count the decided pairs and the labels turned."""
+    out = []
+    counts.setdefault("verifier_decided", 0)
+    counts.setdefault("verifier_corrected", 0)
+    for (rec, y1, y2), j in zip(keep, judged):
+        if "constraint" not in rec:
+            raise DataError(source, None, "constraint", f"prompt {rec.get('id', '?')!r} has none; "
+                            "expand.verifier_decided needs demo prompts (data.prompts: demo:prompts)")
+        v1, v2 = verify(y1.text, rec["constraint"]), verify(y2.text, rec["constraint"])
+        j = {**j, "p_judge": j["p"]}
+        if v1 != v2:
+            counts["verifier_decided"] += 1
+            conf = max(j["p"], 1 - j["p"])
+            p = conf if v1 else 1 - conf
+            if (p > 0.5) != (j["p"] > 0.5):
+                counts["verifier_corrected"] += 1
+            j["p"] = p
+        out.append(j)
+    return out
 
 
 def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "RECIPE") -> dict:
