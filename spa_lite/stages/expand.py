@@ -278,6 +278,14 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
     return rows
 
 
+def _verdicts(rec: dict, y1, y2, source: object, what: str) -> tuple[bool, bool]:
+    """The demo verifier on both responses of a pair; a prompt without a ``constraint`` is a DataError."""
+    if "constraint" not in rec:
+        raise DataError(source, None, "constraint", f"prompt {rec.get('id', '?')!r} has none; {what} and needs "
+                        "demo prompts (data.prompts: demo:prompts)")
+    return verify(y1.text, rec["constraint"]), verify(y2.text, rec["constraint"])
+
+
 def flip_label(seed: int, prompt_id: object, accuracy: float, rate_scale: float = 1.0) -> bool:
     """Whether the noisy oracle flips this prompt's pair (probability ``rate_scale * (1 - accuracy)``): a draw
     seeded by (recipe seed, prompt id) alone, so the same pair gets the same verdict whatever the shard size,
@@ -299,10 +307,7 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts", accurac
     """
     kept, judged = [], []
     for rec, y1, y2 in keep:
-        if "constraint" not in rec:
-            raise DataError(source, None, "constraint", f"prompt {rec.get('id', '?')!r} has none; expand.judge: "
-                            "verifier labels with the demo task's verifier and needs demo prompts (data.prompts: demo:prompts)")
-        v1, v2 = verify(y1.text, rec["constraint"]), verify(y2.text, rec["constraint"])
+        v1, v2 = _verdicts(rec, y1, y2, source, "expand.judge: verifier labels with the demo task's verifier")
         if v1 == v2:
             counts["undecided"] += 1
             continue
@@ -326,10 +331,7 @@ def verifier_correct(keep: list, judged: list[dict], counts: dict, source: objec
     counts.setdefault("verifier_decided", 0)
     counts.setdefault("verifier_corrected", 0)
     for (rec, y1, y2), j in zip(keep, judged):
-        if "constraint" not in rec:
-            raise DataError(source, None, "constraint", f"prompt {rec.get('id', '?')!r} has none; "
-                            "expand.verifier_decided needs demo prompts (data.prompts: demo:prompts)")
-        v1, v2 = verify(y1.text, rec["constraint"]), verify(y2.text, rec["constraint"])
+        v1, v2 = _verdicts(rec, y1, y2, source, "expand.verifier_decided reads the demo task's verifier")
         j = {**j, "p_judge": j["p"]}
         if v1 != v2:
             counts["verifier_decided"] += 1
