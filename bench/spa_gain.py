@@ -55,12 +55,17 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # added 2026-12-05 03:51 before it ran: the chosen judge made right on every verifier-decided pair, its labels
     # (and every confidence) kept on the undecided 70-85% that SPA also trains on
     "spa_best_vd": {"expand.judge_norm": "per_token", "expand.verifier_decided": True},
+    # added 2026-12-05 07:45 before it was built or ran: the chosen judge with a verifier-free guard against the
+    # labels' length direction (least confident pairs of the majority side dropped until chosen-longer and
+    # chosen-shorter are equal in number)
+    "spa_best_lb": {"expand.judge_norm": "per_token", "expand.length_balance": True},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
 ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
              **{f"oracle_a{a}": (f"verifier, labels flipped at rate {1 - a / 100:.2f}", 2) for a in (85, 70, 60, 55)},
              "oracle_s75": ("verifier, labels flipped towards the shorter answer (accuracy 0.75)", 2),
-             "spa_best_vd": ("logprob per token (Eq. 7), verifier's side on decided pairs", 2)}
+             "spa_best_vd": ("logprob per token (Eq. 7), verifier's side on decided pairs", 2),
+             "spa_best_lb": ("logprob per token (Eq. 7), length-balanced D_i", 2)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -83,6 +88,8 @@ COMPARISONS = [
     # the chosen judge right on every decided pair (added 03:51, before it ran)
     ("spa_best_vd_final", "pi_0"), ("spa_best_vd_final", "dpo_same_compute"), ("spa_best_vd_final", "spa_best_final"),
     ("spa_best_vd_final", "oracle_final"),
+    # the length-balance guard (added 07:45, before it was built or ran)
+    ("spa_best_lb_final", "pi_0"), ("spa_best_lb_final", "dpo_same_compute"), ("spa_best_lb_final", "spa_best_final"),
 ]
 
 

@@ -60,14 +60,14 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
                     "threshold": LENGTH_LEAN,
                     "message": f"the chosen response is the longer one in {d_share:.0%} of pairs, against {g_share:.0%} "
                                "in the gold pairs: the judge may be ranking by length (audit a sample with `spa-lite inspect`; "
-                               "try expand.judge_norm: per_token or expand.length_penalty)"})
+                               "try expand.length_balance: true, expand.judge_norm: per_token or expand.length_penalty)"})
     if d_share is not None and g_share is not None and g_share - d_share > LENGTH_LEAN:
         out.append({"sign": "short_lean", "value": round(d_share, 4), "gold": round(g_share, 4),
                     "threshold": LENGTH_LEAN,
                     "message": f"the chosen response is the longer one in only {d_share:.0%} of pairs, against "
                                f"{g_share:.0%} in the gold pairs: the judge prefers short answers, and iterating on it "
                                "can shorten them to nothing (audit a sample with `spa-lite inspect`; try "
-                               "expand.judge_norm: sum or a negative expand.length_penalty)"})
+                               "expand.length_balance: true, expand.judge_norm: sum or a negative expand.length_penalty)"})
     if mean_tokens and mean_tokens[0] > 0 and mean_tokens[1] < LENGTH_DROP * mean_tokens[0]:
         prev, cur = mean_tokens
         out.append({"sign": "length_drop", "value": round(cur / prev, 4), "threshold": LENGTH_DROP,

@@ -83,6 +83,8 @@ def _expand_key(recipe: Recipe) -> dict:
         d.pop("verifier_flip")
     if not d["verifier_decided"]:
         d.pop("verifier_decided")
+    if not d["length_balance"]:
+        d.pop("length_balance")
     return d
 
 

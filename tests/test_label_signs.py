@@ -88,3 +88,83 @@ def test_expand_reads_the_previous_iterations_mean_length_for_length_drop(tiny_r
     assert _mean_tokens(st, now) == (40.2, 11.0)
     assert _mean_tokens(SimpleNamespace(recipe=recipe, stage=Stage("expand", 1)), now) is None
     assert _mean_tokens(st, {"samples": 0, "sampled_tokens": 0}) is None
+
+
+def _balanced_reference(rows: list[dict]) -> list[dict]:
+    """expand.length_balance written the other way round: keep, of each side (chosen longer / chosen shorter), its
+    n most confident rows (earlier first among equals), n the smaller side's size, and every equal-length row."""
+    sides: dict[int, list[int]] = {1: [], -1: []}
+    keep = set()
+    for i, r in enumerate(rows):
+        d = (r["len_chosen"] > r["len_rejected"]) - (r["len_chosen"] < r["len_rejected"])
+        if d:
+            sides[d].append(i)
+        else:
+            keep.add(i)
+    n = min(len(s) for s in sides.values())
+    for s in sides.values():
+        keep |= set(sorted(s, key=lambda i: (-rows[i]["confidence"], i))[:n])
+    return [rows[i] for i in sorted(keep)]
+
+
+def test_length_balance_keeps_the_most_confident_of_each_side_equal_in_number():
+    import random
+
+    from spa_lite.stages.expand import length_balance
+
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.randrange(0, 30)
+        rows = [{"id": k, "len_chosen": rng.randrange(1, 6), "len_rejected": rng.randrange(1, 6),
+                 # coarse confidences: ties happen, and the tie rule is checked with them
+                 "confidence": rng.choice([0.5, 0.55, 0.6, 0.9]) if trial % 2 else rng.random() / 2 + 0.5}
+                for k in range(n)]
+        got, dropped = length_balance(rows)
+        assert got == _balanced_reference(rows), trial
+        assert dropped == n - len(got)
+        longer = sum(r["len_chosen"] > r["len_rejected"] for r in got)
+        shorter = sum(r["len_chosen"] < r["len_rejected"] for r in got)
+        assert longer == shorter
+    # every pair on one side: only the equal-length pairs are left
+    one = [{"len_chosen": 2, "len_rejected": 5, "confidence": 0.9}] * 3 + [{"len_chosen": 4, "len_rejected": 4,
+                                                                            "confidence": 0.6}]
+    assert length_balance(one) == ([one[3]], 3)
+    assert length_balance([]) == ([], 0)
+
+
+def test_expand_length_balance_writes_the_balanced_pairs_and_counts_the_rest(tiny_recipe, monkeypatch):
+    """expand.length_balance through the stage: D_1 (data.jsonl) is all shards' rows balanced as the reference does
+    it, the manifest counts the dropped rows, and the option does not change the shards. The tiny random model
+    never samples EOS (every response has max_new_tokens tokens), so each row's token lengths are set by a rule
+    that makes two of three rows chosen-longer: the balance must then drop rows across shards."""
+    import itertools
+
+    from spa_lite.data import pair_texts
+    from spa_lite.io import read_json, read_jsonl
+    from spa_lite.layout import Stage, stage_dir
+    from spa_lite.runs import stage_config
+    from spa_lite.stages import expand, seed_dpo
+
+    real_row, k = expand._row, itertools.count()
+
+    def leaning_row(*a):
+        row = real_row(*a)
+        row["len_chosen"], row["len_rejected"] = (5, 9) if next(k) % 3 == 2 else (9, 5)
+        return row
+
+    monkeypatch.setattr(expand, "_row", leaning_row)
+    recipe = tiny_recipe(**{"expand.length_balance": True})
+    assert stage_config(recipe, Stage("expand", 1))["expand"]["length_balance"] is True
+    assert "length_balance" not in stage_config(tiny_recipe(), Stage("expand", 1))["expand"]
+    seed_dpo.run(recipe)
+    man = expand.run(recipe, 1)
+    d = stage_dir(recipe, Stage("expand", 1))
+    shards = sorted((d / "shards").glob("*.json"))
+    shard_rows = [r for f in shards for r in read_json(f)["rows"]]
+    assert len(shards) > 1 and len(shard_rows) == 8
+    want = _balanced_reference(shard_rows)
+    assert 0 < len(want) < len(shard_rows)
+    got = [pair_texts(r) for _, r in read_jsonl(d / "data.jsonl")]  # TRL's conversational rows: back to texts
+    assert [(r["chosen"], r["rejected"]) for r in got] == [(r["chosen"], r["rejected"]) for r in want]
+    assert man["summary"]["pairs"] == len(want)
+    assert man["summary"]["length_balance_dropped"] == len(shard_rows) - len(want)

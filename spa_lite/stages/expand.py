@@ -401,6 +401,8 @@ def _collect(st: StageRun, n_shards: int, pool_dropped: dict) -> dict:
             counts[key] = counts.get(key, 0) + v
         if "sampler_logps" in sh:
             checks.append(sh["sampler_logps"])
+    if st.recipe.expand.length_balance:  # on the whole D_i, so a resumed or resharded run keeps the same pairs
+        rows, counts["length_balance_dropped"] = length_balance(rows)
     main = get_dist().main
     if main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
         atomic_write_jsonl(st.dir / "data.jsonl", [to_trl_conversational(r) for r in rows])
@@ -416,6 +418,23 @@ def _collect(st: StageRun, n_shards: int, pool_dropped: dict) -> dict:
                                     "checked_sequences": sum(x["checked"] for x in checks),
                                     "per_token": any(x.get("per_token") for x in checks)}
     return summary
+
+
+def length_balance(rows: list[dict]) -> tuple[list[dict], int]:
+    """``expand.length_balance``: D_i's rows with its labels' length direction removed, and how many were dropped.
+
+    Rows whose chosen response has more tokens than the rejected one and rows with fewer are made equal in number by
+    dropping the least confident rows of the larger side (ties: the later row first); rows of equal length are
+    kept and count for neither. Order is kept. A judge whose labels lean to one length (per-token Eq. 7 chose the
+    shorter answer in 64-70% of its own policy's pairs, and iterating on that collapsed the answers: bench/RESULTS.md)
+    then trains on pairs where length says nothing about which response was chosen.
+    """
+    longer = [i for i, r in enumerate(rows) if r["len_chosen"] > r["len_rejected"]]
+    shorter = [i for i, r in enumerate(rows) if r["len_chosen"] < r["len_rejected"]]
+    big, small = (longer, shorter) if len(longer) > len(shorter) else (shorter, longer)
+    excess = len(big) - len(small)
+    drop = set(sorted(big, key=lambda i: (rows[i]["confidence"], -i))[:excess])
+    return [r for i, r in enumerate(rows) if i not in drop], excess
 
 
 def _mean_tokens(st: StageRun, summary: dict) -> tuple[float, float] | None:
