@@ -18,6 +18,7 @@ import gc
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,9 +66,10 @@ class Piece:
         from spa_lite.config import load_recipe
 
         self.args, self.gold = args, gold
-        self.recipe = load_recipe(args.recipe, {"name": f"g{gold}-s{args.seed}", "run_dir": args.run_dir,
-                                                "seed": args.seed, "data.seed_limit": gold, "threads": args.threads,
-                                                **REWARD_SETTINGS})
+        pool = {"data.seed_pairs": args.gold_pairs} if args.gold_pairs else {}
+        self.recipe = load_recipe(args.recipe, {"name": f"g{gold}-s{args.seed}" + ("-pool" if pool else ""),
+                                                "run_dir": args.run_dir, "seed": args.seed, "data.seed_limit": gold,
+                                                "threads": args.threads, **REWARD_SETTINGS, **pool})
         self.dir = self.recipe.run_path / "judge_quality"
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -378,6 +380,10 @@ def run_gold(args, gold: int, res: dict) -> None:
 
     t0 = time.time()
     piece = Piece(args, gold)
+    before = res.get("gold", {}).get(str(gold))
+    if before and before.get("gold_pairs", "demo:seed_pairs") != piece.recipe.data.seed_pairs:
+        raise SystemExit(f"g{gold}: {args.out} holds this gold size from {before.get('gold_pairs', 'demo:seed_pairs')}"
+                         f", not {piece.recipe.data.seed_pairs}: use another --out")
     piece.pi0()
     with_reward = "reward" in args.judges and piece.reward()
     prompts = dev_prompts(piece.recipe, args.dev)
@@ -410,7 +416,9 @@ def run_gold(args, gold: int, res: dict) -> None:
                                                  for s in r["samples"]])), 4),
         "logp_pi0_check": scores.get("logp_pi0_check"),
         "reward_heldout_gold": getattr(piece, "reward_heldout", None), "piece_wall_s": piece_times(piece),
-        "wall_s_this_call": round(time.time() - t0, 1), "sampling_wall_s_this_call": round(sample_s, 1)}
+        "wall_s_this_call": round(time.time() - t0, 1), "sampling_wall_s_this_call": round(sample_s, 1),
+        "gold_pairs": piece.recipe.data.seed_pairs, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "loadavg_end": list(os.getloadavg())}
     log(f"g{gold}: " + "; ".join(f"{k} {v['accuracy']['accuracy']:.3f} ({v['decided']})"
                                  for k, v in table.items() if v["accuracy"]))
 
@@ -458,6 +466,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="samples per dev prompt (N = 2, 4 use the first ones)")
     ap.add_argument("--ns", default="2,4,8")
     ap.add_argument("--judges", default=",".join(JUDGES))
+    ap.add_argument("--gold-pairs", default=None, help="gold pairs to take the first G of (after the recipe's "
+                    "shuffle) instead of the recipe's: demo:gold_pool for G past the 150 of demo:seed_pairs")
     ap.add_argument("--sample-seed", type=int, default=2026)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (results do not depend on it)")
     ap.add_argument("--sample-dtype", default="auto", help="decoding copy: auto (bf16 where the CPU has bf16 units) | "

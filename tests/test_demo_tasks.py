@@ -228,7 +228,7 @@ def test_shipped_prompt_files(name):
     assert len({r["id"] for r in rows}) == len(rows)
 
 
-@pytest.mark.parametrize("name", ["seed_pairs", "eval_pairs"])
+@pytest.mark.parametrize("name", ["seed_pairs", "eval_pairs", "gold_pool"])
 def test_shipped_pairs_reverify(name):
     rows = _load(name)
     assert rows
@@ -255,6 +255,19 @@ def test_shipped_splits_disjoint_by_question():
     assert {r["id"] for r in _load("eval_pairs")} <= eval_ids
 
 
+def test_shipped_gold_pool_extends_the_seed_pairs_on_seed_questions_only():
+    """gold_pool.jsonl (gold sizes past 150): seed_pairs.jsonl's rows first, unchanged, then at least 362 more, all
+    of seed questions (never a pool, dev or eval question) and of prompts seed_pairs.jsonl does not hold."""
+    gold, seed = _load("gold_pool"), _load("seed_pairs")
+    assert gold[: len(seed)] == seed
+    assert len(gold) >= 512
+    seed_questions = {tasks.question_index(r) for r in build.split_records(tasks.make_prompt_records(0), seed=0)[0]}
+    assert {tasks.question_index(r) for r in gold} <= seed_questions
+    others = {tasks.question_index(r) for name in ("prompts", "eval_prompts") for r in _load(name)}
+    assert not seed_questions & others
+    assert not {r["id"] for r in gold[len(seed):]} & {r["id"] for r in seed}
+
+
 def test_shipped_build_info():
     try:
         path = demo_path("build_info")
@@ -266,6 +279,23 @@ def test_shipped_build_info():
     for name in SHIPPED:
         rows = _load(name)
         assert info["counts"][f"{name}.jsonl"] == len(rows)
+
+
+def test_gold_candidates_are_unsampled_seed_question_prompts():
+    """The gold pool's candidates: the seed candidates left unsampled, in order, then new kinds of the same
+    questions; no id repeats, none is a sampled candidate's, and the list is the same on every call."""
+    from spa_lite.demo import build
+
+    seed_recs, _, _ = build.split_records(tasks.make_prompt_records(0), seed=0)
+    cands = build.expand_seed_candidates(seed_recs, seed=0)
+    got = build.gold_candidates(cands, 304, seed=0, kinds_per_question=10)
+    assert got == build.gold_candidates(cands, 304, seed=0, kinds_per_question=10)
+    assert got[: len(cands) - 304] == cands[304:]
+    ids = [r["id"] for r in got]
+    assert len(set(ids)) == len(ids)
+    assert not set(ids) & {r["id"] for r in cands[:304]}
+    assert {tasks.question_index(r) for r in got} <= {tasks.question_index(r) for r in cands}
+    assert len(got) > 3 * (len(cands) - 304)  # the new kinds add prompts, not only the leftovers
 
 
 def test_split_helpers_are_disjoint_and_deterministic():

@@ -38,6 +38,12 @@ def test_each_sign_fires_past_its_threshold_and_not_before():
     sig = label_signs(even, gold, agree_half)
     assert [s["sign"] for s in sig] == ["judges_disagree"] and sig[0]["value"] == 0.5
     assert label_signs(even, gold, agree_most) == []
+    # with expand.length_balance on, the lean signs are read from the judged pairs and say the balance evened them
+    for pairs, sign in ((lean, "length_lean"), (short, "short_lean")):
+        plain, bal = label_signs(pairs, gold), label_signs(pairs, gold, balanced=True)
+        assert [s["sign"] for s in bal] == [sign] and bal[0]["value"] == plain[0]["value"]
+        assert "try expand.length_balance: true" in plain[0]["message"]
+        assert "length_balance: true" not in bal[0]["message"] and bal[0]["message"].endswith("evened this out in D_i")
 
 
 def test_expand_records_the_signs_and_warns_once_each(tiny_recipe, capsys):
@@ -168,3 +174,10 @@ def test_expand_length_balance_writes_the_balanced_pairs_and_counts_the_rest(tin
     assert [(r["chosen"], r["rejected"]) for r in got] == [(r["chosen"], r["rejected"]) for r in want]
     assert man["summary"]["pairs"] == len(want)
     assert man["summary"]["length_balance_dropped"] == len(shard_rows) - len(want)
+    # the label signs describe the judge's own labels: every judged row, before the balance
+    from spa_lite.data import load_pairs, shuffled
+
+    gold = [pair_texts(r) for r in shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format),
+                                            recipe.data.shuffle_seed)][: recipe.data.seed_limit]
+    assert man["summary"]["label_signs"] == label_signs([(r["chosen"], r["rejected"]) for r in shard_rows],
+                                                        [(g["chosen"], g["rejected"]) for g in gold], balanced=True)

@@ -3,6 +3,8 @@
 Files under ``spa_lite/demo/data`` (rebuilt by ``python -m spa_lite.demo.build``):
 
 - ``seed_pairs.jsonl``   seed preference pairs (verifier-labelled samples of the bundled model)
+- ``gold_pool.jsonl``    the same 150 pairs, then more of the same kind from the same questions (512 in all:
+                         gold sizes past 150; ``python -m spa_lite.demo.build --gold-pool 512``)
 - ``prompts.jsonl``      iteration prompt pool (prompts and constraints only, no responses or labels)
 - ``eval_prompts.jsonl`` held-out prompts
 - ``eval_pairs.jsonl``   held-out gold pairs
@@ -24,6 +26,7 @@ DATA_DIR: Path = Path(str(importlib.resources.files(__name__).joinpath("data")))
 #: Short names accepted by :func:`demo_path` and their file names.
 DEMO_FILES = {
     "seed_pairs": "seed_pairs.jsonl",
+    "gold_pool": "gold_pool.jsonl",
     "prompts": "prompts.jsonl",
     "eval_prompts": "eval_prompts.jsonl",
     "eval_pairs": "eval_pairs.jsonl",

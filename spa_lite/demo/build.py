@@ -11,6 +11,11 @@
 4. Writes, atomically: seed_pairs.jsonl, prompts.jsonl, eval_prompts.jsonl, eval_pairs.jsonl and
    build_info.json.
 
+``--gold-pool N`` only grows the gold: gold_pool.jsonl holds seed_pairs.jsonl's rows unchanged, then pairs
+sampled the same way from prompts of the *seed* questions not sampled before (the seed candidates left over,
+then more constraint kinds per seed question), until N pairs. Its questions stay disjoint from the pool's (and
+so from the dev prompts at the pool's end) and the eval prompts'; nothing else in ``--out`` changes.
+
 The iteration pool carries prompts and constraints only: SPA iterations label responses with the model
 itself, never with the verifier.
 """
@@ -113,6 +118,26 @@ def grow_records(base: Sequence[dict], kinds_per_question: int, *, seed: int = 0
         out.extend(by_q[qi])
         out.extend(tasks.records_for_question(qi, extra, seed=seed, salt=salt))
     return out
+
+
+def gold_candidates(seed_candidates: Sequence[dict], sampled: int, *, seed: int = 0,
+                    kinds_per_question: int = 10) -> List[dict]:
+    """Seed-question prompts for growing the gold pool: the seed candidates after the first ``sampled`` (never
+    sampled for seed_pairs.jsonl), then each seed question's further constraint kinds (separating kinds preferred,
+    as for the seed candidates) up to ``kinds_per_question`` kinds, shuffled with ``seed`` so that a pool cut at
+    any size spreads over the questions. No record id (question x kind) repeats a seed candidate's."""
+    left = list(seed_candidates[sampled:])
+    taken = {r["id"] for r in seed_candidates}
+    extra: List[dict] = []
+    for qi, recs in _group_by_question(seed_candidates).items():
+        have = {r["constraint"]["kind"] for r in recs}
+        rng = random.Random(f"spa-demo-gold:{seed}:{qi}")
+        weights = {k: w for k, w in SEED_EXTRA_WEIGHTS.items() if k not in have}
+        kinds = tasks._weighted_kinds(rng, max(0, kinds_per_question - len(have)), weights)
+        extra.extend(r for r in tasks.records_for_question(qi, kinds, seed=seed, salt="gold")
+                     if r["id"] not in taken)
+    random.Random(f"spa-demo-gold-order:{seed}").shuffle(extra)
+    return left + extra
 
 
 def prompt_row(rec: dict) -> dict:
@@ -282,6 +307,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--prompts-only", action="store_true",
                    help="rewrite prompts.jsonl and eval_prompts.jsonl only (no model, no sampling): the "
                         "seed and eval pairs already in --out are kept")
+    p.add_argument("--gold-pool", type=int, default=None, metavar="N",
+                   help="only write gold_pool.jsonl: seed_pairs.jsonl's pairs, then new pairs from unsampled "
+                        "seed-question prompts, N in all (build_info.json gets a gold_pool entry)")
+    p.add_argument("--gold-kinds", type=int, default=10, help="--gold-pool: constraint kinds per seed question")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -298,6 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sp = _make_splits(args)
     if args.prompts_only:
         return _write_prompts_only(out, sp, args, argv)
+    if args.gold_pool is not None:
+        return _write_gold_pool(out, sp, args, argv, t_start)
     sampled = _sample_pairs(sp, args, t_start)
     counts = {
         "seed_pairs.jsonl": write_jsonl(out / "seed_pairs.jsonl", sampled.seed_pairs),
@@ -359,6 +390,44 @@ def _write_prompts_only(out: Path, sp: _Splits, args: argparse.Namespace, argv: 
     info.setdefault("kinds", {}).update(prompts=_kind_counts(sp.pool_grown), eval_prompts=_kind_counts(sp.evals_grown))
     atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     _log(f"wrote {counts} to {out}")
+    return 0
+
+
+def _write_gold_pool(out: Path, sp: _Splits, args: argparse.Namespace, argv: Optional[Sequence[str]],
+                     t_start: float) -> int:
+    """``--gold-pool N``: gold_pool.jsonl = seed_pairs.jsonl's rows, then new verifier-labelled pairs of the seed
+    questions' unsampled prompts up to N; its entry in build_info.json (the other files are not touched)."""
+    import torch
+
+    info_path = out / "build_info.json"
+    info = json.loads(info_path.read_text())
+    base = [json.loads(line) for line in (out / "seed_pairs.jsonl").read_text().splitlines() if line.strip()]
+    sampled_before = info["prompts_sampled"]["seed"]
+    cands = gold_candidates(sp.candidates, sampled_before, seed=args.seed, kinds_per_question=args.gold_kinds)
+    need = max(0, args.gold_pool - len(base))
+    _log(f"gold pool: {len(base)} seed pairs kept, {need} more wanted from {len(cands)} unsampled seed-question "
+         "prompts")
+    torch.set_num_threads(args.threads)
+    from spa_lite.models import load_base_model
+
+    model, tokenizer = load_base_model(args.model, quantization="none", dtype="float32", device=args.device)
+    stats, t0 = KindStats(), time.time()
+    new, used, trunc = collect_pairs(model, tokenizer, cands, target=need, stage="gold", args=args, stats=stats,
+                                     seed_offset=1000)
+    if len(new) < need:
+        _log(f"gold pool: only {len(new)} of {need} new pairs from all {len(cands)} candidates")
+    n = write_jsonl(out / "gold_pool.jsonl", base + new)
+    info["gold_pool"] = {
+        "command": _command(argv), "pairs": n, "from_seed_pairs": len(base), "new_pairs": len(new),
+        "candidates": len(cands), "prompts_sampled": used, "kinds_per_question": args.gold_kinds,
+        "sampling": {"samples": args.samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                     "top_p": args.top_p, "batch_size": args.batch_size, "seed_offset": 1000},
+        "questions": len({tasks.question_index(r) for r in base + new}),
+        "kinds": _kind_counts(base + new), "chosen_truncated_new": trunc, "per_kind_new": stats.report(),
+        "wall_time_s": round(time.time() - t0, 1), "versions": _versions(),
+    }
+    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+    _log(f"wrote {n} pairs to {out / 'gold_pool.jsonl'} ({time.time() - t_start:.0f}s)")
     return 0
 
 

@@ -401,13 +401,14 @@ def _collect(st: StageRun, n_shards: int, pool_dropped: dict) -> dict:
             counts[key] = counts.get(key, 0) + v
         if "sampler_logps" in sh:
             checks.append(sh["sampler_logps"])
+    judged = rows  # the lean signs read the judge's own labels, before length_balance evens them
     if st.recipe.expand.length_balance:  # on the whole D_i, so a resumed or resharded run keeps the same pairs
         rows, counts["length_balance_dropped"] = length_balance(rows)
     main = get_dist().main
     if main:  # TRL's conversational preference format: DPOTrainer reads D_i as it is
         atomic_write_jsonl(st.dir / "data.jsonl", [to_trl_conversational(r) for r in rows])
     summary = summarize_pairs(rows, counts)
-    summary["label_signs"] = d_label_signs(st.recipe, rows, _mean_tokens(st, summary))
+    summary["label_signs"] = d_label_signs(st.recipe, judged, _mean_tokens(st, summary))
     if main:
         warn_signs(summary["label_signs"], f"expand --iter {st.stage.iteration}")
     summary["sample_dtype"] = sorted(dtypes)
@@ -447,14 +448,15 @@ def _mean_tokens(st: StageRun, summary: dict) -> tuple[float, float] | None:
 
 
 def d_label_signs(recipe: Recipe, rows: list[dict], mean_tokens: tuple[float, float] | None = None) -> list[dict]:
-    """Verifier-free signs of poor self-labels in D_i (spa_lite/label_signs.py), against the gold pairs D0."""
+    """Verifier-free signs of poor self-labels in the judged pairs (spa_lite/label_signs.py), against the gold
+    pairs D0; with ``expand.length_balance`` the rows are the judged ones before it (the judge's own labels)."""
     if recipe.expand.judge == "verifier" or not rows:
         return []
     gold = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
     gold = [pair_texts(r) for r in gold[: recipe.data.seed_limit or len(gold)]]
     probs = [(r["p_logprob"], r["p_reward"]) for r in rows if "p_logprob" in r and "p_reward" in r]
     return label_signs([(r["chosen"], r["rejected"]) for r in rows], [(g["chosen"], g["rejected"]) for g in gold],
-                       probs if len(probs) == len(rows) else (), mean_tokens)
+                       probs if len(probs) == len(rows) else (), mean_tokens, balanced=recipe.expand.length_balance)
 
 
 def summarize_pairs(rows: list[dict], counts: dict) -> dict:
