@@ -163,8 +163,9 @@ class ExpandConfig:
                                     "below_min_confidence; 0: off)", ge=0.5, le=1, off=0)
     length_balance: bool = setting(False, "after judging, drop the least confident pairs of whichever side is in the "
                                    "majority (chosen longer vs chosen shorter, in tokens; equal lengths count for "
-                                   "neither) until both are equal, so D_i's labels carry no preference for length "
-                                   "(counted as length_balance_dropped; README, \"Signs of bad self-labels\")")
+                                   "neither) until both are equal in number (counted as length_balance_dropped). It "
+                                   "evens the count, not the length gap: on the demo SPA still collapsed with it "
+                                   "(README, \"How right must the labels be?\")")
     drop_truncated: bool = setting(False, "drop pairs where a response hit max_new_tokens (counted either way)")
     backend: str = setting("hf", "hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', "
                            "CUDA)", choices=("hf", "vllm"))

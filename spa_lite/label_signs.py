@@ -50,28 +50,28 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
         judge_probs: (p_logprob, p_reward) per pair when two judges labelled D_i, else empty.
         mean_tokens: (D_{i-1}, D_i) mean sampled tokens per response, from iteration 2 on; else None.
         balanced: ``expand.length_balance`` is on: d_pairs are the judged pairs before it evened D_i's lengths,
-            and the lean signs say so instead of suggesting it.
+            and the lean signs say that it evened them in D_i (it evens the count, not the length gap: with it
+            SPA's answers still collapsed, README "How right must the labels be?").
 
     Returns:
         one dict per sign present: ``sign``, ``value``, ``threshold`` and a one-line ``message``.
     """
     out = []
     note = ("; expand.length_balance evened this out in D_i" if balanced else "")
-    try_balance = "" if balanced else "expand.length_balance: true, "
     d_share, g_share = chosen_longer_share(d_pairs), chosen_longer_share(gold_pairs)
     if d_share is not None and g_share is not None and d_share - g_share > LENGTH_LEAN:
         out.append({"sign": "length_lean", "value": round(d_share, 4), "gold": round(g_share, 4),
                     "threshold": LENGTH_LEAN,
                     "message": f"the chosen response is the longer one in {d_share:.0%} of pairs, against {g_share:.0%} "
                                "in the gold pairs: the judge may be ranking by length (audit a sample with `spa-lite inspect`; "
-                               f"try {try_balance}expand.judge_norm: per_token or expand.length_penalty){note}"})
+                               f"try expand.judge_norm: per_token or expand.length_penalty){note}"})
     if d_share is not None and g_share is not None and g_share - d_share > LENGTH_LEAN:
         out.append({"sign": "short_lean", "value": round(d_share, 4), "gold": round(g_share, 4),
                     "threshold": LENGTH_LEAN,
                     "message": f"the chosen response is the longer one in only {d_share:.0%} of pairs, against "
                                f"{g_share:.0%} in the gold pairs: the judge prefers short answers, and iterating on it "
                                "can shorten them to nothing (audit a sample with `spa-lite inspect`; try "
-                               f"{try_balance}expand.judge_norm: sum or a negative expand.length_penalty){note}"})
+                               f"expand.judge_norm: sum or a negative expand.length_penalty){note}"})
     if mean_tokens and mean_tokens[0] > 0 and mean_tokens[1] < LENGTH_DROP * mean_tokens[0]:
         prev, cur = mean_tokens
         out.append({"sign": "length_drop", "value": round(cur / prev, 4), "threshold": LENGTH_DROP,

@@ -258,6 +258,8 @@ def test_shipped_splits_disjoint_by_question():
 def test_shipped_gold_pool_extends_the_seed_pairs_on_seed_questions_only():
     """gold_pool.jsonl (gold sizes past 150): seed_pairs.jsonl's rows first, unchanged, then at least 362 more, all
     of seed questions (never a pool, dev or eval question) and of prompts seed_pairs.jsonl does not hold."""
+    from spa_lite.demo import build
+
     gold, seed = _load("gold_pool"), _load("seed_pairs")
     assert gold[: len(seed)] == seed
     assert len(gold) >= 512

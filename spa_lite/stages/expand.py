@@ -426,9 +426,11 @@ def length_balance(rows: list[dict]) -> tuple[list[dict], int]:
 
     Rows whose chosen response has more tokens than the rejected one and rows with fewer are made equal in number by
     dropping the least confident rows of the larger side (ties: the later row first); rows of equal length are
-    kept and count for neither. Order is kept. A judge whose labels lean to one length (per-token Eq. 7 chose the
-    shorter answer in 64-70% of its own policy's pairs, and iterating on that collapsed the answers: bench/RESULTS.md)
-    then trains on pairs where length says nothing about which response was chosen.
+    kept and count for neither. Order is kept. Made for a judge whose labels lean to one length (per-token Eq. 7
+    chose the shorter answer in 64-70% of its own policy's pairs, and iterating on that collapsed the answers). It
+    evens the count only: on the demo the chosen-shorter pairs had twice the length gap of the chosen-longer ones,
+    the balanced D_i still chose answers 8 tokens shorter on average, and SPA collapsed as before
+    (bench/RESULTS.md, "Noisy oracles", spa_best_lb).
     """
     longer = [i for i, r in enumerate(rows) if r["len_chosen"] > r["len_rejected"]]
     shorter = [i for i, r in enumerate(rows) if r["len_chosen"] < r["len_rejected"]]
