@@ -375,6 +375,25 @@ def run_selection_check(args, res: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ run and report
+def check_golds(args, golds: list[int], res: dict) -> None:
+    """Refuse, before anything is trained or written, a gold size that --out holds from another gold file, or one
+    larger than the gold file's pair count (seed DPO would silently train on fewer pairs)."""
+    from spa_lite.config import load_recipe
+    from spa_lite.data import load_pairs
+
+    recipe = load_recipe(args.recipe, {"data.seed_pairs": args.gold_pairs} if args.gold_pairs else {})
+    source = recipe.data.seed_pairs
+    have = len(load_pairs(source, recipe.data.format))
+    for gold in golds:
+        before = res.get("gold", {}).get(str(gold))
+        if before and before.get("gold_pairs", "demo:seed_pairs") != source:
+            raise SystemExit(f"g{gold}: {args.out} holds this gold size from "
+                             f"{before.get('gold_pairs', 'demo:seed_pairs')}, not {source}: use another --out")
+        if gold > have:
+            raise SystemExit(f"--gold {gold}: {source} holds {have} pairs; grow it (demo: `python -m "
+                             "spa_lite.demo.build --gold-pool N`, then --gold-pairs demo:gold_pool) or ask for fewer")
+
+
 def run_gold(args, gold: int, res: dict) -> None:
     from spa_lite.demo.tasks import verify
 
@@ -467,7 +486,8 @@ def main() -> None:
     ap.add_argument("--ns", default="2,4,8")
     ap.add_argument("--judges", default=",".join(JUDGES))
     ap.add_argument("--gold-pairs", default=None, help="gold pairs to take the first G of (after the recipe's "
-                    "shuffle) instead of the recipe's: demo:gold_pool for G past the 150 of demo:seed_pairs")
+                    "shuffle) instead of the recipe's: demo:gold_pool for G past the 150 of demo:seed_pairs (the whole file is "
+                    "shuffled, so its first G differ from demo:seed_pairs' first G even for G <= 150)")
     ap.add_argument("--sample-seed", type=int, default=2026)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (results do not depend on it)")
     ap.add_argument("--sample-dtype", default="auto", help="decoding copy: auto (bf16 where the CPU has bf16 units) | "
@@ -492,6 +512,7 @@ def main() -> None:
     if not args.report:
         from spa_lite.io import atomic_write_json
 
+        check_golds(args, [int(x) for x in args.gold.split(",")], res)
         res["protocol"] = "bench/judge_quality_protocol.md"
         res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
         res["machine"] = machine_info()

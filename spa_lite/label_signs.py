@@ -57,7 +57,7 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
         one dict per sign present: ``sign``, ``value``, ``threshold`` and a one-line ``message``.
     """
     out = []
-    note = ("; expand.length_balance evened this out in D_i" if balanced else "")
+    note = ("; expand.length_balance evens the count (in tokens) in D_i, not the length gap" if balanced else "")
     d_share, g_share = chosen_longer_share(d_pairs), chosen_longer_share(gold_pairs)
     if d_share is not None and g_share is not None and d_share - g_share > LENGTH_LEAN:
         out.append({"sign": "length_lean", "value": round(d_share, 4), "gold": round(g_share, 4),

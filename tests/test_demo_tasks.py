@@ -364,3 +364,33 @@ def test_each_kind_record_is_consistent():
         assert set(constraint["params"]) == set(kind.params)
         assert isinstance(verify("Some answer, here.", constraint), bool)
     assert tasks.QUESTIONS_FILE.is_file() and tasks.QUESTIONS_FILE.parent == DATA_DIR
+
+
+def test_gold_pool_refuses_another_split_before_sampling(tmp_path, monkeypatch):
+    """--gold-pool under another --seed / --limit than build_info.json's, for fewer pairs than seed_pairs.jsonl
+    holds, or beside prompts that share a seed question, stops naming the file and field before any model loads,
+    and writes nothing."""
+    import shutil
+
+    from spa_lite import models
+    from spa_lite.demo import build
+
+    for name in ("build_info.json", "seed_pairs.jsonl", "prompts.jsonl", "eval_prompts.jsonl"):
+        shutil.copy(demo_path(name.split(".")[0]), tmp_path / name)
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("sampled despite a bad split"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    with pytest.raises(SystemExit, match=r"build_info.json: field 'seed' is 0 .* --seed 1"):
+        build.main(["--out", str(tmp_path), "--seed", "1", "--gold-pool", "512"])
+    with pytest.raises(SystemExit, match=r"build_info.json: field 'limit' is None .* --limit 10"):
+        build.main(["--out", str(tmp_path), "--seed", "0", "--limit", "10", "--gold-pool", "512"])
+    with pytest.raises(SystemExit, match=r"--gold-pool 100: .* at least 150"):
+        build.main(["--out", str(tmp_path), "--seed", "0", "--gold-pool", "100"])
+    seed_row = json.loads((tmp_path / "seed_pairs.jsonl").read_text().splitlines()[0])
+    prompts = (tmp_path / "eval_prompts.jsonl").read_text().splitlines()
+    prompts[2] = json.dumps({"id": seed_row["id"], "prompt": seed_row["prompt"], "constraint": seed_row["constraint"]})
+    (tmp_path / "eval_prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    before["eval_prompts.jsonl"] = (tmp_path / "eval_prompts.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match=r"eval_prompts.jsonl:3: field 'id' is a question of seed_pairs.jsonl"):
+        build.main(["--out", str(tmp_path), "--seed", "0", "--gold-pool", "512"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -43,7 +43,8 @@ def test_each_sign_fires_past_its_threshold_and_not_before():
         plain, bal = label_signs(pairs, gold), label_signs(pairs, gold, balanced=True)
         assert [s["sign"] for s in bal] == [sign] and bal[0]["value"] == plain[0]["value"]
         assert "length_balance" not in plain[0]["message"]  # measured: it did not help (README)
-        assert bal[0]["message"] == plain[0]["message"] + "; expand.length_balance evened this out in D_i"
+        note = "; expand.length_balance evens the count (in tokens) in D_i, not the length gap"
+        assert bal[0]["message"] == plain[0]["message"] + note
 
 
 def test_expand_records_the_signs_and_warns_once_each(tiny_recipe, capsys):
@@ -159,6 +160,9 @@ def test_expand_length_balance_writes_the_balanced_pairs_and_counts_the_rest(tin
         return row
 
     monkeypatch.setattr(expand, "_row", leaning_row)
+    seen = []  # the rows the signs were computed from (the equality below alone could compare [] with [])
+    real_signs = expand.d_label_signs
+    monkeypatch.setattr(expand, "d_label_signs", lambda recipe, rows, *a: seen.append(list(rows)) or real_signs(recipe, rows, *a))
     recipe = tiny_recipe(**{"expand.length_balance": True})
     assert stage_config(recipe, Stage("expand", 1))["expand"]["length_balance"] is True
     assert "length_balance" not in stage_config(tiny_recipe(), Stage("expand", 1))["expand"]
@@ -179,5 +183,7 @@ def test_expand_length_balance_writes_the_balanced_pairs_and_counts_the_rest(tin
 
     gold = [pair_texts(r) for r in shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format),
                                             recipe.data.shuffle_seed)][: recipe.data.seed_limit]
+    assert len(seen) == 1 and len(seen[0]) == len(shard_rows) > len(want)
+    assert sorted((r["chosen"], r["rejected"]) for r in seen[0]) == sorted((r["chosen"], r["rejected"]) for r in shard_rows)
     assert man["summary"]["label_signs"] == label_signs([(r["chosen"], r["rejected"]) for r in shard_rows],
                                                         [(g["chosen"], g["rejected"]) for g in gold], balanced=True)

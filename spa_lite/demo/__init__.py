@@ -4,7 +4,9 @@ Files under ``spa_lite/demo/data`` (rebuilt by ``python -m spa_lite.demo.build``
 
 - ``seed_pairs.jsonl``   seed preference pairs (verifier-labelled samples of the bundled model)
 - ``gold_pool.jsonl``    the same 150 pairs, then more of the same kind from the same questions (512 in all:
-                         gold sizes past 150; ``python -m spa_lite.demo.build --gold-pool 512``)
+                         gold sizes past 150; ``python -m spa_lite.demo.build --gold-pool 512``). Recipes shuffle
+                         the whole file before taking the first ``data.seed_limit`` pairs, so a gold set drawn from
+                         it differs from one drawn from ``seed_pairs.jsonl`` even at 150 pairs or fewer
 - ``prompts.jsonl``      iteration prompt pool (prompts and constraints only, no responses or labels)
 - ``eval_prompts.jsonl`` held-out prompts
 - ``eval_pairs.jsonl``   held-out gold pairs

@@ -14,7 +14,10 @@
 ``--gold-pool N`` only grows the gold: gold_pool.jsonl holds seed_pairs.jsonl's rows unchanged, then pairs
 sampled the same way from prompts of the *seed* questions not sampled before (the seed candidates left over,
 then more constraint kinds per seed question), until N pairs. Its questions stay disjoint from the pool's (and
-so from the dev prompts at the pool's end) and the eval prompts'; nothing else in ``--out`` changes.
+so from the dev prompts at the pool's end) and the eval prompts'; nothing else in ``--out`` changes. It refuses
+a ``--seed`` or ``--limit`` other than build_info.json's (another split) before sampling. Consumers shuffle the
+whole file, so the first G pairs of gold_pool.jsonl after a recipe's shuffle are not those of seed_pairs.jsonl,
+even for G <= 150.
 
 The iteration pool carries prompts and constraints only: SPA iterations label responses with the model
 itself, never with the verifier.
@@ -402,6 +405,7 @@ def _write_gold_pool(out: Path, sp: _Splits, args: argparse.Namespace, argv: Opt
     info_path = out / "build_info.json"
     info = json.loads(info_path.read_text())
     base = [json.loads(line) for line in (out / "seed_pairs.jsonl").read_text().splitlines() if line.strip()]
+    _check_gold_pool_inputs(out, info, base, args)
     sampled_before = info["prompts_sampled"]["seed"]
     cands = gold_candidates(sp.candidates, sampled_before, seed=args.seed, kinds_per_question=args.gold_kinds)
     need = max(0, args.gold_pool - len(base))
@@ -429,6 +433,30 @@ def _write_gold_pool(out: Path, sp: _Splits, args: argparse.Namespace, argv: Opt
     atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     _log(f"wrote {n} pairs to {out / 'gold_pool.jsonl'} ({time.time() - t_start:.0f}s)")
     return 0
+
+
+def _check_gold_pool_inputs(out: Path, info: dict, base: List[dict], args: argparse.Namespace) -> None:
+    """Refuse ``--gold-pool`` before any sampling when its split would not be the one ``--out`` was built with: the
+    candidates are "seed-question prompts not sampled before" only under the build's own ``--seed`` and ``--limit``,
+    and the new pairs' questions must stay disjoint from the prompts and eval prompts already in ``--out``."""
+    info_path = out / "build_info.json"
+    for key in ("seed", "limit"):
+        if info.get(key) != getattr(args, key):
+            raise SystemExit(f"{info_path}: field {key!r} is {info.get(key)!r} but --gold-pool was run with "
+                             f"--{key} {getattr(args, key)!r}: the gold pool must use the build's own split; rerun "
+                             f"with --{key} {info.get(key)!r}")
+    if args.gold_pool < len(base):
+        raise SystemExit(f"--gold-pool {args.gold_pool}: the pool starts with seed_pairs.jsonl's {len(base)} pairs "
+                         f"({out / 'seed_pairs.jsonl'}); ask for at least {len(base)}")
+    gold_q = {tasks.question_index(r) for r in base}
+    for name in ("prompts.jsonl", "eval_prompts.jsonl"):
+        path = out / name
+        if not path.exists():
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip() and tasks.question_index(json.loads(line)) in gold_q:
+                raise SystemExit(f"{path}:{n}: field 'id' is a question of seed_pairs.jsonl: the gold pool's "
+                                 f"questions would not be disjoint from {name}'s")
 
 
 @dataclass
