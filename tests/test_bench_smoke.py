@@ -197,11 +197,12 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
                             "--seed", "1", "--gold-pairs", "demo:gold_pool", "--run-dir", str(tmp_path / "runs"),
                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
     assert other.returncode != 0 and "use another --out" in other.stderr, other.stderr[-2000:]
-    assert not (tmp_path / "runs" / "g8-s1-pool" / "seed").exists()
+    assert not (tmp_path / "runs" / "g8-s1-pool").exists()
     assert out.read_text() == before
     # a gold size past the gold file's pairs is refused up front, before the sizes before it are trained
     big = subprocess.run([sys.executable, str(BENCH / "judge_quality.py"), "--recipe", str(rec), "--gold", "4,100000",
-                          "--seed", "1", "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "big.json")],
+                          "--seed", "1", "--dev", "6", "--samples", "4", "--ns", "2,4", "--judges", "eq7,shorter",
+                          "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "big.json")],
                          env=env, capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
     assert big.returncode != 0 and "--gold 100000: demo:seed_pairs holds 150 pairs" in big.stderr, big.stderr[-2000:]
     assert not (tmp_path / "big.json").exists() and not (tmp_path / "runs" / "g4-s1").exists()

@@ -367,8 +367,8 @@ def test_each_kind_record_is_consistent():
 
 
 def test_gold_pool_refuses_another_split_before_sampling(tmp_path, monkeypatch):
-    """--gold-pool under another --seed / --limit than build_info.json's, for fewer pairs than seed_pairs.jsonl
-    holds, or beside prompts that share a seed question, stops naming the file and field before any model loads,
+    """--gold-pool under another --seed / --limit / pool or eval size than build_info.json's, for fewer pairs than
+    seed_pairs.jsonl holds, or beside prompts that share a seed question, stops naming the file and field before any model loads,
     and writes nothing."""
     import shutil
 
@@ -382,8 +382,12 @@ def test_gold_pool_refuses_another_split_before_sampling(tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match=r"build_info.json: field 'seed' is 0 .* --seed 1"):
         build.main(["--out", str(tmp_path), "--seed", "1", "--gold-pool", "512"])
-    with pytest.raises(SystemExit, match=r"build_info.json: field 'limit' is None .* --limit 10"):
+    with pytest.raises(SystemExit, match=r"build_info.json: field 'limit' is None .* --limit 10: .* without --limit"):
         build.main(["--out", str(tmp_path), "--seed", "0", "--limit", "10", "--gold-pool", "512"])
+    # another pool or eval size moves questions between the splits: the seed candidates no longer match the build's
+    for opt in (["--pool-size", "200"], ["--eval-size", "60"]):
+        with pytest.raises(SystemExit, match=r"field 'prompts_sampled.seed_candidates' is 462 but this split has"):
+            build.main(["--out", str(tmp_path), "--seed", "0", *opt, "--gold-pool", "512"])
     with pytest.raises(SystemExit, match=r"--gold-pool 100: .* at least 150"):
         build.main(["--out", str(tmp_path), "--seed", "0", "--gold-pool", "100"])
     seed_row = json.loads((tmp_path / "seed_pairs.jsonl").read_text().splitlines()[0])
@@ -391,6 +395,6 @@ def test_gold_pool_refuses_another_split_before_sampling(tmp_path, monkeypatch):
     prompts[2] = json.dumps({"id": seed_row["id"], "prompt": seed_row["prompt"], "constraint": seed_row["constraint"]})
     (tmp_path / "eval_prompts.jsonl").write_text("\n".join(prompts) + "\n")
     before["eval_prompts.jsonl"] = (tmp_path / "eval_prompts.jsonl").read_bytes()
-    with pytest.raises(SystemExit, match=r"eval_prompts.jsonl:3: field 'id' is a question of seed_pairs.jsonl"):
+    with pytest.raises(SystemExit, match=r"eval_prompts.jsonl:3: field 'id' is a question of the gold pool"):
         build.main(["--out", str(tmp_path), "--seed", "0", "--gold-pool", "512"])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -400,14 +400,15 @@ def _write_gold_pool(out: Path, sp: _Splits, args: argparse.Namespace, argv: Opt
                      t_start: float) -> int:
     """``--gold-pool N``: gold_pool.jsonl = seed_pairs.jsonl's rows, then new verifier-labelled pairs of the seed
     questions' unsampled prompts up to N; its entry in build_info.json (the other files are not touched)."""
-    import torch
-
     info_path = out / "build_info.json"
     info = json.loads(info_path.read_text())
     base = [json.loads(line) for line in (out / "seed_pairs.jsonl").read_text().splitlines() if line.strip()]
-    _check_gold_pool_inputs(out, info, base, args)
+    _check_gold_pool_inputs(out, info, base, sp, args)
     sampled_before = info["prompts_sampled"]["seed"]
     cands = gold_candidates(sp.candidates, sampled_before, seed=args.seed, kinds_per_question=args.gold_kinds)
+    _check_disjoint(out, base + cands)
+    import torch
+
     need = max(0, args.gold_pool - len(base))
     _log(f"gold pool: {len(base)} seed pairs kept, {need} more wanted from {len(cands)} unsampled seed-question "
          "prompts")
@@ -435,28 +436,38 @@ def _write_gold_pool(out: Path, sp: _Splits, args: argparse.Namespace, argv: Opt
     return 0
 
 
-def _check_gold_pool_inputs(out: Path, info: dict, base: List[dict], args: argparse.Namespace) -> None:
+def _check_gold_pool_inputs(out: Path, info: dict, base: List[dict], sp: _Splits, args: argparse.Namespace) -> None:
     """Refuse ``--gold-pool`` before any sampling when its split would not be the one ``--out`` was built with: the
-    candidates are "seed-question prompts not sampled before" only under the build's own ``--seed`` and ``--limit``,
-    and the new pairs' questions must stay disjoint from the prompts and eval prompts already in ``--out``."""
+    candidates are "seed-question prompts not sampled before" only under the build's own split (``--seed``,
+    ``--limit``, and the pool and eval sizes, which decide the seed questions and so the candidate count)."""
     info_path = out / "build_info.json"
     for key in ("seed", "limit"):
         if info.get(key) != getattr(args, key):
+            fix = f"--{key} {info.get(key)}" if info.get(key) is not None else f"without --{key}"
             raise SystemExit(f"{info_path}: field {key!r} is {info.get(key)!r} but --gold-pool was run with "
                              f"--{key} {getattr(args, key)!r}: the gold pool must use the build's own split; rerun "
-                             f"with --{key} {info.get(key)!r}")
+                             f"{fix}")
+    built = info.get("prompts_sampled", {}).get("seed_candidates")
+    if built != len(sp.candidates):
+        raise SystemExit(f"{info_path}: field 'prompts_sampled.seed_candidates' is {built!r} but this split has "
+                         f"{len(sp.candidates)} seed candidates: --pool-size or --eval-size differ "
+                         "from the build's; rerun with its settings (its 'command' field)")
     if args.gold_pool < len(base):
         raise SystemExit(f"--gold-pool {args.gold_pool}: the pool starts with seed_pairs.jsonl's {len(base)} pairs "
                          f"({out / 'seed_pairs.jsonl'}); ask for at least {len(base)}")
-    gold_q = {tasks.question_index(r) for r in base}
+
+
+def _check_disjoint(out: Path, gold_rows: List[dict]) -> None:
+    """The gold pool's questions (seed pairs and candidates) must not be questions of the prompt files in --out."""
+    gold_q = {tasks.question_index(r) for r in gold_rows}
     for name in ("prompts.jsonl", "eval_prompts.jsonl"):
         path = out / name
         if not path.exists():
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip() and tasks.question_index(json.loads(line)) in gold_q:
-                raise SystemExit(f"{path}:{n}: field 'id' is a question of seed_pairs.jsonl: the gold pool's "
-                                 f"questions would not be disjoint from {name}'s")
+                raise SystemExit(f"{path}:{n}: field 'id' is a question of the gold pool (seed pairs or its "
+                                 f"candidates): the gold pool's questions would not be disjoint from {name}'s")
 
 
 @dataclass
