@@ -15,9 +15,9 @@
 sampled the same way from prompts of the *seed* questions not sampled before (the seed candidates left over,
 then more constraint kinds per seed question), until N pairs. Its questions stay disjoint from the pool's (and
 so from the dev prompts at the pool's end) and the eval prompts'; nothing else in ``--out`` changes. It refuses
-a ``--seed`` or ``--limit`` other than build_info.json's (another split) before sampling. Consumers shuffle the
-whole file, so the first G pairs of gold_pool.jsonl after a recipe's shuffle are not those of seed_pairs.jsonl,
-even for G <= 150.
+a ``--seed``, ``--limit``, ``--pool-size`` or ``--eval-size`` other than the build's (another split) before
+sampling. Consumers shuffle the whole file, so the first G pairs of gold_pool.jsonl after a recipe's shuffle are
+not those of seed_pairs.jsonl, even for G <= 150.
 
 The iteration pool carries prompts and constraints only: SPA iterations label responses with the model
 itself, never with the verifier.
