@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info  # noqa: E402
 
-JUDGES = ("eq7", "eq7_tok", "reward", "ensemble", "shorter")
+JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "shorter")
 CHUNK = 32
+DEFAULT_SAMPLE_SEED = 2026
 # The reward adapter trains with seed DPO's optimizer settings (same pairs, epochs, lr and pairs per step), untuned
 REWARD_SETTINGS = {"reward.epochs": 3, "reward.lr": 2e-4, "reward.batch_size": 4, "reward.grad_accum": 2}
 
@@ -72,6 +73,8 @@ class Piece:
                                                 "threads": args.threads, **REWARD_SETTINGS, **pool})
         self.dir = self.recipe.run_path / "judge_quality"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # caches are keyed by samples per prompt and sampling seed (the default seed keeps the first sweep's names)
+        self.tag = f"{args.samples}" + ("" if args.sample_seed == DEFAULT_SAMPLE_SEED else f"_ss{args.sample_seed}")
 
     def pi0(self) -> None:
         from spa_lite.stages import seed_dpo
@@ -103,7 +106,7 @@ class Piece:
 
         c, out, stack = self.recipe.expand, [], None
         for k in range(0, len(prompts), CHUNK):
-            path = self.dir / f"samples_{self.args.samples}_{k // CHUNK:03d}.json"
+            path = self.dir / f"samples_{self.tag}_{k // CHUNK:03d}.json"
             if not path.exists():
                 if stack is None:
                     stack = load_stack(self.recipe, frozen_upto=0)
@@ -141,7 +144,7 @@ class Piece:
         from spa_lite.judge import response_logps
         from spa_lite.loading import load_stack
 
-        path = self.dir / f"scores_{self.args.samples}.json"
+        path = self.dir / f"scores_{self.tag}.json"
         res = read_json(path) if path.exists() else {}
         need = ["logp_init", "logp_pi0_check"] + (["reward"] if with_reward else [])
         if all(k in res for k in need):
@@ -190,6 +193,8 @@ def pref(judge: str, a: int, b: int, s: dict, beta: float) -> float:
         return _sig(beta * (s["lr"][a] - s["lr"][b]))
     if judge == "eq7_tok":
         return _sig(beta * (s["lr"][a] / s["len"][a] - s["lr"][b] / s["len"][b]))
+    if judge == "eq7_lc":  # s["lc"]: the log-ratio less the fitted length slope times the tokens (lc_slope)
+        return _sig(beta * (s["lc"][a] - s["lc"][b]))
     if judge == "reward":
         return _sig(s["r"][a] - s["r"][b])
     if judge == "ensemble":
@@ -207,6 +212,21 @@ def candidates(samples: list[dict], n: int) -> list[int]:
             seen.add(smp["text"])
             out.append(k)
     return out
+
+
+def lc_slope(per_prompt: list[tuple], n: int) -> float:
+    """Length-controlled Eq. 7's slope: the within-prompt least-squares slope of the summed log-ratio on sampled
+    tokens, over the candidates (first ``n``, non-empty, distinct) of every prompt with two or more; no labels."""
+    sxy = sxx = 0.0
+    for _, s, smp in per_prompt:
+        cand = candidates(smp, n)
+        if len(cand) < 2:
+            continue
+        t = np.array([s["len"][k] for k in cand], dtype=float)
+        u = np.array([s["lr"][k] for k in cand], dtype=float)
+        t, u = t - t.mean(), u - u.mean()
+        sxy, sxx = sxy + float(t @ u), sxx + float(t @ t)
+    return sxy / sxx if sxx > 0 else 0.0
 
 
 def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], beta: float) -> dict:
@@ -229,16 +249,21 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
     for judge in judges:
         for n in ns:
             recs = []
+            slope = lc_slope(per_prompt, n) if judge == "eq7_lc" else None
             for q, s, smp in per_prompt:
                 cand = candidates(smp, n)
                 if len(cand) < 2:
                     recs.append({"q": q, "pair": False})
                     continue
+                if slope is not None:
+                    s = {**s, "lc": [u - slope * t for u, t in zip(s["lr"], s["len"])]}
                 a, b, p = judge_pair(judge, cand, s, beta)
                 # longer in characters, as the gold pairs' share and expand's length sign count it
                 recs.append({"q": q, "pair": True, "decided": s["pass"][a] != s["pass"][b], "correct": s["pass"][a],
                              "conf": p, "longer": len(smp[a]["text"]) > len(smp[b]["text"]), "a": a, "b": b})
             out[f"{judge}/N{n}"] = summarize(recs, len(rows))
+            if slope is not None:
+                out[f"{judge}/N{n}"]["lc_slope_per_token"] = round(slope, 6)
             out[f"{judge}/N{n}"]["_recs"] = recs
     return out
 
@@ -286,7 +311,7 @@ def paired_vs(recs_a: list[dict], recs_b: list[dict], n_boot: int = 10000, seed:
 
 
 # ------------------------------------------------------------------------------------------ selection check
-COST = {"eq7": 0, "eq7_tok": 0, "shorter": 0, "reward": 1, "ensemble": 1}  # the decision rule's tie order
+COST = {"eq7": 0, "eq7_tok": 0, "eq7_lc": 0, "shorter": 0, "reward": 1, "ensemble": 1}  # the decision rule's tie order
 
 
 def choose(stats: dict[str, tuple[int, int]]) -> str | None:
@@ -360,8 +385,8 @@ def run_selection_check(args, res: dict) -> None:
     recs = {}
     for g in [int(x) for x in args.gold.split(",")]:
         piece = Piece(args, g)
-        paths = sorted(piece.dir.glob(f"samples_{args.samples}_*.json"))
-        score_path = piece.dir / f"scores_{args.samples}.json"
+        paths = sorted(piece.dir.glob(f"samples_{piece.tag}_[0-9]*.json"))
+        score_path = piece.dir / f"scores_{piece.tag}.json"
         if not paths or not score_path.exists():
             raise SystemExit(f"g{g}: no cached samples/scores under {piece.dir}: run the sweep first")
         rows = [r for p in paths for r in read_json(p)["rows"]]
@@ -376,8 +401,9 @@ def run_selection_check(args, res: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ run and report
 def check_golds(args, golds: list[int], res: dict) -> None:
-    """Refuse, before anything is trained or written, a gold size that --out holds from another gold file, or one
-    larger than the gold file's pair count (seed DPO would silently train on fewer pairs)."""
+    """Refuse, before anything is trained or written, a gold size that --out holds from another gold file or other
+    samples (--sample-seed), or one larger than the gold file's pair count (seed DPO would silently train on fewer
+    pairs)."""
     from spa_lite.config import load_recipe
     from spa_lite.data import load_pairs
 
@@ -389,6 +415,9 @@ def check_golds(args, golds: list[int], res: dict) -> None:
         if before and before.get("gold_pairs", "demo:seed_pairs") != source:
             raise SystemExit(f"g{gold}: {args.out} holds this gold size from "
                              f"{before.get('gold_pairs', 'demo:seed_pairs')}, not {source}: use another --out")
+        if before and before.get("sample_seed", DEFAULT_SAMPLE_SEED) != args.sample_seed:
+            raise SystemExit(f"g{gold}: {args.out} holds this gold size's figures on the samples of --sample-seed "
+                             f"{before.get('sample_seed', DEFAULT_SAMPLE_SEED)}, not {args.sample_seed}: use another --out")
         if gold > have:
             raise SystemExit(f"--gold {gold}: {source} holds {have} pairs; grow it (demo: `python -m "
                              "spa_lite.demo.build --gold-pool N`, then --gold-pairs demo:gold_pool) or ask for fewer")
@@ -426,7 +455,8 @@ def run_gold(args, gold: int, res: dict) -> None:
     res.setdefault("gold", {})[str(gold)] = {
         "judges": table, "paired_vs_eq7": versus, "agreement_N2": agree,
         "gold_chosen_longer_frac": gold_chosen_longer(piece.recipe),
-        "dev_prompts": len(rows), "samples_per_prompt": args.samples, "sampled_tokens": int(sum(toks)),
+        "dev_prompts": len(rows), "samples_per_prompt": args.samples, "sample_seed": args.sample_seed,
+        "sampled_tokens": int(sum(toks)),
         "sample_pass_rate": round(float(np.mean([verify(s["text"], r["constraint"]) for r in rows
                                                  for s in r["samples"]])), 4),
         "logp_pi0_check": scores.get("logp_pi0_check"),
@@ -447,7 +477,7 @@ def piece_times(piece: Piece) -> dict:
         man = piece.recipe.run_path / stage / "manifest.json"
         if man.exists():
             out[stage] = read_json(man)["timings"]["wall_s"]
-    chunks = sorted(piece.dir.glob(f"samples_{piece.args.samples}_*.json"))
+    chunks = sorted(piece.dir.glob(f"samples_{piece.tag}_[0-9]*.json"))
     out["sampling"] = round(sum(read_json(c).get("wall_s", 0) for c in chunks), 1)
     return out
 
@@ -484,7 +514,8 @@ def main() -> None:
     ap.add_argument("--gold-pairs", default=None, help="gold pairs to take the first G of (after the recipe's "
                     "shuffle) instead of the recipe's: demo:gold_pool for G past the 150 of demo:seed_pairs (the whole file is "
                     "shuffled, so its first G differ from demo:seed_pairs' first G even for G <= 150)")
-    ap.add_argument("--sample-seed", type=int, default=2026)
+    ap.add_argument("--sample-seed", type=int, default=DEFAULT_SAMPLE_SEED,
+                    help="seed of the dev samples (another seed draws fresh samples of the same prompts, cached apart)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (results do not depend on it)")
     ap.add_argument("--sample-dtype", default="auto", help="decoding copy: auto (bf16 where the CPU has bf16 units) | "
                     "float32 | bfloat16 | float16 (expand.sample_dtype's values)")

@@ -4,6 +4,7 @@ measurement), so a change to the library cannot silently break them between meas
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -173,7 +174,7 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     def jq(*extra: str) -> subprocess.CompletedProcess:
         res = subprocess.run([sys.executable, str(BENCH / "judge_quality.py"), "--recipe", str(rec), "--gold", "8",
                               "--seed", "1", "--dev", "6", "--samples", "4", "--ns", "2,4",
-                              "--judges", "eq7,eq7_tok,reward,ensemble,shorter", "--run-dir", str(tmp_path / "runs"),
+                              "--judges", "eq7,eq7_tok,eq7_lc,reward,ensemble,shorter", "--run-dir", str(tmp_path / "runs"),
                               "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=900,
                              cwd=BENCH.parent)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -182,7 +183,9 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     jq()
     res = json.loads(out.read_text())
     g = res["gold"]["8"]
-    assert set(g["judges"]) == {f"{j}/N{n}" for j in ("eq7", "eq7_tok", "reward", "ensemble", "shorter") for n in (2, 4)}
+    assert set(g["judges"]) == {f"{j}/N{n}" for j in ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "shorter")
+                                for n in (2, 4)}
+    assert g["sample_seed"] == 2026 and all(math.isfinite(g["judges"][f"eq7_lc/N{n}"]["lc_slope_per_token"]) for n in (2, 4))
     assert g["dev_prompts"] == 6 and g["samples_per_prompt"] == 4
     assert all(v["pairs"] <= 6 and v["decided"] <= v["pairs"] for v in g["judges"].values())
     # log pi_0 of padded batches equals one sequence at a time, up to float32 summation order over <= 8 tokens
@@ -206,3 +209,18 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
                          env=env, capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
     assert big.returncode != 0 and "--gold 100000: demo:seed_pairs holds 150 pairs" in big.stderr, big.stderr[-2000:]
     assert not (tmp_path / "big.json").exists() and not (tmp_path / "runs" / "g4-s1").exists()
+    # fresh samples of the same prompts (another --sample-seed) are refused into an --out that holds the first
+    # samples' figures, and drawn into their own cache beside the first one (which stays as it was)
+    cache = tmp_path / "runs" / "g8-s1" / "judge_quality"
+    first = {p.name: p.read_bytes() for p in cache.iterdir()}
+    mixed = subprocess.run([sys.executable, str(BENCH / "judge_quality.py"), "--recipe", str(rec), "--gold", "8",
+                            "--seed", "1", "--sample-seed", "7", "--run-dir", str(tmp_path / "runs"), "--out", str(out)],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert mixed.returncode != 0 and "--sample-seed 2026, not 7" in mixed.stderr, mixed.stderr[-2000:]
+    assert out.read_text() == before
+    fresh = tmp_path / "fresh.json"
+    jq("--sample-seed", "7", "--out", str(fresh))
+    assert json.loads(fresh.read_text())["gold"]["8"]["sample_seed"] == 7
+    assert {p.name: p.read_bytes() for p in cache.iterdir() if p.name in first} == first
+    assert sorted(p.name for p in cache.iterdir() if p.name not in first) == ["samples_4_ss7_000.json",
+                                                                              "scores_4_ss7.json"]

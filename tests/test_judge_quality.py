@@ -126,3 +126,28 @@ def test_selection_check_finds_no_optimism_when_one_setting_is_right_everywhere_
     noise = {f"G64/j{i}/N2": recs(0.5) for i in range(20)}
     out = jq.selection_check(noise, splits=200)
     assert out["optimism"] > 0.02 and abs(out["out_half_mean"] - 0.5) < 0.05
+
+
+def test_length_controlled_eq7_takes_the_within_prompt_slope_of_a_least_squares_fit_with_prompt_effects():
+    rows, scores = rows_and_scores()
+    res = jq.evaluate(rows, scores, ["eq7_lc"], [2, 4], beta=0.1)
+    # an independent fit: log-ratio on tokens plus one intercept per prompt (numpy's least squares), over the
+    # candidates: all 4 of q1, the first 3 of q2 (its 4th repeats the 3rd) at N = 4; the first 2 of each at N = 2
+    for n, cands in ((4, ([0, 1, 2, 3], [0, 1, 2])), (2, ([0, 1], [0, 1]))):
+        lr = ([5, 1, -2, 3], [0, 4, 4.5, -1])
+        tok = ([10, 2, 4, 5], [3, 6, 3, 3])
+        u = [lr[p][k] for p in (0, 1) for k in cands[p]]
+        x = np.array([[tok[p][k], p == 0, p == 1] for p in (0, 1) for k in cands[p]], dtype=float)
+        slope = np.linalg.lstsq(x, np.array(u, dtype=float), rcond=None)[0][0]
+        got = res[f"eq7_lc/N{n}"]
+        assert got["lc_slope_per_token"] == pytest.approx(slope, abs=1e-6)
+        for p, rec in enumerate(got["_recs"]):
+            resid = {k: lr[p][k] - slope * tok[p][k] for k in cands[p]}
+            best, worst = max(resid, key=resid.get), min(resid, key=resid.get)
+            assert (rec["a"], rec["b"]) == (best, worst)
+            assert rec["conf"] == pytest.approx(1 / (1 + math.exp(-0.1 * (resid[best] - resid[worst]))), rel=1e-9)
+    # the slope is not zero here, so the length control changes a choice summed Eq. 7 makes: at N = 4 summed
+    # Eq. 7 takes q1's sample 0 (the longest, 10 tokens) over sample 2
+    assert res["eq7_lc/N4"]["lc_slope_per_token"] > 0.3
+    summed = jq.evaluate(rows, scores, ["eq7"], [4], beta=0.1)["eq7/N4"]["_recs"][0]
+    assert (summed["a"], summed["b"]) == (0, 2) and res["eq7_lc/N4"]["_recs"][0]["a"] != 0
