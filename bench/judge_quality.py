@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info  # noqa: E402
 
-JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "shorter")
+JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter")
 CHUNK = 32
 DEFAULT_SAMPLE_SEED = 2026
 # The reward adapter trains with seed DPO's optimizer settings (same pairs, epochs, lr and pairs per step), untuned
@@ -199,6 +200,8 @@ def pref(judge: str, a: int, b: int, s: dict, beta: float) -> float:
         return _sig(s["r"][a] - s["r"][b])
     if judge == "ensemble":
         return 0.5 * (pref("eq7", a, b, s, beta) + pref("reward", a, b, s, beta))
+    if judge == "consensus":  # s["cons"]: mean similarity to the prompt's other candidates (consensus_scores)
+        return 0.5 + 0.5 * (s["cons"][a] - s["cons"][b])
     if judge == "shorter":
         return 1.0 if s["len"][a] < s["len"][b] else (0.5 if s["len"][a] == s["len"][b] else 0.0)
     raise ValueError(judge)
@@ -212,6 +215,22 @@ def candidates(samples: list[dict], n: int) -> list[int]:
             seen.add(smp["text"])
             out.append(k)
     return out
+
+
+def word_grams(text: str) -> set:
+    """Lowercased word unigrams and bigrams of a text (the consensus judge's similarity reads these)."""
+    w = re.findall(r"\w+", text.lower())
+    return set(w) | {(a, b) for a, b in zip(w, w[1:])}
+
+
+def jaccard(x: set, y: set) -> float:
+    return len(x & y) / len(x | y) if x or y else 1.0
+
+
+def consensus_scores(samples: list[dict], cand: list[int]) -> dict[int, float]:
+    """Each candidate's mean Jaccard similarity to the other candidates (minimum-Bayes-risk selection; no model)."""
+    grams = {k: word_grams(samples[k]["text"]) for k in cand}
+    return {k: float(np.mean([jaccard(grams[k], grams[j]) for j in cand if j != k])) for k in cand}
 
 
 def lc_slope(per_prompt: list[tuple], n: int) -> float:
@@ -248,6 +267,8 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
     out = {}
     for judge in judges:
         for n in ns:
+            if judge == "consensus" and n < 3:  # two samples are always equally similar to each other
+                continue
             recs = []
             slope = lc_slope(per_prompt, n) if judge == "eq7_lc" else None
             for q, s, smp in per_prompt:
@@ -257,6 +278,8 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
                     continue
                 if slope is not None:
                     s = {**s, "lc": [u - slope * t for u, t in zip(s["lr"], s["len"])]}
+                if judge == "consensus":
+                    s = {**s, "cons": consensus_scores(smp, cand)}
                 a, b, p = judge_pair(judge, cand, s, beta)
                 # longer in characters, as the gold pairs' share and expand's length sign count it
                 recs.append({"q": q, "pair": True, "decided": s["pass"][a] != s["pass"][b], "correct": s["pass"][a],
@@ -311,7 +334,8 @@ def paired_vs(recs_a: list[dict], recs_b: list[dict], n_boot: int = 10000, seed:
 
 
 # ------------------------------------------------------------------------------------------ selection check
-COST = {"eq7": 0, "eq7_tok": 0, "eq7_lc": 0, "shorter": 0, "reward": 1, "ensemble": 1}  # the decision rule's tie order
+# the decision rule's tie order
+COST = {"eq7": 0, "eq7_tok": 0, "eq7_lc": 0, "consensus": 0, "shorter": 0, "reward": 1, "ensemble": 1}
 
 
 def choose(stats: dict[str, tuple[int, int]]) -> str | None:

@@ -174,9 +174,9 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     def jq(*extra: str) -> subprocess.CompletedProcess:
         res = subprocess.run([sys.executable, str(BENCH / "judge_quality.py"), "--recipe", str(rec), "--gold", "8",
                               "--seed", "1", "--dev", "6", "--samples", "4", "--ns", "2,4",
-                              "--judges", "eq7,eq7_tok,eq7_lc,reward,ensemble,shorter", "--run-dir", str(tmp_path / "runs"),
-                              "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=900,
-                             cwd=BENCH.parent)
+                              "--judges", "eq7,eq7_tok,eq7_lc,reward,ensemble,consensus,shorter",
+                              "--run-dir", str(tmp_path / "runs"), "--out", str(out), *extra],
+                             env=env, capture_output=True, text=True, timeout=900, cwd=BENCH.parent)
         assert res.returncode == 0, res.stderr[-3000:]
         return res
 
@@ -184,7 +184,7 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     res = json.loads(out.read_text())
     g = res["gold"]["8"]
     assert set(g["judges"]) == {f"{j}/N{n}" for j in ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "shorter")
-                                for n in (2, 4)}
+                                for n in (2, 4)} | {"consensus/N4"}
     assert g["sample_seed"] == 2026 and all(math.isfinite(g["judges"][f"eq7_lc/N{n}"]["lc_slope_per_token"]) for n in (2, 4))
     assert g["dev_prompts"] == 6 and g["samples_per_prompt"] == 4
     assert all(v["pairs"] <= 6 and v["decided"] <= v["pairs"] for v in g["judges"].values())

@@ -151,3 +151,28 @@ def test_length_controlled_eq7_takes_the_within_prompt_slope_of_a_least_squares_
     assert res["eq7_lc/N4"]["lc_slope_per_token"] > 0.3
     summed = jq.evaluate(rows, scores, ["eq7"], [4], beta=0.1)["eq7/N4"]["_recs"][0]
     assert (summed["a"], summed["b"]) == (0, 2) and res["eq7_lc/N4"]["_recs"][0]["a"] != 0
+
+
+def test_consensus_picks_the_sample_most_like_the_others_against_the_least_and_skips_two_samples():
+    inc = {"kind": "include_word", "params": {"word": "cat"}}
+    texts = ["the cat sat on the mat", "The cat sat on a mat.", "a dog ran", "the cat sat"]
+    row = {"id": "q0001-c00", "constraint": inc, "prompt": [{"role": "user", "content": "x"}],
+           "samples": [sample(t, 0.0, 3) for t in texts]}
+    res = jq.evaluate([row], {"logp_init": [0.0] * 4}, ["consensus"], [2, 4], beta=0.1)
+    assert "consensus/N2" not in res  # N = 2: both samples score alike
+    # an independent count: unigram and bigram sets by hand, Jaccard, mean over the other three
+    grams = [{"the", "cat", "sat", "on", "mat", ("the", "cat"), ("cat", "sat"), ("sat", "on"), ("on", "the"),
+              ("the", "mat")},
+             {"the", "cat", "sat", "on", "a", "mat", ("the", "cat"), ("cat", "sat"), ("sat", "on"), ("on", "a"),
+              ("a", "mat")},
+             {"a", "dog", "ran", ("a", "dog"), ("dog", "ran")},
+             {"the", "cat", "sat", ("the", "cat"), ("cat", "sat")}]
+    score = [np.mean([len(grams[i] & grams[j]) / len(grams[i] | grams[j]) for j in range(4) if j != i])
+             for i in range(4)]
+    assert [jq.word_grams(t) for t in texts] == grams
+    rec = res["consensus/N4"]["_recs"][0]
+    # sample 1 edges out sample 0 by the unigram "a" it shares with sample 2 (0.379 against 0.372)
+    assert (rec["a"], rec["b"]) == (int(np.argmax(score)), int(np.argmin(score))) == (1, 2)
+    assert rec["conf"] == pytest.approx(0.5 + (score[1] - score[2]) / 2, rel=1e-12)
+    # verifier: sample 1 has 'cat', sample 2 does not: a decided pair, labelled right
+    assert rec["decided"] and rec["correct"]
