@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info  # noqa: E402
 
 JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter")
+# the first sweep's judges: the default, so a rerun of its documented commands (the selection check) compares the
+# same settings; eq7_lc and consensus (registered 2026-12-05) are asked for by name
+DEFAULT_JUDGES = ("eq7", "eq7_tok", "reward", "ensemble", "shorter")
 CHUNK = 32
 DEFAULT_SAMPLE_SEED = 2026
 # The reward adapter trains with seed DPO's optimizer settings (same pairs, epochs, lr and pairs per step), untuned
@@ -224,7 +227,8 @@ def word_grams(text: str) -> set:
 
 
 def jaccard(x: set, y: set) -> float:
-    return len(x & y) / len(x | y) if x or y else 1.0
+    """Shared over all grams; two texts without words (punctuation, emoji) share nothing, not everything."""
+    return len(x & y) / len(x | y) if x and y else 0.0
 
 
 def consensus_scores(samples: list[dict], cand: list[int]) -> dict[int, float]:
@@ -280,6 +284,9 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
                     s = {**s, "lc": [u - slope * t for u, t in zip(s["lr"], s["len"])]}
                 if judge == "consensus":
                     s = {**s, "cons": consensus_scores(smp, cand)}
+                    if len(set(s["cons"].values())) < 2:  # e.g. two distinct candidates: no preference, no pair
+                        recs.append({"q": q, "pair": False})
+                        continue
                 a, b, p = judge_pair(judge, cand, s, beta)
                 # longer in characters, as the gold pairs' share and expand's length sign count it
                 recs.append({"q": q, "pair": True, "decided": s["pass"][a] != s["pass"][b], "correct": s["pass"][a],
@@ -419,6 +426,7 @@ def run_selection_check(args, res: dict) -> None:
         table = evaluate(rows, scores, judges, [n for n in args.ns if n <= args.samples], piece.recipe.expand.beta)
         recs.update({f"G{g}/{k}": v["_recs"] for k, v in table.items()})
     res["selection_check"] = {**selection_check(recs, splits=args.splits), "gold": args.gold,
+                              "judges": [j for j in args.judges if j != "shorter"], "sample_seed": args.sample_seed,
                               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     log(f"selection check: {res['selection_check']}")
 
@@ -476,6 +484,13 @@ def run_gold(args, gold: int, res: dict) -> None:
     for v in table.values():
         v.pop("_recs")
     toks = [s["num_tokens"] for r in rows for s in r["samples"]]
+    # each call that wrote this gold size, oldest first: a later call with more judges reuses the cached pieces
+    # and keeps the earlier calls' commands and wall times
+    prev = res.get("gold", {}).get(str(gold))
+    calls = (prev.get("calls") or [provenance(prev)]) if prev else []
+    this = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "judges": judges,
+            "wall_s_this_call": round(time.time() - t0, 1), "sampling_wall_s_this_call": round(sample_s, 1),
+            "loadavg_end": list(os.getloadavg()), "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     res.setdefault("gold", {})[str(gold)] = {
         "judges": table, "paired_vs_eq7": versus, "agreement_N2": agree,
         "gold_chosen_longer_frac": gold_chosen_longer(piece.recipe),
@@ -485,11 +500,17 @@ def run_gold(args, gold: int, res: dict) -> None:
                                                  for s in r["samples"]])), 4),
         "logp_pi0_check": scores.get("logp_pi0_check"),
         "reward_heldout_gold": getattr(piece, "reward_heldout", None), "piece_wall_s": piece_times(piece),
-        "wall_s_this_call": round(time.time() - t0, 1), "sampling_wall_s_this_call": round(sample_s, 1),
-        "gold_pairs": piece.recipe.data.seed_pairs, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "loadavg_end": list(os.getloadavg())}
+        "gold_pairs": piece.recipe.data.seed_pairs, **{k: v for k, v in this.items() if k != "judges"},
+        "calls": [*calls, this]}
     log(f"g{gold}: " + "; ".join(f"{k} {v['accuracy']['accuracy']:.3f} ({v['decided']})"
                                  for k, v in table.items() if v["accuracy"]))
+
+
+def provenance(entry: dict) -> dict:
+    """The call fields of a gold entry written before entries kept a ``calls`` list."""
+    keys = ("command", "wall_s_this_call", "sampling_wall_s_this_call", "loadavg_end", "finished_utc")
+    return {"judges": sorted({k.split("/")[0] for k in entry.get("judges", {})}),
+            **{k: entry[k] for k in keys if k in entry}}
 
 
 def piece_times(piece: Piece) -> dict:
@@ -534,7 +555,7 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=256, help="dev prompts (the last ones of the shuffled pool)")
     ap.add_argument("--samples", type=int, default=8, help="samples per dev prompt (N = 2, 4 use the first ones)")
     ap.add_argument("--ns", default="2,4,8")
-    ap.add_argument("--judges", default=",".join(JUDGES))
+    ap.add_argument("--judges", default=",".join(DEFAULT_JUDGES), help=f"comma-separated, of {', '.join(JUDGES)}")
     ap.add_argument("--gold-pairs", default=None, help="gold pairs to take the first G of (after the recipe's "
                     "shuffle) instead of the recipe's: demo:gold_pool for G past the 150 of demo:seed_pairs (the whole file is "
                     "shuffled, so its first G differ from demo:seed_pairs' first G even for G <= 150)")
@@ -551,6 +572,9 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=1000, help="--selection-check: random halvings")
     args = ap.parse_args()
     args.judges = args.judges.split(",")
+    unknown = [j for j in args.judges if j not in JUDGES]
+    if unknown:
+        ap.error(f"--judges: unknown {', '.join(unknown)} (known: {', '.join(JUDGES)})")
     args.ns = [int(x) for x in args.ns.split(",")]
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {}

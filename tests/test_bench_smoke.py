@@ -192,7 +192,10 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     assert g["logp_pi0_check"]["max_abs_dev"] < 1e-3
     again = jq()
     assert "samples " not in again.stderr  # every sample chunk came from the cache
-    assert json.loads(out.read_text())["gold"]["8"]["judges"] == g["judges"]
+    g2 = json.loads(out.read_text())["gold"]["8"]
+    assert g2["judges"] == g["judges"]
+    # both calls are kept, oldest first, with the judges each asked for
+    assert [len(c["judges"]) for c in g2["calls"]] == [7, 7] and g2["calls"][0] == g["calls"][0]
     assert g["gold_pairs"] == "demo:seed_pairs"
     # the same gold size from the grown pool is another experiment: refused into the same --out, nothing trained
     before = out.read_text()
@@ -209,6 +212,10 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
                          env=env, capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
     assert big.returncode != 0 and "--gold 100000: demo:seed_pairs holds 150 pairs" in big.stderr, big.stderr[-2000:]
     assert not (tmp_path / "big.json").exists() and not (tmp_path / "runs" / "g4-s1").exists()
+    bogus = subprocess.run([sys.executable, str(BENCH / "judge_quality.py"), "--judges", "eq7,eq8",
+                            "--out", str(tmp_path / "bogus.json")], env=env, capture_output=True, text=True,
+                           timeout=120, cwd=BENCH.parent)
+    assert bogus.returncode == 2 and "--judges: unknown eq8" in bogus.stderr, bogus.stderr[-2000:]
     # fresh samples of the same prompts (another --sample-seed) are refused into an --out that holds the first
     # samples' figures, and drawn into their own cache beside the first one (which stays as it was)
     cache = tmp_path / "runs" / "g8-s1" / "judge_quality"
@@ -220,7 +227,10 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     assert out.read_text() == before
     fresh = tmp_path / "fresh.json"
     jq("--sample-seed", "7", "--out", str(fresh))
-    assert json.loads(fresh.read_text())["gold"]["8"]["sample_seed"] == 7
+    fg = json.loads(fresh.read_text())["gold"]["8"]
+    assert fg["sample_seed"] == 7 and len(fg["calls"]) == 1
+    # its sampling time is its own chunk's, not the first samples' too
+    assert fg["piece_wall_s"]["sampling"] == json.loads((cache / "samples_4_ss7_000.json").read_text())["wall_s"]
     assert {p.name: p.read_bytes() for p in cache.iterdir() if p.name in first} == first
     assert sorted(p.name for p in cache.iterdir() if p.name not in first) == ["samples_4_ss7_000.json",
                                                                               "scores_4_ss7.json"]

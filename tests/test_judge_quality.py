@@ -176,3 +176,18 @@ def test_consensus_picks_the_sample_most_like_the_others_against_the_least_and_s
     assert rec["conf"] == pytest.approx(0.5 + (score[1] - score[2]) / 2, rel=1e-12)
     # verifier: sample 1 has 'cat', sample 2 does not: a decided pair, labelled right
     assert rec["decided"] and rec["correct"]
+
+
+def test_consensus_gives_no_pair_when_every_candidate_scores_alike_and_wordless_texts_share_nothing():
+    inc = {"kind": "include_word", "params": {"word": "cat"}}
+    # N = 4 with two distinct candidates (the rest repeat): Jaccard is symmetric, so both score alike
+    two = {"id": "q0001-c00", "constraint": inc, "prompt": [{"role": "user", "content": "x"}],
+           "samples": [sample(t, 0.0, 3) for t in ["a cat", "a dog", "a cat", "a dog"]]}
+    # four wordless candidates: no grams, so no similarity either way (all 0.0, a tie: no pair)
+    wordless = {"id": "q0002-c00", "constraint": inc, "prompt": [{"role": "user", "content": "y"}],
+                "samples": [sample(t, 0.0, 3) for t in ["!!", "?", "...", ":)"]]}
+    res = jq.evaluate([two, wordless], {"logp_init": [0.0] * 8}, ["consensus"], [4], beta=0.1)
+    assert [r["pair"] for r in res["consensus/N4"]["_recs"]] == [False, False]
+    assert res["consensus/N4"]["pairs"] == 0
+    assert jq.jaccard(set(), set()) == 0.0 and jq.jaccard({"a"}, set()) == 0.0
+    assert jq.jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
