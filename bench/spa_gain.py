@@ -59,13 +59,18 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # labels' length direction (least confident pairs of the majority side dropped until chosen-longer and
     # chosen-shorter are equal in number)
     "spa_best_lb": {"expand.judge_norm": "per_token", "expand.length_balance": True},
+    # added 2026-12-05 22:50 (bench/judge_quality_protocol.md): the Bradley-Terry reward adapter as the judge, the one
+    # judge above chance on own dev samples without a length lean, at 512 gold pairs (--recipe smollm2-reward); the
+    # reward stage runs before the first expand
+    "spa_reward": {"expand.judge": "reward"},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
 ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
              **{f"oracle_a{a}": (f"verifier, labels flipped at rate {1 - a / 100:.2f}", 2) for a in (85, 70, 60, 55)},
              "oracle_s75": ("verifier, labels flipped towards the shorter answer (accuracy 0.75)", 2),
              "spa_best_vd": ("logprob per token (Eq. 7), verifier's side on decided pairs", 2),
-             "spa_best_lb": ("logprob per token (Eq. 7), length-balanced D_i", 2)}
+             "spa_best_lb": ("logprob per token (Eq. 7), length-balanced D_i", 2),
+             "spa_reward": ("reward adapter (Bradley-Terry, trained on the gold pairs)", 2)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -90,6 +95,8 @@ COMPARISONS = [
     ("spa_best_vd_final", "oracle_final"),
     # the length-balance guard (added 07:45, before it was built or ran)
     ("spa_best_lb_final", "pi_0"), ("spa_best_lb_final", "dpo_same_compute"), ("spa_best_lb_final", "spa_best_final"),
+    # the reward adapter as the judge (added 22:50, before it was built or ran)
+    ("spa_reward_final", "pi_0"), ("spa_reward_final", "dpo_same_compute"), ("spa_reward_final", "oracle_final"),
 ]
 
 
@@ -132,8 +139,16 @@ class Bench:
         return recs[: self.args.eval_prompts] if self.args.eval_prompts else recs
 
     def run_iterations(self, recipe) -> None:
+        from spa_lite.config import REWARD_JUDGES
         from spa_lite.stages import expand, train
 
+        if recipe.expand.judge in REWARD_JUDGES:  # expand's judge: the reward adapter, trained once on the gold pairs
+            from spa_lite.stages import reward
+
+            t = time.time()
+            man = reward.run(recipe)
+            log(f"{recipe.name}: reward adapter done in {time.time() - t:.0f}s, held-out gold "
+                f"{man['summary'].get('heldout')}")
         for i in range(1, recipe.iterations + 1):
             for name, fn in (("expand", expand.run), ("train", train.run)):
                 t = time.time()

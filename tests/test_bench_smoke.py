@@ -65,7 +65,8 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     prompts. (The oracle arm is not run here: whether the verifier can separate any of a random tiny model's
     samples is chance; its labelling is unit-tested in test_evaluation.py.)"""
 
-    rec = demo_recipe(tmp_path, tiny_model_dir, train={"batch_size": 2, "grad_accum": 1, "lr": 5e-3, "window": 8})
+    rec = demo_recipe(tmp_path, tiny_model_dir, train={"batch_size": 2, "grad_accum": 1, "lr": 5e-3, "window": 8},
+                      reward={"epochs": 1, "batch_size": 2, "grad_accum": 1, "lr": 5e-3})
     out, outcomes = tmp_path / "gain.json", tmp_path / "outcomes.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPA_LITE_QUIET": "1"}
 
@@ -91,6 +92,18 @@ def test_bench_spa_gain_pieces_and_paired_comparisons(tmp_path, tiny_model_dir):
     assert c["n_prompts"] == 5 and c["seeds"] == [1]
     d1 = d["pieces"]["s1/spa"]["diagnostics"]["D_1"]
     assert d1["confirmed"] + d1["contradicted"] + d1["undecided"] == d1["pairs"]
+    # the reward-adapter arm trains its reward stage first, and D_1 is labelled by it: p(y1 > y2) =
+    # sigmoid(r(y1) - r(y2)), so each row's confidence is the sigmoid of its reward margin
+    spa_gain("--arms", "spa_reward", "--eval-prompts", "5", "--eval-batch", "5")
+    d = json.loads(out.read_text())
+    assert "s1/spa_reward" in d["pieces"] and ("spa_reward_final", "pi_0") in {(c["a"], c["b"]) for c in d["comparisons"]}
+    assert (tmp_path / "runs" / "s1-spa_reward" / "reward" / "manifest.json").exists()
+    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "s1-spa_reward" / "iter1" / "expand" / "data.jsonl")
+            .read_text().splitlines() if ln.strip()]
+    assert rows
+    for r in rows:
+        m = r["reward_chosen"] - r["reward_rejected"]
+        assert m >= 0 and r["confidence"] == pytest.approx(1 / (1 + math.exp(-m)), rel=1e-6)
     # the exploratory judge diagnostic: Eq. 7 accuracy on gold pairs agrees with evaluation.judge_accuracy,
     # an independent implementation (position-balanced, through judge_logprob) on the same pairs
     spa_gain("--judge-diag")
