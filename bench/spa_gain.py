@@ -59,7 +59,7 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # labels' length direction (least confident pairs of the majority side dropped until chosen-longer and
     # chosen-shorter are equal in number)
     "spa_best_lb": {"expand.judge_norm": "per_token", "expand.length_balance": True},
-    # added 2026-12-05 22:50 (bench/judge_quality_protocol.md): the Bradley-Terry reward adapter as the judge, the one
+    # added 2026-12-05 22:48 (bench/judge_quality_protocol.md): the Bradley-Terry reward adapter as the judge, the one
     # judge above chance on own dev samples without a length lean, at 512 gold pairs (--recipe smollm2-reward); the
     # reward stage runs before the first expand
     "spa_reward": {"expand.judge": "reward"},
@@ -95,7 +95,7 @@ COMPARISONS = [
     ("spa_best_vd_final", "oracle_final"),
     # the length-balance guard (added 07:45, before it was built or ran)
     ("spa_best_lb_final", "pi_0"), ("spa_best_lb_final", "dpo_same_compute"), ("spa_best_lb_final", "spa_best_final"),
-    # the reward adapter as the judge (added 22:50, before it was built or ran)
+    # the reward adapter as the judge (added 22:48, before it was built or ran)
     ("spa_reward_final", "pi_0"), ("spa_reward_final", "dpo_same_compute"), ("spa_reward_final", "oracle_final"),
 ]
 
