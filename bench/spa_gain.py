@@ -97,6 +97,8 @@ COMPARISONS = [
     ("spa_best_lb_final", "pi_0"), ("spa_best_lb_final", "dpo_same_compute"), ("spa_best_lb_final", "spa_best_final"),
     # the reward adapter as the judge (added 22:48, before it was built or ran)
     ("spa_reward_final", "pi_0"), ("spa_reward_final", "dpo_same_compute"), ("spa_reward_final", "oracle_final"),
+    # added 2026-12-06 01:50 after spa_reward_final was seen, before it ran (exploratory): the first iteration alone
+    ("spa_reward_1", "pi_0"),
 ]
 
 
