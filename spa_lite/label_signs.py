@@ -32,6 +32,14 @@ LENGTH_DROP = 0.5
 # errors are independent, agreement is acc1*acc2 + (1-acc1)(1-acc2): exactly 0.5 when either is at chance. In the
 # sweep Eq. 7 and the reward adapter (at chance) agreed on 0.54-0.55 of pairs; Eq. 7 and per-token Eq. 7 on 0.75-0.85.
 AGREE_MIN = 0.6
+# among pairs where exactly one response was cut at expand.max_new_tokens, the judge chose the cut one in more than
+# this share of at least TRUNC_MIN_PAIRS: it scores unfinished answers high, and SPA learns to run out of tokens.
+# Added 2026-12-06 after the reward-adapter gain run (bench/judge_quality_protocol.md): the reward adapter at 512
+# gold pairs chose the cut response in 182 of 193 such pairs of D_1 and 196 of 214 of D_2, and in 47 of 50 and 36 of
+# 38 on two sets of dev samples; its answers grew to the token limit and it lost 9.5 points. 0.75 is halfway
+# between no lean and that run's 0.94, not fitted; one run is behind it.
+TRUNC_LEAN = 0.75
+TRUNC_MIN_PAIRS = 20
 
 
 def chosen_longer_share(pairs: Sequence[tuple[str, str]]) -> float | None:
@@ -41,7 +49,8 @@ def chosen_longer_share(pairs: Sequence[tuple[str, str]]) -> float | None:
 
 def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[str, str]],
                 judge_probs: Sequence[tuple[float, float]] = (),
-                mean_tokens: tuple[float, float] | None = None, balanced: bool = False) -> list[dict]:
+                mean_tokens: tuple[float, float] | None = None, balanced: bool = False,
+                cut: Sequence[tuple[bool, bool]] = ()) -> list[dict]:
     """The signs present in one D_i.
 
     Args:
@@ -52,6 +61,7 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
         balanced: ``expand.length_balance`` is on: d_pairs are the judged pairs before it evened D_i's lengths,
             and the lean signs say that it evened them in D_i (it evens the count, not the length gap: with it
             SPA's answers still collapsed, README "How right must the labels be?").
+        cut: (chosen was cut, rejected was cut) at the token limit, per pair of D_i; empty when not known.
 
     Returns:
         one dict per sign present: ``sign``, ``value``, ``threshold`` and a one-line ``message``.
@@ -78,6 +88,15 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
                     "message": f"the policy's samples average {cur:.1f} tokens, against {prev:.1f} one iteration "
                                "earlier: its answers are collapsing (read a few with `spa-lite inspect`; stop here "
                                "and keep the previous policy, or change the judge)"})
+    one_cut = [c for c, r in cut if c != r]
+    if len(one_cut) >= TRUNC_MIN_PAIRS and statistics.fmean(one_cut) > TRUNC_LEAN:
+        share = statistics.fmean(one_cut)
+        out.append({"sign": "truncation_lean", "value": round(share, 4), "pairs": len(one_cut),
+                    "threshold": TRUNC_LEAN,
+                    "message": f"where only one response was cut at the token limit, the judge chose the cut one in "
+                               f"{share:.0%} of {len(one_cut)} pairs: it may be scoring unfinished answers high, and "
+                               "iterating on it runs the answers out of tokens (try expand.drop_truncated: true or a "
+                               "larger expand.max_new_tokens)"})
     if judge_probs:
         agree = statistics.fmean((a > 0.5) == (b > 0.5) for a, b in judge_probs)
         if agree < AGREE_MIN:

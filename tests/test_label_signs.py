@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from spa_lite.label_signs import AGREE_MIN, LENGTH_DROP, LENGTH_LEAN, chosen_longer_share, label_signs
+from spa_lite.label_signs import (
+    AGREE_MIN,
+    LENGTH_DROP,
+    LENGTH_LEAN,
+    TRUNC_LEAN,
+    TRUNC_MIN_PAIRS,
+    chosen_longer_share,
+    label_signs,
+)
 
 
 def test_chosen_longer_share_counts_characters():
@@ -70,6 +78,51 @@ def test_expand_records_the_signs_and_warns_once_each(tiny_recipe, capsys):
     assert read_manifest(recipe, Stage("expand", 1))["summary"]["label_signs"] == man["summary"]["label_signs"]
     lines = [ln for ln in err.splitlines() if ln.startswith("label sign (expand --iter 1)")]
     assert len(lines) == len(want)
+
+
+def test_truncation_lean_counts_only_pairs_with_one_cut_response():
+    gold = [("long answer", "x")] * 10 + [("x", "long answer")] * 10
+    even = [("long answer", "x")] * 10 + [("x", "long answer")] * 10  # no length sign
+    assert 0.5 < TRUNC_LEAN < 0.94 and TRUNC_MIN_PAIRS <= 38  # the dev samples' smaller count of one-cut pairs
+    lean = [(True, False)] * 16 + [(False, True)] * 4  # chose the cut one in 16 of 20
+    other = [(True, True)] * 50 + [(False, False)] * 50  # both or neither cut: no information on the lean
+    for cut in (lean, lean + other, other + lean):
+        sig = label_signs(even, gold, cut=cut)
+        assert [s["sign"] for s in sig] == ["truncation_lean"]
+        assert (sig[0]["value"], sig[0]["pairs"]) == (0.8, 20) and "drop_truncated" in sig[0]["message"]
+    assert label_signs(even, gold, cut=[(True, False)] * 15 + [(False, True)] * 5) == []  # 0.75: not above
+    assert label_signs(even, gold, cut=[(True, False)] * (TRUNC_MIN_PAIRS - 1) + other) == []  # too few pairs
+    assert label_signs(even, gold, cut=[(False, True)] * 20) == []  # choosing the finished answer is no sign
+    assert label_signs(even, gold) == []
+
+
+def test_expand_reads_the_rows_cut_flags_for_truncation_lean(tiny_recipe, monkeypatch):
+    """expand hands label_signs each judged row's (chosen cut, rejected cut): with every chosen response cut and no
+    rejected one, the sign is in the manifest and counts every row; the tiny model's own rows (every response cut
+    at max_new_tokens) give no one-cut pair and no sign."""
+    import spa_lite.label_signs as ls
+    from spa_lite.stages import expand, seed_dpo
+
+    monkeypatch.setattr(ls, "TRUNC_MIN_PAIRS", 1)
+    plain = tiny_recipe()
+    seed_dpo.run(plain)
+    man = expand.run(plain, 1)
+    assert man["summary"]["truncated"] == man["summary"]["pairs"] > 0  # every pair holds a cut response...
+    assert "truncation_lean" not in [s["sign"] for s in man["summary"]["label_signs"]]  # ...but no one-cut pair
+
+    real_row = expand._row
+
+    def cut_chosen(*a):
+        row = real_row(*a)
+        row["truncated_chosen"], row["truncated_rejected"] = True, False
+        return row
+
+    monkeypatch.setattr(expand, "_row", cut_chosen)
+    recipe = tiny_recipe(name="cut")
+    seed_dpo.run(recipe)
+    man = expand.run(recipe, 1)
+    sig = [s for s in man["summary"]["label_signs"] if s["sign"] == "truncation_lean"]
+    assert len(sig) == 1 and sig[0]["value"] == 1.0 and sig[0]["pairs"] == man["summary"]["pairs"] > 0
 
 
 @pytest.mark.parametrize("bad", [[], [("", "")]])

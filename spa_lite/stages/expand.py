@@ -457,8 +457,11 @@ def d_label_signs(recipe: Recipe, rows: list[dict], mean_tokens: tuple[float, fl
     gold = shuffled(load_pairs(recipe.data.seed_pairs, recipe.data.format), recipe.data.shuffle_seed)
     gold = [pair_texts(r) for r in gold[: recipe.data.seed_limit or len(gold)]]
     probs = [(r["p_logprob"], r["p_reward"]) for r in rows if "p_logprob" in r and "p_reward" in r]
+    cut = [(bool(r["truncated_chosen"]), bool(r["truncated_rejected"])) for r in rows
+           if "truncated_chosen" in r and "truncated_rejected" in r]
     return label_signs([(r["chosen"], r["rejected"]) for r in rows], [(g["chosen"], g["rejected"]) for g in gold],
-                       probs if len(probs) == len(rows) else (), mean_tokens, balanced=recipe.expand.length_balance)
+                       probs if len(probs) == len(rows) else (), mean_tokens, balanced=recipe.expand.length_balance,
+                       cut=cut if len(cut) == len(rows) else ())
 
 
 def summarize_pairs(rows: list[dict], counts: dict) -> dict:
