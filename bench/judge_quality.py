@@ -290,7 +290,9 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
                 a, b, p = judge_pair(judge, cand, s, beta)
                 # longer in characters, as the gold pairs' share and expand's length sign count it
                 recs.append({"q": q, "pair": True, "decided": s["pass"][a] != s["pass"][b], "correct": s["pass"][a],
-                             "conf": p, "longer": len(smp[a]["text"]) > len(smp[b]["text"]), "a": a, "b": b})
+                             "conf": p, "longer": len(smp[a]["text"]) > len(smp[b]["text"]), "a": a, "b": b,
+                             # cut at the token limit (chosen, rejected): the truncation lean (added 2026-12-06)
+                             "cut": (bool(smp[a].get("truncated")), bool(smp[b].get("truncated")))})
             out[f"{judge}/N{n}"] = summarize(recs, len(rows))
             if slope is not None:
                 out[f"{judge}/N{n}"]["lc_slope_per_token"] = round(slope, 6)
@@ -313,6 +315,9 @@ def summarize(recs: list[dict], prompts: int) -> dict:
             quint.append({"conf_min": round(float(conf[part].min()), 4), "conf_max": round(float(conf[part].max()), 4),
                           **accuracy_with_ci([r["correct"] for r in sel])})
     n_ok = sum(r["correct"] for r in dec)
+    cut = [r.get("cut", (False, False)) for r in pairs]  # hand-made records may leave it out
+    one_cut = [c for c, x in cut if c != x]
+    uncut = [r["correct"] for r in dec if not any(r.get("cut", (False, False)))]
     return {"prompts": prompts, "pairs": len(pairs), "decided": len(dec),
             "undecided_frac": round(1 - len(dec) / len(pairs), 4) if pairs else None,
             "accuracy": acc, "by_conf_quintile": quint,
@@ -320,7 +325,12 @@ def summarize(recs: list[dict], prompts: int) -> dict:
             "chosen_longer_frac": round(float(np.mean([r["longer"] for r in pairs])), 4) if pairs else None,
             # verifier-free signs (issue 19 point 5): how flat the confidences are over all judged pairs
             "median_conf": round(float(np.median([r["conf"] for r in pairs])), 4) if pairs else None,
-            "frac_conf_below_055": round(float(np.mean([r["conf"] < 0.55 for r in pairs])), 4) if pairs else None}
+            "frac_conf_below_055": round(float(np.mean([r["conf"] < 0.55 for r in pairs])), 4) if pairs else None,
+            # pairs with exactly one response cut at the token limit, and how often the judge chose the cut one (the
+            # label sign truncation_lean); accuracy on decided pairs with neither response cut (expand.drop_truncated)
+            "one_cut_pairs": len(one_cut),
+            "cut_chosen_frac": round(float(np.mean(one_cut)), 4) if one_cut else None,
+            "accuracy_uncut": accuracy_with_ci(uncut) if uncut else None}
 
 
 def paired_vs(recs_a: list[dict], recs_b: list[dict], n_boot: int = 10000, seed: int = 0) -> dict | None:

@@ -63,6 +63,10 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # judge above chance on own dev samples without a length lean, at 512 gold pairs (--recipe smollm2-reward); the
     # reward stage runs before the first expand
     "spa_reward": {"expand.judge": "reward"},
+    # added 2026-12-06 02:00 before it was built or ran (bench/judge_quality_protocol.md): the reward adapter chose
+    # the response cut at the token limit in 0.94 of one-cut pairs (D_1, D_2 and two dev sample sets); pairs holding a
+    # cut response are dropped (and counted) before training
+    "spa_reward_nt": {"expand.judge": "reward", "expand.drop_truncated": True},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
 ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
@@ -70,7 +74,9 @@ ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best
              "oracle_s75": ("verifier, labels flipped towards the shorter answer (accuracy 0.75)", 2),
              "spa_best_vd": ("logprob per token (Eq. 7), verifier's side on decided pairs", 2),
              "spa_best_lb": ("logprob per token (Eq. 7), length-balanced D_i", 2),
-             "spa_reward": ("reward adapter (Bradley-Terry, trained on the gold pairs)", 2)}
+             "spa_reward": ("reward adapter (Bradley-Terry, trained on the gold pairs)", 2),
+             "spa_reward_nt": ("reward adapter (Bradley-Terry, trained on the gold pairs), pairs with a cut response "
+                               "dropped", 2)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -99,6 +105,9 @@ COMPARISONS = [
     ("spa_reward_final", "pi_0"), ("spa_reward_final", "dpo_same_compute"), ("spa_reward_final", "oracle_final"),
     # added 2026-12-06 01:50 after spa_reward_final was seen, before it ran (exploratory): the first iteration alone
     ("spa_reward_1", "pi_0"),
+    # the reward adapter without pairs holding a cut response (added 02:00, before it was built or ran)
+    ("spa_reward_nt_final", "pi_0"), ("spa_reward_nt_final", "dpo_same_compute"),
+    ("spa_reward_nt_final", "spa_reward_final"),
 ]
 
 

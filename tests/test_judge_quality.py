@@ -60,6 +60,29 @@ def test_single_score_judges_pick_best_vs_worst_and_the_metrics_follow():
     assert s2["accuracy"]["accuracy"] == 0.0 and s2["chosen_longer_frac"] == 0.0
 
 
+def test_truncation_fields_count_one_cut_pairs_and_score_the_uncut_ones():
+    rows, scores = rows_and_scores()
+    # q1: sample 0 (pass) cut; q2: samples 1 (pass) and 2 cut
+    rows[0]["samples"][0]["truncated"] = True
+    rows[1]["samples"][1]["truncated"] = rows[1]["samples"][2]["truncated"] = True
+    res = jq.evaluate(rows, scores, ["eq7", "reward"], [2, 4], beta=0.1)
+    # eq7 N 2: q1 (0 cut) over 1: one cut, the cut one chosen; q2 (1 cut) over 0: the same. Both decided, cut.
+    e2 = res["eq7/N2"]
+    assert [r["cut"] for r in e2["_recs"]] == [(True, False), (True, False)]
+    assert (e2["one_cut_pairs"], e2["cut_chosen_frac"], e2["accuracy_uncut"]) == (2, 1.0, None)
+    # reward N 4: q1 (2, 3): neither cut, decided, wrong; q2 (2, 1): both cut, decided, wrong
+    r4 = res["reward/N4"]
+    assert [r["cut"] for r in r4["_recs"]] == [(False, False), (True, True)]
+    assert (r4["one_cut_pairs"], r4["cut_chosen_frac"]) == (0, None)
+    assert (r4["accuracy_uncut"]["n"], r4["accuracy_uncut"]["accuracy"]) == (1, 0.0)
+    # eq7 N 4: q1 (0, 2): the cut one chosen, decided, right; q2 (2, 0): the cut one chosen, undecided
+    e4 = res["eq7/N4"]
+    assert (e4["one_cut_pairs"], e4["cut_chosen_frac"], e4["accuracy_uncut"]) == (2, 1.0, None)
+    # reward N 2: q1 picks 0 (1.0 > 0.0, cut) over 1; q2 picks 0 (0.5 > 0.0, uncut) over 1 (cut): 1 of 2 chose cut
+    r2 = res["reward/N2"]
+    assert (r2["one_cut_pairs"], r2["cut_chosen_frac"]) == (2, 0.5)
+
+
 def test_ensemble_is_the_mean_of_both_probabilities_and_picks_its_argmax_pair():
     rows, scores = rows_and_scores()
     s = {"lr": [5, 1, -2, 3], "len": [10, 2, 4, 5], "r": [1.0, 0.0, 2.0, -1.0]}
