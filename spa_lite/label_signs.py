@@ -37,7 +37,7 @@ AGREE_MIN = 0.6
 # Added 2026-12-06 after the reward-adapter gain run (bench/judge_quality_protocol.md): the reward adapter at 512
 # gold pairs chose the cut response in 182 of 193 such pairs of D_1 and 196 of 214 of D_2, and in 47 of 50 and 36 of
 # 38 on two sets of dev samples; its answers grew to the token limit and it lost 9.5 points. 0.75 is halfway
-# between no lean and that run's 0.94, not fitted; one run is behind it.
+# between no lean (0.5) and always (1.0), below that run's 0.92-0.95; not fitted, one run is behind it.
 TRUNC_LEAN = 0.75
 TRUNC_MIN_PAIRS = 20
 
