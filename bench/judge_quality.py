@@ -30,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info  # noqa: E402
 
-JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter")
+JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter", "reward_eos")
+# judges that read the reward adapter (reward_eos: cut samples scored with the end-of-turn token appended, as
+# expand.reward_cut_eos does; registered 2026-12-06 in bench/judge_quality_protocol.md)
+RM_JUDGES = ("reward", "ensemble", "reward_eos")
 # the first sweep's judges: the default, so a rerun of its documented commands (the selection check) compares the
 # same settings; eq7_lc and consensus (registered 2026-12-05) are asked for by name
 DEFAULT_JUDGES = ("eq7", "eq7_tok", "reward", "ensemble", "shorter")
@@ -141,7 +144,7 @@ class Piece:
         gc.collect()
         return out
 
-    def scores(self, rows: list[dict], with_reward: bool) -> dict:
+    def scores(self, rows: list[dict], with_reward: bool, with_eos: bool = False) -> dict:
         """Per sample: log pi_init, a forward-pass check of log pi_0, and the reward adapter's r; cached."""
         from spa_lite.generation import encode_prompt
         from spa_lite.io import atomic_write_json, read_json
@@ -150,7 +153,8 @@ class Piece:
 
         path = self.dir / f"scores_{self.tag}.json"
         res = read_json(path) if path.exists() else {}
-        need = ["logp_init", "logp_pi0_check"] + (["reward"] if with_reward else [])
+        need = ["logp_init", "logp_pi0_check"] + (["reward"] if with_reward else []) + (
+            ["reward_eos"] if with_reward and with_eos else [])
         if all(k in res for k in need):
             return res
         stack = load_stack(self.recipe, frozen_upto=0)
@@ -164,17 +168,35 @@ class Piece:
             fwd = response_logps(stack, stack.prev, prompts[:32], resp[:32], batch_size=1).tolist()
             rec = [s["logp_pi0"] for r in rows for s in r["samples"]][:32]
             res["logp_pi0_check"] = {"n": 32, "max_abs_dev": max(abs(a - b) for a, b in zip(fwd, rec))}
-        if with_reward and "reward" not in res:
+        rm = None
+        if with_reward and ("reward" not in res or (with_eos and "reward_eos" not in res)):
             from spa_lite.reward import load_run_reward_model, reward_scores
 
-            t = time.time()
             rm = load_run_reward_model(stack, self.recipe, needed_by="bench/judge_quality.py")
+        if rm is not None and "reward" not in res:
+            t = time.time()
             res["reward"] = [float(x) for x in reward_scores(rm, prompts, resp, batch_size=16)]
             log(f"g{self.gold}: reward of {len(flat)} samples ({time.time() - t:.0f}s)")
+        if rm is not None and with_eos and "reward_eos" not in res:
+            t = time.time()
+            cut = [s["truncated"] for r in rows for s in r["samples"]]
+            res["reward_eos"] = eos_rescored(res["reward"], cut, prompts, resp, stack.tokenizer.eos_token_id,
+                                             lambda p, y: reward_scores(rm, p, y, batch_size=16))
+            log(f"g{self.gold}: reward of {sum(cut)} cut samples with end-of-turn appended ({time.time() - t:.0f}s)")
         del stack
         gc.collect()
         atomic_write_json(path, res)
         return res
+
+
+def eos_rescored(reward: list[float], cut: list[bool], prompts: list, resp: list, eos: int, score) -> list[float]:
+    """``reward`` with each cut sample's score replaced by ``score`` of its tokens plus the end-of-turn token ``eos``
+    (finished samples already end with it, so their scores stand)."""
+    idx = [i for i, c in enumerate(cut) if c]
+    out = [float(x) for x in reward]
+    for i, v in zip(idx, score([prompts[i] for i in idx], [list(resp[i]) + [eos] for i in idx]) if idx else []):
+        out[i] = float(v)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ judging
@@ -201,6 +223,8 @@ def pref(judge: str, a: int, b: int, s: dict, beta: float) -> float:
         return _sig(beta * (s["lc"][a] - s["lc"][b]))
     if judge == "reward":
         return _sig(s["r"][a] - s["r"][b])
+    if judge == "reward_eos":
+        return _sig(s["r_eos"][a] - s["r_eos"][b])
     if judge == "ensemble":
         return 0.5 * (pref("eq7", a, b, s, beta) + pref("reward", a, b, s, beta))
     if judge == "consensus":  # s["cons"]: mean similarity to the prompt's other candidates (consensus_scores)
@@ -266,6 +290,8 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
              "pass": [verify(x["text"], r["constraint"]) for x in r["samples"]]}
         if "reward" in scores:
             s["r"] = scores["reward"][off : off + k]
+        if "reward_eos" in scores:
+            s["r_eos"] = scores["reward_eos"][off : off + k]
         off += k
         per_prompt.append((question_index(r), s, r["samples"]))
     out = {}
@@ -432,7 +458,8 @@ def run_selection_check(args, res: dict) -> None:
             raise SystemExit(f"g{g}: no cached samples/scores under {piece.dir}: run the sweep first")
         rows = [r for p in paths for r in read_json(p)["rows"]]
         scores = read_json(score_path)
-        judges = [j for j in args.judges if j != "shorter" and ("reward" in scores or j not in ("reward", "ensemble"))]
+        judges = [j for j in args.judges if j != "shorter" and (j not in RM_JUDGES or "reward" in scores)
+                  and (j != "reward_eos" or "reward_eos" in scores)]
         table = evaluate(rows, scores, judges, [n for n in args.ns if n <= args.samples], piece.recipe.expand.beta)
         recs.update({f"G{g}/{k}": v["_recs"] for k, v in table.items()})
     res["selection_check"] = {**selection_check(recs, splits=args.splits), "gold": args.gold,
@@ -471,13 +498,13 @@ def run_gold(args, gold: int, res: dict) -> None:
     t0 = time.time()
     piece = Piece(args, gold)
     piece.pi0()  # check_golds has refused a gold size --out holds from another gold file
-    with_reward = "reward" in args.judges and piece.reward()
+    with_reward = any(j in RM_JUDGES for j in args.judges) and piece.reward()
     prompts = dev_prompts(piece.recipe, args.dev)
     ts = time.time()
     rows = piece.samples(prompts)
     sample_s = time.time() - ts
-    scores = piece.scores(rows, with_reward)
-    judges = [j for j in args.judges if with_reward or j not in ("reward", "ensemble")]
+    scores = piece.scores(rows, with_reward, "reward_eos" in args.judges)
+    judges = [j for j in args.judges if with_reward or j not in RM_JUDGES]
     ns = [n for n in args.ns if n <= args.samples]
     table = evaluate(rows, scores, judges, ns, piece.recipe.expand.beta)
     versus = {}

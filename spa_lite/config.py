@@ -167,6 +167,10 @@ class ExpandConfig:
                                    "evens the count, not the length gap: on the demo SPA still collapsed with it "
                                    "(README, \"How right must the labels be?\")")
     drop_truncated: bool = setting(False, "drop pairs where a response hit max_new_tokens (counted either way)")
+    reward_cut_eos: bool = setting(False, "judge reward or logprob+reward: a response cut at max_new_tokens (it has no "
+                                   "end-of-turn token) is scored by the reward adapter with one appended, as every "
+                                   "response it was trained on ends. Off: scored as sampled; the demo's adapter then "
+                                   "preferred cut responses (bench/RESULTS.md). Registered 2026-12-06, not yet measured")
     backend: str = setting("hf", "hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', "
                            "CUDA)", choices=("hf", "vllm"))
     sample_dtype: str = setting("auto", "precision of decoding in expand, eval, export-answers, winrate: auto "
@@ -397,6 +401,28 @@ BEST_WORST_JUDGES = ("logprob", "reward")
 REWARD_JUDGES = ("reward", "logprob+reward")
 
 
+def _judge_problems(e: ExpandConfig) -> list[str]:
+    """Judge settings that do not go together (each names what it needs)."""
+    problems = []
+    if e.num_samples > 2 and e.judge not in BEST_WORST_JUDGES:
+        problems.append(f"expand.num_samples: {e.num_samples} (best vs worst of N) needs a judge that scores "
+                        f"single responses ({', '.join(BEST_WORST_JUDGES)}), not '{e.judge}'")
+    if e.verifier_accuracy < 1 and e.judge != "verifier":
+        problems.append(f"expand.verifier_accuracy: {e.verifier_accuracy} flips the verifier's labels and "
+                        f"needs expand.judge: verifier, not '{e.judge}'")
+    if e.reward_cut_eos and e.judge not in REWARD_JUDGES:
+        problems.append("expand.reward_cut_eos: changes what the reward adapter scores; it needs expand.judge reward "
+                        f"or logprob+reward, not '{e.judge}'")
+    if e.verifier_decided and (e.judge == "verifier" or e.num_samples > 2):
+        problems.append("expand.verifier_decided: corrects a model judge's labels of N = 2 pairs; it needs a judge "
+                        f"other than verifier and num_samples 2 (got '{e.judge}', "
+                        f"{e.num_samples})")
+    if e.verifier_flip != "random" and e.verifier_accuracy == 1:
+        problems.append("expand.verifier_flip: 'shorter' chooses which labels the noisy oracle flips and needs "
+                        "expand.verifier_accuracy below 1")
+    return problems
+
+
 def validate(recipe: Recipe) -> list[str]:
     problems = []
     for what, value in (("name", recipe.name),):
@@ -415,19 +441,7 @@ def validate(recipe: Recipe) -> list[str]:
     bad = [t for t in recipe.report_to if t not in trackers]
     if bad:
         problems.append(f"report_to: {', '.join(map(str, bad))} not among {', '.join(sorted(trackers))}")
-    if recipe.expand.num_samples > 2 and recipe.expand.judge not in BEST_WORST_JUDGES:
-        problems.append(f"expand.num_samples: {recipe.expand.num_samples} (best vs worst of N) needs a judge that scores "
-                        f"single responses ({', '.join(BEST_WORST_JUDGES)}), not '{recipe.expand.judge}'")
-    if recipe.expand.verifier_accuracy < 1 and recipe.expand.judge != "verifier":
-        problems.append(f"expand.verifier_accuracy: {recipe.expand.verifier_accuracy} flips the verifier's labels and "
-                        f"needs expand.judge: verifier, not '{recipe.expand.judge}'")
-    if recipe.expand.verifier_decided and (recipe.expand.judge == "verifier" or recipe.expand.num_samples > 2):
-        problems.append("expand.verifier_decided: corrects a model judge's labels of N = 2 pairs; it needs a judge "
-                        f"other than verifier and num_samples 2 (got '{recipe.expand.judge}', "
-                        f"{recipe.expand.num_samples})")
-    if recipe.expand.verifier_flip != "random" and recipe.expand.verifier_accuracy == 1:
-        problems.append("expand.verifier_flip: 'shorter' chooses which labels the noisy oracle flips and needs "
-                        "expand.verifier_accuracy below 1")
+    problems += _judge_problems(recipe.expand)
     if recipe.model.max_prompt_length >= recipe.model.max_length:
         problems.append("model.max_prompt_length: must be < model.max_length")
     return problems

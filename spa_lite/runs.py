@@ -85,6 +85,8 @@ def _expand_key(recipe: Recipe) -> dict:
         d.pop("verifier_decided")
     if not d["length_balance"]:
         d.pop("length_balance")
+    if not d["reward_cut_eos"]:
+        d.pop("reward_cut_eos")
     return d
 
 

@@ -187,7 +187,7 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     def jq(*extra: str) -> subprocess.CompletedProcess:
         res = subprocess.run([sys.executable, str(BENCH / "judge_quality.py"), "--recipe", str(rec), "--gold", "8",
                               "--seed", "1", "--dev", "6", "--samples", "4", "--ns", "2,4",
-                              "--judges", "eq7,eq7_tok,eq7_lc,reward,ensemble,consensus,shorter",
+                              "--judges", "eq7,eq7_tok,eq7_lc,reward,ensemble,consensus,shorter,reward_eos",
                               "--run-dir", str(tmp_path / "runs"), "--out", str(out), *extra],
                              env=env, capture_output=True, text=True, timeout=900, cwd=BENCH.parent)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -196,8 +196,14 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     jq()
     res = json.loads(out.read_text())
     g = res["gold"]["8"]
-    assert set(g["judges"]) == {f"{j}/N{n}" for j in ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "shorter")
-                                for n in (2, 4)} | {"consensus/N4"}
+    assert set(g["judges"]) == {f"{j}/N{n}" for j in ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "shorter",
+                                                      "reward_eos") for n in (2, 4)} | {"consensus/N4"}
+    # reward_eos: the cut samples (the tiny model almost never ends one) rescored with end-of-turn, the rest kept
+    sc = json.loads((tmp_path / "runs" / "g8-s1" / "judge_quality" / "scores_4.json").read_text())
+    cut = [s["truncated"] for p in sorted((tmp_path / "runs" / "g8-s1" / "judge_quality").glob("samples_4_[0-9]*.json"))
+           for r in json.loads(p.read_text())["rows"] for s in r["samples"]]
+    assert len(cut) == len(sc["reward"]) == len(sc["reward_eos"]) and any(cut)
+    assert all((a != b) == c for a, b, c in zip(sc["reward"], sc["reward_eos"], cut))
     assert g["sample_seed"] == 2026 and all(math.isfinite(g["judges"][f"eq7_lc/N{n}"]["lc_slope_per_token"]) for n in (2, 4))
     assert g["dev_prompts"] == 6 and g["samples_per_prompt"] == 4
     assert all(v["pairs"] <= 6 and v["decided"] <= v["pairs"] for v in g["judges"].values())
@@ -208,7 +214,7 @@ def test_bench_judge_quality_runs_its_pieces_and_resumes(tmp_path, tiny_model_di
     g2 = json.loads(out.read_text())["gold"]["8"]
     assert g2["judges"] == g["judges"]
     # both calls are kept, oldest first, with the judges each asked for
-    assert [len(c["judges"]) for c in g2["calls"]] == [7, 7] and g2["calls"][0] == g["calls"][0]
+    assert [len(c["judges"]) for c in g2["calls"]] == [8, 8] and g2["calls"][0] == g["calls"][0]
     assert g["gold_pairs"] == "demo:seed_pairs"
     # the same gold size from the grown pool is another experiment: refused into the same --out, nothing trained
     before = out.read_text()

@@ -83,6 +83,26 @@ def test_truncation_fields_count_one_cut_pairs_and_score_the_uncut_ones():
     assert (r2["one_cut_pairs"], r2["cut_chosen_frac"]) == (2, 0.5)
 
 
+def test_reward_eos_rescored_only_the_cut_samples_with_end_of_turn_appended_and_ranks_by_them():
+    calls = []
+
+    def score(prompts, resp):  # a stand-in reward: the response's last token plus its length
+        calls.append((prompts, resp))
+        return [r[-1] + len(r) for r in resp]
+
+    got = jq.eos_rescored([1.0, 2.0, 3.0, 4.0], [False, True, False, True], [[7], [8], [9], [10]],
+                          [[5, 6], [4], [3], [2, 1]], 99, score)
+    assert got == [1.0, 99 + 2, 3.0, 99 + 3]
+    assert calls == [([[8], [10]], [[4, 99], [2, 1, 99]])]
+    assert jq.eos_rescored([1.0], [False], [[7]], [[5]], 99, score) == [1.0] and len(calls) == 1  # nothing cut
+    rows, scores = rows_and_scores()
+    # reward_eos ranks by its own scores: reversed from reward's, so the reward N 4 pairs turn round
+    scores["reward_eos"] = [-x for x in scores["reward"]]
+    res = jq.evaluate(rows, scores, ["reward", "reward_eos"], [4], beta=0.1)
+    fwd = [(r["a"], r["b"]) for r in res["reward/N4"]["_recs"]]
+    assert [(r["a"], r["b"]) for r in res["reward_eos/N4"]["_recs"]] == [(b, a) for a, b in fwd]
+
+
 def test_ensemble_is_the_mean_of_both_probabilities_and_picks_its_argmax_pair():
     rows, scores = rows_and_scores()
     s = {"lr": [5, 1, -2, 3], "len": [10, 2, 4, 5], "r": [1.0, 0.0, 2.0, -1.0]}

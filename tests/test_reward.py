@@ -204,15 +204,19 @@ def test_expand_requires_the_reward_stage_and_its_files(tiny_model_dir, tiny_dat
         head.write_bytes(saved)
 
 
-@pytest.mark.parametrize("judge,n", [("reward", 2), ("reward", 3), ("logprob+reward", 2)])
-def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, adapters, reward_run, judge, n):
+@pytest.mark.parametrize("judge,n,cut_eos", [("reward", 2, False), ("reward", 3, False), ("logprob+reward", 2, False),
+                                             ("reward", 3, True), ("logprob+reward", 2, True)])
+def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, adapters, reward_run, judge, n, cut_eos):
+    """The rows' rewards and p against the reward model loaded separately as a sequence classifier; with
+    expand.reward_cut_eos a response cut at max_new_tokens is scored with the end-of-turn token appended (the
+    tiny model almost never ends a response, so most are cut)."""
     from spa_lite.stages.expand import expand_shard
 
     r, _ = reward_run
     d = r.run_path / "reward"
     recipe = _recipe(tiny_model_dir, tiny_data, r.run_path.parent, "whole", **{
         "expand.judge": judge, "expand.num_samples": n, "expand.temperature": 1.5, "expand.max_new_tokens": 6,
-        "expand.judge_logps": "forward"})
+        "expand.judge_logps": "forward", "expand.reward_cut_eos": cut_eos})
     base, tok = load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu")
     stack = build_stack(base, tok, [("seed", adapters["seed"])])
     rm = load_reward_model(stack, d / "adapter", d / "head.safetensors")
@@ -228,13 +232,16 @@ def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, ad
     ref = _seqcls(tiny_model_dir, d / "adapter", load_file(str(d / "head.safetensors"))["weight"])
     pol, init = (_merged(tiny_model_dir, adapters["seed"]), _plain_base(tiny_model_dir)) if "logprob" in judge else (None, None)
     rows = {row["id"]: row for row in res["rows"]}
+    cut = 0
     for q, ss in zip(QUESTIONS, samples):
         distinct = list({y.text: y for y in reversed(ss) if y.text}.values())[::-1]
         assert (q["id"] in rows) == (len(distinct) >= 2)
         if q["id"] not in rows:
             continue
         x = encode_prompt(tok, q["prompt"])
-        rw = [_naive_reward(ref, x, y.token_ids) for y in distinct]
+        rw = [_naive_reward(ref, x, y.token_ids + ([tok.eos_token_id] if cut_eos and y.truncated else []))
+              for y in distinct]
+        cut += sum(y.truncated for y in distinct)
         best, worst = max(range(len(rw)), key=rw.__getitem__), min(range(len(rw)), key=rw.__getitem__)
         if n == 2:
             best, worst = (0, 1) if rw[0] > rw[1] or judge != "reward" else (1, 0)
@@ -251,7 +258,7 @@ def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, ad
             assert row["reward_chosen"] == pytest.approx(rw[best], abs=1e-4)
             assert row["reward_rejected"] == pytest.approx(rw[worst], abs=1e-4)
         assert row["p_y1"] == pytest.approx(p, abs=1e-5)
-    assert len(rows) >= 3
+    assert len(rows) >= 3 and cut > 0  # the setting is exercised on cut responses
 
 
 def test_cli_reward_command(tiny_model_dir, tiny_data, tmp_path):
@@ -322,3 +329,20 @@ def test_divergence_leaves_the_reward_stage_incomplete(tiny_recipe):
         reward.run(r)
     d = r.run_path / "reward"
     assert not (d / "manifest.json").exists() and not (d / "adapter").exists() and not (d / "head.safetensors").exists()
+
+
+def test_reward_cut_eos_needs_a_reward_judge_and_changes_d_is_hash_only_when_on(tiny_model_dir, tiny_data, tmp_path):
+    import dataclasses
+
+    from spa_lite.errors import SpaError
+    from spa_lite.layout import Stage
+    from spa_lite.runs import stage_config, stage_hash
+
+    with pytest.raises(SpaError, match="expand.reward_cut_eos"):
+        _recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.judge": "logprob", "expand.reward_cut_eos": True})
+    off, on = (_recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.reward_cut_eos": v}) for v in (False, True))
+    assert stage_hash(on, Stage("expand", 1)) != stage_hash(off, Stage("expand", 1))
+    # off, the key is left out of the stage config: runs made before the setting existed keep their hash
+    assert "reward_cut_eos" not in stage_config(off, Stage("expand", 1))["expand"]
+    assert stage_config(on, Stage("expand", 1))["expand"]["reward_cut_eos"] is True
+    assert dataclasses.asdict(off.expand)["reward_cut_eos"] is False

@@ -152,7 +152,7 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
     names = stack.prev
     if c.judge in REWARD_JUDGES:
         x = [encode_prompt(stack.tokenizer, r["prompt"]) for r, _, _ in keep]
-        ys = [a.token_ids for _, a, _ in keep] + [b.token_ids for _, _, b in keep]
+        ys = [reward_tokens(stack.tokenizer, y, c.reward_cut_eos) for y in [a for _, a, _ in keep] + [b for _, _, b in keep]]
         r = reward_scores(reward_model, x + x, ys, batch_size=2 * c.judge_batch_size)
         n = len(keep)
         rm = [{"p": 1.0 / (1.0 + math.exp(-(r[i] - r[n + i]))), "reward_1": r[i], "reward_2": r[n + i]} for i in range(n)]
@@ -244,8 +244,9 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
     counts["judged_responses"] = len(flat)
     prompt_ids = [encode_prompt(stack.tokenizer, rec["prompt"]) for rec, _ in flat]
     if c.judge == "reward":
-        scores = [{"reward": r} for r in reward_scores(reward_model, prompt_ids, [y.token_ids for _, y in flat],
-                                                        batch_size=2 * c.judge_batch_size)]
+        scores = [{"reward": r} for r in reward_scores(reward_model, prompt_ids,
+                                                        [reward_tokens(stack.tokenizer, y, c.reward_cut_eos)
+                                                         for _, y in flat], batch_size=2 * c.judge_batch_size)]
     else:
         known = None
         if record and all(y.logp is not None for _, y in flat):
@@ -419,6 +420,13 @@ def _collect(st: StageRun, n_shards: int, pool_dropped: dict) -> dict:
                                     "checked_sequences": sum(x["checked"] for x in checks),
                                     "per_token": any(x.get("per_token") for x in checks)}
     return summary
+
+
+def reward_tokens(tokenizer, y, cut_eos: bool) -> list[int]:
+    """The response tokens the reward adapter scores: as sampled, or (``expand.reward_cut_eos``) with the
+    end-of-turn token appended when the response was cut at max_new_tokens, as ``spa_lite.logps.encode_response``
+    ends every response the adapter was trained on."""
+    return list(y.token_ids) + [tokenizer.eos_token_id] if cut_eos and y.truncated else list(y.token_ids)
 
 
 def length_balance(rows: list[dict]) -> tuple[list[dict], int]:
