@@ -67,6 +67,9 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # the response cut at the token limit in 0.94 of one-cut pairs (D_1, D_2 and two dev sample sets); pairs holding a
     # cut response are dropped (and counted) before training
     "spa_reward_nt": {"expand.judge": "reward", "expand.drop_truncated": True},
+    # added 2026-12-06 02:27 before it was built or ran: the reward adapter scoring cut responses with end-of-turn
+    # appended, best vs worst of 4 (dev: 0.76 [0.615, 0.865] and 0.80 [0.664, 0.885] on two sample sets)
+    "spa_reward_eos4": {"expand.judge": "reward", "expand.reward_cut_eos": True, "expand.num_samples": 4},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
 ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
@@ -76,7 +79,9 @@ ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best
              "spa_best_lb": ("logprob per token (Eq. 7), length-balanced D_i", 2),
              "spa_reward": ("reward adapter (Bradley-Terry, trained on the gold pairs)", 2),
              "spa_reward_nt": ("reward adapter (Bradley-Terry, trained on the gold pairs), pairs with a cut response "
-                               "dropped", 2)}
+                               "dropped", 2),
+             "spa_reward_eos4": ("reward adapter (Bradley-Terry, trained on the gold pairs), cut responses scored with "
+                                 "end-of-turn appended, best vs worst", 4)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -108,6 +113,9 @@ COMPARISONS = [
     # the reward adapter without pairs holding a cut response (added 02:00, before it was built or ran)
     ("spa_reward_nt_final", "pi_0"), ("spa_reward_nt_final", "dpo_same_compute"),
     ("spa_reward_nt_final", "spa_reward_final"),
+    # the reward adapter scoring cut responses as it was trained, N = 4 (added 02:27, before it was built or ran)
+    ("spa_reward_eos4_final", "pi_0"), ("spa_reward_eos4_final", "dpo_same_compute"),
+    ("spa_reward_eos4_final", "spa_reward_final"),
 ]
 
 

@@ -35,5 +35,6 @@ def test_every_comparison_names_a_known_label_and_judge_arms_name_their_judge():
             arm, _, it = label.rpartition("_")
             assert arm in arms and (it == "final" or it.isdigit()), label
     assert set(spa_gain.ARM_JUDGE) <= arms
-    assert {"spa_reward", "spa_reward_nt"} <= set(spa_gain.ARM_JUDGE)
+    assert {"spa_reward", "spa_reward_nt", "spa_reward_eos4"} <= set(spa_gain.ARM_JUDGE)
+    assert spa_gain.ARM_JUDGE["spa_reward_eos4"][1] == spa_gain.ARMS["spa_reward_eos4"]["expand.num_samples"] == 4
     assert spa_gain.ARMS["spa_reward_nt"] == {"expand.judge": "reward", "expand.drop_truncated": True}
