@@ -170,7 +170,8 @@ class ExpandConfig:
     reward_cut_eos: bool = setting(False, "judge reward or logprob+reward: a response cut at max_new_tokens (it has no "
                                    "end-of-turn token) is scored by the reward adapter with one appended, as every "
                                    "response it was trained on ends. Off: scored as sampled; the demo's adapter then "
-                                   "preferred cut responses (bench/RESULTS.md). Registered 2026-12-06, not yet measured")
+                                   "preferred cut responses; on, its dev accuracy rose (bench/RESULTS.md). "
+                                   "SPA's gain with it: not yet measured")
     backend: str = setting("hf", "hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', "
                            "CUDA)", choices=("hf", "vllm"))
     sample_dtype: str = setting("auto", "precision of decoding in expand, eval, export-answers, winrate: auto "
