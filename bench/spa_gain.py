@@ -164,6 +164,7 @@ class Bench:
         if recipe.expand.judge in REWARD_JUDGES:  # expand's judge: the reward adapter, trained once on the gold pairs
             from spa_lite.stages import reward
 
+            self.reuse_reward(recipe)
             t = time.time()
             man = reward.run(recipe)
             log(f"{recipe.name}: reward adapter done in {time.time() - t:.0f}s, held-out gold "
@@ -173,6 +174,27 @@ class Bench:
                 t = time.time()
                 fn(recipe, i)
                 log(f"{recipe.name}: {name} {i} done in {time.time() - t:.0f}s")
+
+    @staticmethod
+    def reuse_reward(recipe) -> Path | None:
+        """Copy a sibling arm's complete reward stage made from the same config (same hash: same gold pairs, seed
+        and settings, so training it again gives the same adapter) instead of training it again; ``reward.run``
+        then checks the copy's hash and file hashes like any complete stage. Returns the source, or None."""
+        from spa_lite.layout import REWARD_STAGE, read_manifest, stage_dir
+        from spa_lite.runs import stage_hash
+
+        dest = stage_dir(recipe, REWARD_STAGE)
+        if (read_manifest(recipe, REWARD_STAGE) or {}).get("status") == "complete":
+            return None
+        want = stage_hash(recipe, REWARD_STAGE)
+        for man in sorted(recipe.run_path.parent.glob(f"s{recipe.seed}-*/reward/manifest.json")):
+            m = json.loads(man.read_text())
+            if man.parent != dest and m.get("status") == "complete" and m.get("config_hash") == want:
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(man.parent, dest)
+                log(f"{recipe.name}: reward adapter copied from {man.parent} (same config hash {want})")
+                return man.parent
+        return None
 
     def seed_stage(self, seed: int):
         from spa_lite.stages import seed_dpo

@@ -38,3 +38,40 @@ def test_every_comparison_names_a_known_label_and_judge_arms_name_their_judge():
     assert {"spa_reward", "spa_reward_nt", "spa_reward_eos4"} <= set(spa_gain.ARM_JUDGE)
     assert spa_gain.ARM_JUDGE["spa_reward_eos4"][1] == spa_gain.ARMS["spa_reward_eos4"]["expand.num_samples"] == 4
     assert spa_gain.ARMS["spa_reward_nt"] == {"expand.judge": "reward", "expand.drop_truncated": True}
+
+
+def _complete_reward_stage(recipe, config_hash: str) -> Path:
+    from spa_lite.layout import REWARD_STAGE, stage_dir
+
+    d = stage_dir(recipe, REWARD_STAGE)
+    (d / "adapter").mkdir(parents=True)
+    (d / "adapter" / "weights.bin").write_bytes(b"w")
+    (d / "manifest.json").write_text(f'{{"status": "complete", "config_hash": "{config_hash}"}}')
+    return d
+
+
+def test_reuse_reward_copies_only_a_complete_stage_with_the_same_hash(tmp_path):
+    from spa_lite.config import load_recipe
+    from spa_lite.layout import REWARD_STAGE, stage_dir
+    from spa_lite.runs import stage_hash
+
+    def rec(name, **over):
+        return load_recipe("smollm2-reward", {"name": name, "run_dir": str(tmp_path), "seed": 42, **over})
+
+    target = rec("s42-b", **spa_gain.ARMS["spa_reward_eos4"])
+    want = stage_hash(target, REWARD_STAGE)
+    # another seed's stage, a stage of another config, and an unfinished one are never copied
+    _complete_reward_stage(rec("s43-a", seed=43), want)
+    _complete_reward_stage(rec("s42-c"), "0" * 16)
+    assert spa_gain.Bench.reuse_reward(target) is None
+    assert not stage_dir(target, REWARD_STAGE).exists()
+    # expand settings are not the reward stage's: spa_reward's adapter has the eos4 arm's hash
+    src = rec("s42-a", **spa_gain.ARMS["spa_reward"])
+    assert stage_hash(src, REWARD_STAGE) == want
+    made = _complete_reward_stage(src, want)
+    stale = stage_dir(target, REWARD_STAGE)
+    (stale / "checkpoint").mkdir(parents=True)  # a half-trained stage is replaced, not merged
+    assert spa_gain.Bench.reuse_reward(target) == made
+    assert (stale / "adapter" / "weights.bin").read_bytes() == b"w" and not (stale / "checkpoint").exists()
+    # a complete stage is left alone
+    assert spa_gain.Bench.reuse_reward(target) is None
