@@ -131,6 +131,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cut_stats(rows: list[dict]) -> dict:
+    """Pairs of D_i with a response cut at the token limit; where exactly one was cut, the share of pairs whose
+    chosen response is the cut one (the judge's lean to unfinished answers; 0.5 is no lean)."""
+    one = [r["truncated_chosen"] for r in rows
+           if r.get("truncated_chosen") is not None and r["truncated_chosen"] != r.get("truncated_rejected")]
+    return {"pairs_with_cut": sum(bool(r.get("truncated_chosen") or r.get("truncated_rejected")) for r in rows),
+            "one_cut_pairs": len(one), "cut_chosen_frac": round(sum(one) / len(one), 4) if one else None}
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         from spa_lite.config import parse_override
@@ -297,7 +306,10 @@ class Bench:
                 "frac_chosen_shorter": round(sum(r["len_chosen"] < r["len_rejected"] for r in rows) / len(rows), 4)
                 if rows else None,
                 "mean_len_chosen": summ.get("mean_len_chosen"), "mean_len_rejected": summ.get("mean_len_rejected"),
+                # prompts with a cut sample (of N) in the summary; pairs with a cut response, and how the judge
+                # chose where only one was cut, from the rows (the same at every N)
                 "truncated": summ.get("truncated"), "identical": summ.get("identical"),
+                **cut_stats(rows),
                 "undecided_dropped": summ.get("undecided"),
                 "train": read_manifest(recipe, Stage("train", i))["summary"].get("last10"),
             }

@@ -414,6 +414,9 @@ def _judge_problems(e: ExpandConfig) -> list[str]:
     if e.reward_cut_eos and e.judge not in REWARD_JUDGES:
         problems.append("expand.reward_cut_eos: changes what the reward adapter scores; it needs expand.judge reward "
                         f"or logprob+reward, not '{e.judge}'")
+    if e.reward_cut_eos and e.drop_truncated:
+        problems.append("expand.reward_cut_eos: scores cut responses, but expand.drop_truncated: true drops them "
+                        "first, so it would change nothing; set one of the two")
     if e.verifier_decided and (e.judge == "verifier" or e.num_samples > 2):
         problems.append("expand.verifier_decided: corrects a model judge's labels of N = 2 pairs; it needs a judge "
                         f"other than verifier and num_samples 2 (got '{e.judge}', "

@@ -95,7 +95,8 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
                     "threshold": TRUNC_LEAN,
                     "message": f"where only one response was cut at the token limit, the judge chose the cut one in "
                                f"{share:.0%} of {len(one_cut)} pairs: it may be scoring unfinished answers high, and "
-                               "iterating on it runs the answers out of tokens (try expand.drop_truncated: true or a "
+                               "iterating on it runs the answers out of tokens (with a reward judge trained on finished "
+                               "answers try expand.reward_cut_eos: true; otherwise expand.drop_truncated: true or a "
                                "larger expand.max_new_tokens)"})
     if judge_probs:
         agree = statistics.fmean((a > 0.5) == (b > 0.5) for a, b in judge_probs)

@@ -90,6 +90,7 @@ def test_truncation_lean_counts_only_pairs_with_one_cut_response():
         sig = label_signs(even, gold, cut=cut)
         assert [s["sign"] for s in sig] == ["truncation_lean"]
         assert (sig[0]["value"], sig[0]["pairs"]) == (0.8, 20) and "drop_truncated" in sig[0]["message"]
+        assert "reward_cut_eos" in sig[0]["message"]
     assert label_signs(even, gold, cut=[(True, False)] * 15 + [(False, True)] * 5) == []  # 0.75: not above
     assert label_signs(even, gold, cut=[(True, False)] * (TRUNC_MIN_PAIRS - 1) + other) == []  # too few pairs
     assert label_signs(even, gold, cut=[(False, True)] * 20) == []  # choosing the finished answer is no sign

@@ -340,6 +340,9 @@ def test_reward_cut_eos_needs_a_reward_judge_and_changes_d_is_hash_only_when_on(
 
     with pytest.raises(SpaError, match="expand.reward_cut_eos"):
         _recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.judge": "logprob", "expand.reward_cut_eos": True})
+    with pytest.raises(SpaError, match="drop_truncated"):  # nothing cut is left to score
+        _recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.reward_cut_eos": True,
+                                                             "expand.drop_truncated": True})
     off, on = (_recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.reward_cut_eos": v}) for v in (False, True))
     assert stage_hash(on, Stage("expand", 1)) != stage_hash(off, Stage("expand", 1))
     # off, the key is left out of the stage config: runs made before the setting existed keep their hash

@@ -75,3 +75,13 @@ def test_reuse_reward_copies_only_a_complete_stage_with_the_same_hash(tmp_path):
     assert (stale / "adapter" / "weights.bin").read_bytes() == b"w" and not (stale / "checkpoint").exists()
     # a complete stage is left alone
     assert spa_gain.Bench.reuse_reward(target) is None
+
+
+def test_cut_stats_counts_pairs_and_the_lean_where_one_response_was_cut():
+    def row(c, r):
+        return {"truncated_chosen": c, "truncated_rejected": r}
+
+    rows = [row(True, False)] * 3 + [row(False, True)] + [row(True, True)] * 2 + [row(False, False)] * 4
+    assert spa_gain.cut_stats(rows) == {"pairs_with_cut": 6, "one_cut_pairs": 4, "cut_chosen_frac": 0.75}
+    # rows of an older run without the flags: nothing counted, no lean reported
+    assert spa_gain.cut_stats([{}, {}]) == {"pairs_with_cut": 0, "one_cut_pairs": 0, "cut_chosen_frac": None}
