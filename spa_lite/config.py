@@ -171,7 +171,7 @@ class ExpandConfig:
                                    "end-of-turn token) is scored by the reward adapter with one appended, as every "
                                    "response it was trained on ends. Off: scored as sampled; the demo's adapter then "
                                    "preferred cut responses; on, its dev accuracy rose (bench/RESULTS.md). "
-                                   "SPA's gain with it: not yet measured")
+                                   "SPA with it (N 4, seed 42) still lost to pi_0: its labels leaned short")
     backend: str = setting("hf", "hf (transformers generate on the stack) | vllm (pip install 'spa-lite[vllm]', "
                            "CUDA)", choices=("hf", "vllm"))
     sample_dtype: str = setting("auto", "precision of decoding in expand, eval, export-answers, winrate: auto "
