@@ -341,8 +341,10 @@ def summarize(recs: list[dict], prompts: int) -> dict:
             quint.append({"conf_min": round(float(conf[part].min()), 4), "conf_max": round(float(conf[part].max()), 4),
                           **accuracy_with_ci([r["correct"] for r in sel])})
     n_ok = sum(r["correct"] for r in dec)
-    cut = [r.get("cut", (False, False)) for r in pairs]  # hand-made records may leave it out
-    one_cut = [c for c, x in cut if c != x]
+    from spa_lite.label_signs import cut_chosen_share
+
+    # hand-made records may leave "cut" out
+    n_one_cut, cut_share = cut_chosen_share([r.get("cut", (False, False)) for r in pairs])
     uncut = [r["correct"] for r in dec if not any(r.get("cut", (False, False)))]
     return {"prompts": prompts, "pairs": len(pairs), "decided": len(dec),
             "undecided_frac": round(1 - len(dec) / len(pairs), 4) if pairs else None,
@@ -354,8 +356,8 @@ def summarize(recs: list[dict], prompts: int) -> dict:
             "frac_conf_below_055": round(float(np.mean([r["conf"] < 0.55 for r in pairs])), 4) if pairs else None,
             # pairs with exactly one response cut at the token limit, and how often the judge chose the cut one (the
             # label sign truncation_lean); accuracy on decided pairs with neither response cut (expand.drop_truncated)
-            "one_cut_pairs": len(one_cut),
-            "cut_chosen_frac": round(float(np.mean(one_cut)), 4) if one_cut else None,
+            "one_cut_pairs": n_one_cut,
+            "cut_chosen_frac": round(cut_share, 4) if cut_share is not None else None,
             "accuracy_uncut": accuracy_with_ci(uncut) if uncut else None}
 
 

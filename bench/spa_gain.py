@@ -134,10 +134,12 @@ def git_commit() -> str:
 def cut_stats(rows: list[dict]) -> dict:
     """Pairs of D_i with a response cut at the token limit; where exactly one was cut, the share of pairs whose
     chosen response is the cut one (the judge's lean to unfinished answers; 0.5 is no lean)."""
-    one = [r["truncated_chosen"] for r in rows
-           if r.get("truncated_chosen") is not None and r["truncated_chosen"] != r.get("truncated_rejected")]
-    return {"pairs_with_cut": sum(bool(r.get("truncated_chosen") or r.get("truncated_rejected")) for r in rows),
-            "one_cut_pairs": len(one), "cut_chosen_frac": round(sum(one) / len(one), 4) if one else None}
+    from spa_lite.label_signs import cut_chosen_share
+
+    cut = [(bool(r.get("truncated_chosen")), bool(r.get("truncated_rejected"))) for r in rows]
+    n_one, share = cut_chosen_share(cut)
+    return {"pairs_with_cut": sum(c or x for c, x in cut), "one_cut_pairs": n_one,
+            "cut_chosen_frac": round(share, 4) if share is not None else None}
 
 
 class Bench:

@@ -42,6 +42,13 @@ TRUNC_LEAN = 0.75
 TRUNC_MIN_PAIRS = 20
 
 
+def cut_chosen_share(cut: Sequence[tuple[bool, bool]]) -> tuple[int, float | None]:
+    """Among (chosen was cut, rejected was cut) pairs where exactly one response was cut at the token limit: how
+    many, and the share whose chosen response is the cut one (None when there are none)."""
+    one = [c for c, r in cut if c != r]
+    return len(one), (statistics.fmean(one) if one else None)
+
+
 def chosen_longer_share(pairs: Sequence[tuple[str, str]]) -> float | None:
     """Share of (chosen, rejected) text pairs whose chosen response has more characters."""
     return statistics.fmean(len(c) > len(r) for c, r in pairs) if pairs else None
@@ -88,13 +95,12 @@ def label_signs(d_pairs: Sequence[tuple[str, str]], gold_pairs: Sequence[tuple[s
                     "message": f"the policy's samples average {cur:.1f} tokens, against {prev:.1f} one iteration "
                                "earlier: its answers are collapsing (read a few with `spa-lite inspect`; stop here "
                                "and keep the previous policy, or change the judge)"})
-    one_cut = [c for c, r in cut if c != r]
-    if len(one_cut) >= TRUNC_MIN_PAIRS and statistics.fmean(one_cut) > TRUNC_LEAN:
-        share = statistics.fmean(one_cut)
-        out.append({"sign": "truncation_lean", "value": round(share, 4), "pairs": len(one_cut),
+    n_one_cut, share = cut_chosen_share(cut)
+    if n_one_cut >= TRUNC_MIN_PAIRS and share > TRUNC_LEAN:
+        out.append({"sign": "truncation_lean", "value": round(share, 4), "pairs": n_one_cut,
                     "threshold": TRUNC_LEAN,
                     "message": f"where only one response was cut at the token limit, the judge chose the cut one in "
-                               f"{share:.0%} of {len(one_cut)} pairs: it may be scoring unfinished answers high, and "
+                               f"{share:.0%} of {n_one_cut} pairs: it may be scoring unfinished answers high, and "
                                "iterating on it runs the answers out of tokens (with a reward judge trained on finished "
                                "answers try expand.reward_cut_eos: true; otherwise expand.drop_truncated: true or a "
                                "larger expand.max_new_tokens)"})
