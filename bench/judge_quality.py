@@ -30,10 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info  # noqa: E402
 
-JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter", "reward_eos")
+JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter", "reward_eos", "reward_eos_lc")
 # judges that read the reward adapter (reward_eos: cut samples scored with the end-of-turn token appended, as
-# expand.reward_cut_eos does; registered 2026-12-06 in bench/judge_quality_protocol.md)
-RM_JUDGES = ("reward", "ensemble", "reward_eos")
+# expand.reward_cut_eos does; registered 2026-12-06 in bench/judge_quality_protocol.md; reward_eos_lc: reward_eos
+# less its fitted length slope times the tokens, as eq7_lc does for Eq. 7, registered 2026-12-06 05:57)
+RM_JUDGES = ("reward", "ensemble", "reward_eos", "reward_eos_lc")
+EOS_JUDGES = ("reward_eos", "reward_eos_lc")
+# the score each length-controlled judge fits its slope to and corrects
+LC_OF = {"eq7_lc": "lr", "reward_eos_lc": "r_eos"}
 # the first sweep's judges: the default, so a rerun of its documented commands (the selection check) compares the
 # same settings; eq7_lc and consensus (registered 2026-12-05) are asked for by name
 DEFAULT_JUDGES = ("eq7", "eq7_tok", "reward", "ensemble", "shorter")
@@ -225,6 +229,8 @@ def pref(judge: str, a: int, b: int, s: dict, beta: float) -> float:
         return _sig(s["r"][a] - s["r"][b])
     if judge == "reward_eos":
         return _sig(s["r_eos"][a] - s["r_eos"][b])
+    if judge == "reward_eos_lc":  # s["lc"]: reward_eos less its fitted length slope times the tokens
+        return _sig(s["lc"][a] - s["lc"][b])
     if judge == "ensemble":
         return 0.5 * (pref("eq7", a, b, s, beta) + pref("reward", a, b, s, beta))
     if judge == "consensus":  # s["cons"]: mean similarity to the prompt's other candidates (consensus_scores)
@@ -261,16 +267,17 @@ def consensus_scores(samples: list[dict], cand: list[int]) -> dict[int, float]:
     return {k: float(np.mean([jaccard(grams[k], grams[j]) for j in cand if j != k])) for k in cand}
 
 
-def lc_slope(per_prompt: list[tuple], n: int) -> float:
-    """Length-controlled Eq. 7's slope: the within-prompt least-squares slope of the summed log-ratio on sampled
-    tokens, over the candidates (first ``n``, non-empty, distinct) of every prompt with two or more; no labels."""
+def lc_slope(per_prompt: list[tuple], n: int, key: str = "lr") -> float:
+    """A length-controlled judge's slope: the within-prompt least-squares slope of its score ``s[key]`` (the summed
+    log-ratio for eq7_lc, reward_eos for reward_eos_lc) on sampled tokens, over the candidates (first ``n``,
+    non-empty, distinct) of every prompt with two or more; no labels."""
     sxy = sxx = 0.0
     for _, s, smp in per_prompt:
         cand = candidates(smp, n)
         if len(cand) < 2:
             continue
         t = np.array([s["len"][k] for k in cand], dtype=float)
-        u = np.array([s["lr"][k] for k in cand], dtype=float)
+        u = np.array([s[key][k] for k in cand], dtype=float)
         t, u = t - t.mean(), u - u.mean()
         sxy, sxx = sxy + float(t @ u), sxx + float(t @ t)
     return sxy / sxx if sxx > 0 else 0.0
@@ -300,14 +307,14 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
             if judge == "consensus" and n < 3:  # two samples are always equally similar to each other
                 continue
             recs = []
-            slope = lc_slope(per_prompt, n) if judge == "eq7_lc" else None
+            slope = lc_slope(per_prompt, n, LC_OF[judge]) if judge in LC_OF else None
             for q, s, smp in per_prompt:
                 cand = candidates(smp, n)
                 if len(cand) < 2:
                     recs.append({"q": q, "pair": False})
                     continue
                 if slope is not None:
-                    s = {**s, "lc": [u - slope * t for u, t in zip(s["lr"], s["len"])]}
+                    s = {**s, "lc": [u - slope * t for u, t in zip(s[LC_OF[judge]], s["len"])]}
                 if judge == "consensus":
                     s = {**s, "cons": consensus_scores(smp, cand)}
                     if len(set(s["cons"].values())) < 2:  # e.g. two distinct candidates: no preference, no pair
@@ -461,7 +468,7 @@ def run_selection_check(args, res: dict) -> None:
         rows = [r for p in paths for r in read_json(p)["rows"]]
         scores = read_json(score_path)
         judges = [j for j in args.judges if j != "shorter" and (j not in RM_JUDGES or "reward" in scores)
-                  and (j != "reward_eos" or "reward_eos" in scores)]
+                  and (j not in EOS_JUDGES or "reward_eos" in scores)]
         table = evaluate(rows, scores, judges, [n for n in args.ns if n <= args.samples], piece.recipe.expand.beta)
         recs.update({f"G{g}/{k}": v["_recs"] for k, v in table.items()})
     res["selection_check"] = {**selection_check(recs, splits=args.splits), "gold": args.gold,
@@ -505,7 +512,7 @@ def run_gold(args, gold: int, res: dict) -> None:
     ts = time.time()
     rows = piece.samples(prompts)
     sample_s = time.time() - ts
-    scores = piece.scores(rows, with_reward, "reward_eos" in args.judges)
+    scores = piece.scores(rows, with_reward, any(j in EOS_JUDGES for j in args.judges))
     judges = [j for j in args.judges if with_reward or j not in RM_JUDGES]
     ns = [n for n in args.ns if n <= args.samples]
     table = evaluate(rows, scores, judges, ns, piece.recipe.expand.beta)

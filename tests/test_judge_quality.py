@@ -196,6 +196,31 @@ def test_length_controlled_eq7_takes_the_within_prompt_slope_of_a_least_squares_
     assert (summed["a"], summed["b"]) == (0, 2) and res["eq7_lc/N4"]["_recs"][0]["a"] != 0
 
 
+def test_length_controlled_reward_eos_fits_its_own_slope_and_ranks_without_beta():
+    rows, scores = rows_and_scores()
+    # reward_eos grows with length by 0.5 a token plus a per-sample part; the length control should take the slope
+    # off the reward_eos scores (not the log-ratios) and rank by what is left
+    tok = ([10, 2, 4, 5], [3, 6, 3, 3])
+    own = ([0.3, 1.0, -0.4, 0.2], [0.0, -0.6, 0.9, 5.0])
+    scores["reward_eos"] = [0.5 * tok[p][k] + own[p][k] for p in (0, 1) for k in range(4)]
+    res = jq.evaluate(rows, scores, ["reward_eos", "reward_eos_lc", "eq7_lc"], [2, 4], beta=0.1)
+    for n, cands in ((4, ([0, 1, 2, 3], [0, 1, 2])), (2, ([0, 1], [0, 1]))):
+        r = [scores["reward_eos"][4 * p + k] for p in (0, 1) for k in cands[p]]
+        x = np.array([[tok[p][k], p == 0, p == 1] for p in (0, 1) for k in cands[p]], dtype=float)
+        slope = np.linalg.lstsq(x, np.array(r), rcond=None)[0][0]
+        got = res[f"reward_eos_lc/N{n}"]
+        assert got["lc_slope_per_token"] == pytest.approx(slope, abs=5e-7)  # stored rounded to 6 places
+        assert got["lc_slope_per_token"] != res[f"eq7_lc/N{n}"]["lc_slope_per_token"]
+        for p, rec in enumerate(got["_recs"]):
+            resid = {k: scores["reward_eos"][4 * p + k] - slope * tok[p][k] for k in cands[p]}
+            best, worst = max(resid, key=resid.get), min(resid, key=resid.get)
+            assert (rec["a"], rec["b"]) == (best, worst)
+            # a reward margin is a logit already: no beta
+            assert rec["conf"] == pytest.approx(1 / (1 + math.exp(-(resid[best] - resid[worst]))), rel=1e-9)
+    # at N 4 plain reward_eos takes q1's longest sample (0: 10 tokens, 5.3); with the slope off it does not
+    assert res["reward_eos/N4"]["_recs"][0]["a"] == 0 and res["reward_eos_lc/N4"]["_recs"][0]["a"] != 0
+
+
 def test_consensus_picks_the_sample_most_like_the_others_against_the_least_and_skips_two_samples():
     inc = {"kind": "include_word", "params": {"word": "cat"}}
     texts = ["the cat sat on the mat", "The cat sat on a mat.", "a dog ran", "the cat sat"]
