@@ -30,12 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info  # noqa: E402
 
-JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter", "reward_eos", "reward_eos_lc")
+JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter", "reward_eos", "reward_eos_lc",
+          "reward_eos_lp")
 # judges that read the reward adapter (reward_eos: cut samples scored with the end-of-turn token appended, as
 # expand.reward_cut_eos does; registered 2026-12-06 in bench/judge_quality_protocol.md; reward_eos_lc: reward_eos
-# less its fitted length slope times the tokens, as eq7_lc does for Eq. 7, registered 2026-12-06 05:57)
-RM_JUDGES = ("reward", "ensemble", "reward_eos", "reward_eos_lc")
-EOS_JUDGES = ("reward_eos", "reward_eos_lc")
+# less its fitted length slope times the tokens, as eq7_lc does for Eq. 7, registered 2026-12-06 05:57;
+# reward_eos_lp: reward_eos less a fixed a x tokens, expand.length_penalty on the reward judge, one setting per a of
+# --reward-length-penalty, named reward_eos_lp<a>, registered 06:24)
+RM_JUDGES = ("reward", "ensemble", "reward_eos", "reward_eos_lc", "reward_eos_lp")
+EOS_JUDGES = ("reward_eos", "reward_eos_lc", "reward_eos_lp")
 # the score each length-controlled judge fits its slope to and corrects
 LC_OF = {"eq7_lc": "lr", "reward_eos_lc": "r_eos"}
 # the first sweep's judges: the default, so a rerun of its documented commands (the selection check) compares the
@@ -231,6 +234,8 @@ def pref(judge: str, a: int, b: int, s: dict, beta: float) -> float:
         return _sig(s["r_eos"][a] - s["r_eos"][b])
     if judge == "reward_eos_lc":  # s["lc"]: reward_eos less its fitted length slope times the tokens
         return _sig(s["lc"][a] - s["lc"][b])
+    if judge == "reward_eos_lp":  # s["lp"]: reward_eos less a fixed a times the tokens
+        return _sig(s["lp"][a] - s["lp"][b])
     if judge == "ensemble":
         return 0.5 * (pref("eq7", a, b, s, beta) + pref("reward", a, b, s, beta))
     if judge == "consensus":  # s["cons"]: mean similarity to the prompt's other candidates (consensus_scores)
@@ -283,8 +288,21 @@ def lc_slope(per_prompt: list[tuple], n: int, key: str = "lr") -> float:
     return sxy / sxx if sxx > 0 else 0.0
 
 
-def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], beta: float) -> dict:
-    """Per (judge, N): the judged pairs and their verifier outcomes (see the protocol's metrics)."""
+def lp_name(a: float) -> str:
+    """The setting name of reward_eos_lp at length penalty ``a``: reward_eos_lp-0.004."""
+    return f"reward_eos_lp{a:+g}"
+
+
+def closest_lp(table: dict, lps: list[float], n: int, target: float) -> float:
+    """The registered choice of reward_eos_lp's a: the one whose chosen-longer share at N ``n`` is closest to
+    ``target`` (the gold pairs'), ties to the a nearer 0."""
+    return min(lps, key=lambda a: (round(abs(table[f"{lp_name(a)}/N{n}"]["chosen_longer_frac"] - target), 9), abs(a)))
+
+
+def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], beta: float,
+             lps: tuple[float, ...] = (0.0,)) -> dict:
+    """Per (judge, N): the judged pairs and their verifier outcomes (see the protocol's metrics); reward_eos_lp
+    once per length penalty a in ``lps``, as reward_eos_lp<a>."""
     from spa_lite.demo.tasks import question_index, verify
 
     off = 0
@@ -302,7 +320,9 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
         off += k
         per_prompt.append((question_index(r), s, r["samples"]))
     out = {}
-    for judge in judges:
+    settings = [(j, a) for j in judges for a in (lps if j == "reward_eos_lp" else (None,))]
+    for judge, lp in settings:
+        name = judge if lp is None else lp_name(lp)
         for n in ns:
             if judge == "consensus" and n < 3:  # two samples are always equally similar to each other
                 continue
@@ -315,6 +335,8 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
                     continue
                 if slope is not None:
                     s = {**s, "lc": [u - slope * t for u, t in zip(s[LC_OF[judge]], s["len"])]}
+                if lp is not None:
+                    s = {**s, "lp": [u - lp * t for u, t in zip(s["r_eos"], s["len"])]}
                 if judge == "consensus":
                     s = {**s, "cons": consensus_scores(smp, cand)}
                     if len(set(s["cons"].values())) < 2:  # e.g. two distinct candidates: no preference, no pair
@@ -326,10 +348,10 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
                              "conf": p, "longer": len(smp[a]["text"]) > len(smp[b]["text"]), "a": a, "b": b,
                              # cut at the token limit (chosen, rejected): the truncation lean (added 2026-12-06)
                              "cut": (bool(smp[a].get("truncated")), bool(smp[b].get("truncated")))})
-            out[f"{judge}/N{n}"] = summarize(recs, len(rows))
+            out[f"{name}/N{n}"] = summarize(recs, len(rows))
             if slope is not None:
-                out[f"{judge}/N{n}"]["lc_slope_per_token"] = round(slope, 6)
-            out[f"{judge}/N{n}"]["_recs"] = recs
+                out[f"{name}/N{n}"]["lc_slope_per_token"] = round(slope, 6)
+            out[f"{name}/N{n}"]["_recs"] = recs
     return out
 
 
@@ -469,7 +491,8 @@ def run_selection_check(args, res: dict) -> None:
         scores = read_json(score_path)
         judges = [j for j in args.judges if j != "shorter" and (j not in RM_JUDGES or "reward" in scores)
                   and (j not in EOS_JUDGES or "reward_eos" in scores)]
-        table = evaluate(rows, scores, judges, [n for n in args.ns if n <= args.samples], piece.recipe.expand.beta)
+        table = evaluate(rows, scores, judges, [n for n in args.ns if n <= args.samples], piece.recipe.expand.beta,
+                         args.reward_length_penalty)
         recs.update({f"G{g}/{k}": v["_recs"] for k, v in table.items()})
     res["selection_check"] = {**selection_check(recs, splits=args.splits), "gold": args.gold,
                               "judges": [j for j in args.judges if j != "shorter"], "sample_seed": args.sample_seed,
@@ -515,7 +538,15 @@ def run_gold(args, gold: int, res: dict) -> None:
     scores = piece.scores(rows, with_reward, any(j in EOS_JUDGES for j in args.judges))
     judges = [j for j in args.judges if with_reward or j not in RM_JUDGES]
     ns = [n for n in args.ns if n <= args.samples]
-    table = evaluate(rows, scores, judges, ns, piece.recipe.expand.beta)
+    table = evaluate(rows, scores, judges, ns, piece.recipe.expand.beta, args.reward_length_penalty)
+    gold_longer = gold_chosen_longer(piece.recipe)
+    lp_choice = None
+    if "reward_eos_lp" in judges and args.lp_n in ns:  # the registered choice of a (protocol 2026-12-06 06:24)
+        a = closest_lp(table, args.reward_length_penalty, args.lp_n, gold_longer)
+        lp_choice = {"n": args.lp_n, "target_gold_chosen_longer": gold_longer, "grid": args.reward_length_penalty,
+                     "chosen": a, "chosen_longer": table[f"{lp_name(a)}/N{args.lp_n}"]["chosen_longer_frac"]}
+        log(f"g{gold}: reward_eos_lp: a = {a:g} gives chosen longer {lp_choice['chosen_longer']} at N {args.lp_n} "
+            f"(gold {gold_longer:.3f})")
     versus = {}
     for j in judges:
         if j != "eq7" and f"{j}/N2" in table:
@@ -539,7 +570,7 @@ def run_gold(args, gold: int, res: dict) -> None:
             "loadavg_end": list(os.getloadavg()), "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     res.setdefault("gold", {})[str(gold)] = {
         "judges": table, "paired_vs_eq7": versus, "agreement_N2": agree,
-        "gold_chosen_longer_frac": gold_chosen_longer(piece.recipe),
+        "gold_chosen_longer_frac": gold_longer, **({"reward_eos_lp_choice": lp_choice} if lp_choice else {}),
         "dev_prompts": len(rows), "samples_per_prompt": args.samples, "sample_seed": args.sample_seed,
         "sampled_tokens": int(sum(toks)),
         "sample_pass_rate": round(float(np.mean([verify(s["text"], r["constraint"]) for r in rows
@@ -610,6 +641,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (results do not depend on it)")
     ap.add_argument("--sample-dtype", default="auto", help="decoding copy: auto (bf16 where the CPU has bf16 units) | "
                     "float32 | bfloat16 | float16 (expand.sample_dtype's values)")
+    ap.add_argument("--reward-length-penalty", default="0", help="reward_eos_lp: the length penalties a to score "
+                    "(comma-separated; reward_eos - a x tokens, as expand.length_penalty does for judge reward)")
+    ap.add_argument("--lp-n", type=int, default=4, help="reward_eos_lp: the N at which a is chosen (the a whose "
+                    "chosen-longer share is nearest the gold pairs')")
     ap.add_argument("--run-dir", default="runs/judge-quality")
     ap.add_argument("--out", default="bench/results/judge_quality.json")
     ap.add_argument("--report", action="store_true", help="only print the tables of --out")
@@ -622,6 +657,7 @@ def main() -> None:
     if unknown:
         ap.error(f"--judges: unknown {', '.join(unknown)} (known: {', '.join(JUDGES)})")
     args.ns = [int(x) for x in args.ns.split(",")]
+    args.reward_length_penalty = [float(x) for x in args.reward_length_penalty.split(",")]
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {}
     if args.selection_check:

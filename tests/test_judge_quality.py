@@ -221,6 +221,34 @@ def test_length_controlled_reward_eos_fits_its_own_slope_and_ranks_without_beta(
     assert res["reward_eos/N4"]["_recs"][0]["a"] == 0 and res["reward_eos_lc/N4"]["_recs"][0]["a"] != 0
 
 
+def test_reward_eos_lp_ranks_by_reward_less_a_times_tokens_per_a_and_the_choice_of_a_follows_the_registration():
+    rows, scores = rows_and_scores()
+    tok = ([10, 2, 4, 5], [3, 6, 3, 3])
+    scores["reward_eos"] = [0.3, 1.0, -0.4, 0.2, 0.0, -0.6, 0.9, 5.0]
+    lps = (0.0, -0.2, -1.0)
+    res = jq.evaluate(rows, scores, ["reward_eos", "reward_eos_lp"], [4], beta=0.1, lps=lps)
+    assert {k for k in res if k.startswith("reward_eos_lp")} == {f"reward_eos_lp{a:+g}/N4" for a in lps}
+    # a = 0 is reward_eos itself
+    assert ([(r["a"], r["b"]) for r in res["reward_eos_lp+0/N4"]["_recs"]]
+            == [(r["a"], r["b"]) for r in res["reward_eos/N4"]["_recs"]])
+    for a in lps:  # brute force over every ordered pair of candidates: the largest margin of r - a * tokens
+        for p, cands in enumerate(([0, 1, 2, 3], [0, 1, 2])):
+            v = {k: scores["reward_eos"][4 * p + k] - a * tok[p][k] for k in cands}
+            best = max(((x, y) for x in cands for y in cands if x != y), key=lambda xy: v[xy[0]] - v[xy[1]])
+            rec = res[f"reward_eos_lp{a:+g}/N4"]["_recs"][p]
+            assert (rec["a"], rec["b"]) == best
+            assert rec["conf"] == pytest.approx(1 / (1 + math.exp(-(v[best[0]] - v[best[1]]))), rel=1e-9)
+    # a negative a favours the longer sample: at a = -1, q1 takes its 10-token sample 0 over 2-token sample 1
+    assert (res["reward_eos_lp-1/N4"]["_recs"][0]["a"], res["reward_eos_lp-1/N4"]["_recs"][0]["b"]) == (0, 1)
+    # the registered choice: chosen-longer share nearest the target, ties to the a nearer 0
+    table = {f"reward_eos_lp{a:+g}/N4": {"chosen_longer_frac": f} for a, f in ((0.0, 0.30), (-0.2, 0.36), (-0.4, 0.42),
+                                                                             (-0.6, 0.50))}
+    assert jq.closest_lp(table, [0.0, -0.2, -0.4, -0.6], 4, 0.39) in (-0.2, -0.4)  # 0.03 away either side
+    assert jq.closest_lp(table, [0.0, -0.2, -0.4, -0.6], 4, 0.39) == -0.2  # the tie goes to the a nearer 0
+    assert jq.closest_lp(table, [0.0, -0.2, -0.4, -0.6], 4, 0.49) == -0.6
+    assert jq.closest_lp(table, [0.0, -0.2, -0.4, -0.6], 4, 0.10) == 0.0
+
+
 def test_consensus_picks_the_sample_most_like_the_others_against_the_least_and_skips_two_samples():
     inc = {"kind": "include_word", "params": {"word": "cat"}}
     texts = ["the cat sat on the mat", "The cat sat on a mat.", "a dog ran", "the cat sat"]
