@@ -156,7 +156,9 @@ class ExpandConfig:
     judge_logps: str = setting("sampler", "sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward "
                                "saved, self-checked) | forward", choices=("sampler", "forward"))
     beta: float = setting(0.1, "beta of Eq. 7's implicit reward", gt=0)
-    length_penalty: float = setting(0.0, "a in Eq. 13: reward - a * |y| tokens")
+    length_penalty: float = setting(0.0, "a in Eq. 13: reward - a * |y| tokens (Eq. 7's reward; with judge reward the "
+                                    "reward adapter's score, a negative a favouring longer answers; with "
+                                    "logprob+reward Eq. 7's half only)")
     judge_norm: str = setting("sum", "sum: Eq. 7's log-ratios summed over the response (paper) | per_token: divided "
                               "by its token count (bench/judge_quality.py)", choices=("sum", "per_token"))
     min_confidence: float = setting(0.0, "drop judged pairs with confidence max(p, 1-p) below this (counted as "

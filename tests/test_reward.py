@@ -204,29 +204,52 @@ def test_expand_requires_the_reward_stage_and_its_files(tiny_model_dir, tiny_dat
         head.write_bytes(saved)
 
 
-@pytest.mark.parametrize("judge,n,cut_eos", [("reward", 2, False), ("reward", 3, False), ("logprob+reward", 2, False),
-                                             ("reward", 3, True), ("logprob+reward", 2, True)])
-def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, adapters, reward_run, judge, n, cut_eos):
+def _ragged(fn, tok):
+    """``fn`` with each prompt's k-th sample cut to 2k fewer tokens (at least one), so a pair's lengths differ (the
+    tiny model almost never ends a response, so its samples all run to max_new_tokens)."""
+    from spa_lite.generation import Sample
+
+    def sample(*args, **kw):
+        kw.pop("on_batch", None)
+        out = []
+        for ss in fn(*args, **kw):
+            row = []
+            for k, y in enumerate(ss):
+                ids = y.token_ids[: max(1, len(y.token_ids) - 2 * k)]
+                row.append(Sample(tok.decode(ids, skip_special_tokens=True), ids, len(ids), y.truncated))
+            out.append(row)
+        return out
+    return sample
+
+
+@pytest.mark.parametrize("judge,n,cut_eos,lp", [("reward", 2, False, 0.0), ("reward", 3, False, 0.0),
+                                                ("logprob+reward", 2, False, 0.0), ("reward", 3, True, 0.0),
+                                                ("logprob+reward", 2, True, 0.0), ("reward", 3, False, -0.7),
+                                                ("reward", 2, True, 0.9)])
+def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, adapters, reward_run, judge, n, cut_eos,
+                                                   lp):
     """The rows' rewards and p against the reward model loaded separately as a sequence classifier; with
     expand.reward_cut_eos a response cut at max_new_tokens is scored with the end-of-turn token appended (the
-    tiny model almost never ends a response, so most are cut)."""
+    tiny model almost never ends a response, so most are cut); with expand.length_penalty a, judge reward ranks by
+    r - a * sampled tokens."""
     from spa_lite.stages.expand import expand_shard
 
     r, _ = reward_run
     d = r.run_path / "reward"
     recipe = _recipe(tiny_model_dir, tiny_data, r.run_path.parent, "whole", **{
         "expand.judge": judge, "expand.num_samples": n, "expand.temperature": 1.5, "expand.max_new_tokens": 6,
-        "expand.judge_logps": "forward", "expand.reward_cut_eos": cut_eos})
+        "expand.judge_logps": "forward", "expand.reward_cut_eos": cut_eos, "expand.length_penalty": lp})
     base, tok = load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu")
     stack = build_stack(base, tok, [("seed", adapters["seed"])])
     rm = load_reward_model(stack, d / "adapter", d / "head.safetensors")
     assert count_base_weight_copies(stack.model) == 1  # the reward adapter sits on the policies' base
-    res = expand_shard(stack, recipe, QUESTIONS, seed=5, reward_model=rm)
+    sample_fn = _ragged(sample_responses, tok) if lp else sample_responses
+    res = expand_shard(stack, recipe, QUESTIONS, seed=5, reward_model=rm, sample_fn=sample_fn)
     c = recipe.expand
     # pi_0's samples drawn on a stack without the reward adapter: loading it changes no policy
     base2, _ = load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu")
     with build_stack(base2, tok, [("seed", adapters["seed"])]).use(["seed"]) as m:
-        samples = sample_responses(m, tok, [q["prompt"] for q in QUESTIONS], num_samples=n,
+        samples = sample_fn(m, tok, [q["prompt"] for q in QUESTIONS], num_samples=n,
                                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=5,
                                    batch_size=c.batch_size)
     ref = _seqcls(tiny_model_dir, d / "adapter", load_file(str(d / "head.safetensors"))["weight"])
@@ -240,7 +263,7 @@ def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, ad
             continue
         x = encode_prompt(tok, q["prompt"])
         rw = [_naive_reward(ref, x, y.token_ids + ([tok.eos_token_id] if cut_eos and y.truncated else []))
-              for y in distinct]
+              - lp * len(y.token_ids) for y in distinct]
         cut += sum(y.truncated for y in distinct)
         best, worst = max(range(len(rw)), key=rw.__getitem__), min(range(len(rw)), key=rw.__getitem__)
         if n == 2:
@@ -259,6 +282,8 @@ def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, ad
             assert row["reward_rejected"] == pytest.approx(rw[worst], abs=1e-4)
         assert row["p_y1"] == pytest.approx(p, abs=1e-5)
     assert len(rows) >= 3 and cut > 0  # the setting is exercised on cut responses
+    if lp:  # the penalty is exercised: some prompt's candidates differ in length
+        assert any(len({len(y.token_ids) for y in ss if y.text}) > 1 for ss in samples)
 
 
 def test_cli_reward_command(tiny_model_dir, tiny_data, tmp_path):
@@ -349,3 +374,16 @@ def test_reward_cut_eos_needs_a_reward_judge_and_changes_d_is_hash_only_when_on(
     assert "reward_cut_eos" not in stage_config(off, Stage("expand", 1))["expand"]
     assert stage_config(on, Stage("expand", 1))["expand"]["reward_cut_eos"] is True
     assert dataclasses.asdict(off.expand)["reward_cut_eos"] is False
+
+
+def test_length_penalty_with_the_reward_judge_marks_d_is_config_so_runs_made_when_it_was_ignored_are_redone(
+        tiny_model_dir, tiny_data, tmp_path):
+    from spa_lite.layout import Stage
+    from spa_lite.runs import stage_config
+
+    def key(**kw):
+        return stage_config(_recipe(tiny_model_dir, tiny_data, tmp_path, "x", **kw), Stage("expand", 1))["expand"]
+    assert key(**{"expand.length_penalty": -0.01})["length_penalty_on_reward"] is True
+    # unchanged where the penalty was always applied (Eq. 7) or is 0: those runs keep their hash
+    assert "length_penalty_on_reward" not in key(**{"expand.length_penalty": 0.0})
+    assert "length_penalty_on_reward" not in key(**{"expand.judge": "logprob", "expand.length_penalty": -0.01})

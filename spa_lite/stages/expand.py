@@ -145,8 +145,9 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
     """Label (rec, y1, y2) with the recipe's judge; returns the pairs kept (the verifier drops some) and their
     judgments (each with p = p(y1 > y2)).
 
-    reward: p = sigmoid(r(y1) - r(y2)) of the Bradley-Terry reward model (no beta: its reward is a logit);
-    logprob+reward: the mean of Eq. 7's p and that p (both kept in the row as p_logprob and p_reward).
+    reward: p = sigmoid(r(y1) - r(y2)) of the Bradley-Terry reward model (no beta: its reward is a logit), r less
+    ``expand.length_penalty`` x tokens (Eq. 13's term); logprob+reward: the mean of Eq. 7's p (with its own length
+    term) and the reward model's p without one (both kept in the row as p_logprob and p_reward).
     """
     c = recipe.expand
     names = stack.prev
@@ -155,6 +156,9 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
         ys = [reward_tokens(stack.tokenizer, y, c.reward_cut_eos) for y in [a for _, a, _ in keep] + [b for _, _, b in keep]]
         r = reward_scores(reward_model, x + x, ys, batch_size=2 * c.judge_batch_size)
         n = len(keep)
+        if c.judge == "reward":
+            r = [v - c.length_penalty * y.num_tokens
+                 for v, y in zip(r, [a for _, a, _ in keep] + [b for _, _, b in keep])]
         rm = [{"p": 1.0 / (1.0 + math.exp(-(r[i] - r[n + i]))), "reward_1": r[i], "reward_2": r[n + i]} for i in range(n)]
         if c.judge == "reward":
             if on_judge:
@@ -243,10 +247,11 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
     flat = [(rec, y) for rec, usable in cands for _, y in usable]
     counts["judged_responses"] = len(flat)
     prompt_ids = [encode_prompt(stack.tokenizer, rec["prompt"]) for rec, _ in flat]
-    if c.judge == "reward":
-        scores = [{"reward": r} for r in reward_scores(reward_model, prompt_ids,
-                                                        [reward_tokens(stack.tokenizer, y, c.reward_cut_eos)
-                                                         for _, y in flat], batch_size=2 * c.judge_batch_size)]
+    if c.judge == "reward":  # r(x, y) - a * |y| (Eq. 13's length term; a = expand.length_penalty, 0 by default)
+        scores = [{"reward": r - c.length_penalty * y.num_tokens}
+                  for r, (_, y) in zip(reward_scores(reward_model, prompt_ids,
+                                                     [reward_tokens(stack.tokenizer, y, c.reward_cut_eos)
+                                                      for _, y in flat], batch_size=2 * c.judge_batch_size), flat)]
     else:
         known = None
         if record and all(y.logp is not None for _, y in flat):
