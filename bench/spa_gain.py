@@ -70,6 +70,9 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # added 2026-12-06 02:27 before it was built or ran: the reward adapter scoring cut responses with end-of-turn
     # appended, best vs worst of 4 (dev: 0.76 [0.615, 0.865] and 0.80 [0.664, 0.885] on two sample sets)
     "spa_reward_eos4": {"expand.judge": "reward", "expand.reward_cut_eos": True, "expand.num_samples": 4},
+    # added 2026-12-06 06:28 before it was built or ran: the exact verifier on decided pairs and a fair coin on the
+    # undecided ones, kept (what the ~80% of pairs without a gold preference cost when their labels have no lean)
+    "oracle_coin": {"expand.judge": "verifier", "expand.verifier_undecided": "coin"},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
 ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
@@ -81,7 +84,8 @@ ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best
              "spa_reward_nt": ("reward adapter (Bradley-Terry, trained on the gold pairs), pairs with a cut response "
                                "dropped", 2),
              "spa_reward_eos4": ("reward adapter (Bradley-Terry, trained on the gold pairs), cut responses scored with "
-                                 "end-of-turn appended, best vs worst", 4)}
+                                 "end-of-turn appended, best vs worst", 4),
+             "oracle_coin": ("verifier on decided pairs, a fair coin on undecided pairs (kept)", 2)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -116,6 +120,8 @@ COMPARISONS = [
     # the reward adapter scoring cut responses as it was trained, N = 4 (added 02:27, before it was built or ran)
     ("spa_reward_eos4_final", "pi_0"), ("spa_reward_eos4_final", "dpo_same_compute"),
     ("spa_reward_eos4_final", "spa_reward_final"),
+    # the oracle with coin-labelled undecided pairs kept (added 06:28, before it was built or ran)
+    ("oracle_coin_final", "pi_0"), ("oracle_coin_final", "dpo_same_compute"), ("oracle_coin_final", "oracle_final"),
 ]
 
 
@@ -312,7 +318,9 @@ class Bench:
                 # chose where only one was cut, from the rows (the same at every N)
                 "truncated": summ.get("truncated"), "identical": summ.get("identical"),
                 **cut_stats(rows),
-                "undecided_dropped": summ.get("undecided"),
+                # the oracle's undecided pairs: dropped, or kept with a coin's label (oracle_coin)
+                "undecided_dropped": (summ["undecided"] - summ.get("undecided_coin", 0)) if "undecided" in summ else None,
+                **({"undecided_coin": summ["undecided_coin"]} if "undecided_coin" in summ else {}),
                 "train": read_manifest(recipe, Stage("train", i))["summary"].get("last10"),
             }
         return out

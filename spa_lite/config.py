@@ -146,6 +146,10 @@ class ExpandConfig:
                                  "1 - verifier_accuracy) | shorter (only pairs whose passing response is the longer, "
                                  "at twice that rate: errors that lean to the shorter answer, as Eq. 7's did)",
                                  choices=("random", "shorter"))
+    verifier_undecided: str = setting("drop", "judge verifier only, pairs the verifier cannot decide (both pass or both "
+                                      "fail): drop (the oracle) | coin (kept, labelled by a fair coin seeded per "
+                                      "prompt: labels with no lean on pairs without a preference, what SPA trains on "
+                                      "there at best; counted as undecided_coin)", choices=("drop", "coin"))
     verifier_decided: bool = setting(False, "a control for the demo task, with a model judge at N = 2: on each pair "
                                      "the verifier decides, the judge's label is turned to the verifier's (its "
                                      "confidence kept); every other pair keeps the judge's label. How SPA does with "
@@ -423,6 +427,9 @@ def _judge_problems(e: ExpandConfig) -> list[str]:
         problems.append("expand.verifier_decided: corrects a model judge's labels of N = 2 pairs; it needs a judge "
                         f"other than verifier and num_samples 2 (got '{e.judge}', "
                         f"{e.num_samples})")
+    if e.verifier_undecided != "drop" and e.judge != "verifier":
+        problems.append(f"expand.verifier_undecided: '{e.verifier_undecided}' labels the pairs the verifier cannot "
+                        f"decide and needs expand.judge: verifier, not '{e.judge}'")
     if e.verifier_flip != "random" and e.verifier_accuracy == 1:
         problems.append("expand.verifier_flip: 'shorter' chooses which labels the noisy oracle flips and needs "
                         "expand.verifier_accuracy below 1")

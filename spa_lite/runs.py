@@ -81,6 +81,8 @@ def _expand_key(recipe: Recipe) -> dict:
         d.pop("verifier_accuracy")
     if d["verifier_flip"] == "random":
         d.pop("verifier_flip")
+    if d["verifier_undecided"] == "drop":
+        d.pop("verifier_undecided")
     if not d["verifier_decided"]:
         d.pop("verifier_decided")
     if not d["length_balance"]:

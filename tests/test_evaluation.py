@@ -155,6 +155,48 @@ def test_noisy_verifier_flips_decided_labels_at_its_rate_and_per_prompt():
     assert all(j["p"] == 1.0 for j in j4) and "flipped" not in c1
 
 
+def test_verifier_coin_keeps_undecided_pairs_with_a_fair_seeded_coin_and_leaves_decided_ones_alone():
+    """expand.verifier_undecided: coin: undecided pairs are kept with a label drawn per (seed, prompt id), half each
+    way within a binomial bound and with no lean to the shorter or longer response; decided pairs keep the
+    verifier's label; the same prompts in another order or shard split get the same coins."""
+    import random
+
+    from spa_lite.config import load_recipe
+    from spa_lite.errors import SpaError
+    from spa_lite.generation import Sample
+    from spa_lite.stages.expand import verifier_judge
+
+    c = {"kind": "include_word", "params": {"word": "cat"}}
+    n = 2000
+    # undecided pairs (neither passes); y1 the longer in even ids
+    und = [({"id": f"u{i}", "constraint": c}, Sample("dog " * (3 if i % 2 == 0 else 1), [1] * (3 if i % 2 == 0 else 1),
+                                                     3 if i % 2 == 0 else 1, False),
+            Sample("bird " * (1 if i % 2 == 0 else 3), [1] * (1 if i % 2 == 0 else 3), 1 if i % 2 == 0 else 3, False))
+           for i in range(n)]
+    dec = [({"id": "d", "constraint": c}, Sample("dog", [1], 1, False), Sample("a cat", [1], 1, False))]
+    keep = dec + und
+    counts = {"undecided": 0, "undecided_coin": 0}
+    kept, judged = verifier_judge(keep, counts, seed=42, undecided="coin")
+    assert len(kept) == n + 1 and counts == {"undecided": n, "undecided_coin": n}
+    assert judged[0]["p"] == 0.0  # the decided pair: y2 passes
+    ones = [j["p"] == 1.0 for j in judged[1:]]
+    assert all(j["p"] in (0.0, 1.0) for j in judged)
+    # independent recomputation of the coins, and a fair count (sd sqrt(n / 4) ~ 22: 5 sd)
+    assert ones == [random.Random(f"verifier-coin/42/u{i}").random() < 0.5 for i in range(n)]
+    assert abs(sum(ones) - n / 2) < 5 * (n / 4) ** 0.5
+    longer_chosen = [o == (i % 2 == 0) for i, o in enumerate(ones)]
+    assert abs(sum(longer_chosen) - n / 2) < 5 * (n / 4) ** 0.5
+    back: dict = {}
+    for part in (keep[: n // 2][::-1], keep[n // 2 :]):
+        k2, j2 = verifier_judge(part, {"undecided": 0, "undecided_coin": 0}, seed=42, undecided="coin")
+        back.update({r["id"]: j["p"] for (r, _, _), j in zip(k2, j2)})
+    assert [back[r["id"]] for r, _, _ in kept] == [j["p"] for j in judged]
+    # the default drops them, as before
+    assert len(verifier_judge(keep, {"undecided": 0}, seed=42)[0]) == 1
+    with pytest.raises(SpaError, match="expand.verifier_undecided"):
+        load_recipe("smollm2-demo", {"expand.verifier_undecided": "coin"})
+
+
 def test_noisy_verifier_shorter_flips_only_pairs_whose_right_answer_is_longer():
     """verifier_flip: shorter: a pair is flipped only when its passing response has more tokens, at rate
     2 (1 - accuracy), so every wrong label prefers the shorter answer; the random flips of the same seed are a

@@ -222,3 +222,28 @@ def test_verifier_accuracy_one_keeps_old_hashes_and_noise_changes_them(tiny_reci
     assert "verifier_decided" not in json.dumps(stage_config(tiny_recipe(), Stage("expand", 1)))
     hybrid = tiny_recipe(**{"expand.verifier_decided": True})
     assert stage_hash(hybrid, Stage("expand", 1)) != stage_hash(tiny_recipe(), Stage("expand", 1))
+    # undecided pairs dropped (the default) keeps the hash; kept with a coin's label is another D_i
+    assert "verifier_undecided" not in json.dumps(stage_config(exact, Stage("expand", 1)))
+    coin = tiny_recipe(**{"expand.judge": "verifier", "expand.verifier_undecided": "coin"})
+    assert stage_hash(coin, Stage("expand", 1)) != stage_hash(exact, Stage("expand", 1))
+
+
+def test_expand_with_the_coin_oracle_keeps_undecided_pairs_labelled_by_their_prompts_coin(tiny_model_dir, adapters,
+                                                                                         tiny_recipe):
+    """expand.verifier_undecided: coin through expand: a constraint no random tiny model meets leaves every pair
+    undecided; the exact oracle drops them all, the coin oracle keeps them with y1 chosen exactly where
+    coin_label(seed, prompt id) says."""
+    from spa_lite.stages.expand import coin_label, expand_shard
+
+    never = {"kind": "include_word", "params": {"word": "zqxjkv"}}
+    qs = [{**q, "constraint": never} for q in QUESTIONS]
+    stack = _stack(tiny_model_dir, adapters)
+    drop = expand_shard(stack, _expand_recipe(tiny_recipe, 2, **{"expand.judge": "verifier"}), qs, seed=3)
+    coin_recipe = _expand_recipe(tiny_recipe, 2, **{"expand.judge": "verifier", "expand.verifier_undecided": "coin"})
+    coin = expand_shard(stack, coin_recipe, qs, seed=3)
+    assert drop["rows"] == [] and drop["counts"]["undecided"] >= 3
+    assert "undecided_coin" not in drop["counts"]
+    rows = coin["rows"]
+    assert len(rows) == coin["counts"]["undecided"] == coin["counts"]["undecided_coin"] == drop["counts"]["undecided"]
+    assert [r["chosen_is_y1"] for r in rows] == [coin_label(coin_recipe.seed, r["id"]) for r in rows]
+    assert all(r["confidence"] == 1.0 for r in rows)

@@ -76,6 +76,8 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
               "sampled_tokens": sum(y.num_tokens for ss in samples for y in ss)}
     if c.judge == "verifier":
         counts["undecided"] = 0
+        if c.verifier_undecided == "coin":
+            counts["undecided_coin"] = 0
         if c.verifier_accuracy < 1:
             counts["flipped"] = 0
     check: dict = {}
@@ -170,7 +172,7 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
                       for a, b in zip(lp, rm)]
     if c.judge == "verifier":
         return verifier_judge(keep, counts, recipe.data.prompts, accuracy=c.verifier_accuracy, seed=recipe.seed,
-                              flip=c.verifier_flip)
+                              flip=c.verifier_flip, undecided=c.verifier_undecided)
     if c.judge == "llm":
         return keep, judge_llm(stack, names, [r["prompt"] for r, _, _ in keep], [a.text for _, a, _ in keep],
                                [b.text for _, _, b in keep], batch_size=c.judge_batch_size, on_batch=on_judge)
@@ -300,8 +302,14 @@ def flip_label(seed: int, prompt_id: object, accuracy: float, rate_scale: float 
     return accuracy < 1 and random.Random(f"verifier-flip/{seed}/{prompt_id}").random() >= 1 - rate_scale * (1 - accuracy)
 
 
+def coin_label(seed: int, prompt_id: object) -> bool:
+    """A fair coin for an undecided pair (True: y1 chosen), seeded by (recipe seed, prompt id) alone like
+    ``flip_label``: the same pair gets the same label whatever the shard size, order or resume point."""
+    return random.Random(f"verifier-coin/{seed}/{prompt_id}").random() < 0.5
+
+
 def verifier_judge(keep: list, counts: dict, source: object = "prompts", accuracy: float = 1.0,
-                   seed: int = 0, flip: str = "random") -> tuple[list, list[dict]]:
+                   seed: int = 0, flip: str = "random", undecided: str = "drop") -> tuple[list, list[dict]]:
     """The oracle-label control: label (rec, y1, y2) with the demo task's gold verifier instead of Eq. 7.
 
     A pair the verifier separates gets p = 1 (y1 passes) or 0; pairs where both or neither pass carry no gold
@@ -310,12 +318,19 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts", accurac
     (``flip_label``; counted as ``flipped``), labels of known accuracy with no bias towards either response.
     ``flip="shorter"`` flips only pairs whose passing response has more tokens, with probability 2 (1 - accuracy)
     (about 1 - accuracy of all pairs when half are such), so the wrong labels all prefer the shorter answer.
+    ``undecided="coin"`` keeps the undecided pairs (still counted as ``undecided``, and as ``undecided_coin``) with a
+    fair coin's label seeded by (recipe seed, prompt id) (``coin_label``): labels with no lean where the task has no
+    preference.
     """
     kept, judged = [], []
     for rec, y1, y2 in keep:
         v1, v2 = _verdicts(rec, y1, y2, source, "expand.judge: verifier labels with the demo task's verifier")
         if v1 == v2:
             counts["undecided"] += 1
+            if undecided == "coin":
+                counts["undecided_coin"] += 1
+                kept.append((rec, y1, y2))
+                judged.append({"p": 1.0 if coin_label(seed, rec.get("id", str(rec.get("prompt")))) else 0.0})
             continue
         good, bad = (y1, y2) if v1 else (y2, y1)
         eligible = flip == "random" or good.num_tokens > bad.num_tokens
