@@ -296,7 +296,10 @@ def lp_name(a: float) -> str:
 def closest_lp(table: dict, lps: list[float], n: int, target: float) -> float:
     """The registered choice of reward_eos_lp's a: the one whose chosen-longer share at N ``n`` is closest to
     ``target`` (the gold pairs'), ties to the a nearer 0."""
-    return min(lps, key=lambda a: (round(abs(table[f"{lp_name(a)}/N{n}"]["chosen_longer_frac"] - target), 9), abs(a)))
+    def gap(a: float) -> float:
+        share = table[f"{lp_name(a)}/N{n}"]["chosen_longer_frac"]
+        return math.inf if share is None else round(abs(share - target), 9)  # None: no pair at this N
+    return min(lps, key=lambda a: (gap(a), abs(a)))
 
 
 def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], beta: float,
@@ -426,7 +429,8 @@ def choose(stats: dict[str, tuple[int, int]]) -> str | None:
 
     def cost(k: str):
         g, j, n = k.split("/")
-        return int(n[1:]), COST.get(j, 2), int(g[1:])
+        # the reward adapter's variants (reward_eos, reward_eos_lc, reward_eos_lp<a>) cost what it costs
+        return int(n[1:]), COST.get(j, COST["reward"] if j.startswith("reward_eos") else 2), int(g[1:])
     return min((k for k in ok if acc[k] >= best - 0.01), key=cost)
 
 
@@ -541,19 +545,25 @@ def run_gold(args, gold: int, res: dict) -> None:
     table = evaluate(rows, scores, judges, ns, piece.recipe.expand.beta, args.reward_length_penalty)
     gold_longer = gold_chosen_longer(piece.recipe)
     lp_choice = None
-    if "reward_eos_lp" in judges and args.lp_n in ns:  # the registered choice of a (protocol 2026-12-06 06:24)
+    if "reward_eos_lp" in judges and args.lp_n in ns:
+        # the registered choice of a (protocol 2026-12-06 06:24) is made on the first sample set (the default
+        # sample seed); on another set the nearest a is recorded under another name, as a check, not a choice
         a = closest_lp(table, args.reward_length_penalty, args.lp_n, gold_longer)
+        first = args.sample_seed == DEFAULT_SAMPLE_SEED
         lp_choice = {"n": args.lp_n, "target_gold_chosen_longer": gold_longer, "grid": args.reward_length_penalty,
-                     "chosen": a, "chosen_longer": table[f"{lp_name(a)}/N{args.lp_n}"]["chosen_longer_frac"]}
+                     "chosen" if first else "nearest_on_this_set": a,
+                     "chosen_longer": table[f"{lp_name(a)}/N{args.lp_n}"]["chosen_longer_frac"]}
         log(f"g{gold}: reward_eos_lp: a = {a:g} gives chosen longer {lp_choice['chosen_longer']} at N {args.lp_n} "
-            f"(gold {gold_longer:.3f})")
+            f"(gold {gold_longer:.3f}){'' if first else '; not the registered choice: that is made on the first set'}")
+    # every setting in the table: reward_eos_lp is one setting per a (reward_eos_lp<a>)
+    names = list(dict.fromkeys(k.rsplit("/N", 1)[0] for k in table))
     versus = {}
-    for j in judges:
-        if j != "eq7" and f"{j}/N2" in table:
+    for j in names:
+        if j != "eq7" and f"{j}/N2" in table and "eq7/N2" in table:
             versus[f"{j} - eq7 (N2)"] = paired_vs(table[f"{j}/N2"]["_recs"], table["eq7/N2"]["_recs"])
     agree = {}
-    for j in judges:  # verifier-free sign: how often two judges choose the same response of the same N = 2 pair
-        for k in judges:
+    for j in names:  # verifier-free sign: how often two judges choose the same response of the same N = 2 pair
+        for k in names:
             if j < k and f"{j}/N2" in table and f"{k}/N2" in table:
                 both = [(a["a"], b["a"]) for a, b in zip(table[f"{j}/N2"]["_recs"], table[f"{k}/N2"]["_recs"])
                         if a["pair"] and b["pair"]]

@@ -138,7 +138,8 @@ class ExpandConfig:
     judge: str = setting("logprob", "logprob (Eq. 7) | reward (the Bradley-Terry reward adapter of `spa-lite reward`: "
                          "p = sigmoid(r(y1) - r(y2)), no beta) | logprob+reward (the mean of both p) | llm "
                          "(LLM-as-judge prompt) | verifier (demo task's gold verifier: the oracle-label control; "
-                         "undecided pairs dropped)", choices=("logprob", "reward", "logprob+reward", "llm", "verifier"))
+                         "undecided pairs dropped unless expand.verifier_undecided: coin)",
+                         choices=("logprob", "reward", "logprob+reward", "llm", "verifier"))
     verifier_accuracy: float = setting(1.0, "judge verifier only: each decided pair keeps the verifier's label with "
                                        "this probability and is flipped otherwise (a noisy oracle, seeded per prompt: "
                                        "how accurate labels must be for a gain; 1: exact)", ge=0.5, le=1)
@@ -160,9 +161,10 @@ class ExpandConfig:
     judge_logps: str = setting("sampler", "sampler: log pi_{i-1}(y|x) read off the sampling pass (one forward "
                                "saved, self-checked) | forward", choices=("sampler", "forward"))
     beta: float = setting(0.1, "beta of Eq. 7's implicit reward", gt=0)
-    length_penalty: float = setting(0.0, "a in Eq. 13: reward - a * |y| tokens (Eq. 7's reward; with judge reward the "
-                                    "reward adapter's score, a negative a favouring longer answers; with "
-                                    "logprob+reward Eq. 7's half only)")
+    length_penalty: float = setting(0.0, "a in Eq. 13, |y| in tokens: Eq. 7's reward is beta * (log-ratio - a * |y|); "
+                                    "with judge reward the adapter's score is r - a * |y| (no beta, so the same a "
+                                    "weighs 1/beta times more there); with logprob+reward Eq. 7's half only. A "
+                                    "negative a favours longer answers. Refused with judge llm or verifier")
     judge_norm: str = setting("sum", "sum: Eq. 7's log-ratios summed over the response (paper) | per_token: divided "
                               "by its token count (bench/judge_quality.py)", choices=("sum", "per_token"))
     min_confidence: float = setting(0.0, "drop judged pairs with confidence max(p, 1-p) below this (counted as "
@@ -427,6 +429,9 @@ def _judge_problems(e: ExpandConfig) -> list[str]:
         problems.append("expand.verifier_decided: corrects a model judge's labels of N = 2 pairs; it needs a judge "
                         f"other than verifier and num_samples 2 (got '{e.judge}', "
                         f"{e.num_samples})")
+    if e.length_penalty != 0 and e.judge in ("llm", "verifier"):
+        problems.append(f"expand.length_penalty: {e.length_penalty} changes a scored reward; judge '{e.judge}' "
+                        "scores none, so it would change nothing")
     if e.verifier_undecided != "drop" and e.judge != "verifier":
         problems.append(f"expand.verifier_undecided: '{e.verifier_undecided}' labels the pairs the verifier cannot "
                         f"decide and needs expand.judge: verifier, not '{e.judge}'")

@@ -247,6 +247,12 @@ def test_reward_eos_lp_ranks_by_reward_less_a_times_tokens_per_a_and_the_choice_
     assert jq.closest_lp(table, [0.0, -0.2, -0.4, -0.6], 4, 0.39) == -0.2  # the tie goes to the a nearer 0
     assert jq.closest_lp(table, [0.0, -0.2, -0.4, -0.6], 4, 0.49) == -0.6
     assert jq.closest_lp(table, [0.0, -0.2, -0.4, -0.6], 4, 0.10) == 0.0
+    table["reward_eos_lp-0.2/N4"]["chosen_longer_frac"] = None  # no pair at this N: never the choice
+    assert jq.closest_lp(table, [0.0, -0.2, -0.4, -0.6], 4, 0.37) == -0.4
+    # the decision rule prices every reward_eos variant as the reward adapter: in a tie, before a costlier setting
+    tie = {"G512/unpriced/N2": (70, 100), "G512/reward_eos_lp-0.006/N2": (70, 100)}
+    assert jq.choose(tie) == "G512/reward_eos_lp-0.006/N2"
+    assert jq.choose({"G512/reward_eos_lc/N2": (70, 100), "G512/eq7_lc/N2": (70, 100)}) == "G512/eq7_lc/N2"
 
 
 def test_consensus_picks_the_sample_most_like_the_others_against_the_least_and_skips_two_samples():

@@ -225,7 +225,7 @@ def _ragged(fn, tok):
 @pytest.mark.parametrize("judge,n,cut_eos,lp", [("reward", 2, False, 0.0), ("reward", 3, False, 0.0),
                                                 ("logprob+reward", 2, False, 0.0), ("reward", 3, True, 0.0),
                                                 ("logprob+reward", 2, True, 0.0), ("reward", 3, False, -0.7),
-                                                ("reward", 2, True, 0.9)])
+                                                ("reward", 2, True, 0.9), ("logprob+reward", 2, False, 0.5)])
 def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, adapters, reward_run, judge, n, cut_eos,
                                                    lp):
     """The rows' rewards and p against the reward model loaded separately as a sequence classifier; with
@@ -263,7 +263,7 @@ def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, ad
             continue
         x = encode_prompt(tok, q["prompt"])
         rw = [_naive_reward(ref, x, y.token_ids + ([tok.eos_token_id] if cut_eos and y.truncated else []))
-              - lp * len(y.token_ids) for y in distinct]
+              - (lp * len(y.token_ids) if judge == "reward" else 0.0) for y in distinct]
         cut += sum(y.truncated for y in distinct)
         best, worst = max(range(len(rw)), key=rw.__getitem__), min(range(len(rw)), key=rw.__getitem__)
         if n == 2:
@@ -272,7 +272,9 @@ def test_expand_labels_with_the_saved_reward_model(tiny_model_dir, tiny_data, ad
         i, j = sorted((best, worst))  # y1, y2 in sampling order
         p = _sigmoid(rw[i] - rw[j])
         if judge == "logprob+reward":
-            lr = [_naive_logp(pol, x, y.token_ids) - _naive_logp(init, x, y.token_ids) for y in distinct[:2]]
+            # the length penalty is Eq. 7's (its half of the mean), in log-ratio units; the reward half has none
+            lr = [_naive_logp(pol, x, y.token_ids) - _naive_logp(init, x, y.token_ids) - lp * len(y.token_ids)
+                  for y in distinct[:2]]
             p = 0.5 * (p + _sigmoid(c.beta * (lr[0] - lr[1])))
             assert row["p_reward"] == pytest.approx(_sigmoid(rw[0] - rw[1]), abs=1e-5)
             assert row["chosen"] == distinct[0 if p > 0.5 else 1].text
@@ -387,3 +389,12 @@ def test_length_penalty_with_the_reward_judge_marks_d_is_config_so_runs_made_whe
     # unchanged where the penalty was always applied (Eq. 7) or is 0: those runs keep their hash
     assert "length_penalty_on_reward" not in key(**{"expand.length_penalty": 0.0})
     assert "length_penalty_on_reward" not in key(**{"expand.judge": "logprob", "expand.length_penalty": -0.01})
+
+
+@pytest.mark.parametrize("judge", ["llm", "verifier"])
+def test_length_penalty_is_refused_with_a_judge_that_scores_no_reward(tiny_model_dir, tiny_data, tmp_path, judge):
+    from spa_lite.errors import SpaError
+
+    with pytest.raises(SpaError, match=f"expand.length_penalty: -0.01 .*judge '{judge}' scores none"):
+        _recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.judge": judge, "expand.length_penalty": -0.01})
+    _recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.judge": judge})  # 0: accepted as before

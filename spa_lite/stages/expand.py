@@ -231,7 +231,8 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
     non-empty samples (iterative DPO's usual choice), as rows of D_i.
 
     The reward is Eq. 7's r(y) = beta * [log pi_{i-1}(y|x) - log pi_ref(y|x) - a * |y|] (``score_responses``), or
-    with ``expand.judge: reward`` the reward model's r(x, y) (``spa_lite.reward.reward_scores``).
+    with ``expand.judge: reward`` the reward model's r(x, y) - a * |y| (``spa_lite.reward.reward_scores``; a =
+    ``expand.length_penalty``, 0 by default).
     The pair keeps its sampling order as (y1, y2), so p_y1 = sigmoid(r(y1) - r(y2)) is Eq. 7's p and the
     confidence is sigmoid(r_best - r_worst). A prompt with fewer than two candidates is counted under ``empty``,
     ``identical`` or ``dropped_truncated`` (the first that applies); ``judged_responses`` counts the responses
@@ -328,7 +329,7 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts", accurac
         if v1 == v2:
             counts["undecided"] += 1
             if undecided == "coin":
-                counts["undecided_coin"] += 1
+                counts["undecided_coin"] = counts.get("undecided_coin", 0) + 1
                 kept.append((rec, y1, y2))
                 judged.append({"p": 1.0 if coin_label(seed, rec.get("id", str(rec.get("prompt")))) else 0.0})
             continue
