@@ -155,12 +155,12 @@ def _judge_pairs(stack: PolicyStack, recipe: Recipe, keep: list, counts: dict, r
     names = stack.prev
     if c.judge in REWARD_JUDGES:
         x = [encode_prompt(stack.tokenizer, r["prompt"]) for r, _, _ in keep]
-        ys = [reward_tokens(stack.tokenizer, y, c.reward_cut_eos) for y in [a for _, a, _ in keep] + [b for _, _, b in keep]]
-        r = reward_scores(reward_model, x + x, ys, batch_size=2 * c.judge_batch_size)
+        resp = [a for _, a, _ in keep] + [b for _, _, b in keep]  # every y1, then every y2
+        r = reward_scores(reward_model, x + x, [reward_tokens(stack.tokenizer, y, c.reward_cut_eos) for y in resp],
+                          batch_size=2 * c.judge_batch_size)
         n = len(keep)
         if c.judge == "reward":
-            r = [v - c.length_penalty * y.num_tokens
-                 for v, y in zip(r, [a for _, a, _ in keep] + [b for _, _, b in keep])]
+            r = [v - c.length_penalty * y.num_tokens for v, y in zip(r, resp)]
         rm = [{"p": 1.0 / (1.0 + math.exp(-(r[i] - r[n + i]))), "reward_1": r[i], "reward_2": r[n + i]} for i in range(n)]
         if c.judge == "reward":
             if on_judge:
@@ -326,16 +326,17 @@ def verifier_judge(keep: list, counts: dict, source: object = "prompts", accurac
     kept, judged = [], []
     for rec, y1, y2 in keep:
         v1, v2 = _verdicts(rec, y1, y2, source, "expand.judge: verifier labels with the demo task's verifier")
+        pid = rec.get("id", str(rec.get("prompt")))  # what seeds this pair's coin and flip
         if v1 == v2:
             counts["undecided"] += 1
             if undecided == "coin":
                 counts["undecided_coin"] = counts.get("undecided_coin", 0) + 1
                 kept.append((rec, y1, y2))
-                judged.append({"p": 1.0 if coin_label(seed, rec.get("id", str(rec.get("prompt")))) else 0.0})
+                judged.append({"p": 1.0 if coin_label(seed, pid) else 0.0})
             continue
         good, bad = (y1, y2) if v1 else (y2, y1)
         eligible = flip == "random" or good.num_tokens > bad.num_tokens
-        if eligible and flip_label(seed, rec.get("id", str(rec.get("prompt"))), accuracy,
+        if eligible and flip_label(seed, pid, accuracy,
                                    1.0 if flip == "random" else 2.0):
             counts["flipped"] = counts.get("flipped", 0) + 1
             v1 = not v1
