@@ -31,14 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info  # noqa: E402
 
 JUDGES = ("eq7", "eq7_tok", "eq7_lc", "reward", "ensemble", "consensus", "shorter", "reward_eos", "reward_eos_lc",
-          "reward_eos_lp")
+          "reward_eos_lp", "reward_eos_lm")
 # judges that read the reward adapter (reward_eos: cut samples scored with the end-of-turn token appended, as
 # expand.reward_cut_eos does; registered 2026-12-06 in bench/judge_quality_protocol.md; reward_eos_lc: reward_eos
 # less its fitted length slope times the tokens, as eq7_lc does for Eq. 7, registered 2026-12-06 05:57;
 # reward_eos_lp: reward_eos less a fixed a x tokens, expand.length_penalty on the reward judge, one setting per a of
-# --reward-length-penalty, named reward_eos_lp<a>, registered 06:24)
-RM_JUDGES = ("reward", "ensemble", "reward_eos", "reward_eos_lc", "reward_eos_lp")
-EOS_JUDGES = ("reward_eos", "reward_eos_lc", "reward_eos_lp")
+# --reward-length-penalty, named reward_eos_lp<a>, registered 06:24; reward_eos_lm: reward_eos on length-matched
+# pairs only, token counts within a factor --max-length-ratio, as expand.max_length_ratio, registered 09:07)
+RM_JUDGES = ("reward", "ensemble", "reward_eos", "reward_eos_lc", "reward_eos_lp", "reward_eos_lm")
+EOS_JUDGES = ("reward_eos", "reward_eos_lc", "reward_eos_lp", "reward_eos_lm")
 # the score each length-controlled judge fits its slope to and corrects
 LC_OF = {"eq7_lc": "lr", "reward_eos_lc": "r_eos"}
 # the first sweep's judges: the default, so a rerun of its documented commands (the selection check) compares the
@@ -207,10 +208,15 @@ def eos_rescored(reward: list[float], cut: list[bool], prompts: list, resp: list
 
 
 # ------------------------------------------------------------------------------------------ judging
-def judge_pair(judge: str, cand: list[int], s: dict, beta: float):
-    """The ordered pair (chosen, rejected) with the highest p(a > b) among ``cand``, and that p."""
+def judge_pair(judge: str, cand: list[int], s: dict, beta: float, ratio: float | None = None):
+    """The ordered pair (chosen, rejected) with the highest p(a > b) among ``cand``, and that p; with ``ratio``
+    only among length-matched pairs (None if there is none)."""
+    from spa_lite.stages.expand import length_matched  # expand.max_length_ratio's test
+
     best = None
     for a, b in itertools.permutations(cand, 2):
+        if ratio is not None and not length_matched(s["len"][a], s["len"][b], ratio):
+            continue
         p = pref(judge, a, b, s, beta)
         if best is None or p > best[2]:
             best = (a, b, p)
@@ -230,7 +236,7 @@ def pref(judge: str, a: int, b: int, s: dict, beta: float) -> float:
         return _sig(beta * (s["lc"][a] - s["lc"][b]))
     if judge == "reward":
         return _sig(s["r"][a] - s["r"][b])
-    if judge == "reward_eos":
+    if judge in ("reward_eos", "reward_eos_lm"):
         return _sig(s["r_eos"][a] - s["r_eos"][b])
     if judge == "reward_eos_lc":  # s["lc"]: reward_eos less its fitted length slope times the tokens
         return _sig(s["lc"][a] - s["lc"][b])
@@ -303,9 +309,10 @@ def closest_lp(table: dict, lps: list[float], n: int, target: float) -> float:
 
 
 def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], beta: float,
-             lps: tuple[float, ...] = (0.0,)) -> dict:
+             lps: tuple[float, ...] = (0.0,), max_length_ratio: float = 1.25) -> dict:
     """Per (judge, N): the judged pairs and their verifier outcomes (see the protocol's metrics); reward_eos_lp
-    once per length penalty a in ``lps``, as reward_eos_lp<a>."""
+    once per length penalty a in ``lps``, as reward_eos_lp<a>; reward_eos_lm on pairs within ``max_length_ratio``
+    (a prompt without such a pair has none)."""
     from spa_lite.demo.tasks import question_index, verify
 
     off = 0
@@ -345,10 +352,15 @@ def evaluate(rows: list[dict], scores: dict, judges: list[str], ns: list[int], b
                     if len(set(s["cons"].values())) < 2:  # e.g. two distinct candidates: no preference, no pair
                         recs.append({"q": q, "pair": False})
                         continue
-                a, b, p = judge_pair(judge, cand, s, beta)
+                best = judge_pair(judge, cand, s, beta, max_length_ratio if judge == "reward_eos_lm" else None)
+                if best is None:  # no two candidates within the length ratio
+                    recs.append({"q": q, "pair": False})
+                    continue
+                a, b, p = best
                 # longer in characters, as the gold pairs' share and expand's length sign count it
                 recs.append({"q": q, "pair": True, "decided": s["pass"][a] != s["pass"][b], "correct": s["pass"][a],
                              "conf": p, "longer": len(smp[a]["text"]) > len(smp[b]["text"]), "a": a, "b": b,
+                             "tok_diff": s["len"][a] - s["len"][b],
                              # cut at the token limit (chosen, rejected): the truncation lean (added 2026-12-06)
                              "cut": (bool(smp[a].get("truncated")), bool(smp[b].get("truncated")))})
             out[f"{name}/N{n}"] = summarize(recs, len(rows))
@@ -383,6 +395,10 @@ def summarize(recs: list[dict], prompts: int) -> dict:
             "accuracy": acc, "by_conf_quintile": quint,
             "correct_minus_wrong_per_prompt": round((2 * n_ok - len(dec)) / prompts, 4),
             "chosen_longer_frac": round(float(np.mean([r["longer"] for r in pairs])), 4) if pairs else None,
+            # the length a policy trained on these pairs is pushed by: mean chosen minus rejected tokens
+            "mean_chosen_minus_rejected_tokens": round(float(np.mean([r["tok_diff"] for r in pairs])), 2)
+            if pairs and all("tok_diff" in r for r in pairs) else None,
+            "pairs_frac": round(len(pairs) / prompts, 4) if prompts else None,
             # verifier-free signs (issue 19 point 5): how flat the confidences are over all judged pairs
             "median_conf": round(float(np.median([r["conf"] for r in pairs])), 4) if pairs else None,
             "frac_conf_below_055": round(float(np.mean([r["conf"] < 0.55 for r in pairs])), 4) if pairs else None,
@@ -542,7 +558,8 @@ def run_gold(args, gold: int, res: dict) -> None:
     scores = piece.scores(rows, with_reward, any(j in EOS_JUDGES for j in args.judges))
     judges = [j for j in args.judges if with_reward or j not in RM_JUDGES]
     ns = [n for n in args.ns if n <= args.samples]
-    table = evaluate(rows, scores, judges, ns, piece.recipe.expand.beta, args.reward_length_penalty)
+    table = evaluate(rows, scores, judges, ns, piece.recipe.expand.beta, args.reward_length_penalty,
+                     args.max_length_ratio)
     gold_longer = gold_chosen_longer(piece.recipe)
     lp_choice = None
     if "reward_eos_lp" in judges and args.lp_n in ns:
@@ -655,6 +672,8 @@ def main() -> None:
                     "(comma-separated; reward_eos - a x tokens, as expand.length_penalty does for judge reward)")
     ap.add_argument("--lp-n", type=int, default=4, help="reward_eos_lp: the N at which a is chosen (the a whose "
                     "chosen-longer share is nearest the gold pairs')")
+    ap.add_argument("--max-length-ratio", type=float, default=1.25, help="reward_eos_lm: pairs only of responses "
+                    "whose token counts are within this factor (expand.max_length_ratio; registered 1.25)")
     ap.add_argument("--run-dir", default="runs/judge-quality")
     ap.add_argument("--out", default="bench/results/judge_quality.json")
     ap.add_argument("--report", action="store_true", help="only print the tables of --out")

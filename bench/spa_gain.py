@@ -73,6 +73,10 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # added 2026-12-06 06:28 before it was built or ran: the exact verifier on decided pairs and a fair coin on the
     # undecided ones, kept (what the ~80% of pairs without a gold preference cost when their labels have no lean)
     "oracle_coin": {"expand.judge": "verifier", "expand.verifier_undecided": "coin"},
+    # added 2026-12-06 09:07 before it was built or ran: the reward adapter (cut responses scored with end-of-turn)
+    # on length-matched pairs only, token counts within a factor 1.25 (both reward arms lost through length). Its
+    # registered dev check failed at 09:21 (first set lower end 0.40 on 10 decided pairs), so it has not run
+    "spa_reward_lm": {"expand.judge": "reward", "expand.reward_cut_eos": True, "expand.max_length_ratio": 1.25},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
 ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
@@ -85,7 +89,9 @@ ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best
                                "dropped", 2),
              "spa_reward_eos4": ("reward adapter (Bradley-Terry, trained on the gold pairs), cut responses scored with "
                                  "end-of-turn appended, best vs worst", 4),
-             "oracle_coin": ("verifier on decided pairs, a fair coin on undecided pairs (kept)", 2)}
+             "oracle_coin": ("verifier on decided pairs, a fair coin on undecided pairs (kept)", 2),
+             "spa_reward_lm": ("reward adapter (Bradley-Terry, trained on the gold pairs), cut responses scored with "
+                               "end-of-turn appended, length-matched pairs (within 1.25x)", 2)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -122,6 +128,9 @@ COMPARISONS = [
     ("spa_reward_eos4_final", "spa_reward_final"),
     # the oracle with coin-labelled undecided pairs kept (added 06:28, before it was built or ran)
     ("oracle_coin_final", "pi_0"), ("oracle_coin_final", "dpo_same_compute"), ("oracle_coin_final", "oracle_final"),
+    # the reward adapter on length-matched pairs (added 09:07, before it was built or ran)
+    ("spa_reward_lm_final", "pi_0"), ("spa_reward_lm_final", "dpo_same_compute"),
+    ("spa_reward_lm_final", "spa_reward_final"), ("spa_reward_lm_final", "oracle_final"),
 ]
 
 
@@ -321,6 +330,8 @@ class Bench:
                 # the oracle's undecided pairs: dropped, or kept with a coin's label (oracle_coin)
                 "undecided_dropped": (summ["undecided"] - summ.get("undecided_coin", 0)) if "undecided" in summ else None,
                 **({"undecided_coin": summ["undecided_coin"]} if "undecided_coin" in summ else {}),
+                # prompts without a length-matched pair (expand.max_length_ratio)
+                **({"length_mismatched": summ["length_mismatched"]} if "length_mismatched" in summ else {}),
                 "train": read_manifest(recipe, Stage("train", i))["summary"].get("last10"),
             }
         return out

@@ -175,6 +175,13 @@ class ExpandConfig:
                                    "evens the count, not the length gap: on the demo SPA still collapsed with it "
                                    "(README, \"How right must the labels be?\")")
     drop_truncated: bool = setting(False, "drop pairs where a response hit max_new_tokens (counted either way)")
+    max_length_ratio: float = setting(0.0, "length-matched pairs: a pair is formed only from two responses whose "
+                                      "token counts differ by at most this factor (longer <= R x shorter); at N = 2 a "
+                                      "prompt whose two samples differ more is dropped, at N > 2 the pair is the "
+                                      "largest judged reward gap among the length-matched pairs. Counted as "
+                                      "length_mismatched. Whatever the judge's length lean, such pairs teach little "
+                                      "length (bench/judge_quality_protocol.md, 2026-12-06 09:07; 0: off)",
+                                      gt=1, off=0)
     reward_cut_eos: bool = setting(False, "judge reward or logprob+reward: a response cut at max_new_tokens (it has no "
                                    "end-of-turn token) is scored by the reward adapter with one appended, as every "
                                    "response it was trained on ends. Off: scored as sampled; the demo's adapter then "
@@ -435,6 +442,9 @@ def _judge_problems(e: ExpandConfig) -> list[str]:
     if e.verifier_undecided != "drop" and e.judge != "verifier":
         problems.append(f"expand.verifier_undecided: '{e.verifier_undecided}' labels the pairs the verifier cannot "
                         f"decide and needs expand.judge: verifier, not '{e.judge}'")
+    if e.max_length_ratio and e.judge == "verifier":
+        problems.append(f"expand.max_length_ratio: {e.max_length_ratio} would leave the oracle control's pairs "
+                        "(expand.judge: verifier) chosen by length as well as by the verifier; not offered there")
     if e.verifier_flip != "random" and e.verifier_accuracy == 1:
         problems.append("expand.verifier_flip: 'shorter' chooses which labels the noisy oracle flips and needs "
                         "expand.verifier_accuracy below 1")

@@ -89,6 +89,8 @@ def _expand_key(recipe: Recipe) -> dict:
         d.pop("length_balance")
     if not d["reward_cut_eos"]:
         d.pop("reward_cut_eos")
+    if d["max_length_ratio"] == 0:
+        d.pop("max_length_ratio")
     # the reward judge ignored length_penalty before it applied it: a run made then with a penalty set gets a new
     # hash, so its labels are made again rather than mixed with penalised ones
     if d["judge"] == "reward" and d["length_penalty"] != 0:

@@ -293,3 +293,33 @@ def test_consensus_gives_no_pair_when_every_candidate_scores_alike_and_wordless_
     assert res["consensus/N4"]["pairs"] == 0
     assert jq.jaccard(set(), set()) == 0.0 and jq.jaccard({"a"}, set()) == 0.0
     assert jq.jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
+
+
+def test_length_matched_judge_picks_the_largest_gap_among_pairs_within_the_ratio():
+    """reward_eos_lm (expand.max_length_ratio in the dev benchmark): brute force over every ordered pair of
+    candidates whose token counts are within the factor; a prompt without one has no pair."""
+    rows, scores = rows_and_scores()
+    tok = ([10, 2, 4, 5], [3, 6, 3, 3])
+    scores["reward_eos"] = [0.3, 1.0, -0.4, 0.2, 0.0, -0.6, 0.9, 5.0]
+    for ratio in (1.0, 1.25, 2.0, 100.0):  # 1.0: the benchmark allows equal lengths only; expand needs > 1
+        res = jq.evaluate(rows, scores, ["reward_eos", "reward_eos_lm"], [4], beta=0.1, max_length_ratio=ratio)
+        for p, cands in enumerate(([0, 1, 2, 3], [0, 1, 2])):
+            v = {k: scores["reward_eos"][4 * p + k] for k in cands}
+            ok = [(x, y) for x in cands for y in cands
+                  if x != y and max(tok[p][x], tok[p][y]) <= ratio * min(tok[p][x], tok[p][y])]
+            rec = res["reward_eos_lm/N4"]["_recs"][p]
+            if not ok:
+                assert rec == {"q": rec["q"], "pair": False}
+                continue
+            best = max(ok, key=lambda xy: v[xy[0]] - v[xy[1]])
+            assert (rec["a"], rec["b"]) == best
+            assert rec["tok_diff"] == tok[p][best[0]] - tok[p][best[1]]
+    # at 1.25 the first prompt (10, 2, 4, 5 tokens) keeps only 4 vs 5; reward_eos takes 1 over 2 (2 vs 4 tokens)
+    res = jq.evaluate(rows, scores, ["reward_eos", "reward_eos_lm"], [4], beta=0.1, max_length_ratio=1.25)
+    assert {res["reward_eos_lm/N4"]["_recs"][0]["a"], res["reward_eos_lm/N4"]["_recs"][0]["b"]} == {2, 3}
+    assert (res["reward_eos/N4"]["_recs"][0]["a"], res["reward_eos/N4"]["_recs"][0]["b"]) == (1, 2)
+    # at a huge ratio it is reward_eos itself
+    res = jq.evaluate(rows, scores, ["reward_eos", "reward_eos_lm"], [4], beta=0.1, max_length_ratio=100.0)
+    assert ([(r["a"], r["b"]) for r in res["reward_eos_lm/N4"]["_recs"]]
+            == [(r["a"], r["b"]) for r in res["reward_eos/N4"]["_recs"]])
+    assert res["reward_eos_lm/N4"]["pairs_frac"] == 1.0

@@ -247,3 +247,78 @@ def test_expand_with_the_coin_oracle_keeps_undecided_pairs_labelled_by_their_pro
     assert len(rows) == coin["counts"]["undecided"] == coin["counts"]["undecided_coin"] == drop["counts"]["undecided"]
     assert [r["chosen_is_y1"] for r in rows] == [coin_label(coin_recipe.seed, r["id"]) for r in rows]
     assert all(r["confidence"] == 1.0 for r in rows)
+
+
+def _crafted_sampler(word_counts: list[list[int]]):
+    """A sample_fn for expand_shard: prompt k's samples are "w w ... w" with word_counts[k] words, ended with the
+    end-of-turn token (not cut), so their token counts are set by the test, not by a random model."""
+    from spa_lite.generation import Sample
+    from spa_lite.logps import encode_response
+
+    def sample_fn(m, tokenizer, prompts, num_samples, **_):
+        out = []
+        for k in range(len(prompts)):
+            ss = []
+            for j, w in enumerate(word_counts[k][:num_samples]):
+                text = " ".join(["w"] * w) + f" {j}"  # distinct texts
+                ids = encode_response(tokenizer, text)
+                ss.append(Sample(text=text, token_ids=ids, num_tokens=len(ids), truncated=False))
+            out.append(ss)
+        return out
+    return sample_fn
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_max_length_ratio_pairs_only_length_matched_responses(tiny_model_dir, adapters, pi0_and_init, tiny_recipe, n):
+    """expand.max_length_ratio: at N = 2 a pair whose lengths differ by more than the factor is dropped; at N > 2
+    the pair is the largest Eq. 7 reward gap among length-matched pairs, by brute force on separately loaded
+    models. Prompts without such a pair are counted as length_mismatched."""
+    from spa_lite.stages.expand import expand_shard
+
+    words = [[3, 3, 9, 20], [2, 6, 14, 30], [4, 4, 5, 30], [10, 11, 3, 25], [5, 18, 5, 5]]
+    ratio, beta = 1.25, 0.1
+    stack = _stack(tiny_model_dir, adapters)
+    fn = _crafted_sampler(words)
+    recipe = _expand_recipe(tiny_recipe, n, **{"expand.judge_logps": "forward", "expand.max_length_ratio": ratio})
+    res = expand_shard(stack, recipe, QUESTIONS, seed=3, sample_fn=fn)
+    free = expand_shard(stack, _expand_recipe(tiny_recipe, n, **{"expand.judge_logps": "forward"}), QUESTIONS,
+                        seed=3, sample_fn=fn)
+    assert "length_mismatched" not in free["counts"]
+    samples = fn(None, stack.tokenizer, QUESTIONS, n)
+    pol, ref = pi0_and_init
+    rows, free_rows = {r["id"]: r for r in res["rows"]}, {r["id"]: r for r in free["rows"]}
+    dropped = changed = 0
+    for q, ss in zip(QUESTIONS, samples):
+        t = [y.num_tokens for y in ss]
+        ok = [(a, b) for a in range(len(ss)) for b in range(a + 1, len(ss)) if max(t[a], t[b]) <= ratio * min(t[a], t[b])]
+        if not ok:
+            assert q["id"] not in rows
+            dropped += 1
+            continue
+        x = encode_prompt(stack.tokenizer, q["prompt"])
+        r = [beta * (_naive_logp(pol, x, y.token_ids) - _naive_logp(ref, x, y.token_ids)) for y in ss]
+        a, b = max(ok, key=lambda ab: abs(r[ab[0]] - r[ab[1]]))
+        w, lo = (a, b) if r[a] > r[b] else (b, a)
+        row = rows[q["id"]]
+        assert (row["chosen"], row["rejected"]) == (ss[w].text, ss[lo].text)
+        assert max(row["len_chosen"], row["len_rejected"]) <= ratio * min(row["len_chosen"], row["len_rejected"])
+        changed += (free_rows[q["id"]]["chosen"], free_rows[q["id"]]["rejected"]) != (row["chosen"], row["rejected"])
+    assert res["counts"]["length_mismatched"] == dropped >= 1
+    assert len(res["rows"]) == len(QUESTIONS) - dropped
+    if n == 4:  # the restriction chose other pairs than best vs worst somewhere (else this test shows nothing)
+        assert changed >= 1
+
+
+def test_max_length_ratio_bounds_hash_and_refusal(tiny_recipe):
+    from spa_lite.errors import SpaError
+    from spa_lite.layout import Stage
+    from spa_lite.runs import stage_config, stage_hash
+
+    off, on = tiny_recipe(), tiny_recipe(**{"expand.max_length_ratio": 1.25})
+    assert "max_length_ratio" not in stage_config(off, Stage("expand", 1))["expand"]  # old runs keep their hash
+    assert stage_config(on, Stage("expand", 1))["expand"]["max_length_ratio"] == 1.25
+    assert stage_hash(off, Stage("expand", 1)) != stage_hash(on, Stage("expand", 1))
+    with pytest.raises(SpaError, match="expand.max_length_ratio"):
+        tiny_recipe(**{"expand.max_length_ratio": 0.8})
+    with pytest.raises(SpaError, match="expand.max_length_ratio: 1.25 .*verifier"):
+        tiny_recipe(**{"expand.max_length_ratio": 1.25, "expand.judge": "verifier"})

@@ -74,6 +74,8 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
               # the cost of the shard: every response sampled, and their tokens (N per prompt)
               "samples": sum(len(ss) for ss in samples),
               "sampled_tokens": sum(y.num_tokens for ss in samples for y in ss)}
+    if c.max_length_ratio:
+        counts["length_mismatched"] = 0
     if c.judge == "verifier":
         counts["undecided"] = 0
         if c.verifier_undecided == "coin":
@@ -85,7 +87,7 @@ def expand_shard(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: 
         rows = best_worst_pairs(stack, recipe, kept_prompts, samples, counts, record, dtype, check, on_judge,
                                 reward_model)
     else:
-        keep = _pairs_of_two(kept_prompts, samples, counts, c.drop_truncated)
+        keep = _pairs_of_two(kept_prompts, samples, counts, c.drop_truncated, c.max_length_ratio)
         keep, judged = _judge_pairs(stack, recipe, keep, counts, record, dtype, check, on_judge, reward_model)
         if c.verifier_decided:
             judged = verifier_correct(keep, judged, counts, recipe.data.prompts)
@@ -122,8 +124,17 @@ def _sample(stack: PolicyStack, recipe: Recipe, prompts: list[dict], seed: int, 
     return samples, dtype
 
 
-def _pairs_of_two(prompts: list[dict], samples: list, counts: dict, drop_truncated: bool) -> list[tuple]:
-    """The paper's pairs (y1, y2) = the two samples of each prompt; unusable ones skipped and counted."""
+def length_matched(t1: int, t2: int, ratio: float) -> bool:
+    """Whether responses of ``t1`` and ``t2`` tokens (each counted as at least 1) are within a factor ``ratio``
+    (``expand.max_length_ratio``; 0: no limit)."""
+    lo, hi = sorted((max(1, t1), max(1, t2)))
+    return not ratio or hi <= ratio * lo
+
+
+def _pairs_of_two(prompts: list[dict], samples: list, counts: dict, drop_truncated: bool,
+                  max_length_ratio: float = 0.0) -> list[tuple]:
+    """The paper's pairs (y1, y2) = the two samples of each prompt; unusable ones skipped and counted (with
+    ``max_length_ratio``, pairs whose lengths differ by more than that factor, as length_mismatched)."""
     keep = []
     for rec, ss in zip(prompts, samples):
         y1, y2 = ss[0], ss[1]
@@ -137,6 +148,9 @@ def _pairs_of_two(prompts: list[dict], samples: list, counts: dict, drop_truncat
             continue
         if trunc and drop_truncated:
             counts["dropped_truncated"] += 1
+            continue
+        if not length_matched(y1.num_tokens, y2.num_tokens, max_length_ratio):
+            counts["length_mismatched"] += 1
             continue
         keep.append((rec, y1, y2))
     return keep
@@ -271,10 +285,18 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
         sc = scores[at : at + len(usable)]
         at += len(usable)
         r = [x["reward"] for x in sc]
-        hi, lo = r.index(max(r)), r.index(min(r))
-        if hi == lo:  # every reward equal: any two, p = 0.5
-            hi, lo = 0, 1
-        a, b = sorted((hi, lo))  # sampling order: y1 is the earlier sample
+        if c.max_length_ratio:  # the largest reward gap among length-matched pairs (first such pair on ties)
+            matched = [(a, b) for a in range(len(r)) for b in range(a + 1, len(r))
+                       if length_matched(usable[a][1].num_tokens, usable[b][1].num_tokens, c.max_length_ratio)]
+            if not matched:
+                counts["length_mismatched"] += 1
+                continue
+            a, b = max(matched, key=lambda ab: abs(r[ab[0]] - r[ab[1]]))
+        else:
+            hi, lo = r.index(max(r)), r.index(min(r))
+            if hi == lo:  # every reward equal: any two, p = 0.5
+                hi, lo = 0, 1
+            a, b = sorted((hi, lo))  # sampling order: y1 is the earlier sample
         z = r[a] - r[b]
         j = {"p": 1.0 / (1.0 + math.exp(-z)), "reward_1": r[a], "reward_2": r[b]}
         if "logratio" in sc[a]:
