@@ -83,9 +83,13 @@ class Piece:
 
         self.args, self.gold = args, gold
         pool = {"data.seed_pairs": args.gold_pairs} if args.gold_pairs else {}
-        self.recipe = load_recipe(args.recipe, {"name": f"g{gold}-s{args.seed}" + ("-pool" if pool else ""),
+        # the ODIN adapter (registered 2026-12-06 09:23) is a run of its own (-odin): copy the plain run's seed stage,
+        # samples and log pi_init scores into it to judge the same pi_0 samples (see bench/RESULTS.md's command)
+        odin = {"reward.length_head": True} if getattr(args, "reward_length_head", False) else {}
+        self.recipe = load_recipe(args.recipe, {"name": f"g{gold}-s{args.seed}" + ("-pool" if pool else "")
+                                                + ("-odin" if odin else ""),
                                                 "run_dir": args.run_dir, "seed": args.seed, "data.seed_limit": gold,
-                                                "threads": args.threads, **REWARD_SETTINGS, **pool})
+                                                "threads": args.threads, **REWARD_SETTINGS, **pool, **odin})
         self.dir = self.recipe.run_path / "judge_quality"
         self.dir.mkdir(parents=True, exist_ok=True)
         # caches are keyed by samples per prompt and sampling seed (the default seed keeps the first sweep's names)
@@ -674,6 +678,8 @@ def main() -> None:
                     "chosen-longer share is nearest the gold pairs')")
     ap.add_argument("--max-length-ratio", type=float, default=1.25, help="reward_eos_lm: pairs only of responses "
                     "whose token counts are within this factor (expand.max_length_ratio; registered 1.25)")
+    ap.add_argument("--reward-length-head", action="store_true", help="the reward judges read an ODIN adapter "
+                    "(reward.length_head: true, its quality head), in the run g<G>-s<seed>[-pool]-odin")
     ap.add_argument("--run-dir", default="runs/judge-quality")
     ap.add_argument("--out", default="bench/results/judge_quality.json")
     ap.add_argument("--report", action="store_true", help="only print the tables of --out")

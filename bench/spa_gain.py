@@ -77,6 +77,10 @@ ARMS = {  # arm -> recipe overrides (None: a seed-DPO-only arm)
     # on length-matched pairs only, token counts within a factor 1.25 (both reward arms lost through length). Its
     # registered dev check failed at 09:21 (first set lower end 0.40 on 10 decided pairs), so it has not run
     "spa_reward_lm": {"expand.judge": "reward", "expand.reward_cut_eos": True, "expand.max_length_ratio": 1.25},
+    # added 2026-12-06 09:23 before it was built or ran: spa_reward_eos4 with an ODIN reward adapter (a length head
+    # beside the quality head, discarded when judging); runs only if its registered dev check passes
+    "spa_reward_odin": {"expand.judge": "reward", "expand.reward_cut_eos": True, "expand.num_samples": 4,
+                        "reward.length_head": True},
 }
 # what each comparison's judge setting was (issue 19 asks the entries to name it)
 ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best": ("logprob per token (Eq. 7)", 2),
@@ -91,7 +95,9 @@ ARM_JUDGE = {"spa": ("logprob (Eq. 7)", 2), "oracle": ("verifier", 2), "spa_best
                                  "end-of-turn appended, best vs worst", 4),
              "oracle_coin": ("verifier on decided pairs, a fair coin on undecided pairs (kept)", 2),
              "spa_reward_lm": ("reward adapter (Bradley-Terry, trained on the gold pairs), cut responses scored with "
-                               "end-of-turn appended, length-matched pairs (within 1.25x)", 2)}
+                               "end-of-turn appended, length-matched pairs (within 1.25x)", 2),
+             "spa_reward_odin": ("ODIN reward adapter (quality head; length head discarded), cut responses scored "
+                                 "with end-of-turn appended, best vs worst", 4)}
 # (a, b) pairs of arm/policy labels, from the protocol; "final" is the last iteration
 COMPARISONS = [
     ("spa_final", "pi_0"), ("spa_final", "dpo_same_compute"), ("oracle_final", "pi_0"), ("spa_1", "pi_0"),
@@ -131,6 +137,9 @@ COMPARISONS = [
     # the reward adapter on length-matched pairs (added 09:07, before it was built or ran)
     ("spa_reward_lm_final", "pi_0"), ("spa_reward_lm_final", "dpo_same_compute"),
     ("spa_reward_lm_final", "spa_reward_final"), ("spa_reward_lm_final", "oracle_final"),
+    # the ODIN reward adapter (added 09:23, before it was built or ran)
+    ("spa_reward_odin_final", "pi_0"), ("spa_reward_odin_final", "dpo_same_compute"),
+    ("spa_reward_odin_final", "spa_reward_eos4_final"), ("spa_reward_odin_final", "oracle_final"),
 ]
 
 

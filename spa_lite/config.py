@@ -217,6 +217,10 @@ class RewardConfig:
     eval_limit: int = setting(500, "held-out gold pairs scored for the manifest's accuracy", ge=1)
     lora_r: int | None = setting(None, "LoRA rank of the reward adapter (None: model.lora_r)", ge=1)
     lora_alpha: int | None = setting(None, "LoRA alpha of the reward adapter (None: model.lora_alpha)", gt=0)
+    length_head: bool = setting(False, "ODIN (Chen et al., 2024): a second head on the same features takes the "
+                                "length signal. The Bradley-Terry loss is on the sum of both heads, plus |Pearson("
+                                "r_quality, tokens)| - Pearson(r_length, tokens) over each micro-batch's responses, "
+                                "plus |cos| of the two heads' weights; the judge reads the quality head alone")
 
 
 @dataclass

@@ -11,6 +11,12 @@ r_rejected)^2)`` when that is on. A judged pair's p(y1 > y2) = sigmoid(r(y1) - r
 own probability, so no beta scales it (Eq. 7's beta turns log-ratios into rewards; this reward is trained to be
 a logit already).
 
+With ``reward.length_head`` (ODIN, Chen et al., "ODIN: Disentangled Reward Mitigates Hacking in RLHF", ICML
+2024) the head has two rows on the same features: r_Q (quality, row 0) and r_L (length, row 1). Training puts the
+Bradley-Terry loss on r_Q + r_L and adds |Pearson(r_Q, |y|)| - Pearson(r_L, |y|) over the micro-batch's responses
+(|y| in tokens) and |cos(w_Q, w_L)|, each with weight 1; every score read from the model (judging, the held-out
+accuracy) is r_Q alone, the paper's discarding of the length head.
+
 The loop here mirrors ``spa_lite.training.run_dpo_loop`` (the data order is a pure function of (seed, step);
 checkpoints every ``save_every`` steps resume exactly) for a single process.
 """
@@ -45,7 +51,8 @@ REWARD_ADAPTER = "reward"
 
 @dataclass
 class RewardModel:
-    """The reward adapter of ``stack`` plus its scalar head (a bias-free ``Linear(hidden, 1)``, float32)."""
+    """The reward adapter of ``stack`` plus its head (a bias-free ``Linear(hidden, 1)``, float32; ``Linear(hidden,
+    2)`` with ``reward.length_head``: quality, then length)."""
 
     stack: PolicyStack
     head: torch.nn.Linear
@@ -56,9 +63,11 @@ class RewardModel:
         return self.stack.trainable_parameters() + [self.head.weight]
 
 
-def new_head(hidden_size: int, seed: int, device: torch.device | str = "cpu", std: float = 0.02) -> torch.nn.Linear:
-    """A fresh scalar head, N(0, std) as transformers initialises a classification head, seeded by ``seed``."""
-    head = torch.nn.Linear(hidden_size, 1, bias=False)
+def new_head(hidden_size: int, seed: int, device: torch.device | str = "cpu", std: float = 0.02,
+             heads: int = 1) -> torch.nn.Linear:
+    """A fresh head of ``heads`` rows (2: ODIN's quality and length), N(0, std) as transformers initialises a
+    classification head, seeded by ``seed`` (row 0 is the same draw whatever ``heads`` is)."""
+    head = torch.nn.Linear(hidden_size, heads, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)) * std)
     return head.to(device)
@@ -69,16 +78,18 @@ def _backbone(model):
     return base.get_decoder()
 
 
-def sequence_rewards(rm: RewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_rewards(rm: RewardModel, batch: dict[str, torch.Tensor], all_heads: bool = False) -> torch.Tensor:
     """r(x, y) per row of a right-padded batch, [N] float32: the head on the last attended token's final hidden
-    state, with exactly the reward adapter active. Differentiable in the adapter and the head."""
+    state, with exactly the reward adapter active (ODIN's quality head alone; every head, [N, heads], with
+    ``all_heads``). Differentiable in the adapter and the head."""
     with rm.stack.use([rm.adapter]) as m:
         device = rm.head.weight.device
         out = _backbone(m)(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                            use_cache=False)
     last = batch["attention_mask"].to(device).sum(-1) - 1  # right padding: the last 1 of the mask
     h = out.last_hidden_state[torch.arange(last.shape[0], device=device), last]
-    return rm.head(h.float()).squeeze(-1)
+    out = rm.head(h.float())
+    return out if all_heads else out[:, 0]
 
 
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float = 0.0) -> torch.Tensor:
@@ -90,6 +101,21 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coeffic
 
 
 @torch.no_grad()
+def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of two 1-D tensors (0 where either is constant); differentiable in both."""
+    x, y = x - x.mean(), y - y.mean()
+    return (x * y).sum() / (x.norm() * y.norm() + eps)
+
+
+def odin_terms(r: torch.Tensor, lengths: torch.Tensor, head_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """ODIN's two extra losses from both heads' rewards ``r`` [N, 2] of N responses of ``lengths`` tokens:
+    |Pearson(r_Q, L)| - Pearson(r_L, L), and |cos(w_Q, w_L)| of the head weight's two rows."""
+    lengths = lengths.to(r.dtype)
+    length_loss = pearson(r[:, 0], lengths).abs() - pearson(r[:, 1], lengths)
+    orth = F.cosine_similarity(head_weight[0], head_weight[1], dim=0).abs()
+    return length_loss, orth
+
+
 def reward_scores(rm: RewardModel, prompts: Sequence[list[int]], responses: Sequence[list[int]], batch_size: int = 16,
                   on_batch: Callable[[int], None] | None = None) -> list[float]:
     """r(x, y) of each (prompt, response), in the given order (scored longest first, so batches pad little)."""
@@ -120,7 +146,7 @@ def gold_accuracy(rm: RewardModel, pairs: Sequence[TokenizedPair], batch_size: i
 
 
 def save_head(head: torch.nn.Linear, path: str | Path) -> Path:
-    """The head as safetensors (``weight``, [1, hidden])."""
+    """The head as safetensors (``weight``, [heads, hidden])."""
     path = Path(path)
     save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(path))
     return path
@@ -143,7 +169,7 @@ def load_reward_model(stack: PolicyStack, adapter_dir: str | Path, head_path: st
     if REWARD_ADAPTER not in stack.model.peft_config:
         stack.model.load_adapter(str(adapter_dir), adapter_name=REWARD_ADAPTER, is_trainable=False)
     weight = load_file(str(head_path))["weight"]
-    head = torch.nn.Linear(weight.shape[1], 1, bias=False)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         head.weight.copy_(weight)
     device = next(stack.model.parameters()).device
@@ -168,6 +194,7 @@ class RewardSpec:
     max_grad_norm: float = 1.0
     save_every: int = 20
     center_rewards_coefficient: float = 0.0
+    length_head: bool = False  # ODIN
     diverge_factor: float = 0.0  # read by training.divergence
 
     @classmethod
@@ -179,9 +206,17 @@ class RewardSpec:
 def _micro_loss(rm: RewardModel, pairs: Sequence[TokenizedPair], idx: list[int], spec: RewardSpec) -> tuple:
     """Loss of one micro-batch, and (accuracy, margin) of its pairs."""
     batch = collate_pairs([pairs[i] for i in idx], rm.stack.tokenizer.pad_token_id)
-    r = sequence_rewards(rm, batch)
     n = len(idx)
-    loss = bt_loss(r[:n], r[n:], spec.center_rewards_coefficient)
+    if spec.length_head:  # ODIN: Bradley-Terry on r_Q + r_L, r_Q decorrelated from length, r_L correlated
+        both = sequence_rewards(rm, batch, all_heads=True)
+        lengths = torch.tensor([len(pairs[i].chosen_ids) for i in idx] + [len(pairs[i].rejected_ids) for i in idx],
+                               device=both.device)
+        length_loss, orth = odin_terms(both, lengths, rm.head.weight)
+        r = both.sum(-1)
+        loss = bt_loss(r[:n], r[n:], spec.center_rewards_coefficient) + length_loss + orth
+    else:
+        r = sequence_rewards(rm, batch)
+        loss = bt_loss(r[:n], r[n:], spec.center_rewards_coefficient)
     d = (r[:n] - r[n:]).detach()
     return loss, (d > 0).float().mean().item(), d.mean().item()
 

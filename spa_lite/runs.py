@@ -113,7 +113,10 @@ def stage_config(recipe: Recipe, stage: Stage) -> dict:
                 "data": {"seed_pairs": _data_key(recipe.data.seed_pairs), "format": recipe.data.format,
                          "seed_limit": recipe.data.seed_limit, "shuffle_seed": recipe.data.shuffle_seed}}
     if stage.kind == "reward":
-        return {"model": _model_key(recipe), "reward": dataclasses.asdict(recipe.reward), "seed": recipe.seed,
+        reward = dataclasses.asdict(recipe.reward)
+        if not reward["length_head"]:  # off: reward stages made before the setting existed keep their hash
+            reward.pop("length_head")
+        return {"model": _model_key(recipe), "reward": reward, "seed": recipe.seed,
                 "data": {"seed_pairs": _data_key(recipe.data.seed_pairs), "format": recipe.data.format,
                          "seed_limit": recipe.data.seed_limit, "shuffle_seed": recipe.data.shuffle_seed,
                          "eval_pairs": _data_key(recipe.data.eval_pairs)}}

@@ -398,3 +398,86 @@ def test_length_penalty_is_refused_with_a_judge_that_scores_no_reward(tiny_model
     with pytest.raises(SpaError, match=f"expand.length_penalty: -0.01 .*judge '{judge}' scores none"):
         _recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.judge": judge, "expand.length_penalty": -0.01})
     _recipe(tiny_model_dir, tiny_data, tmp_path, "x", **{"expand.judge": judge})  # 0: accepted as before
+
+
+def test_odin_terms_match_numpy():
+    """ODIN's losses against numpy: |corrcoef(r_Q, L)| - corrcoef(r_L, L) and |cos| of the head rows."""
+    import numpy as np
+
+    from spa_lite.reward import odin_terms, pearson
+
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([3, 9, 4, 12, 7, 7, 20, 1])
+    w = torch.randn(2, 64, generator=g, dtype=torch.float64)
+    length_loss, orth = odin_terms(r, lengths, w)
+    L = lengths.numpy().astype(float)
+    want = abs(np.corrcoef(r[:, 0].numpy(), L)[0, 1]) - np.corrcoef(r[:, 1].numpy(), L)[0, 1]
+    assert float(length_loss) == pytest.approx(want, abs=1e-9)
+    wn = w.numpy()
+    assert float(orth) == pytest.approx(abs(wn[0] @ wn[1]) / (np.linalg.norm(wn[0]) * np.linalg.norm(wn[1])), abs=1e-9)
+    assert float(pearson(torch.ones(4, dtype=torch.float64), torch.arange(4.0, dtype=torch.float64))) == 0.0
+
+
+def test_length_head_loss_is_bt_on_the_sum_plus_odin_terms_and_the_judge_reads_the_quality_head(tiny_model_dir,
+                                                                                                reward_adapter, tmp_path):
+    import numpy as np
+
+    from spa_lite.reward import _micro_loss, reward_scores, save_head
+
+    adir, w = reward_adapter
+    base, tok = load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu")
+    stack = build_stack(base, tok, [(REWARD_ADAPTER, adir)])
+    w2 = torch.cat([w, torch.randn(1, 64, generator=torch.Generator().manual_seed(4)) * 0.5])
+    head = torch.nn.Linear(64, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(w2)
+    rm = RewardModel(stack, head)
+    pairs = _pairs(tok)
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        both = sequence_rewards(rm, batch, all_heads=True)
+        assert torch.equal(sequence_rewards(rm, batch), both[:, 0])
+    # each head is the plain reward model of that row (sequence classification with that score weight)
+    for k in (0, 1):
+        ref = _seqcls(tiny_model_dir, adir, w2[k : k + 1])
+        seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+        torch.testing.assert_close(both[:, k], torch.tensor([_naive_reward(ref, x, y) for x, y in seqs]),
+                                   atol=TOL, rtol=1e-5)
+    n = len(pairs)
+    spec = RewardSpec(lr=1e-3, epochs=1, batch_size=n, grad_accum=1, seed=0, length_head=True)
+    with torch.no_grad():
+        loss, acc, margin = _micro_loss(rm, pairs, list(range(n)), spec)
+    r = both.double().numpy()
+    s = r.sum(1)
+    L = np.array([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs], dtype=float)
+    bt = float(np.mean(np.log1p(np.exp(-(s[:n] - s[n:])))))
+    corr = abs(np.corrcoef(r[:, 0], L)[0, 1]) - np.corrcoef(r[:, 1], L)[0, 1]
+    cos = abs(w2[0] @ w2[1]).item() / (w2[0].norm() * w2[1].norm()).item()
+    assert float(loss) == pytest.approx(bt + corr + cos, abs=1e-4)
+    assert margin == pytest.approx(float(np.mean(s[:n] - s[n:])), abs=1e-4)
+    # saved and loaded back: a two-row head, and the judge's scores are the quality head's
+    save_head(head, tmp_path / "head.safetensors")
+    stack2 = build_stack(*load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu"), [])
+    loaded = load_reward_model(stack2, adir, tmp_path / "head.safetensors")
+    assert loaded.head.weight.shape == (2, 64)
+    got = reward_scores(loaded, [p.prompt_ids for p in pairs] * 2,
+                        [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs])
+    assert got == pytest.approx(r[:, 0].tolist(), abs=TOL)
+
+
+def test_reward_stage_with_a_length_head(tiny_model_dir, tiny_data, tmp_path):
+    """reward.length_head: the stage trains and saves a two-row head; off, a stage keeps its old hash."""
+    from spa_lite.layout import REWARD_STAGE
+    from spa_lite.runs import stage_config, stage_hash
+    from spa_lite.stages import reward
+
+    r = _recipe(tiny_model_dir, tiny_data, tmp_path / "runs", "odin", **{"reward.length_head": True})
+    off = _recipe(tiny_model_dir, tiny_data, tmp_path / "runs", "odin")
+    assert "length_head" not in stage_config(off, REWARD_STAGE)["reward"]
+    assert stage_hash(off, REWARD_STAGE) != stage_hash(r, REWARD_STAGE)
+    m = reward.run(r)
+    assert m["status"] == "complete"
+    assert load_file(str(r.run_path / "reward" / "head.safetensors"))["weight"].shape == (2, 64)
+    rows = [json.loads(x) for x in (r.run_path / "reward" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == m["summary"]["steps"] and all(math.isfinite(x["loss"]) for x in rows)

@@ -61,7 +61,8 @@ def run(recipe: Recipe, force: bool = False) -> dict:
                             f"the holdout, {skipped} over model.max_length)")
         hidden = stack.model.get_base_model().config.hidden_size
         device = next(stack.model.parameters()).device
-        rm = RewardModel(stack, new_head(hidden, recipe.seed * 1_000_003 + 7, device))
+        rm = RewardModel(stack, new_head(hidden, recipe.seed * 1_000_003 + 7, device,
+                                         heads=2 if recipe.reward.length_head else 1))
         summary = _fit(st, rm, pairs)
         stack.save_trainable(st.dir / "adapter")
         save_head(rm.head, st.dir / REWARD_HEAD_FILE)
