@@ -215,8 +215,8 @@ def eos_rescored(reward: list[float], cut: list[bool], prompts: list, resp: list
 def judge_pair(judge: str, cand: list[int], s: dict, beta: float, ratio: float | None = None):
     """The ordered pair (chosen, rejected) with the highest p(a > b) among ``cand``, and that p; with ``ratio``
     only among length-matched pairs (None if there is none)."""
-    from spa_lite.stages.expand import length_matched  # expand.max_length_ratio's test
-
+    if ratio is not None:
+        from spa_lite.stages.expand import length_matched  # expand.max_length_ratio's test
     best = None
     for a, b in itertools.permutations(cand, 2):
         if ratio is not None and not length_matched(s["len"][a], s["len"][b], ratio):

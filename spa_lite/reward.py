@@ -100,7 +100,6 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coeffic
     return loss
 
 
-@torch.no_grad()
 def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Pearson correlation of two 1-D tensors (0 where either is constant); differentiable in both."""
     x, y = x - x.mean(), y - y.mean()
@@ -109,13 +108,18 @@ def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor
 
 def odin_terms(r: torch.Tensor, lengths: torch.Tensor, head_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """ODIN's two extra losses from both heads' rewards ``r`` [N, 2] of N responses of ``lengths`` tokens:
-    |Pearson(r_Q, L)| - Pearson(r_L, L), and |cos(w_Q, w_L)| of the head weight's two rows."""
+    |Pearson(r_Q, L)| - Pearson(r_L, L), and |cos(w_Q, w_L)| of the head weight's two rows. Under three responses
+    a correlation is +-1 or 0 whatever the heads do: the length term is then 0 (a short last micro-batch)."""
     lengths = lengths.to(r.dtype)
-    length_loss = pearson(r[:, 0], lengths).abs() - pearson(r[:, 1], lengths)
+    if r.shape[0] < 3:
+        length_loss = r.new_zeros(())
+    else:
+        length_loss = pearson(r[:, 0], lengths).abs() - pearson(r[:, 1], lengths)
     orth = F.cosine_similarity(head_weight[0], head_weight[1], dim=0).abs()
     return length_loss, orth
 
 
+@torch.no_grad()
 def reward_scores(rm: RewardModel, prompts: Sequence[list[int]], responses: Sequence[list[int]], batch_size: int = 16,
                   on_batch: Callable[[int], None] | None = None) -> list[float]:
     """r(x, y) of each (prompt, response), in the given order (scored longest first, so batches pad little)."""

@@ -481,3 +481,34 @@ def test_reward_stage_with_a_length_head(tiny_model_dir, tiny_data, tmp_path):
     assert load_file(str(r.run_path / "reward" / "head.safetensors"))["weight"].shape == (2, 64)
     rows = [json.loads(x) for x in (r.run_path / "reward" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == m["summary"]["steps"] and all(math.isfinite(x["loss"]) for x in rows)
+
+
+def test_odin_length_term_sends_gradients_that_match_finite_differences(monkeypatch):
+    """The length term must train the heads: its gradient in r is non-zero and equals central differences (the
+    numpy test above checks only values); and judging scores without building a graph."""
+    from spa_lite import reward as rmod
+
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(8, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3, 9, 4, 12, 7, 7, 20, 1])
+    w = torch.randn(2, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    length_loss, orth = rmod.odin_terms(r, lengths, w)
+    (length_loss + orth).backward()
+    assert r.grad[:, 0].abs().sum() > 0 and r.grad[:, 1].abs().sum() > 0 and w.grad.abs().sum() > 0
+    h = 1e-6
+    for i, j in [(0, 0), (3, 1), (6, 1), (7, 0)]:
+        up, dn = r.detach().clone(), r.detach().clone()
+        up[i, j] += h
+        dn[i, j] -= h
+        fd = (sum(rmod.odin_terms(up, lengths, w.detach())) - sum(rmod.odin_terms(dn, lengths, w.detach()))) / (2 * h)
+        assert float(r.grad[i, j]) == pytest.approx(float(fd), abs=1e-6)
+    # fewer than three responses: no length term (a correlation of two points is +-1 whatever the heads)
+    two, _ = rmod.odin_terms(r[:2].detach(), lengths[:2], w.detach())
+    assert float(two) == 0.0
+    # judging runs without autograd, even where the adapter is trainable
+    seen = []
+    monkeypatch.setattr(rmod, "sequence_rewards", lambda rm, batch: seen.append(torch.is_grad_enabled())
+                        or torch.zeros(batch["input_ids"].shape[0]))
+    fake = SimpleNamespace(stack=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0),
+                                                 model=SimpleNamespace(eval=lambda: None)))
+    assert rmod.reward_scores(fake, [[1, 2]], [[3]]) == [0.0] and seen == [False]

@@ -128,7 +128,7 @@ def length_matched(t1: int, t2: int, ratio: float) -> bool:
     """Whether responses of ``t1`` and ``t2`` tokens (each counted as at least 1) are within a factor ``ratio``
     (``expand.max_length_ratio``; 0: no limit)."""
     lo, hi = sorted((max(1, t1), max(1, t2)))
-    return not ratio or hi <= ratio * lo
+    return not ratio or hi <= ratio * lo * (1 + 1e-12)  # a ratio met exactly is matched, whatever R's rounding
 
 
 def _pairs_of_two(prompts: list[dict], samples: list, counts: dict, drop_truncated: bool,
