@@ -250,7 +250,8 @@ def best_worst_pairs(stack: PolicyStack, recipe: Recipe, prompts: list[dict], sa
     The pair keeps its sampling order as (y1, y2), so p_y1 = sigmoid(r(y1) - r(y2)) is Eq. 7's p and the
     confidence is sigmoid(r_best - r_worst). A prompt with fewer than two candidates is counted under ``empty``,
     ``identical`` or ``dropped_truncated`` (the first that applies); ``judged_responses`` counts the responses
-    scored.
+    scored. With ``expand.max_length_ratio`` the pair is the largest reward gap among the length-matched pairs of
+    candidates, and a prompt without one is counted under ``length_mismatched``.
     """
     c = recipe.expand
     cands = []

@@ -34,7 +34,7 @@ def run(recipe: Recipe, iteration: int, force: bool = False, recipe_arg: str = "
         if not rows:
             raise DataError(data, None, None, "D_i is empty: expand judged no usable pairs (its manifest's summary "
                             "counts them: identical, dropped_truncated, undecided, below_min_confidence, "
-                            "length_balance_dropped)")
+                            "length_balance_dropped, length_mismatched)")
         labels = {"self": len(rows)}
         if recipe.train.audit_labels:  # audited pairs carry the person's label; the rest keep Eq. 7's
             rows, labels = apply_human_labels(rows, read_annotations(audit_path(recipe.run_path, iteration)))
