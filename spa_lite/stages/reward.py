@@ -1,6 +1,7 @@
 """Stage reward: a Bradley-Terry reward model on the gold pairs D0 (the ``reward`` adapter on the base plus a scalar
-head; two heads, quality and length, with ``reward.length_head``), the judge of ``expand.judge: reward``. Writes runs/<name>/reward/{adapter/, head.safetensors, metrics.jsonl,
-manifest.json}; the manifest holds its accuracy on held-out gold pairs."""
+head; two heads, quality and length, with ``reward.length_head``), the judge of ``expand.judge: reward``. Writes
+runs/<name>/reward/{adapter/, head.safetensors, metrics.jsonl, manifest.json}; the manifest holds its accuracy on
+held-out gold pairs."""
 
 from __future__ import annotations
 
