@@ -84,7 +84,8 @@ class Piece:
         self.args, self.gold = args, gold
         pool = {"data.seed_pairs": args.gold_pairs} if args.gold_pairs else {}
         # the ODIN adapter (registered 2026-12-06 09:23) is a run of its own (-odin): copy the plain run's seed stage,
-        # samples and log pi_init scores into it to judge the same pi_0 samples (see bench/RESULTS.md's command)
+        # samples and log pi_init scores into it to judge the same pi_0 samples (the commands are in
+        # bench/results/judge_quality_odin.json)
         odin = {"reward.length_head": True} if getattr(args, "reward_length_head", False) else {}
         self.recipe = load_recipe(args.recipe, {"name": f"g{gold}-s{args.seed}" + ("-pool" if pool else "")
                                                 + ("-odin" if odin else ""),
@@ -609,6 +610,8 @@ def run_gold(args, gold: int, res: dict) -> None:
         "logp_pi0_check": scores.get("logp_pi0_check"),
         "reward_heldout_gold": getattr(piece, "reward_heldout", None), "piece_wall_s": piece_times(piece),
         "gold_pairs": piece.recipe.data.seed_pairs, **{k: v for k, v in this.items() if k != "judges"},
+        # what the judges read besides the samples: which reward adapter, which length ratio (reward_eos_lm)
+        "reward_length_head": piece.recipe.reward.length_head, "max_length_ratio": args.max_length_ratio,
         "calls": [*calls, this]}
     log(f"g{gold}: " + "; ".join(f"{k} {v['accuracy']['accuracy']:.3f} ({v['decided']})"
                                  for k, v in table.items() if v["accuracy"]))

@@ -207,8 +207,11 @@ class RewardSpec:
         return cls(**{**own, **settings})
 
 
-def _micro_loss(rm: RewardModel, pairs: Sequence[TokenizedPair], idx: list[int], spec: RewardSpec) -> tuple:
-    """Loss of one micro-batch, and (accuracy, margin) of its pairs."""
+def _micro_loss(rm: RewardModel, pairs: Sequence[TokenizedPair], idx: list[int], spec: RewardSpec,
+                extra: dict | None = None) -> tuple:
+    """Loss of one micro-batch, and (accuracy, margin) of its pairs (of the summed heads with ODIN, what the
+    Bradley-Terry loss fits). With ODIN, ``extra`` (if given) gets the loss's parts and the quality head's
+    accuracy, the one judging reads: bt_loss, length_loss, orth, accuracy_quality."""
     batch = collate_pairs([pairs[i] for i in idx], rm.stack.tokenizer.pad_token_id)
     n = len(idx)
     if spec.length_head:  # ODIN: Bradley-Terry on r_Q + r_L, r_Q decorrelated from length, r_L correlated
@@ -217,7 +220,11 @@ def _micro_loss(rm: RewardModel, pairs: Sequence[TokenizedPair], idx: list[int],
                                device=both.device)
         length_loss, orth = odin_terms(both, lengths, rm.head.weight)
         r = both.sum(-1)
-        loss = bt_loss(r[:n], r[n:], spec.center_rewards_coefficient) + length_loss + orth
+        bt = bt_loss(r[:n], r[n:], spec.center_rewards_coefficient)
+        loss = bt + length_loss + orth
+        if extra is not None:
+            extra.update(bt_loss=bt.item(), length_loss=length_loss.item(), orth=orth.item(),
+                         accuracy_quality=(both[:n, 0] > both[n:, 0]).float().mean().item())
     else:
         r = sequence_rewards(rm, batch)
         loss = bt_loss(r[:n], r[n:], spec.center_rewards_coefficient)
@@ -271,9 +278,13 @@ def run_reward_loop(rm: RewardModel, pairs: Sequence[TokenizedPair], spec: Rewar
     t0 = time.time()
     rm.stack.model.train()
     for step in range(start, steps):
-        total, acc, margin = 0.0, 0.0, 0.0
+        total, acc, margin, parts = 0.0, 0.0, 0.0, {}
         for a in range(spec.grad_accum):
-            loss, ac, mg = _micro_loss(rm, pairs, micro_batch_indices(len(pairs), spec, step * spec.grad_accum + a), spec)
+            extra: dict = {}
+            loss, ac, mg = _micro_loss(rm, pairs, micro_batch_indices(len(pairs), spec, step * spec.grad_accum + a), spec,
+                                       extra)
+            for k, v in extra.items():  # ODIN's parts, averaged over the step's micro-batches as the loss is
+                parts[k] = parts.get(k, 0.0) + v / spec.grad_accum
             (loss / spec.grad_accum).backward()
             total, acc, margin = total + loss.item() / spec.grad_accum, acc + ac / spec.grad_accum, margin + mg / spec.grad_accum
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm))
@@ -284,7 +295,7 @@ def run_reward_loop(rm: RewardModel, pairs: Sequence[TokenizedPair], spec: Rewar
             sched.step()
         opt.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": total, "accuracy": acc, "margin": margin, "lr": sched.get_last_lr()[0],
-               "grad_norm": gnorm, "elapsed_s": round(time.time() - t0, 3)}
+               "grad_norm": gnorm, "elapsed_s": round(time.time() - t0, 3), **parts}
         row = finite_or_null(row)
         with open(metrics, "a", encoding="utf-8") as f:  # through io: a full disk is one line naming the file
             append_text(f, dumps(row) + "\n", metrics)

@@ -446,8 +446,9 @@ def test_length_head_loss_is_bt_on_the_sum_plus_odin_terms_and_the_judge_reads_t
                                    atol=TOL, rtol=1e-5)
     n = len(pairs)
     spec = RewardSpec(lr=1e-3, epochs=1, batch_size=n, grad_accum=1, seed=0, length_head=True)
+    parts: dict = {}
     with torch.no_grad():
-        loss, acc, margin = _micro_loss(rm, pairs, list(range(n)), spec)
+        loss, acc, margin = _micro_loss(rm, pairs, list(range(n)), spec, parts)
     r = both.double().numpy()
     s = r.sum(1)
     L = np.array([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs], dtype=float)
@@ -456,6 +457,10 @@ def test_length_head_loss_is_bt_on_the_sum_plus_odin_terms_and_the_judge_reads_t
     cos = abs(w2[0] @ w2[1]).item() / (w2[0].norm() * w2[1].norm()).item()
     assert float(loss) == pytest.approx(bt + corr + cos, abs=1e-4)
     assert margin == pytest.approx(float(np.mean(s[:n] - s[n:])), abs=1e-4)
+    # the logged parts: each term by itself, and the accuracy of the quality head that judging reads
+    assert (parts["bt_loss"], parts["length_loss"], parts["orth"]) == pytest.approx((bt, corr, cos), abs=1e-4)
+    assert parts["accuracy_quality"] == pytest.approx(float(np.mean(r[:n, 0] > r[n:, 0])))
+    assert acc == pytest.approx(float(np.mean(s[:n] > s[n:])))
     # saved and loaded back: a two-row head, and the judge's scores are the quality head's
     save_head(head, tmp_path / "head.safetensors")
     stack2 = build_stack(*load_base_model(str(tiny_model_dir), quantization="none", dtype="float32", device="cpu"), [])
@@ -481,6 +486,9 @@ def test_reward_stage_with_a_length_head(tiny_model_dir, tiny_data, tmp_path):
     assert load_file(str(r.run_path / "reward" / "head.safetensors"))["weight"].shape == (2, 64)
     rows = [json.loads(x) for x in (r.run_path / "reward" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == m["summary"]["steps"] and all(math.isfinite(x["loss"]) for x in rows)
+    for x in rows:  # the loss's parts are logged, and add up to it (micro-batches of 2 pairs: 4 responses)
+        assert x["loss"] == pytest.approx(x["bt_loss"] + x["length_loss"] + x["orth"], abs=1e-6)
+        assert 0.0 <= x["accuracy_quality"] <= 1.0
 
 
 def test_odin_length_term_sends_gradients_that_match_finite_differences(monkeypatch):
