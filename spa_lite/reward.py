@@ -88,8 +88,8 @@ def sequence_rewards(rm: RewardModel, batch: dict[str, torch.Tensor], all_heads:
                            use_cache=False)
     last = batch["attention_mask"].to(device).sum(-1) - 1  # right padding: the last 1 of the mask
     h = out.last_hidden_state[torch.arange(last.shape[0], device=device), last]
-    out = rm.head(h.float())
-    return out if all_heads else out[:, 0]
+    r = rm.head(h.float())
+    return r if all_heads else r[:, 0]
 
 
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_rewards_coefficient: float = 0.0) -> torch.Tensor:
